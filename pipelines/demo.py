@@ -1,0 +1,157 @@
+"""Tiny random-weight demo pipelines, built in code and saved as single-file checkpoints.
+
+No weights can be downloaded, so the demo models (and the test models) are built here from the config
+folders `pipelines/configs/demo-sd15` and `demo-sdxl`: SD 1.5- and SDXL-shaped, a 4-level VAE (latent =
+image / 8 as in real SD), CLIP text encoders with the real 49,408-token vocabulary (the real tokenizers are
+used), everything a few MB. Weights are seeded (`torch.manual_seed(DEMO_SEED)` before each component) and
+rounded to float16 precision, so the float16 files hold exactly the built weights: building, writing and
+loading back in float32 gives equal tensors, and writing twice gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipelines.ldm_layout import component_to_ldm, layout_of, pipeline_components, vae_to_ldm, write_safetensors
+from pipelines.loading import CONFIG_ROOT, METADATA_CONFIG_KEY, Arch, shipped_configs, tokenizers_for
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+DEMO_SEED: int = 20240611
+DEMO_VAE_SEED: int = DEMO_SEED + 1
+DEMO_MODELS: dict[str, str] = {"demo-sd15": "demo-sd15", "demo-sdxl": "demo-sdxl"}
+DEMO_VAE_STEM = "demo-vae"
+DEMO_VAE_CONFIG = "demo-sd15"
+FILE_DTYPE = torch.float16
+
+
+def _round_to_file_dtype(module: torch.nn.Module) -> torch.nn.Module:
+    """Make every weight exactly representable in FILE_DTYPE (kept float32), so the file is lossless."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.to(FILE_DTYPE).to(p.dtype))
+    return module.eval()
+
+
+def _build_unet(folder: Path) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet")))
+
+
+def _build_vae(folder: Path, seed: int) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return _round_to_file_dtype(AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder / "vae"))))
+
+
+def _build_text_encoder(folder: Path, sub: str) -> torch.nn.Module:
+    import transformers
+    from transformers import CLIPTextConfig
+
+    config = CLIPTextConfig.from_pretrained(str(folder / sub))
+    cls = getattr(transformers, (config.architectures or ["CLIPTextModel"])[0])
+    return cls(config)
+
+
+def build_demo_pipeline(kind: str) -> DiffusionPipeline:
+    """A tiny random-weight StableDiffusionPipeline ("demo-sd15") or StableDiffusionXLPipeline ("demo-sdxl").
+
+    Deterministic: the same weights on every call and every machine (float32, float16-representable).
+    """
+    if kind not in DEMO_MODELS:
+        raise ValueError(f"unknown demo model {kind!r}; expected one of {sorted(DEMO_MODELS)}")
+    import diffusers
+
+    folder = CONFIG_ROOT / DEMO_MODELS[kind]
+    index = json.loads((folder / "model_index.json").read_text())
+    arch = shipped_configs()[DEMO_MODELS[kind]]
+    components: dict[str, object] = {}
+    torch.manual_seed(DEMO_SEED)
+    components["unet"] = _round_to_file_dtype(_build_unet(folder))
+    components["vae"] = _build_vae(folder, DEMO_SEED)
+    for sub in ("text_encoder", "text_encoder_2"):
+        if sub in index:
+            torch.manual_seed(DEMO_SEED)
+            components[sub] = _round_to_file_dtype(_build_text_encoder(folder, sub))
+    sched_cls = getattr(diffusers, index["scheduler"][1])
+    components["scheduler"] = sched_cls.from_config(sched_cls.load_config(str(folder / "scheduler")))
+    components.update(tokenizers_for(arch))
+    cls = getattr(diffusers, index["_class_name"])
+    if arch is Arch.SDXL:
+        pipe = cls(**components, add_watermarker=False)
+    else:
+        pipe = cls(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _write_components(path: Path, parts: dict[str, torch.nn.Module], sdxl: bool, metadata: dict[str, str]) -> Path:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in parts.items():
+        tensors.update(component_to_ldm(name, module, sdxl=sdxl))
+    return write_safetensors(path, [layout_of(tensors, FILE_DTYPE)], [tensors], metadata)
+
+
+def write_demo_models(
+    models_dir: Path,
+    *,
+    kinds: Iterable[str] = ("demo-sd15", "demo-sdxl"),
+    force: bool = False,
+) -> list[Path]:
+    """Write `<stem>.safetensors` for each demo kind into `models_dir` (<data>/models/Stable-diffusion).
+
+    Single-file LDM layout, float16, metadata {"sdfunc_config": <config folder>}; atomic (temp + rename, never
+    an in-place overwrite of a file that may be mapped). Existing files are kept unless `force`. Same bytes on
+    every run. Returns the paths, existing or written.
+    """
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for kind in kinds:
+        if kind not in DEMO_MODELS:
+            raise ValueError(f"unknown demo model {kind!r}; expected one of {sorted(DEMO_MODELS)}")
+        path = models_dir / f"{kind}.safetensors"
+        paths.append(path)
+        if path.exists() and not force:
+            logger.info("demo model %s exists; kept", path.name)
+            continue
+        t0 = time.perf_counter()
+        pipe = build_demo_pipeline(kind)
+        sdxl, names = pipeline_components(pipe)
+        _write_components(path, {n: getattr(pipe, n) for n in names}, sdxl, {METADATA_CONFIG_KEY: DEMO_MODELS[kind]})
+        logger.info("wrote demo model %s (%d bytes) in %.2f s", path.name, path.stat().st_size, time.perf_counter() - t0)
+    return paths
+
+
+def build_demo_vae() -> AutoencoderKL:
+    """The demo external VAE: demo-sd15's VAE shape with other weights (seed DEMO_VAE_SEED)."""
+    return _build_vae(CONFIG_ROOT / DEMO_VAE_CONFIG, DEMO_VAE_SEED)
+
+
+def write_demo_vae(vae_dir: Path, *, force: bool = False) -> Path:
+    """Write `demo-vae.safetensors` (A1111 VAE layout: `first_stage_model.encoder/decoder.*`) into `vae_dir`.
+
+    Atomic and deterministic like `write_demo_models`; kept if present unless `force`.
+    """
+    vae_dir = Path(vae_dir)
+    vae_dir.mkdir(parents=True, exist_ok=True)
+    path = vae_dir / f"{DEMO_VAE_STEM}.safetensors"
+    if path.exists() and not force:
+        logger.info("demo VAE %s exists; kept", path.name)
+        return path
+    tensors = vae_to_ldm(build_demo_vae().state_dict())
+    write_safetensors(path, [layout_of(tensors, FILE_DTYPE)], [tensors], {METADATA_CONFIG_KEY: DEMO_VAE_CONFIG})
+    logger.info("wrote demo VAE %s (%d bytes)", path.name, path.stat().st_size)
+    return path
