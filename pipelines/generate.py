@@ -1,0 +1,296 @@
+"""Generation: one `ImageJob` in, PIL images with their seeds out.
+
+The shared pipeline is never mutated for one request: each call builds a per-request pipeline object from
+the cached pipeline's components (no weights copied) with a scheduler built from config for this request.
+Tiling changes conv padding on the shared modules for the duration of the call and always restores it; the
+caller runs one job at a time per worker (the GPU lock), which is what makes that safe.
+
+Noise comes from CPU generators seeded per image, so image i depends only on its own seed, whatever the
+batch, and the same seed gives the same image on any device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image, ImageFilter, ImageOps
+
+from pipelines.cache import LoadedModel, assemble_pipeline
+from pipelines.errors import InvalidParameter
+from pipelines.samplers import ResolvedSampler, build_scheduler, set_noise_seeds
+
+log = logging.getLogger(__name__)
+
+# A1111 resize_mode -> diffusers VaeImageProcessor.resize mode (3, "latent upscale", resizes like 0 here).
+_RESIZE_MODES = {0: "default", 1: "crop", 2: "fill", 3: "default"}
+
+ProgressFn = Callable[[int, int], bool]  # (step done, total steps of this batch) -> keep going?
+
+
+@dataclass
+class ImageJob:
+    """Everything one request asks of the model, already validated and resolved."""
+
+    mode: str  # "txt2img" | "img2img"
+    prompt: str
+    negative_prompt: str
+    seeds: list[int]  # one per image, batch_size * n_iter
+    subseeds: list[int]
+    subseed_strength: float
+    batch_size: int
+    steps: int
+    cfg_scale: float
+    width: int
+    height: int
+    sampler: ResolvedSampler
+    clip_skip: int = 1
+    tiling: bool = False
+    eta: float | None = None
+    init_images: list[Image.Image] = field(default_factory=list)
+    denoising_strength: float = 0.75
+    resize_mode: int = 0
+    mask: Image.Image | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    inpainting_fill: int = 1
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: bool = False
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    subseeds: list[int]
+    generation_seconds: float  # time spent in the pipelines (what a consumer is billed for)
+    interrupted: bool = False
+
+
+def _pipeline_class(arch: str, mode: str, inpaint: bool) -> type:
+    import diffusers
+
+    if arch == "sdxl":
+        names = {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
+                 "inpaint": "StableDiffusionXLInpaintPipeline"}
+    else:
+        names = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+                 "inpaint": "StableDiffusionInpaintPipeline"}
+    return getattr(diffusers, names["inpaint" if inpaint else mode])
+
+
+def _request_pipeline(model: LoadedModel, job: ImageJob, inpaint: bool) -> Any:
+    """A throwaway pipeline object over the cached components, with this request's scheduler."""
+    base = model.pipe
+    scheduler = build_scheduler(job.sampler, base.scheduler.config)
+    cls = _pipeline_class(model.arch, job.mode, inpaint)
+    return assemble_pipeline(cls, base.components, scheduler=scheduler)
+
+
+@contextlib.contextmanager
+def _tiling(modules: list[torch.nn.Module], enabled: bool) -> Iterator[None]:
+    """Circular padding on every Conv2d for the duration of the block (seamless tiles); always restored."""
+    if not enabled:
+        yield
+        return
+    saved: list[tuple[torch.nn.Conv2d, str]] = []
+    try:
+        for module in modules:
+            for conv in module.modules():
+                if isinstance(conv, torch.nn.Conv2d):
+                    saved.append((conv, conv.padding_mode))
+                    conv.padding_mode = "circular"
+        yield
+    finally:
+        for conv, mode in saved:
+            conv.padding_mode = mode
+
+
+def _noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def _slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors (A1111's variation seed)."""
+    low_n = low / low.norm()
+    high_n = high / high.norm()
+    dot = (low_n * high_n).sum()
+    if dot.abs() > 0.9995:
+        return (1 - t) * low + t * high
+    omega = torch.acos(dot.clamp(-1, 1))
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - t) * omega) / so) * low + (torch.sin(t * omega) / so) * high
+
+
+def _fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111 `inpainting_fill=0`: paint the masked area with colours spread from its surroundings, coarse to fine."""
+    keep = ImageOps.invert(mask.convert("L"))
+    source = image.convert("RGBA")
+    source.putalpha(keep)
+    premultiplied = source.convert("RGBa")
+    out = Image.new("RGBA", image.size)
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = premultiplied.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA") if radius else source
+        for _ in range(repeats):
+            out.alpha_composite(blurred)
+    return out.convert("RGB")
+
+
+def _prepare_inpaint(job: ImageJob, image: Image.Image, mask: Image.Image, seed: int) -> tuple[Image.Image, Image.Image]:
+    """Mask invert + blur, and the masked-content fill (0 fill, 1 original, 2 noise, 3 nothing)."""
+    mask = mask.convert("L")
+    if job.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
+    if job.mask_blur_x or job.mask_blur_y:
+        mask = mask.filter(ImageFilter.GaussianBlur((job.mask_blur_x, job.mask_blur_y)))
+    if job.inpainting_fill == 0:
+        image = _fill_masked(image, mask)
+    elif job.inpainting_fill == 2:
+        noise = (_noise(seed, (image.height, image.width, 3)).clamp(-2, 2) * 64 + 128).clamp(0, 255)
+        image = Image.composite(Image.fromarray(noise.to(torch.uint8).numpy(), "RGB"), image, mask)
+    elif job.inpainting_fill == 3:
+        image = Image.composite(Image.new("RGB", image.size, (128, 128, 128)), image, mask)
+    return image, mask
+
+
+def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = None) -> GenerationResult:
+    """Run `job` on `model`; images come back in seed order. Raises InvalidParameter for requests the
+    model cannot serve (checked before any work, so nothing is half done)."""
+    inpaint = job.mode == "img2img" and job.mask is not None
+    if job.mode == "img2img" and not job.init_images:
+        raise InvalidParameter("init_images: at least one image is required", field="init_images")
+    if job.mode == "img2img" and job.subseed_strength:
+        raise InvalidParameter("subseed_strength: variation seeds are offered for txt2img only", field="subseed_strength")
+    pipe = _request_pipeline(model, job, inpaint)
+    latent_channels = pipe.unet.config.in_channels
+    if inpaint and latent_channels not in (4,):
+        latent_channels = pipe.vae.config.latent_channels
+    scale = pipe.vae_scale_factor
+    call: dict[str, Any] = {
+        "num_inference_steps": job.steps,
+        "guidance_scale": job.cfg_scale,
+        "output_type": "pil",
+    }
+    sd1_clip_skip = job.clip_skip > 1 and model.arch != "sdxl"
+    if job.clip_skip > 1 and not sd1_clip_skip:
+        call["clip_skip"] = job.clip_skip - 1
+    if job.eta is not None:
+        call["eta"] = job.eta
+    if job.mode == "txt2img" or inpaint:
+        call["height"], call["width"] = job.height, job.width
+    if job.mode == "img2img":
+        call["strength"] = job.denoising_strength
+    if model.arch == "sdxl":
+        call["original_size"] = call["target_size"] = (job.height, job.width)
+
+    images_out: list[Image.Image] = []
+    interrupted = False
+    total_images = len(job.seeds)
+    started = time.perf_counter()
+    with _tiling([pipe.unet, pipe.vae], job.tiling):
+        for first in range(0, total_images, job.batch_size):
+            seeds = job.seeds[first : first + job.batch_size]
+            subseeds = job.subseeds[first : first + job.batch_size]
+            n = len(seeds)
+            args = dict(call)
+            if sd1_clip_skip:
+                args["prompt_embeds"] = _sd1_embeds(pipe, [job.prompt] * n, job.clip_skip)
+                args["negative_prompt_embeds"] = _sd1_embeds(pipe, [job.negative_prompt] * n, job.clip_skip)
+            else:
+                args["prompt"] = [job.prompt] * n
+                args["negative_prompt"] = [job.negative_prompt] * n
+            args["generator"] = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            if job.mode == "txt2img":
+                shape = (latent_channels, job.height // scale, job.width // scale)
+                noise = [_noise(s, shape) for s in seeds]
+                if job.subseed_strength:
+                    noise = [_slerp(job.subseed_strength, a, _noise(b, shape)) for a, b in zip(noise, subseeds)]
+                args["latents"] = torch.stack(noise).to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+            else:
+                resize = _RESIZE_MODES[job.resize_mode]
+                sources = [job.init_images[(first + i) % len(job.init_images)] for i in range(n)]
+                sized = [pipe.image_processor.resize(img.convert("RGB"), job.height, job.width, resize_mode=resize)
+                         for img in sources]
+                if inpaint:
+                    mask = pipe.image_processor.resize(job.mask.convert("L"), job.height, job.width, resize_mode=resize)
+                    prepared = [_prepare_inpaint(job, img, mask, s) for img, s in zip(sized, seeds)]
+                    args["image"] = [p[0] for p in prepared]
+                    args["mask_image"] = [p[1] for p in prepared]
+                    if job.inpaint_full_res:
+                        args["padding_mask_crop"] = job.inpaint_full_res_padding
+                else:
+                    args["image"] = sized
+            step_total = _effective_steps(job)
+
+            def on_step(p: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+                nonlocal interrupted
+                if progress is not None and not progress(step + 1, step_total):
+                    interrupted = True
+                    p._interrupt = True
+                return kwargs
+
+            args["callback_on_step_end"] = on_step
+            # diffusers crops "only masked" inpainting for one PIL image at a time.
+            runs = _one_image_runs(args, n) if "padding_mask_crop" in args else [args]
+            batch_images: list[Image.Image] = []
+            for run in runs:
+                # DPM++ SDE draws from a Brownian tree seeded per image, not from `generator`.
+                set_noise_seeds(pipe.scheduler, [g.initial_seed() for g in run["generator"]])
+                with torch.inference_mode():
+                    batch_images.extend(pipe(**run).images)
+            if inpaint and not job.inpaint_full_res:
+                # Keep unmasked pixels exactly as given (A1111 pastes the result back through the blurred mask).
+                batch_images = [Image.composite(gen, src, m) for gen, src, m in
+                                zip(batch_images, sized, args["mask_image"])]
+            images_out.extend(batch_images)
+            if interrupted:
+                break
+    if torch.cuda.is_available() and str(pipe.unet.device).startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    done = len(images_out)
+    return GenerationResult(images=images_out, seeds=job.seeds[:done], subseeds=job.subseeds[:done],
+                            generation_seconds=seconds, interrupted=interrupted)
+
+
+def _one_image_runs(args: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """Split one batch's pipeline arguments into n single-image calls (same seeds, same prompts)."""
+    runs = []
+    for i in range(n):
+        run = dict(args)
+        for key in ("prompt", "negative_prompt", "generator"):
+            if key in run:
+                run[key] = [args[key][i]]
+        for key in ("prompt_embeds", "negative_prompt_embeds"):
+            if key in run:
+                run[key] = args[key][i : i + 1]
+        run["image"], run["mask_image"] = args["image"][i], args["mask_image"][i]
+        runs.append(run)
+    return runs
+
+
+def _sd1_embeds(pipe: Any, prompts: list[str], clip_skip: int) -> torch.Tensor:
+    """SD 1.x prompt embeddings taken `clip_skip` layers from the end, then final-layer-normed (A1111's
+    "Clip skip"). diffusers 0.42's own `clip_skip` reaches for `text_encoder.text_model`, which transformers
+    >= 5.6 no longer has on CLIPTextModel, so this does the same computation on the model as it is now."""
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(encoder.device)
+    with torch.inference_mode():
+        hidden = encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+        norm = getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
+        return norm(hidden).to(dtype=pipe.unet.dtype)
+
+
+def _effective_steps(job: ImageJob) -> int:
+    if job.mode == "img2img":
+        return max(1, min(job.steps, int(math.floor(job.steps * job.denoising_strength)) or 1))
+    return job.steps

@@ -1,0 +1,95 @@
+"""File hashes as A1111 computes them, cached so that a file is read once.
+
+`sha256` of the whole file (A1111's model hash is its first 10 hex digits) and the legacy 8-hex "model hash"
+(sha256 of 64 KiB at offset 1 MiB). The cache is a JSON file keyed by absolute path and invalidated by
+size and mtime; it is written by replace, so a crash never leaves it half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    """Full-file sha256 as lower-case hex, read sequentially in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def legacy_model_hash(path: Path) -> str:
+    """A1111's pre-1.0 8-hex hash: sha256 of the 64 KiB at offset 0x100000 (still accepted as a name)."""
+    with open(path, "rb") as fh:
+        fh.seek(0x100000)
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+
+
+class HashCache:
+    """Thread-safe sha256 cache backed by a JSON file (`None` path = memory only)."""
+
+    def __init__(self, cache_file: Path | None) -> None:
+        self._file = cache_file
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict] = {}
+        if cache_file is not None and cache_file.is_file():
+            try:
+                self._entries = json.loads(cache_file.read_text())
+            except (OSError, ValueError):
+                log.warning("hash cache %s unreadable; starting empty", cache_file)
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int]:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+
+    def peek(self, path: Path) -> str | None:
+        """The cached sha256 if still valid, without reading the file."""
+        key = str(path)
+        with self._lock:
+            entry = self._entries.get(key)
+        if not entry:
+            return None
+        try:
+            size, mtime = self._stamp(path)
+        except OSError:
+            return None
+        if entry.get("size") == size and entry.get("mtime_ns") == mtime:
+            return entry.get("sha256")
+        return None
+
+    def sha256(self, path: Path) -> str:
+        """The file's sha256, computing and persisting it on a miss."""
+        cached = self.peek(path)
+        if cached:
+            return cached
+        size, mtime = self._stamp(path)
+        log.info("hashing %s (%.1f MB)", path.name, size / 1e6)
+        value = sha256_file(path)
+        with self._lock:
+            self._entries[str(path)] = {"size": size, "mtime_ns": mtime, "sha256": value}
+            self._save_locked()
+        return value
+
+    def _save_locked(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self._file.parent, prefix=".sha256-", suffix=".tmp")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self._entries, fh, indent=0, sort_keys=True)
+            os.replace(tmp, self._file)
+        except OSError:
+            log.warning("could not persist hash cache to %s", self._file)
