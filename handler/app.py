@@ -1,0 +1,57 @@
+"""The app factory: `create_app(settings=None)`. gunicorn runs `handler.app:create_app()`.
+
+Nothing heavy happens here: no torch import, no model load. The worker warms up after start (gunicorn's
+`post_worker_init`) or when FC calls `POST /initialize`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Response, g, request
+from flask_openapi3 import Info, OpenAPI
+
+from handler import __version__, fc, routes
+from handler.errors import ErrorModel, PayloadTooLarge, register_error_handlers, validation_error_response
+from handler.logs import REQUEST_ID_HEADER, configure_logging, set_request_id
+from handler.service import Service
+from handler.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> OpenAPI:
+    """Build the Flask app with its one `Service` (in `app.extensions["sdfunc"]`)."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    app = OpenAPI(
+        __name__,
+        info=Info(title="sdfunc", version=__version__,
+                  description="Serverless Stable Diffusion: the AUTOMATIC1111 API on diffusers."),
+        security_schemes={},
+        validation_error_status=422,
+        validation_error_model=ErrorModel,
+        validation_error_callback=validation_error_response,
+        responses={422: ErrorModel},
+        doc_prefix="/openapi",
+    )
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # A1111 key order (info, options) is part of the contract
+    app.extensions["sdfunc"] = Service(settings)
+
+    @app.before_request
+    def _bind_request() -> None:
+        g.request_id = set_request_id(request.headers.get(REQUEST_ID_HEADER))
+        length = request.content_length
+        if length is not None and length > settings.max_body_bytes:
+            raise PayloadTooLarge(f"request body of {length} bytes exceeds {settings.max_body_bytes}")
+
+    @app.after_request
+    def _tag_response(response: Response) -> Response:
+        response.headers[REQUEST_ID_HEADER] = g.get("request_id", "-")
+        return response
+
+    register_error_handlers(app)
+    app.register_api(routes.bp)
+    app.register_api(fc.bp)
+    return app

@@ -1,0 +1,46 @@
+"""gunicorn configuration for the function, as FC runs it: one worker (one GPU), a few HTTP threads.
+
+Used by `sdfunc serve` (`-c` this file) and by `./gunicorn.conf.py` in the repository root, which gunicorn
+loads by itself. Settings come from the one settings object (SDFUNC_* environment, YAML).
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggingface_hub
+
+from handler.settings import Settings  # noqa: E402
+
+_settings = Settings()
+
+wsgi_app = "handler.app:create_app()"
+bind = [f"{_settings.host}:{_settings.port}"]
+workers = 1  # one worker per GPU; the worker owns the warm pipelines
+worker_class = "gthread"
+threads = _settings.threads
+timeout = _settings.timeout
+graceful_timeout = 120
+keepalive = 5
+preload_app = False  # loading or inference in the master before fork hangs the worker (DESIGN.md)
+control_socket_disable = True  # a second server would silently take over the first one's socket
+accesslog = "-"
+access_log_format = '{"access": "%(m)s %(U)s", "status": %(s)s, "ms": %(M)s, "request_id": "%({x-fc-request-id}o)s"}'
+errorlog = "-"
+loglevel = _settings.log_level.lower()
+
+
+def post_worker_init(worker):
+    """Warm the worker in the background: the default checkpoint is loaded before the first request needs it."""
+    if not _settings.warmup_on_start:
+        return
+    import logging
+    import threading
+
+    service = worker.wsgi.extensions["sdfunc"]
+
+    def _warm() -> None:
+        try:
+            service.warmup()
+        except Exception:
+            logging.getLogger("sdfunc.warmup").exception("warm-up failed")
+
+    threading.Thread(target=_warm, name="sdfunc-warmup", daemon=True).start()

@@ -1,0 +1,120 @@
+"""A1111 options, per caller.
+
+Options are never process-global and never written to a file (A1111-API.md section 11): `POST /options`
+sets the caller's own defaults. They live behind `OptionsStore` so that the records database can hold them
+per consumer and every instance of a scaled-out deployment sees the same values; `MemoryOptionsStore`
+is the embedded default (one worker's memory).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any, Protocol
+
+# The A1111 v1.10.1 options a client is likely to read or set, with A1111's defaults.
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "sd_model_checkpoint": None,  # filled with the current checkpoint's title when read
+    "sd_checkpoint_hash": None,
+    "sd_vae": "Automatic",
+    "CLIP_stop_at_last_layers": 1,
+    "samples_save": True,
+    "samples_format": "png",
+    "samples_filename_pattern": "",
+    "save_images_add_number": True,
+    "grid_save": True,
+    "grid_format": "png",
+    "enable_pnginfo": True,
+    "save_txt": False,
+    "jpeg_quality": 80,
+    "outdir_samples": "",
+    "outdir_txt2img_samples": "outputs/txt2img-images",
+    "outdir_img2img_samples": "outputs/img2img-images",
+    "outdir_grids": "",
+    "save_to_dirs": True,
+    "directories_filename_pattern": "[date]",
+    "sd_checkpoints_limit": 1,
+    "sd_checkpoint_cache": 0,
+    "sd_vae_overrides_per_model_preferences": True,
+    "enable_emphasis": True,
+    "comma_padding_backtrack": 20,
+    "upcast_attn": False,
+    "randn_source": "CPU",
+    "eta_ddim": 0.0,
+    "eta_ancestral": 1.0,
+    "ddim_discretize": "uniform",
+    "s_churn": 0.0,
+    "s_tmin": 0.0,
+    "s_tmax": 0.0,
+    "s_noise": 1.0,
+    "eta_noise_seed_delta": 0,
+    "send_seed": True,
+    "send_size": True,
+    "return_grid": True,
+    "return_mask": False,
+    "return_mask_composite": False,
+    "do_not_show_images": False,
+    "face_restoration": False,
+    "face_restoration_model": "CodeFormer",
+    "tiling": False,
+    "img2img_background_color": "#ffffff",
+    "initial_noise_multiplier": 1.0,
+    "inpainting_mask_weight": 1.0,
+    "img2img_color_correction": False,
+    "img2img_fix_steps": False,
+    "latent_upscale_default_mode": "Latent",
+    "sd_lora": "None",
+    "lora_preferred_name": "Alias from file",
+    "show_progress_every_n_steps": 10,
+    "live_previews_enable": False,
+    "token_merging_ratio": 0.0,
+    "api_enable_requests": False,
+    "api_forbid_local_requests": True,
+    "samples_log_stdout": False,
+}
+
+# Types a client may set each option to (bool is checked before int: bool is an int in Python).
+_TYPES: dict[str, tuple[type, ...]] = {
+    key: ((bool,) if isinstance(v, bool) else (int,) if isinstance(v, int) else (int, float) if isinstance(v, float)
+          else (str,)) for key, v in DEFAULT_OPTIONS.items() if v is not None
+}
+_TYPES["sd_model_checkpoint"] = (str,)
+_TYPES["sd_checkpoint_hash"] = (str,)
+
+
+def check_option_value(key: str, value: Any) -> str | None:
+    """None when `value` is acceptable for `key`, else the reason (for a 422)."""
+    if key not in DEFAULT_OPTIONS:
+        return "unknown option"
+    kinds = _TYPES[key]
+    if isinstance(value, bool) and bool not in kinds:
+        return f"must be of type {kinds[0].__name__}"
+    if not isinstance(value, kinds):
+        return f"must be of type {kinds[0].__name__}"
+    if key == "CLIP_stop_at_last_layers" and not 1 <= value <= 12:
+        return "must be between 1 and 12"
+    return None
+
+
+class OptionsStore(Protocol):
+    """Per-consumer option overrides (only what the consumer set; defaults are applied on read)."""
+
+    def get(self, consumer: str) -> dict[str, Any]: ...
+
+    def update(self, consumer: str, values: dict[str, Any]) -> None: ...
+
+
+class MemoryOptionsStore:
+    """In-process store: per consumer, thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, dict[str, Any]] = {}
+
+    def get(self, consumer: str) -> dict[str, Any]:
+        with self._lock:
+            return copy.deepcopy(self._values.get(consumer, {}))
+
+    def update(self, consumer: str, values: dict[str, Any]) -> None:
+        with self._lock:
+            self._values.setdefault(consumer, {}).update(copy.deepcopy(values))

@@ -1,0 +1,193 @@
+"""The AUTOMATIC1111 API routes (`/sdapi/v1/...`), thin: validate (schemas), call the service, shape JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app, jsonify
+from flask_openapi3 import APIBlueprint, Tag
+
+from handler.errors import ErrorModel, InvalidRequest
+from handler.images import read_image
+from handler.schemas import (
+    EmbeddingsList,
+    GenerationResponse,
+    Img2ImgRequest,
+    NameItem,
+    OptionsUpdate,
+    PngInfoRequest,
+    PngInfoResponse,
+    ProgressQuery,
+    ProgressResponse,
+    SamplerItem,
+    SchedulerItem,
+    ScriptsList,
+    SDModelItem,
+    Txt2ImgRequest,
+    UpscalerItem,
+)
+from handler.service import Service
+
+_tag = Tag(name="sdapi", description="AUTOMATIC1111 web UI API (v1.10.1) with PAI-EAS extensions")
+_errors: dict[Any, Any] = {404: ErrorModel, 413: ErrorModel, 422: ErrorModel, 500: ErrorModel, 503: ErrorModel}
+_null = {"description": "JSON null (A1111 returns null; clients call .json() on it)"}
+
+bp = APIBlueprint("sdapi", __name__, url_prefix="/sdapi/v1", abp_tags=[_tag], abp_responses=_errors)
+
+LATENT_UPSCALE_MODES = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                        "Latent (nearest)", "Latent (nearest-exact)"]
+
+
+def service() -> Service:
+    return current_app.extensions["sdfunc"]
+
+
+def consumer() -> str:
+    """The caller's identity for per-consumer options. Anonymous until consumer keys exist."""
+    return ""
+
+
+def _json_list(items: list[Any]):
+    return jsonify(items)
+
+
+@bp.post("/txt2img", responses={200: GenerationResponse})
+def txt2img(body: Txt2ImgRequest):
+    """Text to image."""
+    result = service().txt2img(body, consumer())
+    result.pop("_generation_seconds", None)
+    return jsonify(result)
+
+
+@bp.post("/img2img", responses={200: GenerationResponse})
+def img2img(body: Img2ImgRequest):
+    """Image to image; inpainting when `mask` is given."""
+    result = service().img2img(body, consumer())
+    result.pop("_generation_seconds", None)
+    return jsonify(result)
+
+
+@bp.post("/png-info", responses={200: PngInfoResponse})
+def png_info(body: PngInfoRequest):
+    """Read the generation parameters written into an image."""
+    from pipelines.infotext import parse_infotext, read_image_info
+
+    image = read_image(body.image, field="image", max_pixels=service().settings.max_input_pixels)
+    info, items = read_image_info(image)
+    return jsonify({"info": info, "items": items, "parameters": parse_infotext(info)})
+
+
+@bp.get("/sd-models", responses={200: {"content": {"application/json": {"schema": {
+    "type": "array", "items": SDModelItem.model_json_schema()}}}, "description": "Checkpoints"}})
+def sd_models():
+    """Checkpoints under models/Stable-diffusion (hashes appear once computed, as in A1111)."""
+    return _json_list(service().store.listing())
+
+
+@bp.get("/sd-vae", responses={200: {"description": "VAEs under models/VAE"}})
+def sd_vae():
+    """External VAE files."""
+    return _json_list([{"model_name": v.name, "filename": str(v.path)} for v in service().store.vaes])
+
+
+@bp.get("/loras", responses={200: {"description": "LoRA files (none are applied yet)"}})
+def loras():
+    """LoRA files under models/Lora."""
+    root = service().settings.lora_dir
+    items = [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}}
+             for p in sorted(root.rglob("*.safetensors"))] if root.is_dir() else []
+    return _json_list(items)
+
+
+@bp.get("/samplers", responses={200: {"content": {"application/json": {"schema": {
+    "type": "array", "items": SamplerItem.model_json_schema()}}}, "description": "Samplers"}})
+def samplers():
+    """A1111's samplers, in A1111's order."""
+    from pipelines.samplers import sampler_list
+
+    return _json_list(sampler_list())
+
+
+@bp.get("/schedulers", responses={200: {"content": {"application/json": {"schema": {
+    "type": "array", "items": SchedulerItem.model_json_schema()}}}, "description": "Schedule types"}})
+def schedulers():
+    """A1111's schedule types."""
+    from pipelines.samplers import scheduler_list
+
+    return _json_list(scheduler_list())
+
+
+@bp.get("/upscalers", responses={200: {"content": {"application/json": {"schema": {
+    "type": "array", "items": UpscalerItem.model_json_schema()}}}, "description": "Upscalers"}})
+def upscalers():
+    """The built-in upscalers."""
+    return _json_list([{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+                       for n in ("None", "Lanczos", "Nearest")])
+
+
+@bp.get("/latent-upscale-modes", responses={200: {"content": {"application/json": {"schema": {
+    "type": "array", "items": NameItem.model_json_schema()}}}, "description": "Latent upscale modes"}})
+def latent_upscale_modes():
+    """Latent upscale modes."""
+    return _json_list([{"name": n} for n in LATENT_UPSCALE_MODES])
+
+
+@bp.get("/scripts", responses={200: ScriptsList})
+def scripts():
+    """Installed scripts (none yet)."""
+    return jsonify({"txt2img": [], "img2img": []})
+
+
+@bp.get("/embeddings", responses={200: EmbeddingsList})
+def embeddings():
+    """Textual-inversion embeddings (none loaded yet)."""
+    return jsonify({"loaded": {}, "skipped": {}})
+
+
+@bp.get("/options", responses={200: {"description": "Every option with the caller's value"}})
+def get_options():
+    """The caller's options (A1111 keys; `sd_model_checkpoint` is the current checkpoint's title)."""
+    return jsonify(service().get_options(consumer()))
+
+
+@bp.post("/options", responses={200: _null})
+def set_options(body: OptionsUpdate):
+    """Set the caller's options. Unknown key -> 422; unknown checkpoint -> 404. Never process-global."""
+    values = body.model_extra or {}
+    if not isinstance(values, dict):
+        raise InvalidRequest("body: must be a JSON object", field="body")
+    service().set_options(consumer(), values)
+    return jsonify(None)
+
+
+@bp.post("/refresh-checkpoints", responses={200: _null})
+def refresh_checkpoints():
+    """Rescan models/Stable-diffusion."""
+    service().store.refresh()
+    return jsonify(None)
+
+
+@bp.post("/refresh-vae", responses={200: _null})
+def refresh_vae():
+    """Rescan models/VAE."""
+    service().store.refresh()
+    return jsonify(None)
+
+
+@bp.get("/progress", responses={200: ProgressResponse})
+def progress(query: ProgressQuery):
+    """The worker's current job; idle is progress 0 and job_count 0."""
+    return jsonify(service().progress.snapshot())
+
+
+@bp.post("/interrupt", responses={200: {"description": "{}"}})
+def interrupt():
+    """Stop the current job after its current step; the images made so far are returned."""
+    service().progress.interrupt()
+    return jsonify({})
+
+
+@bp.post("/skip", responses={200: _null})
+def skip():
+    """Accepted for compatibility; skipping is not offered."""
+    return jsonify(None)

@@ -1,0 +1,238 @@
+"""Request and response schemas: the A1111 API (v1.10.1) field set with its API defaults.
+
+These models are both the validation and the OpenAPI document. Unknown top-level keys are ignored, as
+A1111 does. Numbers are taken as JSON numbers only: a bool or a string for a number is refused (A1111's
+pydantic v1 coerced them; clients we know send proper numbers, and a schema that says "integer" must mean
+it). Integral floats such as `688.0` are accepted for integers. Bounds that depend on settings (largest
+size, most images) are checked in the service, which names the field the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+
+def _number_only(value: Any) -> Any:
+    if isinstance(value, bool) or isinstance(value, str):
+        raise ValueError("must be a number")
+    return value
+
+
+def _int_or_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    return _number_only(value)
+
+
+Int = Annotated[int, BeforeValidator(_number_only)]
+Float = Annotated[float, BeforeValidator(_number_only)]
+IntOrBool = Annotated[int, BeforeValidator(_int_or_bool)]
+
+MAX_TEXT = 100_000  # hard ceiling; the configurable prompt limit is checked in the service
+
+
+class A1111Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class GenerationRequest(A1111Model):
+    """Fields common to txt2img and img2img (A1111 `StableDiffusionProcessing` API model)."""
+
+    prompt: str = Field("", max_length=MAX_TEXT, description="Positive prompt.")
+    negative_prompt: str = Field("", max_length=MAX_TEXT, description="Negative prompt.")
+    styles: list[str] | None = Field(None, description="Style names (styles.csv). Not offered: must be empty.")
+    seed: Int = Field(-1, ge=-1, le=2**32 - 1, description="-1 = random in 0..4294967293; image i gets seed + i.")
+    subseed: Int = Field(-1, ge=-1, le=2**32 - 1, description="Variation seed; -1 = random.")
+    subseed_strength: Float = Field(0.0, ge=0.0, le=1.0, description="Variation strength; 0 = off.")
+    seed_resize_from_h: Int = Field(-1, ge=-1, description="Not offered: -1 or 0.")
+    seed_resize_from_w: Int = Field(-1, ge=-1, description="Not offered: -1 or 0.")
+    sampler_name: str | None = Field(None, max_length=100, description="Sampler; empty = sampler_index.")
+    scheduler: str | None = Field(None, max_length=100, description="Schedule type name or label; null = Automatic.")
+    sampler_index: str = Field("Euler", max_length=100, description="Legacy sampler field, used when sampler_name is empty.")
+    batch_size: Int = Field(1, ge=1, le=64, description="Images per batch.")
+    n_iter: Int = Field(1, ge=1, le=64, description="Number of batches.")
+    steps: Int = Field(50, ge=1, le=150, description="Sampling steps.")
+    cfg_scale: Float = Field(7.0, ge=0.0, le=100.0, description="Classifier-free guidance scale.")
+    width: Int = Field(512, ge=8, description="Width; floored to a multiple of 8.")
+    height: Int = Field(512, ge=8, description="Height; floored to a multiple of 8.")
+    restore_faces: bool | None = Field(None, description="Face restoration is not offered: true is refused.")
+    tiling: bool | None = Field(None, description="Seamless tiling (circular padding) for this request.")
+    do_not_save_samples: bool = Field(False)
+    do_not_save_grid: bool = Field(False)
+    eta: Float | None = Field(None, ge=0.0, le=1.0, description="Noise multiplier for ancestral/DDIM samplers.")
+    denoising_strength: Float | None = Field(None, ge=0.0, le=1.0)
+    s_min_uncond: Float | None = Field(None)
+    s_churn: Float | None = Field(None)
+    s_tmax: Float | None = Field(None)
+    s_tmin: Float | None = Field(None)
+    s_noise: Float | None = Field(None)
+    override_settings: dict[str, Any] | None = Field(
+        None, description="Per-request option overrides: sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers."
+    )
+    override_settings_restore_afterwards: bool = Field(True)
+    refiner_checkpoint: str | None = Field(None, max_length=1000, description="Refiner: not offered yet, must be empty.")
+    refiner_switch_at: Float | None = Field(None)
+    disable_extra_networks: bool = Field(False)
+    firstpass_image: str | None = Field(None, description="Not offered: must be empty.")
+    comments: dict[str, Any] | None = Field(None)
+    script_name: str | None = Field(None, max_length=200, description="Selectable script; none are installed.")
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = Field(True, description="false -> images: [].")
+    save_images: bool = Field(False, description="Write the images under <data>/outputs.")
+    alwayson_scripts: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Always-on scripts, and the PAI-EAS keys sd_model_checkpoint, sd_vae, save_dir, image_link, id_task, uid.",
+    )
+    force_task_id: str | None = Field(None, max_length=200)
+    infotext: str | None = Field(None, max_length=MAX_TEXT, description="Not offered yet: must be empty.")
+
+    @field_validator("alwayson_scripts", mode="before")
+    @classmethod
+    def _null_scripts(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("script_args", mode="before")
+    @classmethod
+    def _null_args(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+
+class Txt2ImgRequest(GenerationRequest):
+    """POST /sdapi/v1/txt2img."""
+
+    enable_hr: bool = Field(False, description="Hires fix: not offered yet, must be false.")
+    firstphase_width: Int = Field(0, ge=0)
+    firstphase_height: Int = Field(0, ge=0)
+    hr_scale: Float = Field(2.0, ge=1.0, le=4.0)
+    hr_upscaler: str | None = Field(None, max_length=200)
+    hr_second_pass_steps: Int = Field(0, ge=0)
+    hr_resize_x: Int = Field(0, ge=0)
+    hr_resize_y: Int = Field(0, ge=0)
+    hr_checkpoint_name: str | None = Field(None, max_length=1000)
+    hr_sampler_name: str | None = Field(None, max_length=100)
+    hr_scheduler: str | None = Field(None, max_length=100)
+    hr_prompt: str = Field("", max_length=MAX_TEXT)
+    hr_negative_prompt: str = Field("", max_length=MAX_TEXT)
+
+
+class Img2ImgRequest(GenerationRequest):
+    """POST /sdapi/v1/img2img (inpainting when `mask` is given)."""
+
+    init_images: list[str] | None = Field(None, description="Base64 images or data: URLs (required).")
+    resize_mode: Int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale.")
+    denoising_strength: Float = Field(0.75, ge=0.0, le=1.0)
+    image_cfg_scale: Float | None = Field(None, description="instruct-pix2pix only; ignored.")
+    mask: str | None = Field(None, description="Base64 mask; white = repaint.")
+    mask_blur_x: Int = Field(4, ge=0, le=256)
+    mask_blur_y: Int = Field(4, ge=0, le=256)
+    mask_blur: Int | None = Field(None, ge=0, le=256, description="Sets both mask_blur_x and mask_blur_y.")
+    mask_round: bool = Field(True)
+    inpainting_fill: Int = Field(0, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing.")
+    inpaint_full_res: bool = Field(True, description="true = only the masked area, at full resolution.")
+    inpaint_full_res_padding: Int = Field(0, ge=0, le=1024)
+    inpainting_mask_invert: IntOrBool = Field(0, ge=0, le=1)
+    initial_noise_multiplier: Float | None = Field(None, ge=0.0, le=2.0)
+    latent_mask: str | None = Field(None)
+    include_init_images: bool = Field(False)
+
+
+class GenerationResponse(BaseModel):
+    """A1111 response: raw base64 PNGs (no data: prefix), the request echoed, and `info` as a JSON string."""
+
+    images: list[str]
+    parameters: dict[str, Any]
+    info: str
+
+
+class PngInfoRequest(A1111Model):
+    image: str = Field(..., description="Base64 image or data: URL.")
+
+
+class PngInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, str]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None
+    default_rho: float
+    need_inner_model: bool
+
+
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None
+    sha256: str | None
+    filename: str
+    config: str | None
+
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: str | None
+    model_path: str | None
+    model_url: str | None
+    scale: float | None
+
+
+class NameItem(BaseModel):
+    name: str
+
+
+class ScriptsList(BaseModel):
+    txt2img: list[str]
+    img2img: list[str]
+
+
+class EmbeddingsList(BaseModel):
+    loaded: dict[str, Any]
+    skipped: dict[str, Any]
+
+
+class ProgressState(BaseModel):
+    skipped: bool
+    interrupted: bool
+    stopping_generation: bool
+    job: str
+    job_count: int
+    job_timestamp: str
+    job_no: int
+    sampling_step: int
+    sampling_steps: int
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None
+    textinfo: str | None
+
+
+class ProgressQuery(BaseModel):
+    skip_current_image: bool = False
+
+
+class OptionsUpdate(BaseModel):
+    """POST /sdapi/v1/options: any subset of the option keys (unknown keys are a 422)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(..., description="STARTING | READY | SETUP_FAILED")
+    version: str
+    device: str
+    loaded_models: list[str]

@@ -1,0 +1,126 @@
+"""The one settings object.
+
+Sources, highest priority first: keyword arguments (tests), `SDFUNC_*` environment variables (s.yaml sets
+these), the YAML file named by `SDFUNC_CONFIG` (or `./sdfunc.yaml` when present), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+
+def _yaml_file() -> Path | None:
+    named = os.environ.get("SDFUNC_CONFIG")
+    if named:
+        return Path(named)
+    local = Path("sdfunc.yaml")
+    return local if local.is_file() else None
+
+
+class Settings(BaseSettings):
+    """Everything the function can be configured with. Paths are resolved to absolute paths."""
+
+    model_config = SettingsConfigDict(env_prefix="SDFUNC_", extra="forbid", validate_default=True)
+
+    data_dir: Path = Field(Path("data"), description="Data root: models/, outputs/, cache/ (the NAS/OSS mount in FC).")
+    host: str = Field("0.0.0.0", description="Address gunicorn binds.")
+    port: int = Field(9000, ge=1, le=65535, description="Port gunicorn binds (FC's default CAPort is 9000).")
+    threads: int = Field(4, ge=1, le=64, description="HTTP threads in the one gunicorn worker (generation is serialised).")
+    timeout: int = Field(900, ge=30, description="gunicorn worker timeout (s); long enough for a cold SDXL load.")
+    default_checkpoint: str | None = Field(
+        None, description="Checkpoint served when a request names none; any A1111 name form. None = first found."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present, else cpu.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="auto = float16 on GPU, float32 on CPU.")
+    max_loaded_models: int = Field(2, ge=1, description="Pipelines kept warm in the worker (least recently used is dropped).")
+    warmup_on_start: bool = Field(True, description="Load the default checkpoint when the worker starts.")
+    build_demo_models: bool = Field(True, description="Write the tiny demo checkpoints when the models folder has none.")
+
+    max_width: int = Field(2048, ge=64, description="Largest width accepted (pixels).")
+    max_height: int = Field(2048, ge=64, description="Largest height accepted (pixels).")
+    max_steps: int = Field(150, ge=1, description="Most sampling steps accepted.")
+    max_images: int = Field(16, ge=1, description="Most images per request (batch_size x n_iter).")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body (bytes); larger -> 413.")
+    max_input_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Largest decoded input image (pixels).")
+    max_prompt_chars: int = Field(20_000, ge=100, description="Longest prompt or negative prompt (characters).")
+
+    log_level: str = Field("INFO", description="Python logging level name.")
+    log_json: bool = Field(True, description="JSON log lines (one object per line) carrying the request id.")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = _yaml_file()
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    # Derived paths: the A1111 / PAI-EAS layout of the mount.
+    @cached_property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @cached_property
+    def checkpoints_dir(self) -> Path:
+        return self.models_dir / "Stable-diffusion"
+
+    @cached_property
+    def vae_dir(self) -> Path:
+        return self.models_dir / "VAE"
+
+    @cached_property
+    def lora_dir(self) -> Path:
+        return self.models_dir / "Lora"
+
+    @cached_property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @cached_property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    def ensure_layout(self) -> None:
+        """Create the A1111 folders under the data root if missing (first start on an empty mount)."""
+        for path in (
+            self.checkpoints_dir,
+            self.vae_dir,
+            self.lora_dir,
+            self.models_dir / "ControlNet",
+            self.data_dir / "embeddings",
+            self.outputs_dir,
+            self.cache_dir,
+        ):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def resolved_device(self) -> str:
+        """`cuda` or `cpu`; imports torch, so call it in the worker, not at import time."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self, device: str) -> str:
+        """The torch dtype name for `device`: float16 on GPU and float32 on CPU unless set."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float16" if device == "cuda" else "float32"
