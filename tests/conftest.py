@@ -1,0 +1,65 @@
+"""Shared fixtures: one data folder with the tiny demo checkpoints, one app built by the factory."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
+
+import base64  # noqa: E402
+import io  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A data root in the A1111 layout holding demo-sd15 and demo-sdxl, built by the real builder."""
+    from pipelines.demo import write_demo_models
+
+    root = tmp_path_factory.mktemp("data")
+    write_demo_models(root / "models" / "Stable-diffusion")
+    return root
+
+
+def make_settings(data_dir: Path, **overrides):
+    from handler.settings import Settings
+
+    values = dict(data_dir=data_dir, warmup_on_start=False, log_json=False, max_images=8, max_width=1024,
+                  max_height=1024)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def app(data_dir):
+    from handler.app import create_app
+
+    return create_app(make_settings(data_dir))
+
+
+@pytest.fixture
+def service(app):
+    return app.extensions["sdfunc"]
+
+
+@pytest.fixture
+def client(app, service):
+    """A test client; options the test sets are forgotten afterwards."""
+    from handler.options import MemoryOptionsStore
+
+    yield app.test_client()
+    service.options_store = MemoryOptionsStore()
+
+
+def decode_png(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+    assert image.format == "PNG"
+    image.load()
+    return image
+
+
+def png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()

@@ -1,0 +1,135 @@
+"""POST /sdapi/v1/img2img (and inpainting) through the test client."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from tests.conftest import decode_png, png_b64
+
+BASE = {"prompt": "a house", "steps": 4, "width": 64, "height": 64, "denoising_strength": 0.6, "seed": 12}
+
+
+def _init(size=(64, 64), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(arr, "RGB")
+    return image.convert(mode)
+
+
+def post(client, **fields):
+    return client.post("/sdapi/v1/img2img", json={**BASE, **fields})
+
+
+def test_img2img_base64_and_data_url_give_same_image(client):
+    raw = png_b64(_init())
+    a = post(client, init_images=[raw])
+    b = post(client, init_images=["data:image/png;base64," + raw])
+    assert a.status_code == 200, a.json
+    assert a.json["images"][0] == b.json["images"][0]
+    info = json.loads(a.json["info"])
+    assert info["denoising_strength"] == 0.6
+    assert "Denoising strength: 0.6," in info["infotexts"][0]
+    # init images are not echoed unless asked for.
+    assert a.json["parameters"]["init_images"] is None
+    assert post(client, init_images=[raw], include_init_images=True).json["parameters"]["init_images"] == [raw]
+
+
+def test_img2img_one_image_repeated_for_batch(client):
+    body = post(client, init_images=[png_b64(_init())], batch_size=2).json
+    assert len(body["images"]) == 2
+    assert json.loads(body["info"])["all_seeds"] == [12, 13]
+
+
+def test_img2img_rgba_is_flattened_on_white(client):
+    transparent = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    white = Image.new("RGB", (64, 64), (255, 255, 255))
+    a = post(client, init_images=[png_b64(transparent)]).json["images"][0]
+    b = post(client, init_images=[png_b64(white)]).json["images"][0]
+    assert a == b
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_img2img_resize_modes(client, mode):
+    r = post(client, init_images=[png_b64(_init((96, 48)))], resize_mode=mode)
+    assert r.status_code == 200, r.json
+    assert decode_png(r.json["images"][0]).size == (64, 64)
+
+
+def test_img2img_denoising_changes_the_image_progressively(client):
+    init = _init()
+    src = np.asarray(init, dtype=np.float32)
+    low = np.asarray(decode_png(post(client, init_images=[png_b64(init)], denoising_strength=0.25,
+                                     steps=8).json["images"][0]), dtype=np.float32)
+    high = np.asarray(decode_png(post(client, init_images=[png_b64(init)], denoising_strength=1.0,
+                                      steps=8).json["images"][0]), dtype=np.float32)
+    assert np.abs(low - src).mean() < np.abs(high - src).mean()
+
+
+def test_inpaint_keeps_unmasked_pixels(client):
+    init = _init()
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=255)
+    r = post(client, init_images=[png_b64(init)], mask=png_b64(mask), mask_blur=0, inpaint_full_res=False,
+             inpainting_fill=1, denoising_strength=0.9)
+    assert r.status_code == 200, r.json
+    out = np.asarray(decode_png(r.json["images"][0]), dtype=np.int16)
+    src = np.asarray(init, dtype=np.int16)
+    outside = np.ones((64, 64), bool)
+    outside[16:48, 16:48] = False
+    assert np.abs(out - src)[outside].max() == 0
+    assert np.abs(out - src)[~outside].mean() > 5
+    text = decode_png(r.json["images"][0]).info["parameters"]
+    assert "Mask blur: 0," in text and "Masked content: original" in text
+
+
+@pytest.mark.parametrize("fill", [0, 1, 2, 3])
+def test_inpaint_only_masked_and_fills(client, fill):
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((8, 8, 23, 23), fill=255)
+    r = post(client, init_images=[png_b64(_init())], mask=png_b64(mask), inpaint_full_res=True,
+             inpaint_full_res_padding=8, inpainting_fill=fill, inpainting_mask_invert=fill % 2 == 1)
+    assert r.status_code == 200, r.json
+    assert decode_png(r.json["images"][0]).size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({}, "init_images"),
+        ({"init_images": []}, "init_images"),
+        ({"init_images": ["not base64!!"]}, "init_images.0"),
+        ({"init_images": ["aGVsbG8="]}, "init_images.0"),  # base64 of "hello", not an image
+        ({"init_images": ["http://127.0.0.1/x.png"]}, "init_images.0"),
+        ({"init_images": ["A", "B"], "batch_size": 1}, "init_images"),
+        ({"resize_mode": 4}, "resize_mode"),
+        ({"denoising_strength": 1.5}, "denoising_strength"),
+        ({"inpainting_fill": 7}, "inpainting_fill"),
+    ],
+)
+def test_img2img_invalid_is_422(client, fields, field):
+    body = {**BASE, **fields}
+    if "init_images" not in fields and field != "init_images":
+        body["init_images"] = [png_b64(_init())]
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 422, r.json
+    assert r.json["error"]["field"] == field
+
+
+def test_bad_mask_is_422(client):
+    r = post(client, init_images=[png_b64(_init())], mask="////")
+    assert r.status_code == 422
+    assert r.json["error"]["field"] == "mask"
+
+
+def test_oversized_init_image_is_refused_from_its_header(app, client):
+    service = app.extensions["sdfunc"]
+    limit = service.settings.max_input_pixels
+    service.settings.max_input_pixels = 32 * 32
+    try:
+        r = post(client, init_images=[png_b64(_init())])
+    finally:
+        service.settings.max_input_pixels = limit
+    assert r.status_code == 422
+    assert "exceeds" in r.json["error"]["message"]
