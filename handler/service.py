@@ -94,16 +94,10 @@ class Service:
                 return {"status": "READY", "warmed": False}
             started = time.perf_counter()
             try:
-                entry = self.default_checkpoint("")
-                model = self.cache.get(entry)
-                from pipelines.generate import ImageJob, generate
-                from pipelines.samplers import resolve_sampler
+                from warmup.initializer import warm_checkpoint
 
-                job = ImageJob(mode="txt2img", prompt="warm-up", negative_prompt="", seeds=[0], subseeds=[0],
-                               subseed_strength=0.0, batch_size=1, steps=1, cfg_scale=7.0, width=64, height=64,
-                               sampler=resolve_sampler("Euler"))
-                with self.gpu_lock:
-                    generate(model, job)
+                entry = self.default_checkpoint("")
+                timings = warm_checkpoint(self.cache, entry, self.gpu_lock)
             except Exception:
                 self.state = "SETUP_FAILED"
                 raise
@@ -112,7 +106,8 @@ class Service:
             seconds = time.perf_counter() - started
             log.info("warm-up done in %.2f s (checkpoint %s)", seconds, entry.name)
             threading.Thread(target=self._hash_all, name="sdfunc-hash", daemon=True).start()
-            return {"status": "READY", "warmed": True, "checkpoint": entry.name, "seconds": round(seconds, 3)}
+            return {"status": "READY", "warmed": True, "checkpoint": entry.name, "seconds": round(seconds, 3),
+                    **timings}
 
     def _hash_all(self) -> None:
         """Hash every checkpoint once, in the background, so listings show titles with hashes (the hashes
@@ -258,6 +253,8 @@ class Service:
             finally:
                 self.progress.end()
 
+        if self.state == "STARTING":
+            self.state = "READY"  # served without a warm-up: the worker is usable
         params_base = self._infotext_params(req, job, model, sampler, width, height)
         infotexts: list[str] = []
         pngs: list[bytes] = []
