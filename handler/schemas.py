@@ -86,7 +86,7 @@ class GenerationRequest(A1111Model):
         description="Always-on scripts, and the PAI-EAS keys sd_model_checkpoint, sd_vae, save_dir, image_link, id_task, uid.",
     )
     force_task_id: str | None = Field(None, max_length=200)
-    infotext: str | None = Field(None, max_length=MAX_TEXT, description="Not offered yet: must be empty.")
+    infotext: str | None = Field(None, max_length=MAX_TEXT, description="An infotext; fields the request does not set are taken from it.")
 
     @field_validator("alwayson_scripts", mode="before")
     @classmethod

@@ -170,8 +170,6 @@ class Service:
             raise InvalidRequest(f"script_name: script '{req.script_name}' is not installed", field="script_name")
         if req.refiner_checkpoint:
             raise InvalidRequest("refiner_checkpoint: the refiner is not offered yet", field="refiner_checkpoint")
-        if req.infotext:
-            raise InvalidRequest("infotext: filling fields from an infotext is not offered yet", field="infotext")
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             if getattr(req, name) not in (-1, 0):
                 raise InvalidRequest(f"{name}: seed resize is not offered", field=name)
@@ -221,6 +219,8 @@ class Service:
 
         if not self.accepting:
             raise NotReady("the function is stopping; retry on another instance", headers={"Retry-After": "1"})
+        if req.infotext:
+            req = apply_infotext(req)
         width, height = self._check_common(req)
         eas = _check_alwayson(req.alwayson_scripts)
         selection = self._select(req, consumer)
@@ -390,6 +390,48 @@ class Service:
                                                      and model.pipe.unet.config.in_channels == 9),
             "version": VERSION_TAG,
         }
+
+
+# Infotext keys -> request fields and how to read their text (A1111 fills the fields a request did not set).
+_INFOTEXT_FIELDS: tuple[tuple[str, str, type], ...] = (
+    ("Prompt", "prompt", str), ("Negative prompt", "negative_prompt", str), ("Steps", "steps", int),
+    ("Sampler", "sampler_name", str), ("Schedule type", "scheduler", str), ("CFG scale", "cfg_scale", float),
+    ("Seed", "seed", int), ("Size-1", "width", int), ("Size-2", "height", int),
+    ("Denoising strength", "denoising_strength", float), ("Variation seed", "subseed", int),
+    ("Variation seed strength", "subseed_strength", float),
+)
+
+
+def apply_infotext(req: GenerationRequest) -> GenerationRequest:
+    """A copy of `req` whose fields the client did not set are taken from `req.infotext` (A1111's `infotext`
+    request field). The result is validated like any request; unreadable values are a 422 naming `infotext`."""
+    from pydantic import ValidationError
+
+    from pipelines.infotext import parse_infotext
+
+    parsed = parse_infotext(req.infotext)
+    values = req.model_dump()
+    for key, name, kind in _INFOTEXT_FIELDS:
+        if name in req.model_fields_set or key not in parsed or name not in values:
+            continue
+        text = str(parsed[key])
+        try:
+            values[name] = kind(float(text)) if kind is int else kind(text)
+        except ValueError:
+            raise InvalidRequest(f"infotext: '{key}' has an unreadable value", field="infotext") from None
+    if "Clip skip" in parsed and "CLIP_stop_at_last_layers" not in (req.override_settings or {}):
+        try:
+            clip_skip = int(str(parsed["Clip skip"]))
+        except ValueError:
+            raise InvalidRequest("infotext: 'Clip skip' has an unreadable value", field="infotext") from None
+        if clip_skip > 1:
+            values["override_settings"] = {**(req.override_settings or {}), "CLIP_stop_at_last_layers": clip_skip}
+    try:
+        return type(req).model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ()))
+        raise InvalidRequest(f"infotext: gives an invalid {field}: {first.get('msg')}", field="infotext") from None
 
 
 def _fix_seed(seed: int | None) -> int:

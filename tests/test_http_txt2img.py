@@ -289,6 +289,18 @@ def test_request_id_is_propagated(client):
     assert r.json["error"]["request_id"] == "req-abc-123"
 
 
+def test_infotext_fills_the_fields_the_request_did_not_set(client):
+    source = post(client, prompt="a blue boat", seed=21, steps=3, sampler_name="DPM++ 2M Karras",
+                  override_settings={"CLIP_stop_at_last_layers": 2}).json
+    text = json.loads(source["info"])["infotexts"][0]
+    again = client.post("/sdapi/v1/txt2img", json={"infotext": text, "width": 64, "height": 64}).json
+    assert again["images"][0] == source["images"][0]
+    changed = client.post("/sdapi/v1/txt2img", json={"infotext": text, "seed": 22}).json
+    assert "Seed: 22," in json.loads(changed["info"])["infotexts"][0]
+    bad = client.post("/sdapi/v1/txt2img", json={"infotext": "x\nSteps: many, Sampler: Euler, Seed: 1"})
+    assert bad.status_code == 422 and bad.json["error"]["field"] == "infotext"
+
+
 def test_save_images_writes_png_under_outputs(client, data_dir):
     body = post(client, seed=31, save_images=True).json
     files = sorted((data_dir / "outputs" / "txt2img-images").rglob("*-31.png"))
