@@ -80,6 +80,8 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     _apply_overrides(args)
+    from pydantic import ValidationError
+
     from handler.errors import ServiceError
     from handler.schemas import Txt2ImgRequest
     from handler.service import Service
@@ -89,11 +91,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if settings.build_demo_models:
         ensure_models(settings)
     service = Service(settings)
-    request = Txt2ImgRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                             width=args.width, height=args.height, seed=args.seed, sampler_name=args.sampler,
-                             cfg_scale=args.cfg_scale)
     try:
+        request = Txt2ImgRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                                 width=args.width, height=args.height, seed=args.seed, sampler_name=args.sampler,
+                                 cfg_scale=args.cfg_scale)
         result = service.txt2img(request, consumer="")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        log.error("%s: %s", ".".join(str(p) for p in first["loc"]), first["msg"])
+        return 2
     except (ServiceError, PipelineError) as exc:
         log.error("%s", exc.message)
         return 2

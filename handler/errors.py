@@ -161,5 +161,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+            log.error("out of device memory")
+            return error_response(503, "out_of_memory", "out of device memory; retry with a smaller size or batch",
+                                  headers={"Retry-After": "5"})
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal error; see the log for this request id")

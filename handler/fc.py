@@ -39,7 +39,5 @@ def pre_stop():
 def health():
     """STARTING | READY | SETUP_FAILED, and what is loaded."""
     service = current_app.extensions["sdfunc"]
-    cache = service._cache
-    loaded = [m.title for m in cache.loaded()] if cache is not None else []
-    device = cache.device if cache is not None else service.settings.device
-    return jsonify({"status": service.state, "version": __version__, "device": device, "loaded_models": loaded})
+    return jsonify({"status": service.state, "version": __version__, "device": service.cache.device,
+                    "loaded_models": service.loaded_models()})

@@ -26,6 +26,7 @@ def read_image(data: str, *, field: str, max_pixels: int) -> Image.Image:
             raise InvalidRequest(f"{field}: only base64 data URLs are accepted", field=field)
     elif text.startswith(("http://", "https://")):
         raise InvalidRequest(f"{field}: image URLs are not fetched; send the image as base64", field=field)
+    text = "".join(text.split())  # MIME-style line-wrapped base64 is common (base64.encodebytes)
     try:
         raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):

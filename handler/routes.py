@@ -7,7 +7,7 @@ from typing import Any
 from flask import current_app, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 
-from handler.errors import ErrorModel, InvalidRequest
+from handler.errors import ErrorModel
 from handler.images import read_image
 from handler.schemas import (
     EmbeddingsList,
@@ -47,10 +47,6 @@ def consumer() -> str:
     return ""
 
 
-def _json_list(items: list[Any]):
-    return jsonify(items)
-
-
 @bp.post("/txt2img", responses={200: GenerationResponse})
 def txt2img(body: Txt2ImgRequest):
     """Text to image."""
@@ -81,13 +77,13 @@ def png_info(body: PngInfoRequest):
     "type": "array", "items": SDModelItem.model_json_schema()}}}, "description": "Checkpoints"}})
 def sd_models():
     """Checkpoints under models/Stable-diffusion (hashes appear once computed, as in A1111)."""
-    return _json_list(service().store.listing())
+    return jsonify(service().store.listing())
 
 
 @bp.get("/sd-vae", responses={200: {"description": "VAEs under models/VAE"}})
 def sd_vae():
     """External VAE files."""
-    return _json_list([{"model_name": v.name, "filename": str(v.path)} for v in service().store.vaes])
+    return jsonify([{"model_name": v.name, "filename": str(v.path)} for v in service().store.vaes])
 
 
 @bp.get("/loras", responses={200: {"description": "LoRA files (none are applied yet)"}})
@@ -96,7 +92,7 @@ def loras():
     root = service().settings.lora_dir
     items = [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}}
              for p in sorted(root.rglob("*.safetensors"))] if root.is_dir() else []
-    return _json_list(items)
+    return jsonify(items)
 
 
 @bp.get("/samplers", responses={200: {"content": {"application/json": {"schema": {
@@ -105,7 +101,7 @@ def samplers():
     """A1111's samplers, in A1111's order."""
     from pipelines.samplers import sampler_list
 
-    return _json_list(sampler_list())
+    return jsonify(sampler_list())
 
 
 @bp.get("/schedulers", responses={200: {"content": {"application/json": {"schema": {
@@ -114,14 +110,14 @@ def schedulers():
     """A1111's schedule types."""
     from pipelines.samplers import scheduler_list
 
-    return _json_list(scheduler_list())
+    return jsonify(scheduler_list())
 
 
 @bp.get("/upscalers", responses={200: {"content": {"application/json": {"schema": {
     "type": "array", "items": UpscalerItem.model_json_schema()}}}, "description": "Upscalers"}})
 def upscalers():
     """The built-in upscalers."""
-    return _json_list([{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+    return jsonify([{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
                        for n in ("None", "Lanczos", "Nearest")])
 
 
@@ -129,7 +125,7 @@ def upscalers():
     "type": "array", "items": NameItem.model_json_schema()}}}, "description": "Latent upscale modes"}})
 def latent_upscale_modes():
     """Latent upscale modes."""
-    return _json_list([{"name": n} for n in LATENT_UPSCALE_MODES])
+    return jsonify([{"name": n} for n in LATENT_UPSCALE_MODES])
 
 
 @bp.get("/scripts", responses={200: ScriptsList})
@@ -153,10 +149,7 @@ def get_options():
 @bp.post("/options", responses={200: _null})
 def set_options(body: OptionsUpdate):
     """Set the caller's options. Unknown key -> 422; unknown checkpoint -> 404. Never process-global."""
-    values = body.model_extra or {}
-    if not isinstance(values, dict):
-        raise InvalidRequest("body: must be a JSON object", field="body")
-    service().set_options(consumer(), values)
+    service().set_options(consumer(), body.model_extra or {})
     return jsonify(None)
 
 
@@ -171,6 +164,18 @@ def refresh_checkpoints():
 def refresh_vae():
     """Rescan models/VAE."""
     service().store.refresh()
+    return jsonify(None)
+
+
+@bp.post("/refresh-loras", responses={200: _null})
+def refresh_loras():
+    """LoRA files are listed from disk on every GET /loras, so there is nothing to rescan."""
+    return jsonify(None)
+
+
+@bp.post("/refresh-embeddings", responses={200: _null})
+def refresh_embeddings():
+    """Embeddings are not loaded yet, so there is nothing to rescan."""
     return jsonify(None)
 
 

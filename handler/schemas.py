@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 def _number_only(value: Any) -> Any:
@@ -34,7 +34,19 @@ MAX_TEXT = 100_000  # hard ceiling; the configurable prompt limit is checked in 
 
 
 class A1111Model(BaseModel):
+    """Unknown keys are ignored; a JSON null for a field that has a non-null default means that default
+    (A1111's request fields are all Optional, and its processing treats None as "use the default")."""
+
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if not (v is None and k in fields and (fields[k].default is not None or fields[k].default_factory))}
 
 
 class GenerationRequest(A1111Model):
@@ -42,9 +54,9 @@ class GenerationRequest(A1111Model):
 
     prompt: str = Field("", max_length=MAX_TEXT, description="Positive prompt.")
     negative_prompt: str = Field("", max_length=MAX_TEXT, description="Negative prompt.")
-    styles: list[str] | None = Field(None, description="Style names (styles.csv). Not offered: must be empty.")
-    seed: Int = Field(-1, ge=-1, le=2**32 - 1, description="-1 = random in 0..4294967293; image i gets seed + i.")
-    subseed: Int = Field(-1, ge=-1, le=2**32 - 1, description="Variation seed; -1 = random.")
+    styles: list[str] | None = Field(None, description="Style names (styles.csv). No styles are installed: ignored.")
+    seed: Int = Field(-1, ge=-(2**31), le=2**32 - 1, description="-1 or null = random in 0..4294967293; image i gets seed + i.")
+    subseed: Int = Field(-1, ge=-(2**31), le=2**32 - 1, description="Variation seed; -1 or null = random.")
     subseed_strength: Float = Field(0.0, ge=0.0, le=1.0, description="Variation strength; 0 = off.")
     seed_resize_from_h: Int = Field(-1, ge=-1, description="Not offered: -1 or 0.")
     seed_resize_from_w: Int = Field(-1, ge=-1, description="Not offered: -1 or 0.")
@@ -61,7 +73,7 @@ class GenerationRequest(A1111Model):
     tiling: bool | None = Field(None, description="Seamless tiling (circular padding) for this request.")
     do_not_save_samples: bool = Field(False)
     do_not_save_grid: bool = Field(False)
-    eta: Float | None = Field(None, ge=0.0, le=1.0, description="Noise multiplier for ancestral/DDIM samplers.")
+    eta: Float | None = Field(None, ge=0.0, description="Noise multiplier; applied by DDIM (see docs/samplers.md).")
     denoising_strength: Float | None = Field(None, ge=0.0, le=1.0)
     s_min_uncond: Float | None = Field(None)
     s_churn: Float | None = Field(None)
@@ -75,7 +87,7 @@ class GenerationRequest(A1111Model):
     refiner_checkpoint: str | None = Field(None, max_length=1000, description="Refiner: not offered yet, must be empty.")
     refiner_switch_at: Float | None = Field(None)
     disable_extra_networks: bool = Field(False)
-    firstpass_image: str | None = Field(None, description="Not offered: must be empty.")
+    firstpass_image: str | None = Field(None, description="Hires fix first pass image; ignored (hires fix not offered yet).")
     comments: dict[str, Any] | None = Field(None)
     script_name: str | None = Field(None, max_length=200, description="Selectable script; none are installed.")
     script_args: list[Any] = Field(default_factory=list)
@@ -105,7 +117,7 @@ class Txt2ImgRequest(GenerationRequest):
     enable_hr: bool = Field(False, description="Hires fix: not offered yet, must be false.")
     firstphase_width: Int = Field(0, ge=0)
     firstphase_height: Int = Field(0, ge=0)
-    hr_scale: Float = Field(2.0, ge=1.0, le=4.0)
+    hr_scale: Float = Field(2.0)
     hr_upscaler: str | None = Field(None, max_length=200)
     hr_second_pass_steps: Int = Field(0, ge=0)
     hr_resize_x: Int = Field(0, ge=0)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import random
+import math
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from handler import __version__
-from handler.errors import InvalidRequest, NotFound, NotReady
+from handler import a1111
+from handler.errors import InvalidRequest, NotReady
 from handler.images import b64, decode_image
 from handler.options import DEFAULT_OPTIONS, MemoryOptionsStore, OptionsStore, check_option_value
 from handler.progress import Progress
@@ -29,10 +30,6 @@ from pipelines.hashing import HashCache
 from pipelines.store import CheckpointEntry, ModelStore, VaeEntry
 
 log = logging.getLogger(__name__)
-
-EAS_KEYS = ("sd_model_checkpoint", "sd_vae", "save_dir", "image_link", "id_task", "uid")
-SEED_RANGE = 4294967294  # A1111: random.randrange(4294967294)
-VERSION_TAG = f"sdfunc-{__version__}"
 
 
 @dataclass
@@ -77,9 +74,11 @@ class Service:
                 )
             return self._cache
 
-    def default_checkpoint(self, consumer: str) -> CheckpointEntry:
-        """The caller's `sd_model_checkpoint` option, else the configured default, else the first found."""
-        chosen = self.options_store.get(consumer).get("sd_model_checkpoint") or self.settings.default_checkpoint
+    def default_checkpoint(self, consumer: str | None) -> CheckpointEntry:
+        """The caller's `sd_model_checkpoint` option (none for consumer None), else the configured default,
+        else the first found."""
+        mine = self.options_store.get(consumer).get("sd_model_checkpoint") if consumer is not None else None
+        chosen = mine or self.settings.default_checkpoint
         if chosen:
             return self.store.find_checkpoint(chosen)
         entries = self.store.checkpoints
@@ -96,7 +95,7 @@ class Service:
             try:
                 from warmup.initializer import warm_checkpoint
 
-                entry = self.default_checkpoint("")
+                entry = self.default_checkpoint(None)
                 timings = warm_checkpoint(self.cache, entry, self.gpu_lock)
             except Exception:
                 self.state = "SETUP_FAILED"
@@ -108,6 +107,10 @@ class Service:
             threading.Thread(target=self._hash_all, name="sdfunc-hash", daemon=True).start()
             return {"status": "READY", "warmed": True, "checkpoint": entry.name, "seconds": round(seconds, 3),
                     **timings}
+
+    def loaded_models(self) -> list[str]:
+        """Titles of the warm pipelines (empty before the first load)."""
+        return [m.title for m in self._cache.loaded()] if self._cache is not None else []
 
     def _hash_all(self) -> None:
         """Hash every checkpoint once, in the background, so listings show titles with hashes (the hashes
@@ -190,12 +193,11 @@ class Service:
             )
         return width, height
 
-    def _select(self, req: GenerationRequest, consumer: str) -> Selection:
+    def _select(self, req: GenerationRequest, consumer: str, eas: dict[str, Any]) -> Selection:
         """Checkpoint, VAE and clip skip for this request: EAS alwayson_scripts, then override_settings, then
         the caller's options. Per-request choices never change anyone's defaults."""
         options = dict(DEFAULT_OPTIONS)
         options.update(self.options_store.get(consumer))
-        eas = _eas_values(req.alwayson_scripts)
         overrides = req.override_settings or {}
         for key, value in overrides.items():
             if key in ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"):
@@ -213,65 +215,68 @@ class Service:
         return Selection(checkpoint=checkpoint, vae=vae, clip_skip=clip_skip, options=options)
 
     def _generate(self, mode: str, req: GenerationRequest, consumer: str) -> dict[str, Any]:
-        from pipelines.generate import ImageJob, generate
-        from pipelines.infotext import build_infotext, png_bytes
-        from pipelines.samplers import resolve_sampler
+        """Validate, select the models, run the job under the GPU lock, and shape A1111's response."""
+        from pipelines.generate import generate
 
         if not self.accepting:
-            raise NotReady("the function is stopping; retry on another instance", headers={"Retry-After": "1"})
+            raise _stopping()
         if req.infotext:
-            req = apply_infotext(req)
+            req = a1111.apply_infotext(req)
+        eas = a1111.eas_values(req.alwayson_scripts)
+        job, selection = self._build_job(mode, req, consumer, eas)
+        model = self.cache.get(selection.checkpoint, selection.vae)
+        with self.gpu_lock:
+            if not self.accepting:  # pre-stop arrived while this request waited for the GPU
+                raise _stopping()
+            self.progress.begin(mode, job_count=math.ceil(len(job.seeds) / job.batch_size), sampling_steps=job.steps)
+            try:
+                result = generate(model, job, progress=self.progress.step)
+            finally:
+                self.progress.end()
+        if self.state == "STARTING":
+            self.state = "READY"  # served without a warm-up: the worker is usable
+        return self._respond(mode, req, job, model, result, eas)
+
+    def _build_job(self, mode: str, req: GenerationRequest, consumer: str,
+                   eas: dict[str, Any]) -> tuple[Any, Selection]:
+        from pipelines.generate import ImageJob
+        from pipelines.samplers import resolve_sampler
+
         width, height = self._check_common(req)
-        eas = _check_alwayson(req.alwayson_scripts)
-        selection = self._select(req, consumer)
+        selection = self._select(req, consumer, eas)
         sampler = resolve_sampler(req.sampler_name, req.sampler_index, req.scheduler)
-        total = req.batch_size * req.n_iter
-        seed = _fix_seed(req.seed)
-        subseed = _fix_seed(req.subseed)
-        if req.subseed_strength:
-            seeds, subseeds = [seed] * total, [subseed + i for i in range(total)]
-        else:
-            seeds, subseeds = [seed + i for i in range(total)], [subseed + i for i in range(total)]
+        seeds, subseeds = a1111.all_seeds(req)
         job = ImageJob(
             mode=mode, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=seeds, subseeds=subseeds,
             subseed_strength=req.subseed_strength, batch_size=req.batch_size, steps=req.steps,
             cfg_scale=req.cfg_scale, width=width, height=height, sampler=sampler, clip_skip=selection.clip_skip,
-            tiling=bool(req.tiling if req.tiling is not None else selection.options.get("tiling")), eta=req.eta,
+            tiling=bool(req.tiling if req.tiling is not None else selection.options.get("tiling")),
+            eta=req.eta if sampler.sampler.name in a1111.ETA_KEYS else None,
         )
         if isinstance(req, Img2ImgRequest):
             self._img2img_inputs(req, job, selection.options)
-        model = self.cache.get(selection.checkpoint, selection.vae)
-        job_no = 0
+        return job, selection
 
-        def on_step(step: int, steps: int) -> bool:
-            return self.progress.step(step, steps, job_no)
+    def _respond(self, mode: str, req: GenerationRequest, job: Any, model: Any, result: Any,
+                 eas: dict[str, Any]) -> dict[str, Any]:
+        """PNGs with their infotexts, optional saving, and the A1111 response body."""
+        from pipelines.infotext import png_bytes
 
-        with self.gpu_lock:
-            self.progress.begin(mode, job_count=req.n_iter, sampling_steps=req.steps)
-            try:
-                result = generate(model, job, progress=on_step)
-            finally:
-                self.progress.end()
-
-        if self.state == "STARTING":
-            self.state = "READY"  # served without a warm-up: the worker is usable
-        params_base = self._infotext_params(req, job, model, sampler, width, height)
+        extras = a1111.extra_params(req, job)
+        params = a1111.infotext_params(req, job, model, extras)
         infotexts: list[str] = []
         pngs: list[bytes] = []
-        for i, image in enumerate(result.images):
-            params = dict(params_base)
-            params["Seed"] = result.seeds[i]
-            if req.subseed_strength:
-                params["Variation seed"] = result.subseeds[i]
-            text = build_infotext(req.prompt, req.negative_prompt, params)
+        for image, seed, subseed in zip(result.images, result.seeds, result.subseeds):
+            text = a1111.image_infotext(req.prompt, req.negative_prompt, params, seed,
+                                        subseed if req.subseed_strength else None)
             infotexts.append(text)
             pngs.append(png_bytes(image, text))
         saved: list[str] = []
         if req.save_images:
             folder = f"{mode}-images/{dt.date.today().isoformat()}"
             stamp = time.strftime("%H%M%S")
-            for i, data in enumerate(pngs):
-                saved.append(self.storage.put(f"{folder}/{stamp}-{_short_id()}-{result.seeds[i]}.png", data))
+            for seed, data in zip(result.seeds, pngs):
+                saved.append(self.storage.put(f"{folder}/{stamp}-{uuid.uuid4().hex[:8]}-{seed}.png", data))
         parameters = req.model_dump(mode="json")
         if isinstance(req, Img2ImgRequest) and not req.include_init_images:
             parameters["init_images"] = None
@@ -280,9 +285,9 @@ class Service:
             parameters.update(id_task=eas.get("id_task"), status="finished", image_url=",".join(saved),
                               seed=str(result.seeds[0]) if result.seeds else "", error_msg="",
                               total_time=round(result.generation_seconds, 3))
-        info = self._info(req, job, model, sampler, width, height, result, infotexts, params_base)
-        log.info("%s: %d image(s) %dx%d, %d steps, %.3f s generating", mode, len(pngs), width, height, req.steps,
-                 result.generation_seconds)
+        info = a1111.info_object(req, job, model, result, infotexts, extras)
+        log.info("%s: %d image(s) %dx%d, %d steps, %.3f s generating", mode, len(pngs), job.width, job.height,
+                 job.steps, result.generation_seconds)
         return {
             "images": [b64(data) for data in pngs] if req.send_images else [],
             "parameters": parameters,
@@ -312,174 +317,6 @@ class Service:
             job.inpaint_full_res_padding = req.inpaint_full_res_padding
             job.inpainting_mask_invert = bool(req.inpainting_mask_invert)
 
-    def _infotext_params(self, req: GenerationRequest, job: Any, model: Any, sampler: Any, width: int,
-                         height: int) -> dict[str, Any]:
-        """The infotext keys shared by every image of the request (Seed is set per image)."""
-        params: dict[str, Any] = {
-            "Steps": req.steps,
-            "Sampler": sampler.sampler.name,
-            "Schedule type": sampler.schedule_label,
-            "CFG scale": req.cfg_scale,
-            "Seed": None,
-            "Size": f"{width}x{height}",
-            "Model hash": model.short_hash,
-            "Model": model.entry.stem,
-            "VAE hash": model.vae_sha256[:10] if model.vae_sha256 else None,
-            "VAE": model.vae.name if model.vae else None,
-            "Variation seed": None,
-            "Variation seed strength": req.subseed_strength or None,
-            "Denoising strength": job.denoising_strength if job.mode == "img2img" else None,
-            "Clip skip": job.clip_skip if job.clip_skip > 1 else None,
-            "RNG": "CPU",
-            "Tiling": True if job.tiling else None,
-        }
-        if req.eta is not None and req.eta != _default_eta(sampler.sampler.name):
-            params["Eta"] = req.eta
-        if job.mode == "img2img" and job.mask is not None:
-            params["Mask blur"] = job.mask_blur_x if job.mask_blur_x == job.mask_blur_y else None
-            if params["Mask blur"] is None:
-                params["Mask blur x"], params["Mask blur y"] = job.mask_blur_x, job.mask_blur_y
-            if job.inpainting_mask_invert:
-                params["Mask mode"] = "Inpaint not masked"
-            params["Masked content"] = ("fill", "original", "latent noise", "latent nothing")[job.inpainting_fill]
-            if job.inpaint_full_res:
-                params["Inpaint area"] = "Only masked"
-                params["Masked area padding"] = job.inpaint_full_res_padding
-        params["Version"] = VERSION_TAG
-        return params
 
-    def _info(self, req: GenerationRequest, job: Any, model: Any, sampler: Any, width: int, height: int,
-              result: Any, infotexts: list[str], params: dict[str, Any]) -> dict[str, Any]:
-        """A1111's `info` object, keys in A1111's order."""
-        n = len(result.images)
-        extra = {k: v for k, v in params.items() if k in ("Schedule type", "Eta", "Mask blur", "Masked content",
-                                                          "Inpaint area", "Masked area padding", "RNG")
-                 and v is not None}
-        return {
-            "prompt": req.prompt,
-            "all_prompts": [req.prompt] * n,
-            "negative_prompt": req.negative_prompt,
-            "all_negative_prompts": [req.negative_prompt] * n,
-            "seed": result.seeds[0] if result.seeds else job.seeds[0],
-            "all_seeds": result.seeds,
-            "subseed": result.subseeds[0] if result.subseeds else job.subseeds[0],
-            "all_subseeds": result.subseeds,
-            "subseed_strength": req.subseed_strength,
-            "width": width,
-            "height": height,
-            "sampler_name": sampler.sampler.name,
-            "cfg_scale": req.cfg_scale,
-            "steps": req.steps,
-            "batch_size": job.batch_size,
-            "restore_faces": False,
-            "face_restoration_model": None,
-            "sd_model_name": model.entry.stem,
-            "sd_model_hash": model.short_hash,
-            "sd_vae_name": model.vae.name if model.vae else None,
-            "sd_vae_hash": model.vae_sha256[:10] if model.vae_sha256 else None,
-            "seed_resize_from_w": req.seed_resize_from_w,
-            "seed_resize_from_h": req.seed_resize_from_h,
-            "denoising_strength": job.denoising_strength if job.mode == "img2img" else req.denoising_strength,
-            "extra_generation_params": extra,
-            "index_of_first_image": 0,
-            "infotexts": infotexts,
-            "styles": list(req.styles or []),
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-            "clip_skip": job.clip_skip,
-            "is_using_inpainting_conditioning": bool(job.mode == "img2img" and job.mask is not None
-                                                     and model.pipe.unet.config.in_channels == 9),
-            "version": VERSION_TAG,
-        }
-
-
-# Infotext keys -> request fields and how to read their text (A1111 fills the fields a request did not set).
-_INFOTEXT_FIELDS: tuple[tuple[str, str, type], ...] = (
-    ("Prompt", "prompt", str), ("Negative prompt", "negative_prompt", str), ("Steps", "steps", int),
-    ("Sampler", "sampler_name", str), ("Schedule type", "scheduler", str), ("CFG scale", "cfg_scale", float),
-    ("Seed", "seed", int), ("Size-1", "width", int), ("Size-2", "height", int),
-    ("Denoising strength", "denoising_strength", float), ("Variation seed", "subseed", int),
-    ("Variation seed strength", "subseed_strength", float),
-)
-
-
-def apply_infotext(req: GenerationRequest) -> GenerationRequest:
-    """A copy of `req` whose fields the client did not set are taken from `req.infotext` (A1111's `infotext`
-    request field). The result is validated like any request; unreadable values are a 422 naming `infotext`."""
-    from pydantic import ValidationError
-
-    from pipelines.infotext import parse_infotext
-
-    parsed = parse_infotext(req.infotext)
-    values = req.model_dump()
-    for key, name, kind in _INFOTEXT_FIELDS:
-        if name in req.model_fields_set or key not in parsed or name not in values:
-            continue
-        text = str(parsed[key])
-        try:
-            values[name] = kind(float(text)) if kind is int else kind(text)
-        except ValueError:
-            raise InvalidRequest(f"infotext: '{key}' has an unreadable value", field="infotext") from None
-    if "Clip skip" in parsed and "CLIP_stop_at_last_layers" not in (req.override_settings or {}):
-        try:
-            clip_skip = int(str(parsed["Clip skip"]))
-        except ValueError:
-            raise InvalidRequest("infotext: 'Clip skip' has an unreadable value", field="infotext") from None
-        if clip_skip > 1:
-            values["override_settings"] = {**(req.override_settings or {}), "CLIP_stop_at_last_layers": clip_skip}
-    try:
-        return type(req).model_validate(values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ()))
-        raise InvalidRequest(f"infotext: gives an invalid {field}: {first.get('msg')}", field="infotext") from None
-
-
-def _fix_seed(seed: int | None) -> int:
-    return random.randrange(SEED_RANGE) if seed is None or seed == -1 else int(seed)
-
-
-def _short_id() -> str:
-    import uuid
-
-    return uuid.uuid4().hex[:8]
-
-
-def _default_eta(sampler_name: str) -> float:
-    return 0.0 if sampler_name.startswith(("DDIM", "PLMS", "UniPC")) else 1.0
-
-
-def _eas_values(scripts: dict[str, Any]) -> dict[str, Any]:
-    """PAI-EAS keys of alwayson_scripts as plain values (EAS sends strings; `{"args": [v]}` is accepted too)."""
-    values: dict[str, Any] = {}
-    for key in EAS_KEYS:
-        if key not in scripts:
-            continue
-        value = scripts[key]
-        if isinstance(value, dict):
-            args = value.get("args") or []
-            value = args[0] if args else None
-        values[key] = value
-    return values
-
-
-def _check_alwayson(scripts: dict[str, Any]) -> dict[str, Any]:
-    """Validate alwayson_scripts and return the EAS values. `{"args": []}` for a script we lack is ignored
-    (webuiapi adds such entries); any other unknown script is a 422 naming it."""
-    for key, value in scripts.items():
-        if key in EAS_KEYS:
-            continue
-        if isinstance(value, dict) and not value.get("args"):
-            continue
-        raise InvalidRequest(f"alwayson_scripts.{key}: script '{key}' is not installed", field=f"alwayson_scripts.{key}")
-    eas = _eas_values(scripts)
-    for key in ("sd_model_checkpoint", "sd_vae", "id_task", "uid", "save_dir", "image_link"):
-        value = eas.get(key)
-        if value is not None and not isinstance(value, str):
-            raise InvalidRequest(f"alwayson_scripts.{key}: must be a string", field=f"alwayson_scripts.{key}")
-    if eas.get("save_dir"):
-        raise InvalidRequest("alwayson_scripts.save_dir: saving to a folder is not offered yet; use save_images",
-                             field="alwayson_scripts.save_dir")
-    if eas.get("image_link"):
-        raise InvalidRequest("alwayson_scripts.image_link: fetching images by URL is not offered yet",
-                             field="alwayson_scripts.image_link")
-    return eas
+def _stopping() -> NotReady:
+    return NotReady("the function is stopping; retry on another instance", headers={"Retry-After": "1"})

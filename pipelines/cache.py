@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.errors import ModelNotFound
 from pipelines.store import CheckpointEntry, ModelStore, VaeEntry
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,10 @@ class PipelineCache:
         diffusers_logging.disable_progress_bar()  # "Loading pipeline components..." on every load
         started = time.perf_counter()
         sha = self.store.sha256(entry)
-        pipe = load_pipeline(entry.path, device=self.device, dtype=getattr(torch, self.dtype))
+        try:
+            pipe = load_pipeline(entry.path, device=self.device, dtype=getattr(torch, self.dtype))
+        except FileNotFoundError:  # removed from the mount since the last scan
+            raise ModelNotFound(f"'{entry.name}' is no longer on the mount; refresh the model list") from None
         arch = "sdxl" if "XL" in type(pipe).__name__ else "sd1"
         seconds = time.perf_counter() - started
         with self._lock:

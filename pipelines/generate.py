@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # A1111 resize_mode -> diffusers VaeImageProcessor.resize mode (3, "latent upscale", resizes like 0 here).
 _RESIZE_MODES = {0: "default", 1: "crop", 2: "fill", 3: "default"}
 
-ProgressFn = Callable[[int, int], bool]  # (step done, total steps of this batch) -> keep going?
+ProgressFn = Callable[[int, int, int], bool]  # (step done, steps of this batch, batch index) -> keep going?
 
 
 @dataclass
@@ -188,6 +188,10 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
         call["height"], call["width"] = job.height, job.width
     if job.mode == "img2img":
         call["strength"] = job.denoising_strength
+        # diffusers runs int(steps * strength) steps; A1111 still denoises when that is 0, so take enough
+        # steps for one. Strength 0 means "no change": the (resized) input comes back as it is.
+        if 0 < job.denoising_strength and job.steps * job.denoising_strength < 1:
+            call["num_inference_steps"] = math.ceil(1 / job.denoising_strength)
     if model.arch == "sdxl":
         call["original_size"] = call["target_size"] = (job.height, job.width)
 
@@ -196,7 +200,7 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
     total_images = len(job.seeds)
     started = time.perf_counter()
     with _tiling([pipe.unet, pipe.vae], job.tiling):
-        for first in range(0, total_images, job.batch_size):
+        for batch_no, first in enumerate(range(0, total_images, job.batch_size)):
             seeds = job.seeds[first : first + job.batch_size]
             subseeds = job.subseeds[first : first + job.batch_size]
             n = len(seeds)
@@ -224,7 +228,8 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
                     prepared = [_prepare_inpaint(job, img, mask, s) for img, s in zip(sized, seeds)]
                     args["image"] = [p[0] for p in prepared]
                     args["mask_image"] = [p[1] for p in prepared]
-                    if job.inpaint_full_res:
+                    if job.inpaint_full_res and prepared[0][1].getbbox() is not None:
+                        # "Only masked"; an empty mask falls back to the whole picture, as in A1111.
                         args["padding_mask_crop"] = job.inpaint_full_res_padding
                 else:
                     args["image"] = sized
@@ -232,7 +237,7 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
 
             def on_step(p: Any, step: int, timestep: Any, kwargs: dict) -> dict:
                 nonlocal interrupted
-                if progress is not None and not progress(step + 1, step_total):
+                if progress is not None and not progress(step + 1, step_total, batch_no):
                     interrupted = True
                     p._interrupt = True
                 return kwargs
@@ -241,12 +246,14 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
             # diffusers crops "only masked" inpainting for one PIL image at a time.
             runs = _one_image_runs(args, n) if "padding_mask_crop" in args else [args]
             batch_images: list[Image.Image] = []
+            if job.mode == "img2img" and job.denoising_strength == 0:
+                runs, batch_images = [], [img.copy() for img in sized]
             for run in runs:
                 # DPM++ SDE draws from a Brownian tree seeded per image, not from `generator`.
                 set_noise_seeds(pipe.scheduler, [g.initial_seed() for g in run["generator"]])
                 with torch.inference_mode():
                     batch_images.extend(pipe(**run).images)
-            if inpaint and not job.inpaint_full_res:
+            if inpaint and "padding_mask_crop" not in args:
                 # Keep unmasked pixels exactly as given (A1111 pastes the result back through the blurred mask).
                 batch_images = [Image.composite(gen, src, m) for gen, src, m in
                                 zip(batch_images, sized, args["mask_image"])]

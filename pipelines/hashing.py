@@ -42,6 +42,7 @@ class HashCache:
     def __init__(self, cache_file: Path | None) -> None:
         self._file = cache_file
         self._lock = threading.Lock()
+        self._path_locks: dict[str, threading.Lock] = {}
         self._entries: dict[str, dict] = {}
         if cache_file is not None and cache_file.is_file():
             try:
@@ -70,10 +71,17 @@ class HashCache:
         return None
 
     def sha256(self, path: Path) -> str:
-        """The file's sha256, computing and persisting it on a miss."""
+        """The file's sha256, computing and persisting it on a miss. Concurrent callers for one file wait for
+        a single read of it."""
         cached = self.peek(path)
         if cached:
             return cached
+        with self._lock:
+            path_lock = self._path_locks.setdefault(str(path), threading.Lock())
+        with path_lock:
+            return self.peek(path) or self._compute(path)
+
+    def _compute(self, path: Path) -> str:
         size, mtime = self._stamp(path)
         log.info("hashing %s (%.1f MB)", path.name, size / 1e6)
         value = sha256_file(path)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipelines.store import PICKLE_SUFFIXES
 from pipelines.errors import (
     CheckpointError,
     IncompleteCheckpoint,
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CONFIG_ROOT: Path = Path(__file__).parent / "configs"
-PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 METADATA_CONFIG_KEY = "sdfunc_config"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference implementation's own limit
 

@@ -17,7 +17,7 @@ from pipelines.hashing import HashCache, legacy_model_hash
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})  # never loaded: pickle runs code
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class ModelStore:
                     checkpoints.append(CheckpointEntry(rel, path, True))
                 elif path.is_file() and path.suffix == ".safetensors" and not _inside_diffusers_dir(path, root):
                     checkpoints.append(CheckpointEntry(rel, path, False))
-                elif path.is_file() and path.suffix in PICKLE_SUFFIXES and not _inside_diffusers_dir(path, root):
+                elif path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES and not _inside_diffusers_dir(path, root):
                     refused[rel] = path
         for rel in refused:
             log.warning("checkpoint %s is a pickle file and is not offered; convert it to .safetensors", rel)
@@ -104,7 +104,10 @@ class ModelStore:
         """Full sha256 of a single file (computed on first call); None for diffusers folders."""
         if isinstance(entry, CheckpointEntry) and entry.is_dir:
             return None
-        return self.hashes.sha256(entry.path)
+        try:
+            return self.hashes.sha256(entry.path)
+        except FileNotFoundError:  # removed from the mount since the last scan
+            raise ModelNotFound(f"'{entry.name}' is no longer on the mount; refresh the model list") from None
 
     def known_sha256(self, entry: CheckpointEntry) -> str | None:
         """The sha256 if already computed; never reads the file (A1111 lists lazily)."""

@@ -4,12 +4,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 
-import base64  # noqa: E402
-import io  # noqa: E402
-from pathlib import Path  # noqa: E402
+import base64
+import io
+from pathlib import Path
 
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import pytest
+from PIL import Image
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from tests.conftest import decode_png, png_b64
+from tests.conftest import png_b64
 
 
 def test_sd_models_lists_demo_checkpoints_in_a1111_shape(client, service, data_dir):
@@ -180,3 +180,27 @@ def test_unknown_route_and_method_use_the_error_shape(client):
     assert r.status_code == 404 and r.json["error"]["code"] == "not_found"
     r = client.get("/sdapi/v1/txt2img")
     assert r.status_code == 405 and r.json["error"]["code"] == "method_not_allowed"
+
+
+def test_pre_stop_also_refuses_requests_already_waiting_for_the_gpu(data_dir):
+    import threading
+    import time
+
+    from handler.app import create_app
+    from tests.conftest import make_settings
+
+    app = create_app(make_settings(data_dir))
+    service = app.extensions["sdfunc"]
+    service.cache.get(service.store.find_checkpoint("demo-sd15"))  # warm, so the request reaches the lock
+    results = {}
+
+    def call():
+        results["r"] = app.test_client().post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
+
+    with service.gpu_lock:
+        worker = threading.Thread(target=call)
+        worker.start()
+        time.sleep(1.0)  # the request is now waiting for the GPU lock
+        service.accepting = False  # what /pre-stop does before it waits for the lock
+    worker.join(timeout=60)
+    assert results["r"].status_code == 503

@@ -301,6 +301,98 @@ def test_infotext_fills_the_fields_the_request_did_not_set(client):
     assert bad.status_code == 422 and bad.json["error"]["field"] == "infotext"
 
 
+def test_nulls_mean_defaults_as_in_a1111(client):
+    r = post(client, seed=None, subseed=None, mask_round=None, do_not_save_samples=None, styles=None,
+             override_settings_restore_afterwards=None)
+    assert r.status_code == 200, r.json
+    assert 0 <= json.loads(r.json["info"])["seed"] <= 4294967293
+
+
+def test_values_a1111_accepts_for_unused_fields(client):
+    assert post(client, hr_scale=0, enable_hr=False).status_code == 200
+    assert post(client, eta=1.5).status_code == 200
+    r = post(client, seed=-5)
+    assert r.status_code == 200 and json.loads(r.json["info"])["seed"] == -5
+
+
+@pytest.mark.parametrize("sampler, eta, expect", [
+    ("DDIM", 1.0, "Eta DDIM: 1.0,"), ("DDIM", 0.0, None), ("UniPC", 1.0, None), ("DPM++ 2M", 0.0, None),
+])
+def test_eta_is_written_only_where_applied(client, sampler, eta, expect):
+    text = json.loads(post(client, sampler_name=sampler, eta=eta).json["info"])["infotexts"][0]
+    if expect:
+        assert expect in text
+    else:
+        assert "Eta" not in text
+
+
+def test_ddim_eta_changes_the_image(client):
+    a = post(client, sampler_name="DDIM", eta=0.0, seed=3).json["images"][0]
+    b = post(client, sampler_name="DDIM", eta=1.0, seed=3).json["images"][0]
+    assert a != b
+
+
+@pytest.mark.parametrize("scripts, field", [
+    ({"sd_vae": {"args": 5}}, "alwayson_scripts.sd_vae"),
+    ({"sd_vae": {"args": {"a": 1}}}, "alwayson_scripts.sd_vae"),
+    ({"sd_vae": {"args": "name"}}, "alwayson_scripts.sd_vae"),
+    ({"sd_model_checkpoint": 7}, "alwayson_scripts.sd_model_checkpoint"),
+    ({"save_dir": "../../etc"}, "alwayson_scripts.save_dir"),
+    ({"image_link": "http://169.254.169.254/"}, "alwayson_scripts.image_link"),
+])
+def test_eas_keys_of_the_wrong_shape_are_422(client, scripts, field):
+    r = post(client, alwayson_scripts=scripts)
+    assert r.status_code == 422, r.json
+    assert r.json["error"]["field"] == field
+
+
+@pytest.mark.parametrize("text", ["x\nSteps: 1e400, Sampler: Euler, CFG scale: 7",
+                                  "x\nSteps: 2, Sampler: Euler, Seed: inf", "x\nSteps: 0, Sampler: Euler, Seed: 1"])
+def test_unusable_infotext_is_422(client, text):
+    r = client.post("/sdapi/v1/txt2img", json={"infotext": text})
+    assert r.status_code == 422 and r.json["error"]["field"] == "infotext"
+
+
+def test_out_of_memory_is_503_with_retry_after(client, monkeypatch):
+    import torch
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr("pipelines.generate.generate", oom)
+    r = post(client)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    assert r.json["error"]["code"] == "out_of_memory" and "GiB" not in r.json["error"]["message"]
+
+
+def test_checkpoint_removed_from_the_mount_is_404(client, data_dir):
+    import shutil
+
+    folder = data_dir / "models" / "Stable-diffusion"
+    extra = folder / "gone.safetensors"
+    shutil.copy(folder / "demo-sd15.safetensors", extra)
+    client.post("/sdapi/v1/refresh-checkpoints")
+    extra.unlink()
+    try:
+        r = post(client, override_settings={"sd_model_checkpoint": "gone"})
+        assert r.status_code == 404, r.json
+    finally:
+        client.post("/sdapi/v1/refresh-checkpoints")
+
+
+def test_progress_counts_batches(client, service, monkeypatch):
+    seen = []
+    original = service.progress.step
+
+    def spy(step, total, job_no):
+        seen.append((job_no, service.progress.snapshot()["state"]["job_count"]))
+        return original(step, total, job_no)
+
+    monkeypatch.setattr(service.progress, "step", spy)
+    post(client, n_iter=3, steps=2)
+    assert {s[0] for s in seen} == {0, 1, 2} and {s[1] for s in seen} == {3}
+
+
 def test_save_images_writes_png_under_outputs(client, data_dir):
     body = post(client, seed=31, save_images=True).json
     files = sorted((data_dir / "outputs" / "txt2img-images").rglob("*-31.png"))

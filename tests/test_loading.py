@@ -19,7 +19,13 @@ from pipelines.demo import (
     write_demo_models,
     write_demo_vae,
 )
-from pipelines.errors import CheckpointError, IncompleteCheckpoint, ModelNotFound, PickleCheckpointRefused, UnsupportedArchitecture
+from pipelines.errors import (
+    CheckpointError,
+    IncompleteCheckpoint,
+    ModelNotFound,
+    PickleCheckpointRefused,
+    UnsupportedArchitecture,
+)
 from pipelines.ldm_layout import pipeline_to_ldm, save_single_file
 from pipelines.loading import (
     CONFIG_ROOT,

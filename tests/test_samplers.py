@@ -258,7 +258,7 @@ def test_every_sampler_builds_and_steps(config_name, schedule, sampler_name):
 
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))
 def test_base_config_untouched_and_instances_distinct(config_name):
-    from diffusers import PNDMScheduler, EulerDiscreteScheduler
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
     cls = PNDMScheduler if config_name == "sd15" else EulerDiscreteScheduler
     shared = cls.from_config(CONFIGS[config_name])
