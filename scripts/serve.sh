@@ -3,15 +3,5 @@
 # port 9000, data in ./data, the tiny demo checkpoints written on first start. Extra args go to `sdfunc serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-if ! .venv/bin/python -c "import handler, pipelines, diffusers, flask_openapi3" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.sdfunc-installed ]; then
-  echo "installing sdfunc into .venv (first time: a few minutes)..." >&2
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e .
-  touch .venv/.sdfunc-installed
-fi
+EXTRAS="" . scripts/venv.sh
 exec .venv/bin/sdfunc serve "$@"
