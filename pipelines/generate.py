@@ -219,20 +219,7 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
                     noise = [_slerp(job.subseed_strength, a, _noise(b, shape)) for a, b in zip(noise, subseeds)]
                 args["latents"] = torch.stack(noise).to(device=pipe.unet.device, dtype=pipe.unet.dtype)
             else:
-                resize = _RESIZE_MODES[job.resize_mode]
-                sources = [job.init_images[(first + i) % len(job.init_images)] for i in range(n)]
-                sized = [pipe.image_processor.resize(img.convert("RGB"), job.height, job.width, resize_mode=resize)
-                         for img in sources]
-                if inpaint:
-                    mask = pipe.image_processor.resize(job.mask.convert("L"), job.height, job.width, resize_mode=resize)
-                    prepared = [_prepare_inpaint(job, img, mask, s) for img, s in zip(sized, seeds)]
-                    args["image"] = [p[0] for p in prepared]
-                    args["mask_image"] = [p[1] for p in prepared]
-                    if job.inpaint_full_res and prepared[0][1].getbbox() is not None:
-                        # "Only masked"; an empty mask falls back to the whole picture, as in A1111.
-                        args["padding_mask_crop"] = job.inpaint_full_res_padding
-                else:
-                    args["image"] = sized
+                sized = _image_inputs(pipe, job, first, seeds, args)
             step_total = _effective_steps(job)
 
             def on_step(p: Any, step: int, timestep: Any, kwargs: dict) -> dict:
@@ -266,6 +253,28 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
     done = len(images_out)
     return GenerationResult(images=images_out, seeds=job.seeds[:done], subseeds=job.subseeds[:done],
                             generation_seconds=seconds, interrupted=interrupted)
+
+
+def _image_inputs(pipe: Any, job: ImageJob, first: int, seeds: list[int], args: dict[str, Any]) -> list[Image.Image]:
+    """Put one batch's init images (and masks) into `args`; returns the init images at the output size.
+
+    One init image serves every image of the batch; several are taken in turn. Inpainting prepares each mask
+    (invert, blur, masked-content fill) and uses "only masked" cropping unless the mask is empty, where A1111
+    falls back to the whole picture."""
+    resize = _RESIZE_MODES[job.resize_mode]
+    sources = [job.init_images[(first + i) % len(job.init_images)] for i in range(len(seeds))]
+    sized = [pipe.image_processor.resize(img.convert("RGB"), job.height, job.width, resize_mode=resize)
+             for img in sources]
+    if job.mask is None:
+        args["image"] = sized
+        return sized
+    mask = pipe.image_processor.resize(job.mask.convert("L"), job.height, job.width, resize_mode=resize)
+    prepared = [_prepare_inpaint(job, img, mask, seed) for img, seed in zip(sized, seeds)]
+    args["image"] = [image for image, _ in prepared]
+    args["mask_image"] = [m for _, m in prepared]
+    if job.inpaint_full_res and prepared[0][1].getbbox() is not None:
+        args["padding_mask_crop"] = job.inpaint_full_res_padding
+    return sized
 
 
 def _one_image_runs(args: dict[str, Any], n: int) -> list[dict[str, Any]]:
