@@ -30,8 +30,7 @@ def pre_stop():
     """FC pre-stop: stop taking new work, wait for the running job. Idempotent."""
     service = current_app.extensions["sdfunc"]
     service.accepting = False
-    with service.gpu_lock:  # the running generation, if any, finishes first
-        pass
+    service.device.drain()  # jobs already queued finish (or are refused, having seen `accepting`)
     return jsonify({"status": "stopped"})
 
 

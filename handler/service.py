@@ -1,7 +1,8 @@
 """The function's runtime: request -> validated job -> warm pipeline -> A1111 response.
 
 One `Service` per worker process. It owns the model store, the warm pipeline cache, the options store, the
-job progress and the GPU lock (one generation at a time per worker; the HTTP threads only wait on it).
+job progress and the device executor: one thread loads and generates, one job at a time, and the HTTP
+threads only validate, wait for it and encode.
 Nothing heavy happens in the constructor: torch and diffusers load on first use or at warm-up.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 from handler import a1111
 from handler.errors import InvalidRequest, NotReady
+from handler.executor import DeviceExecutor
 from handler.images import b64, decode_image
 from handler.options import DEFAULT_OPTIONS, MemoryOptionsStore, OptionsStore, check_option_value
 from handler.progress import Progress
@@ -52,7 +54,7 @@ class Service:
         self.options_store: OptionsStore = options_store or MemoryOptionsStore()
         self.storage = LocalStorage(settings.outputs_dir)
         self.progress = Progress()
-        self.gpu_lock = threading.Lock()
+        self.device = DeviceExecutor()  # the one thread that loads and generates
         self.state = "STARTING"
         self.accepting = True
         self._cache = None
@@ -96,7 +98,7 @@ class Service:
                 from warmup.initializer import warm_checkpoint
 
                 entry = self.default_checkpoint(None)
-                timings = warm_checkpoint(self.cache, entry, self.gpu_lock)
+                timings = self.device.run(warm_checkpoint, self.cache, entry)
             except Exception:
                 self.state = "SETUP_FAILED"
                 raise
@@ -224,15 +226,18 @@ class Service:
             req = a1111.apply_infotext(req)
         eas = a1111.eas_values(req.alwayson_scripts)
         job, selection = self._build_job(mode, req, consumer, eas)
-        model = self.cache.get(selection.checkpoint, selection.vae)
-        with self.gpu_lock:
-            if not self.accepting:  # pre-stop arrived while this request waited for the GPU
+
+        def run_on_device() -> tuple[Any, Any]:
+            if not self.accepting:  # pre-stop arrived while this request waited for the device
                 raise _stopping()
+            model = self.cache.get(selection.checkpoint, selection.vae)
             self.progress.begin(mode, job_count=math.ceil(len(job.seeds) / job.batch_size), sampling_steps=job.steps)
             try:
-                result = generate(model, job, progress=self.progress.step)
+                return model, generate(model, job, progress=self.progress.step)
             finally:
                 self.progress.end()
+
+        model, result = self.device.run(run_on_device)
         if self.state == "STARTING":
             self.state = "READY"  # served without a warm-up: the worker is usable
         return self._respond(mode, req, job, model, result, eas)

@@ -182,25 +182,59 @@ def test_unknown_route_and_method_use_the_error_shape(client):
     assert r.status_code == 405 and r.json["error"]["code"] == "method_not_allowed"
 
 
-def test_pre_stop_also_refuses_requests_already_waiting_for_the_gpu(data_dir):
+def test_pre_stop_also_refuses_requests_already_waiting_for_the_device(data_dir):
     import threading
-    import time
 
     from handler.app import create_app
     from tests.conftest import make_settings
 
     app = create_app(make_settings(data_dir))
     service = app.extensions["sdfunc"]
-    service.cache.get(service.store.find_checkpoint("demo-sd15"))  # warm, so the request reaches the lock
+    busy, release = threading.Event(), threading.Event()
+
+    def occupy():
+        busy.set()
+        release.wait(60)
+
+    holder = threading.Thread(target=service.device.run, args=(occupy,))
+    holder.start()
+    busy.wait(30)
     results = {}
 
     def call():
         results["r"] = app.test_client().post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
 
-    with service.gpu_lock:
-        worker = threading.Thread(target=call)
-        worker.start()
-        time.sleep(1.0)  # the request is now waiting for the GPU lock
-        service.accepting = False  # what /pre-stop does before it waits for the lock
-    worker.join(timeout=60)
+    caller = threading.Thread(target=call)
+    caller.start()
+    while service.device.pending < 2:  # the request is queued behind the busy job
+        threading.Event().wait(0.05)
+    service.accepting = False  # what /pre-stop does before it drains the queue
+    release.set()
+    caller.join(60)
+    holder.join(60)
     assert results["r"].status_code == 503
+
+
+def test_all_device_work_runs_on_one_thread(app, client, monkeypatch):
+    """HTTP threads never run torch themselves (several OpenMP pools on one CPU slow generation 2-3x)."""
+    import threading
+
+    import pipelines.generate
+    from handler.executor import THREAD_NAME
+
+    names = []
+    real = pipelines.generate.generate
+
+    def spy(*args, **kwargs):
+        names.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("pipelines.generate.generate", spy)
+    threads = [threading.Thread(target=lambda: app.test_client().post(
+        "/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(names) == 4
+    assert all(name.startswith(THREAD_NAME) for name in names), names

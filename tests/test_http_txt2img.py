@@ -278,8 +278,8 @@ def test_internal_error_has_no_traceback(client, service, monkeypatch):
     assert "secret" not in r.get_data(as_text=True)
     assert "Traceback" not in r.get_data(as_text=True)
     assert r.json["error"]["code"] == "internal_error"
-    # The GPU lock and the progress state are released.
-    assert not service.gpu_lock.locked()
+    # The device thread is free and the progress state is reset.
+    assert service.device.pending == 0
     assert client.get("/sdapi/v1/progress").json["state"]["job_count"] == 0
 
 

@@ -1,0 +1,46 @@
+"""The one thread that runs device work (loading and generation) in a worker.
+
+gunicorn's gthread worker hands each request to any of its HTTP threads. If those threads ran torch
+themselves, each would grow its own OpenMP pool, and on a CPU those pools fight for the cores: generation
+measured 2-3x slower once a second thread had run it (bench/RESULTS.md). So HTTP threads only validate,
+encode and wait; everything that touches the model runs here, one job at a time, in submission order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+THREAD_NAME = "sdfunc-gpu"
+
+
+class DeviceExecutor:
+    """A single worker thread; `run` blocks the caller until its job is done and re-raises its exception."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        with self._lock:
+            self._pending += 1
+        try:
+            return self._pool.submit(fn, *args, **kwargs).result()
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not finished (the running one included)."""
+        with self._lock:
+            return self._pending
+
+    def drain(self) -> None:
+        """Return once every job submitted before this call has finished."""
+        self._pool.submit(lambda: None).result()
