@@ -88,9 +88,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pipelines.errors import PipelineError
 
     settings = _settings()
-    if settings.build_demo_models:
-        ensure_models(settings)
     service = Service(settings)
+    if settings.build_demo_models and service.device.run(ensure_models, settings):
+        service.store.refresh()  # on the device thread: torch on a second thread would slow generation
     try:
         request = Txt2ImgRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                                  width=args.width, height=args.height, seed=args.seed, sampler_name=args.sampler,
