@@ -222,7 +222,8 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
                 sized = _image_inputs(pipe, job, first, seeds, args)
             step_total = _effective_steps(job)
 
-            def on_step(p: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+            def on_step(p: Any, step: int, timestep: Any, kwargs: dict, step_total: int = step_total,
+                        batch_no: int = batch_no) -> dict:
                 nonlocal interrupted
                 if progress is not None and not progress(step + 1, step_total, batch_no):
                     interrupted = True

@@ -238,3 +238,32 @@ def test_all_device_work_runs_on_one_thread(app, client, monkeypatch):
         t.join(120)
     assert len(names) == 4
     assert all(name.startswith(THREAD_NAME) for name in names), names
+
+
+def test_interrupt_stops_after_the_current_batch(app, client, service):
+    import threading
+    import time
+
+    results = {}
+
+    def call():
+        results["r"] = app.test_client().post("/sdapi/v1/txt2img", json={
+            "steps": 40, "width": 64, "height": 64, "n_iter": 4, "seed": 1})
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until the job is sampling, then interrupt it
+        state = client.get("/sdapi/v1/progress").json["state"]
+        if state["job_count"] and state["sampling_step"] >= 1:
+            break
+        time.sleep(0.005)
+    progress = client.get("/sdapi/v1/progress").json
+    assert 0 < progress["progress"] <= 1 and progress["state"]["job"] == "txt2img"
+    assert client.post("/sdapi/v1/interrupt").json == {}
+    worker.join(120)
+    body = results["r"].json
+    assert results["r"].status_code == 200
+    assert 1 <= len(body["images"]) < 4
+    assert len(json.loads(body["info"])["all_seeds"]) == len(body["images"])
+    assert client.get("/sdapi/v1/progress").json["state"]["job_count"] == 0
