@@ -12,7 +12,13 @@ from flask import Response, g, request
 from flask_openapi3 import Info, OpenAPI
 
 from handler import __version__, fc, routes
-from handler.errors import ErrorModel, PayloadTooLarge, register_error_handlers, validation_error_response
+from handler.errors import (
+    ErrorModel,
+    InvalidRequest,
+    PayloadTooLarge,
+    register_error_handlers,
+    validation_error_response,
+)
 from handler.logs import REQUEST_ID_HEADER, configure_logging, set_request_id
 from handler.service import Service
 from handler.settings import Settings
@@ -45,6 +51,11 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         length = request.content_length
         if length is not None and length > settings.max_body_bytes:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds {settings.max_body_bytes}")
+        if request.is_json:
+            try:
+                request.get_json(silent=True)  # parsed once here; the routes get Flask's cached result
+            except RecursionError:
+                raise InvalidRequest("body: JSON nested too deeply", field="body") from None
 
     @app.after_request
     def _tag_response(response: Response) -> Response:

@@ -157,7 +157,8 @@ def register_error_handlers(app: Flask) -> None:
         message = exc.description or exc.name
         if status == 413:
             message = "request body too large"
-        return error_response(status, code, message)
+        headers = {k: v for k, v in exc.get_headers() if k.lower() == "allow"}
+        return error_response(status, code, message, headers=headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

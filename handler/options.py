@@ -9,8 +9,11 @@ is the embedded default (one worker's memory).
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from typing import Any, Protocol
+
+from PIL import ImageColor
 
 # The A1111 v1.10.1 options a client is likely to read or set, with A1111's defaults.
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -91,8 +94,15 @@ def check_option_value(key: str, value: Any) -> str | None:
         return f"must be of type {kinds[0].__name__}"
     if not isinstance(value, kinds):
         return f"must be of type {kinds[0].__name__}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
     if key == "CLIP_stop_at_last_layers" and not 1 <= value <= 12:
         return "must be between 1 and 12"
+    if key == "img2img_background_color":
+        try:
+            ImageColor.getrgb(value)
+        except ValueError:
+            return "must be a colour such as #ffffff"
     return None
 
 

@@ -9,6 +9,7 @@ size, most images) are checked in the service, which names the field the same wa
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -17,6 +18,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 def _number_only(value: Any) -> Any:
     if isinstance(value, bool) or isinstance(value, str):
         raise ValueError("must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
     return value
 
 

@@ -170,6 +170,11 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
     if job.mode == "img2img" and job.subseed_strength:
         raise InvalidParameter("subseed_strength: variation seeds are offered for txt2img only", field="subseed_strength")
     pipe = _request_pipeline(model, job, inpaint)
+    depth = min(enc.config.num_hidden_layers for enc in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+                if enc is not None)
+    if job.clip_skip > depth:
+        raise InvalidParameter(f"CLIP_stop_at_last_layers: {job.clip_skip} exceeds the {depth} layers of this "
+                               "checkpoint's text encoder", field="CLIP_stop_at_last_layers")
     latent_channels = pipe.unet.config.in_channels
     if inpaint and latent_channels not in (4,):
         latent_channels = pipe.vae.config.latent_channels
@@ -262,20 +267,28 @@ def _image_inputs(pipe: Any, job: ImageJob, first: int, seeds: list[int], args: 
     One init image serves every image of the batch; several are taken in turn. Inpainting prepares each mask
     (invert, blur, masked-content fill) and uses "only masked" cropping unless the mask is empty, where A1111
     falls back to the whole picture."""
-    resize = _RESIZE_MODES[job.resize_mode]
     sources = [job.init_images[(first + i) % len(job.init_images)] for i in range(len(seeds))]
-    sized = [pipe.image_processor.resize(img.convert("RGB"), job.height, job.width, resize_mode=resize)
-             for img in sources]
+    sized = [_resize(pipe, img.convert("RGB"), job, "init_images") for img in sources]
     if job.mask is None:
         args["image"] = sized
         return sized
-    mask = pipe.image_processor.resize(job.mask.convert("L"), job.height, job.width, resize_mode=resize)
+    mask = _resize(pipe, job.mask.convert("L"), job, "mask")
     prepared = [_prepare_inpaint(job, img, mask, seed) for img, seed in zip(sized, seeds)]
     args["image"] = [image for image, _ in prepared]
     args["mask_image"] = [m for _, m in prepared]
     if job.inpaint_full_res and prepared[0][1].getbbox() is not None:
         args["padding_mask_crop"] = job.inpaint_full_res_padding
     return sized
+
+
+def _resize(pipe: Any, image: Image.Image, job: ImageJob, field: str) -> Image.Image:
+    """`image` at the output size by A1111's resize mode; an image too thin to resize that way is a 422."""
+    try:
+        return pipe.image_processor.resize(image, job.height, job.width, resize_mode=_RESIZE_MODES[job.resize_mode])
+    except ValueError:  # "resize and fill" scales a side down to 0 pixels
+        raise InvalidParameter(
+            f"{field}: a {image.width}x{image.height} image cannot be resized with resize_mode {job.resize_mode} "
+            f"to {job.width}x{job.height}", field=field) from None
 
 
 def _one_image_runs(args: dict[str, Any], n: int) -> list[dict[str, Any]]:

@@ -196,7 +196,7 @@ def _restore_old_hires_fix(res: dict[str, Any]) -> None:
         width, height = int(res.get("Size-1", 512)), int(res.get("Size-2", 512))
         if first_w == 0 or first_h == 0:
             first_w, first_h = _old_hires_first_pass(width, height)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):
         logger.debug("unusable 'First pass size' in infotext; left as is")
         return
     res["Size-1"], res["Size-2"] = first_w, first_h

@@ -267,3 +267,13 @@ def test_interrupt_stops_after_the_current_batch(app, client, service):
     assert 1 <= len(body["images"]) < 4
     assert len(json.loads(body["info"])["all_seeds"]) == len(body["images"])
     assert client.get("/sdapi/v1/progress").json["state"]["job_count"] == 0
+
+
+@pytest.mark.parametrize("values", [{"img2img_background_color": "zzz"}, {"img2img_background_color": ""},
+                                    {"eta_ddim": float("inf")}])
+def test_options_refuse_values_that_would_break_later_requests(client, values):
+    before = client.get("/sdapi/v1/options").json
+    raw = json.dumps(values)  # Infinity is what Python writes for inf
+    r = client.post("/sdapi/v1/options", data=raw, content_type="application/json")
+    assert r.status_code == 422, r.get_data(as_text=True)
+    assert client.get("/sdapi/v1/options").json == before

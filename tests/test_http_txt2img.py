@@ -398,3 +398,32 @@ def test_save_images_writes_png_under_outputs(client, data_dir):
     files = sorted((data_dir / "outputs" / "txt2img-images").rglob("*-31.png"))
     assert files, "no file written"
     assert files[-1].read_bytes() == __import__("base64").b64decode(body["images"][0])
+
+
+def test_clip_skip_deeper_than_the_text_encoder_is_422(client):
+    r = post(client, override_settings={"CLIP_stop_at_last_layers": 12})
+    assert r.status_code == 422, r.json
+    assert r.json["error"]["field"] == "CLIP_stop_at_last_layers" and "layers" in r.json["error"]["message"]
+
+
+@pytest.mark.parametrize("raw", ['{"steps": 2, "hr_scale": NaN}', '{"steps": 2, "eta": 1e999}',
+                                 '{"steps": 2, "cfg_scale": Infinity}'])
+def test_non_finite_numbers_are_422(client, raw):
+    r = client.post("/sdapi/v1/txt2img", data=raw, content_type="application/json")
+    assert r.status_code == 422, r.get_data(as_text=True)
+
+
+def test_deeply_nested_json_is_422(client):
+    r = client.post("/sdapi/v1/txt2img", data="[" * 100000 + "]" * 100000, content_type="application/json")
+    assert r.status_code == 422 and r.json["error"]["field"] == "body"
+
+
+def test_old_hires_infotext_with_huge_size_is_not_a_500(client):
+    text = "x\nFirst pass size: 0x0, Size: " + "9" * 400 + "x" + "9" * 400 + ", Steps: 1"
+    r = client.post("/sdapi/v1/txt2img", json={"infotext": text, "width": 64, "height": 64, "steps": 1})
+    assert r.status_code in (200, 422), r.get_data(as_text=True)
+
+
+def test_method_not_allowed_says_what_is(client):
+    r = client.get("/sdapi/v1/txt2img")
+    assert r.status_code == 405 and "POST" in r.headers["Allow"]
