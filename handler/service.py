@@ -29,7 +29,7 @@ from handler.settings import Settings
 from handler.storage import LocalStorage
 from pipelines.errors import ModelNotFound
 from pipelines.hashing import HashCache
-from pipelines.store import CheckpointEntry, ModelStore, VaeEntry
+from pipelines.store import CheckpointEntry, ModelStore, VaeEntry, format_title
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,18 @@ class Service:
                 )
             return self._cache
 
+    def options(self, consumer: str) -> dict[str, Any]:
+        """A1111's defaults overlaid with what the caller set."""
+        return {**DEFAULT_OPTIONS, **self.options_store.get(consumer)}
+
     def default_checkpoint(self, consumer: str | None) -> CheckpointEntry:
         """The caller's `sd_model_checkpoint` option (none for consumer None), else the configured default,
         else the first found."""
         mine = self.options_store.get(consumer).get("sd_model_checkpoint") if consumer is not None else None
-        chosen = mine or self.settings.default_checkpoint
+        return self._checkpoint_or_default(mine)
+
+    def _checkpoint_or_default(self, chosen: str | None) -> CheckpointEntry:
+        chosen = chosen or self.settings.default_checkpoint
         if chosen:
             return self.store.find_checkpoint(chosen)
         entries = self.store.checkpoints
@@ -120,19 +127,18 @@ class Service:
         for entry in self.store.checkpoints:
             try:
                 self.store.sha256(entry)
-            except OSError:
+            except (OSError, ModelNotFound):
                 log.warning("could not hash %s", entry.name)
 
     # options --------------------------------------------------------------------------------------------
     def get_options(self, consumer: str) -> dict[str, Any]:
-        options = dict(DEFAULT_OPTIONS)
-        options.update(self.options_store.get(consumer))
+        options = self.options(consumer)
         try:
-            entry = self.default_checkpoint(consumer)
+            entry = self._checkpoint_or_default(options["sd_model_checkpoint"])
         except (NotReady, ModelNotFound):
             return options
         sha = self.store.sha256(entry)
-        options["sd_model_checkpoint"] = self.store.title(entry, compute=True)
+        options["sd_model_checkpoint"] = format_title(entry.name, sha)
         options["sd_checkpoint_hash"] = sha
         return options
 
@@ -161,7 +167,7 @@ class Service:
     def img2img(self, req: Img2ImgRequest, consumer: str) -> dict[str, Any]:
         if not req.init_images:
             raise InvalidRequest("init_images: at least one init image is required", field="init_images")
-        if len(req.init_images) > req.batch_size and len(req.init_images) > 1:
+        if len(req.init_images) > req.batch_size:
             raise InvalidRequest(
                 f"init_images: {len(req.init_images)} images but batch_size is {req.batch_size}", field="init_images"
             )
@@ -198,8 +204,7 @@ class Service:
     def _select(self, req: GenerationRequest, consumer: str, eas: dict[str, Any]) -> Selection:
         """Checkpoint, VAE and clip skip for this request: EAS alwayson_scripts, then override_settings, then
         the caller's options. Per-request choices never change anyone's defaults."""
-        options = dict(DEFAULT_OPTIONS)
-        options.update(self.options_store.get(consumer))
+        options = self.options(consumer)
         overrides = req.override_settings or {}
         for key, value in overrides.items():
             if key in ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"):
@@ -209,7 +214,7 @@ class Service:
         ckpt_name = eas.get("sd_model_checkpoint") or overrides.get("sd_model_checkpoint")
         field = "alwayson_scripts.sd_model_checkpoint" if eas.get("sd_model_checkpoint") else "override_settings.sd_model_checkpoint"
         checkpoint = (self.store.find_checkpoint(ckpt_name, field=field) if ckpt_name
-                      else self.default_checkpoint(consumer))
+                      else self._checkpoint_or_default(options["sd_model_checkpoint"]))
         vae_name = eas.get("sd_vae") or overrides.get("sd_vae") or options.get("sd_vae")
         vae_field = "alwayson_scripts.sd_vae" if eas.get("sd_vae") else "override_settings.sd_vae"
         vae = self.store.find_vae(vae_name, field=vae_field) if vae_name else None
@@ -217,7 +222,7 @@ class Service:
         return Selection(checkpoint=checkpoint, vae=vae, clip_skip=clip_skip, options=options)
 
     def _generate(self, mode: str, req: GenerationRequest, consumer: str) -> dict[str, Any]:
-        """Validate, select the models, run the job under the GPU lock, and shape A1111's response."""
+        """Validate, select the models, run the job on the device thread, and shape A1111's response."""
         from pipelines.generate import generate
 
         if not self.accepting:

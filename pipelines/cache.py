@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.errors import ModelNotFound
-from pipelines.store import CheckpointEntry, ModelStore, VaeEntry
+from pipelines.store import CheckpointEntry, ModelStore, VaeEntry, format_title
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class LoadedModel:
 
     @property
     def title(self) -> str:
-        return f"{self.entry.name} [{self.short_hash}]" if self.short_hash else self.entry.name
+        return format_title(self.entry.name, self.sha256)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 The shared pipeline is never mutated for one request: each call builds a per-request pipeline object from
 the cached pipeline's components (no weights copied) with a scheduler built from config for this request.
 Tiling changes conv padding on the shared modules for the duration of the call and always restores it; the
-caller runs one job at a time per worker (the GPU lock), which is what makes that safe.
+caller runs one job at a time per worker (the device thread), which is what makes that safe.
 
 Noise comes from CPU generators seeded per image, so image i depends only on its own seed, whatever the
 batch, and the same seed gives the same image on any device.
@@ -175,9 +175,7 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
     if job.clip_skip > depth:
         raise InvalidParameter(f"CLIP_stop_at_last_layers: {job.clip_skip} exceeds the {depth} layers of this "
                                "checkpoint's text encoder", field="CLIP_stop_at_last_layers")
-    latent_channels = pipe.unet.config.in_channels
-    if inpaint and latent_channels not in (4,):
-        latent_channels = pipe.vae.config.latent_channels
+    latent_channels = pipe.unet.config.in_channels  # txt2img only: img2img's latents come from the image
     scale = pipe.vae_scale_factor
     call: dict[str, Any] = {
         "num_inference_steps": job.steps,

@@ -115,8 +115,7 @@ class ModelStore:
 
     def title(self, entry: CheckpointEntry, *, compute: bool = False) -> str:
         """`name [sha256[:10]]`, or `name` while the hash is unknown."""
-        sha = self.sha256(entry) if compute else self.known_sha256(entry)
-        return f"{entry.name} [{sha[:10]}]" if sha else entry.name
+        return format_title(entry.name, self.sha256(entry) if compute else self.known_sha256(entry))
 
     def listing(self) -> list[dict]:
         """GET /sdapi/v1/sd-models items."""
@@ -125,7 +124,7 @@ class ModelStore:
             sha = self.known_sha256(entry)
             items.append(
                 {
-                    "title": self.title(entry),
+                    "title": format_title(entry.name, sha),
                     "model_name": entry.model_name,
                     "hash": sha[:10] if sha else None,
                     "sha256": sha,
@@ -180,6 +179,11 @@ class ModelStore:
             if wanted in (entry.name, Path(entry.name).stem, Path(entry.name).name):
                 return entry
         raise ModelNotFound(f"VAE '{wanted}' not found under models/VAE", field=field)
+
+
+def format_title(name: str, sha256: str | None) -> str:
+    """A1111's checkpoint title: `name [sha256[:10]]`, or `name` while the hash is unknown."""
+    return f"{name} [{sha256[:10]}]" if sha256 else name
 
 
 def _looks_like_hash(text: str) -> bool:
