@@ -25,7 +25,7 @@ number of torch threads (`--threads`, default torch's own default; passed to the
 
 Start-up: a fresh server with warm-up on (the default) is timed from `Popen` to /health answering and to
 READY, then its first and second request are compared; it is then stopped. A fresh server with warm-up off
-(SDFUNC_WARMUP_ON_START=false) is timed from `Popen` to /health answering and to the first 200 txt2img at the
+(SDFUNC_WARMUP__ON_START=false) is timed from `Popen` to /health answering and to the first 200 txt2img at the
 smallest size, and its first request is compared with its second; this server then serves the overhead
 measurement. The page cache is warm (the checkpoint was just written and read), so "cold" means a new
 process, not a cold disk.
@@ -196,7 +196,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SDFUNC_")}
         env.update(
             HOME=str(self.workdir), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(self.threads),
-            SDFUNC_WARMUP_ON_START="true" if self.warmup else "false", SDFUNC_LOG_JSON="true",
+            SDFUNC_WARMUP__ON_START="true" if self.warmup else "false", SDFUNC_LOG_JSON="true",
             SDFUNC_DEFAULT_CHECKPOINT=MODEL,
         )
         env.update(self.extra_env)
@@ -354,7 +354,7 @@ def build_ways(cfg: BenchConfig, data: Path, checkpoint: Path, server: Server, s
     from pipelines.samplers import build_scheduler, resolve_sampler
 
     diffusers_logging.disable_progress_bar()
-    settings = Settings(data_dir=data, warmup_on_start=False, log_json=False, default_checkpoint=MODEL,
+    settings = Settings(data_dir=data, warmup={"on_start": False}, log_json=False, default_checkpoint=MODEL,
                         log_level=logging.getLevelName(logging.getLogger().level))
     app = create_app(settings)
     logging.getLogger("handler").setLevel(logging.WARNING)  # no line per in-process request

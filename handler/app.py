@@ -7,11 +7,12 @@ Nothing heavy happens here: no torch import, no model load. The worker warms up 
 from __future__ import annotations
 
 import logging
+import time
 
 from flask import Response, g, request
 from flask_openapi3 import Info, OpenAPI
 
-from handler import __version__, fc, routes
+from handler import __version__, fc, metering, routes
 from handler.errors import (
     ErrorModel,
     InvalidRequest,
@@ -43,11 +44,18 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     )
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # A1111 key order (info, options) is part of the contract
-    app.extensions["sdfunc"] = Service(settings)
+    service = Service(settings)
+    app.extensions["sdfunc"] = service
 
     @app.before_request
     def _bind_request() -> None:
         g.request_id = set_request_id(request.headers.get(REQUEST_ID_HEADER))
+        rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        g.meter = metering.begin(metering.RequestMeter(
+            request_id=g.request_id, instance_id=service.instance_id, method=request.method, route=rule,
+            cold_start=not service.coldstart.done,
+        ))
+        service.metrics.request_started()
         length = request.content_length
         if length is not None and length > settings.max_body_bytes:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds {settings.max_body_bytes}")
@@ -60,9 +68,25 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     @app.after_request
     def _tag_response(response: Response) -> Response:
         response.headers[REQUEST_ID_HEADER] = g.get("request_id", "-")
+        response.headers["X-Instance-Id"] = service.instance_id
+        meter: metering.RequestMeter | None = g.pop("meter", None)
+        if meter is not None:
+            response.headers["X-Cold-Start"] = "true" if meter.cold_start else "false"
+            meter.status = response.status_code
+            meter.total_seconds = time.perf_counter() - meter.started
+            service.metrics.observe(meter)
+            if settings.request_log:
+                metering.log_request(meter, with_prompts=settings.log_prompts)
         return response
+
+    @app.teardown_request
+    def _unbind_request(_exc: BaseException | None) -> None:
+        if g.pop("meter", None) is not None:  # no response was made (the client went away): still count it
+            service.metrics.observe_aborted()
+        metering.end()
 
     register_error_handlers(app)
     app.register_api(routes.bp)
     app.register_api(fc.bp)
+    service.coldstart.app_ready()
     return app

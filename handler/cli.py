@@ -82,6 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _apply_overrides(args)
     from pydantic import ValidationError
 
+    from handler import metering
     from handler.errors import ServiceError
     from handler.schemas import Txt2ImgRequest
     from handler.service import Service
@@ -95,6 +96,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         request = Txt2ImgRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                                  width=args.width, height=args.height, seed=args.seed, sampler_name=args.sampler,
                                  cfg_scale=args.cfg_scale)
+        meter = metering.begin(metering.RequestMeter(request_id="cli", instance_id=service.instance_id, method="-",
+                                                     route="generate", cold_start=True))
         result = service.txt2img(request, consumer="")
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -108,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
     info = json.loads(result["info"])
-    log.info("wrote %s (seed %s, %.2f s generating)", out, info["seed"], result["_generation_seconds"])
+    log.info("wrote %s (seed %s, %.2f s generating)", out, info["seed"], meter.generation_seconds)
     return 0
 
 

@@ -13,6 +13,7 @@ from flask import Flask, Response, jsonify
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
+from handler import metering
 from handler.logs import current_request_id
 from pipelines import errors as pe
 
@@ -95,6 +96,9 @@ def error_response(status: int, code: str, message: str, *, field: str | None = 
                    details: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None) -> Response:
     """Render one error in the single JSON shape."""
     body: dict[str, Any] = {"code": code, "message": message, "request_id": current_request_id()}
+    meter = metering.current()
+    if meter is not None:
+        meter.error = code
     if field is not None:
         body["field"] = field
     if details:

@@ -41,6 +41,12 @@ class DeviceExecutor:
         with self._lock:
             return self._pending
 
+    @property
+    def queued(self) -> int:
+        """Jobs waiting behind the running one."""
+        with self._lock:
+            return max(0, self._pending - 1)
+
     def drain(self) -> None:
         """Return once every job submitted before this call has finished."""
         self._pool.submit(lambda: None).result()

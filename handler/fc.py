@@ -1,42 +1,87 @@
-"""Function Compute lifecycle routes: `POST /initialize`, `GET /pre-stop`, and a health route."""
+"""Function Compute lifecycle and observability routes: `POST /initialize`, `GET /pre-stop`, `GET /health`
+(liveness), `GET /healthz` (readiness) and `GET /metrics` (Prometheus)."""
 
 from __future__ import annotations
 
-from flask import current_app, jsonify
+import time
+
+from flask import Response, current_app, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 
 from handler import __version__
-from handler.errors import ErrorModel, NotReady
-from handler.schemas import HealthResponse
+from handler.errors import ErrorModel, NotFound, NotReady
+from handler.schemas import HealthResponse, InitializeResponse, PreStopResponse
+from handler.service import Service
 
-bp = APIBlueprint("fc", __name__, abp_tags=[Tag(name="lifecycle", description="FC lifecycle hooks and health")],
+bp = APIBlueprint("fc", __name__, abp_tags=[Tag(name="lifecycle", description="FC lifecycle hooks, health, metrics")],
                   abp_responses={503: ErrorModel})
 
+READY_STATES = ("READY", "BUSY")
 
-@bp.post("/initialize", responses={200: {"description": "warmed (idempotent)"}})
+
+def _service() -> Service:
+    return current_app.extensions["sdfunc"]
+
+
+@bp.post("/initialize", responses={200: InitializeResponse})
 def initialize():
-    """FC initializer: load the default checkpoint and run one small warm-up generation. Idempotent."""
-    service = current_app.extensions["sdfunc"]
+    """FC initializer: preload the warm-up checkpoints and run one small generation per warm-up shape.
+    Idempotent: later calls wait for the first and load nothing. Answers with the cold-start breakdown."""
     try:
-        return jsonify(service.warmup())
+        return jsonify(_service().warmup())
     except NotReady:
         raise
     except Exception as exc:  # any load failure: the instance is not usable
         raise NotReady("initialization failed; see the log for this request id") from exc
 
 
-@bp.get("/pre-stop", responses={200: {"description": "stopped taking work"}})
+@bp.get("/pre-stop", responses={200: PreStopResponse})
 def pre_stop():
-    """FC pre-stop: stop taking new work, wait for the running job. Idempotent."""
-    service = current_app.extensions["sdfunc"]
-    service.accepting = False
-    service.device.drain()  # jobs already queued finish (or are refused, having seen `accepting`)
-    return jsonify({"status": "stopped"})
+    """FC pre-stop: refuse new work (503), wait for admitted requests up to the grace period, release the
+    device memory, flush the logs. Idempotent."""
+    return jsonify(_service().stop())
+
+
+def _health() -> dict:
+    service = _service()
+    return {
+        "status": service.state,
+        "version": __version__,
+        "instance_id": service.instance_id,
+        "device": service.device_name(),
+        "uptime_seconds": round(time.time() - service.coldstart.started_at, 3),
+        "loaded_models": service.loaded_models(),
+        "in_flight": service.in_flight,
+        "queued": service.device.queued,
+        "cold_start": service.coldstart.report(),
+    }
 
 
 @bp.get("/health", responses={200: HealthResponse})
 def health():
-    """STARTING | READY | SETUP_FAILED, and what is loaded."""
-    service = current_app.extensions["sdfunc"]
-    return jsonify({"status": service.state, "version": __version__, "device": service.cache.device,
-                    "loaded_models": service.loaded_models()})
+    """Liveness: 200 while the process answers, whatever its state (the body says which)."""
+    return jsonify(_health())
+
+
+@bp.get("/healthz", responses={200: HealthResponse, 503: HealthResponse})
+def healthz():
+    """Readiness: 200 when READY or BUSY, 503 while STARTING, FAILED or STOPPING (same body)."""
+    body = _health()
+    response = jsonify(body)
+    if body["status"] not in READY_STATES:
+        response.status_code = 503
+        response.headers["Retry-After"] = str(_service().settings.warmup.retry_after)
+    return response
+
+
+@bp.get("/metrics", responses={200: {"description": "Prometheus text exposition format",
+                                     "content": {"text/plain": {"schema": {"type": "string"}}}},
+                               404: ErrorModel})
+def metrics():
+    """Prometheus metrics: requests, latencies by phase, images, billed seconds, pipeline cache, cold start,
+    queue, GPU memory."""
+    service = _service()
+    if not service.metrics.enabled:
+        raise NotFound("metrics are turned off (SDFUNC_METRICS=false)")
+    body, content_type = service.metrics.render()
+    return Response(body, content_type=content_type)

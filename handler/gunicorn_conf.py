@@ -8,7 +8,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggingface_hub
 
+from handler.coldstart import STARTED_AT_ENV, process_start_time  # noqa: E402
 from handler.settings import Settings  # noqa: E402
+
+# The workers measure their cold start from the server's start (this master process), not from their fork.
+os.environ.setdefault(STARTED_AT_ENV, repr(process_start_time()))
 
 _settings = Settings()
 
@@ -22,7 +26,9 @@ graceful_timeout = 120
 keepalive = 5
 preload_app = False  # loading or inference in the master before fork hangs the worker (DESIGN.md)
 control_socket_disable = True  # a second server would silently take over the first one's socket
-accesslog = "-"
+# The function writes its own request log line (timings, cold start, billing); gunicorn's access log would
+# only repeat it.
+accesslog = None if _settings.request_log else "-"
 access_log_format = '{"access": "%(m)s %(U)s", "status": %(s)s, "ms": %(M)s, "request_id": "%({x-fc-request-id}o)s"}'
 errorlog = "-"
 loglevel = _settings.log_level.lower()
@@ -30,7 +36,7 @@ loglevel = _settings.log_level.lower()
 
 def post_worker_init(worker):
     """Warm the worker in the background: the default checkpoint is loaded before the first request needs it."""
-    if not _settings.warmup_on_start:
+    if not _settings.warmup.on_start:
         return
     import logging
     import threading

@@ -39,7 +39,8 @@ class RequestIdFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """`{"ts", "level", "logger", "request_id", "msg", "exc"?}` per line."""
+    """`{"ts", "level", "logger", "request_id", "msg", "exc"?}` per line, plus the keys of a record's
+    `fields` mapping (`extra={"fields": {...}}`) for structured lines such as the request log."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -49,9 +50,18 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "msg": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update({k: v for k, v in fields.items() if k not in entry})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def flush_logs() -> None:
+    """Flush every handler of the root logger (pre-stop: nothing written is lost when the instance goes)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 def configure_logging(level: str = "INFO", as_json: bool = True) -> None:

@@ -50,17 +50,13 @@ def consumer() -> str:
 @bp.post("/txt2img", responses={200: GenerationResponse})
 def txt2img(body: Txt2ImgRequest):
     """Text to image."""
-    result = service().txt2img(body, consumer())
-    result.pop("_generation_seconds", None)
-    return jsonify(result)
+    return jsonify(service().txt2img(body, consumer()))
 
 
 @bp.post("/img2img", responses={200: GenerationResponse})
 def img2img(body: Img2ImgRequest):
     """Image to image; inpainting when `mask` is given."""
-    result = service().img2img(body, consumer())
-    result.pop("_generation_seconds", None)
-    return jsonify(result)
+    return jsonify(service().img2img(body, consumer()))
 
 
 @bp.post("/png-info", responses={200: PngInfoResponse})

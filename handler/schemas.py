@@ -10,7 +10,7 @@ size, most images) are checked in the service, which names the field the same wa
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -246,8 +246,50 @@ class OptionsUpdate(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class ColdStartReport(BaseModel):
+    complete: bool = Field(..., description="The first image was made (by the warm-up or a request).")
+    total_seconds: float | None = Field(..., description="Server process start to the first image.")
+    phases: dict[str, float] = Field(..., description="process_to_app, imports, device_init, read_weights, "
+                                                      "to_device, first_generation (seconds); absent if not reached")
+
+
 class HealthResponse(BaseModel):
-    status: str = Field(..., description="STARTING | READY | SETUP_FAILED")
+    status: Literal["STARTING", "READY", "BUSY", "FAILED", "STOPPING"]
     version: str
-    device: str
+    instance_id: str
+    device: str = Field(..., description="cpu or cuda; the configured value (auto) before the first load")
+    uptime_seconds: float
     loaded_models: list[str]
+    in_flight: int = Field(..., description="Generation requests admitted and not yet answered.")
+    queued: int = Field(..., description="Device jobs waiting behind the running one.")
+    cold_start: ColdStartReport
+
+
+class WarmupGeneration(BaseModel):
+    width: int
+    height: int
+    steps: int
+    seconds: float
+
+
+class WarmupCheckpoint(BaseModel):
+    checkpoint: str
+    arch: str
+    load_seconds: float
+    generations: list[WarmupGeneration]
+
+
+class InitializeResponse(BaseModel):
+    status: Literal["READY"]
+    warmed: bool = Field(..., description="True for the call that did the warm-up; later calls load nothing.")
+    seconds: float = Field(..., description="Wall time of the warm-up.")
+    checkpoints: list[WarmupCheckpoint]
+    cold_start: ColdStartReport
+
+
+class PreStopResponse(BaseModel):
+    status: Literal["stopped"]
+    drained: bool = Field(..., description="Every admitted request finished within the grace period.")
+    in_flight: int
+    waited_seconds: float
+    released_models: int

@@ -8,20 +8,27 @@ Nothing heavy happens in the constructor: torch and diffusers load on first use 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import math
+import os
+import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from handler import a1111
+from handler import a1111, metering
+from handler.coldstart import ColdStart
 from handler.errors import InvalidRequest, NotReady
 from handler.executor import DeviceExecutor
 from handler.images import b64, decode_image
+from handler.logs import flush_logs
+from handler.metrics import Metrics
 from handler.options import DEFAULT_OPTIONS, MemoryOptionsStore, OptionsStore, check_option_value
 from handler.progress import Progress
 from handler.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
@@ -45,7 +52,11 @@ class Selection:
 
 
 class Service:
-    """Everything a worker needs to answer requests; built by the app factory."""
+    """Everything a worker needs to answer requests; built by the app factory.
+
+    State: STARTING (a warm-up is pending or running), READY, BUSY (the device is running a job), FAILED
+    (the last warm-up failed), STOPPING (pre-stop was called; new work gets 503).
+    """
 
     def __init__(self, settings: Settings, options_store: OptionsStore | None = None) -> None:
         self.settings = settings
@@ -55,12 +66,39 @@ class Service:
         self.storage = LocalStorage(settings.outputs_dir)
         self.progress = Progress()
         self.device = DeviceExecutor()  # the one thread that loads and generates
-        self.state = "STARTING"
-        self.accepting = True
+        self.coldstart = ColdStart()
+        self.metrics = Metrics(self, enabled=settings.metrics)
+        self.instance_id = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._cache = None
         self._cache_lock = threading.Lock()
         self._warm_lock = threading.Lock()
-        self._warmed = False
+        self._warm_report: dict[str, Any] | None = None
+        self._warming = False
+        self._failed = False
+        self._stopping = False
+        self._work = threading.Condition()  # guards _in_flight; notified when a generation request ends
+        self._in_flight = 0
+
+    @property
+    def state(self) -> str:
+        if self._stopping:
+            return "STOPPING"
+        if self._warming or (self.settings.warmup.on_start and self._warm_report is None and not self._failed):
+            return "STARTING"
+        if self._failed:
+            return "FAILED"
+        return "BUSY" if self.device.pending else "READY"
+
+    @property
+    def accepting(self) -> bool:
+        """False once pre-stop was called: new generation requests get 503."""
+        return not self._stopping
+
+    @property
+    def in_flight(self) -> int:
+        """Generation requests admitted and not yet answered."""
+        with self._work:
+            return self._in_flight
 
     # models ---------------------------------------------------------------------------------------------
     @property
@@ -73,8 +111,41 @@ class Service:
                 self._cache = PipelineCache(
                     self.store, device=device, dtype=self.settings.resolved_dtype(device),
                     capacity=self.settings.max_loaded_models,
+                    compile_cache_dir=str(self.settings.compile_cache_dir) if self.settings.warmup.compile else None,
                 )
             return self._cache
+
+    @property
+    def cache_if_loaded(self):  # -> PipelineCache | None, without importing torch
+        return self._cache
+
+    def device_name(self) -> str:
+        """The device pipelines run on, or the configured value before the first load (no torch import)."""
+        return self._cache.device if self._cache is not None else self.settings.device
+
+    def _load(self, checkpoint: CheckpointEntry, vae: VaeEntry | None = None) -> tuple[Any, float | None]:
+        """The warm pipeline for (checkpoint, vae) and the seconds spent loading it (None on a hit). Runs
+        on the device thread; loads during the cold start go into its breakdown."""
+        self.coldstart.init_runtime(self.settings.device)
+        cache = self.cache
+        loads, phases = cache.stats.loads, dict(cache.stats.phase_seconds)
+        started = time.perf_counter()
+        model = cache.get(checkpoint, vae)
+        if cache.stats.loads == loads:
+            return model, None
+        for name, total in cache.stats.phase_seconds.items():
+            self.coldstart.record(name, total - phases.get(name, 0.0))
+        return model, time.perf_counter() - started
+
+    def _first_image(self, seconds: float) -> None:
+        """A generation finished on the device: part of the cold start until the first one completes it."""
+        self.coldstart.record("first_generation", seconds)
+        if self.coldstart.complete():
+            self.metrics.cold_start_done()
+            report = self.coldstart.report()
+            log.info("cold start: %.2f s to the first image (%s)", report["total_seconds"],
+                     ", ".join(f"{k} {v:.2f} s" for k, v in report["phases"].items()),
+                     extra={"fields": {"cold_start": report}})
 
     def options(self, consumer: str) -> dict[str, Any]:
         """A1111's defaults overlaid with what the caller set."""
@@ -96,30 +167,69 @@ class Service:
         return entries[0]
 
     def warmup(self) -> dict[str, Any]:
-        """Load the default checkpoint and run one tiny generation (FC initializer). Idempotent."""
+        """The initializer: preload the warm-up checkpoints and run their warm-up shapes (warmup/). Idempotent:
+        a second call (or one made while the first runs) waits for it and loads nothing."""
         with self._warm_lock:
-            if self._warmed:
-                return {"status": "READY", "warmed": False}
+            if self._warm_report is not None:
+                return {**self._warm_report, "warmed": False, "cold_start": self.coldstart.report()}
             started = time.perf_counter()
+            self._warming = True
             try:
-                from warmup.initializer import warm_checkpoint
-
-                entry = self.default_checkpoint(None)
-                timings = self.device.run(warm_checkpoint, self.cache, entry)
+                names = self.settings.warmup.checkpoints
+                entries = [self.store.find_checkpoint(n) for n in names] if names else [self.default_checkpoint(None)]
+                if len(entries) > self.settings.max_loaded_models:
+                    log.warning("warm-up names %d checkpoints but max_loaded_models is %d: the first ones will "
+                                "be evicted", len(entries), self.settings.max_loaded_models)
+                records = self.device.run(self._warm_on_device, entries)
             except Exception:
-                self.state = "SETUP_FAILED"
+                self._failed = True
                 raise
-            self._warmed = True
-            self.state = "READY"
+            finally:
+                self._warming = False
+            self._failed = False
             seconds = time.perf_counter() - started
-            log.info("warm-up done in %.2f s (checkpoint %s)", seconds, entry.name)
+            self._warm_report = {"status": "READY", "checkpoints": records, "seconds": round(seconds, 3)}
+            log.info("warm-up done in %.2f s (%s)", seconds, ", ".join(r["checkpoint"] for r in records))
             threading.Thread(target=self._hash_all, name="sdfunc-hash", daemon=True).start()
-            return {"status": "READY", "warmed": True, "checkpoint": entry.name, "seconds": round(seconds, 3),
-                    **timings}
+            return {**self._warm_report, "warmed": True, "cold_start": self.coldstart.report()}
+
+    def _warm_on_device(self, entries: list[CheckpointEntry]) -> list[dict[str, Any]]:
+        from warmup.initializer import warm_up
+
+        return warm_up(entries, self.settings.warmup.shapes, lambda entry: self._load(entry)[0], self._first_image)
 
     def loaded_models(self) -> list[str]:
         """Titles of the warm pipelines (empty before the first load)."""
         return [m.title for m in self._cache.loaded()] if self._cache is not None else []
+
+    def stop(self) -> dict[str, Any]:
+        """FC pre-stop: refuse new work, wait up to `prestop_grace_seconds` for admitted requests, then
+        release the device memory and flush the logs. Idempotent."""
+        self._stopping = True
+        started = time.perf_counter()
+        with self._work:
+            drained = self._work.wait_for(lambda: self._in_flight == 0, timeout=self.settings.prestop_grace_seconds)
+            left = self._in_flight
+        released = self.device.run(self._release) if drained else 0
+        flush_logs()
+        waited = time.perf_counter() - started
+        log.info("pre-stop: %s after %.2f s, %d model(s) released", "drained" if drained else
+                 f"{left} request(s) still running", waited, released)
+        return {"status": "stopped", "drained": drained, "in_flight": left, "waited_seconds": round(waited, 3),
+                "released_models": released}
+
+    def _release(self) -> int:
+        """Drop every warm pipeline and hand cached device memory back. Runs on the device thread."""
+        cache = self._cache
+        if cache is None:
+            return 0
+        count = len(cache.loaded())
+        cache.clear()
+        if cache.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        return count
 
     def _hash_all(self) -> None:
         """Hash every checkpoint once, in the background, so listings show titles with hashes (the hashes
@@ -222,30 +332,69 @@ class Service:
         return Selection(checkpoint=checkpoint, vae=vae, clip_skip=clip_skip, options=options)
 
     def _generate(self, mode: str, req: GenerationRequest, consumer: str) -> dict[str, Any]:
-        """Validate, select the models, run the job on the device thread, and shape A1111's response."""
+        """Validate, select the models, run the job on the device thread, and shape A1111's response.
+        Fills the request's meter (handler.metering) with what it ran and where the time went."""
         from pipelines.generate import generate
 
+        meter = metering.current()
+        if meter is not None:
+            meter.mode, meter.consumer = mode, consumer or None
         if not self.accepting:
-            raise _stopping()
-        if req.infotext:
-            req = a1111.apply_infotext(req)
-        eas = a1111.eas_values(req.alwayson_scripts)
-        job, selection = self._build_job(mode, req, consumer, eas)
+            raise _stopping(self.settings.warmup.retry_after)
+        if self._warming and not self.settings.warmup.requests_wait:
+            raise NotReady("the function is warming up; retry shortly",
+                           headers={"Retry-After": str(self.settings.warmup.retry_after)})
+        with self._admitted():
+            if req.infotext:
+                req = a1111.apply_infotext(req)
+            eas = a1111.eas_values(req.alwayson_scripts)
+            job, selection = self._build_job(mode, req, consumer, eas)
+            if meter is not None:
+                meter.checkpoint, meter.width, meter.height, meter.steps = (
+                    selection.checkpoint.name, job.width, job.height, job.steps)
+                if self.settings.log_prompts:
+                    meter.prompt, meter.negative_prompt = req.prompt, req.negative_prompt
+            submitted = time.perf_counter()
+            timings: dict[str, float | None] = {}
 
-        def run_on_device() -> tuple[Any, Any]:
-            if not self.accepting:  # pre-stop arrived while this request waited for the device
-                raise _stopping()
-            model = self.cache.get(selection.checkpoint, selection.vae)
-            self.progress.begin(mode, job_count=math.ceil(len(job.seeds) / job.batch_size), sampling_steps=job.steps)
+            def run_on_device() -> tuple[Any, Any]:
+                timings["queue_wait"] = time.perf_counter() - submitted  # admitted work runs even after pre-stop
+                model, timings["model_load"] = self._load(selection.checkpoint, selection.vae)
+                self.progress.begin(mode, job_count=math.ceil(len(job.seeds) / job.batch_size),
+                                    sampling_steps=job.steps)
+                try:
+                    result = generate(model, job, progress=self.progress.step)
+                finally:
+                    self.progress.end()
+                if not self.coldstart.done:
+                    self._first_image(result.generation_seconds)
+                return model, result
+
             try:
-                return model, generate(model, job, progress=self.progress.step)
+                model, result = self.device.run(run_on_device)
             finally:
-                self.progress.end()
+                if meter is not None:
+                    meter.queue_wait_seconds = timings.get("queue_wait")
+                    meter.model_load_seconds = timings.get("model_load")
+            encode_started = time.perf_counter()
+            response = self._respond(mode, req, job, model, result, eas)
+            if meter is not None:
+                meter.generation_seconds = result.generation_seconds
+                meter.encode_seconds = time.perf_counter() - encode_started
+                meter.images = len(result.images)
+            return response
 
-        model, result = self.device.run(run_on_device)
-        if self.state == "STARTING":
-            self.state = "READY"  # served without a warm-up: the worker is usable
-        return self._respond(mode, req, job, model, result, eas)
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Count a generation request as in flight (pre-stop waits for these)."""
+        with self._work:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._work:
+                self._in_flight -= 1
+                self._work.notify_all()
 
     def _build_job(self, mode: str, req: GenerationRequest, consumer: str,
                    eas: dict[str, Any]) -> tuple[Any, Selection]:
@@ -302,7 +451,6 @@ class Service:
             "images": [b64(data) for data in pngs] if req.send_images else [],
             "parameters": parameters,
             "info": json.dumps(info, ensure_ascii=False),
-            "_generation_seconds": result.generation_seconds,
         }
 
     def _img2img_inputs(self, req: Img2ImgRequest, job: Any, options: dict[str, Any]) -> None:
@@ -328,5 +476,5 @@ class Service:
             job.inpainting_mask_invert = bool(req.inpainting_mask_invert)
 
 
-def _stopping() -> NotReady:
-    return NotReady("the function is stopping; retry on another instance", headers={"Retry-After": "1"})
+def _stopping(retry_after: int) -> NotReady:
+    return NotReady("the function is stopping; retry on another instance", headers={"Retry-After": str(retry_after)})

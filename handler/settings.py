@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 
@@ -23,10 +23,72 @@ def _yaml_file() -> Path | None:
     return local if local.is_file() else None
 
 
+class WarmupShape(BaseModel):
+    """One warm-up generation: a size and a step count, for one architecture or (arch None) for all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(512, ge=64, le=4096, description="Width in pixels (a multiple of 8).")
+    height: int = Field(512, ge=64, le=4096, description="Height in pixels (a multiple of 8).")
+    steps: int = Field(2, ge=1, le=50, description="Sampling steps (Euler); a few are enough to warm the kernels.")
+    arch: Literal["sd1", "sdxl"] | None = Field(None, description="Only for checkpoints of this architecture.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        """Accept `"512x512"`, `"512x512@4"` and `"sdxl:1024x1024@2"` as well as a mapping."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip().lower()
+        arch, _, text = text.rpartition(":")
+        size, _, steps = text.partition("@")
+        width, _, height = size.partition("x")
+        out: dict[str, object] = {"width": width, "height": height or width}
+        if steps:
+            out["steps"] = steps
+        if arch:
+            out["arch"] = arch
+        return out
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError("must be a multiple of 8")
+        return value
+
+
+class WarmupSettings(BaseModel):
+    """What the initializer (`POST /initialize`, or worker start) loads and runs before real traffic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    on_start: bool = Field(True, description="Warm up when the worker starts (platforms without an initializer).")
+    checkpoints: list[str] = Field(
+        default_factory=list, description="Checkpoints to preload, any A1111 name form. Empty = the default checkpoint."
+    )
+    shapes: list[WarmupShape] = Field(
+        default_factory=lambda: [WarmupShape(width=512, height=512, arch="sd1"),
+                                 WarmupShape(width=1024, height=1024, arch="sdxl")],
+        description="One small generation per shape and matching checkpoint, at the sizes real traffic uses.",
+    )
+    requests_wait: bool = Field(
+        True, description="A generation request that arrives during warm-up waits for it (true) or gets 503 "
+                          "with Retry-After (false).",
+    )
+    retry_after: int = Field(5, ge=1, description="Retry-After (s) on a 503 during warm-up or stopping.")
+    compile: bool = Field(False, description="torch.compile the UNet of every loaded pipeline (costs ~1 min on CPU).")
+    compile_cache_dir: Path | None = Field(
+        None, description="Inductor cache for torch.compile; default <data>/cache/inductor (on the mount, so "
+                          "later instances reuse it).",
+    )
+
+
 class Settings(BaseSettings):
     """Everything the function can be configured with. Paths are resolved to absolute paths."""
 
-    model_config = SettingsConfigDict(env_prefix="SDFUNC_", extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(env_prefix="SDFUNC_", env_nested_delimiter="__", extra="forbid",
+                                      validate_default=True, populate_by_name=True)
 
     data_dir: Path = Field(Path("data"), description="Data root: models/, outputs/, cache/ (the NAS/OSS mount in FC).")
     host: str = Field("0.0.0.0", description="Address gunicorn binds.")
@@ -39,7 +101,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present, else cpu.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="auto = float16 on GPU, float32 on CPU.")
     max_loaded_models: int = Field(2, ge=1, description="Pipelines kept warm in the worker (least recently used is dropped).")
-    warmup_on_start: bool = Field(True, description="Load the default checkpoint when the worker starts.")
+    warmup: WarmupSettings = Field(default_factory=WarmupSettings, description="Warm-up (FC initializer) settings.")
+    prestop_grace_seconds: float = Field(
+        60.0, ge=0, description="How long `GET /pre-stop` waits for in-flight generations before answering."
+    )
     build_demo_models: bool = Field(True, description="Write the tiny demo checkpoints when the models folder has none.")
 
     max_width: int = Field(2048, ge=64, description="Largest width accepted (pixels).")
@@ -52,6 +117,14 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO", description="Python logging level name.")
     log_json: bool = Field(True, description="JSON log lines (one object per line) carrying the request id.")
+    request_log: bool = Field(True, description="One log line per request with its timings (replaces the access log).")
+    log_prompts: bool = Field(False, description="Put prompts in the request log (off: prompts never reach logs).")
+    metrics: bool = Field(True, description="Serve Prometheus metrics at GET /metrics and record them.")
+    instance_id: str | None = Field(
+        None, validation_alias=AliasChoices("SDFUNC_INSTANCE_ID", "FC_INSTANCE_ID"),
+        description="This instance's id in logs and the X-Instance-Id header; default FC_INSTANCE_ID, else "
+                    "host-pid-random.",
+    )
 
     @field_validator("data_dir")
     @classmethod
@@ -97,6 +170,10 @@ class Settings(BaseSettings):
     @cached_property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    @cached_property
+    def compile_cache_dir(self) -> Path:
+        return self.warmup.compile_cache_dir or self.cache_dir / "inductor"
 
     def ensure_layout(self) -> None:
         """Create the A1111 folders under the data root if missing (first start on an empty mount)."""

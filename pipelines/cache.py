@@ -49,6 +49,8 @@ class LoadedModel:
     vae: VaeEntry | None = None
     vae_sha256: str | None = None
     load_seconds: float = 0.0
+    load_phases: dict[str, float] = field(default_factory=dict)  # read_weights, to_device (seconds)
+    component_bytes: dict[int, int] = field(default_factory=dict)  # id(module) -> bytes of its tensors
 
     @property
     def short_hash(self) -> str | None:
@@ -66,16 +68,51 @@ class CacheStats:
     misses: int = 0
     evictions: int = 0
     load_seconds: list[float] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # read_weights, to_device: sums over loads
+
+    def add_phases(self, phases: dict[str, float]) -> None:
+        for name, seconds in phases.items():
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + seconds
+
+
+def module_bytes(components: dict[str, Any]) -> dict[int, int]:
+    """Bytes held by each torch module among `components` (parameters and buffers), keyed by the module's
+    id so that modules shared between pipelines are counted once."""
+    import torch
+
+    out: dict[int, int] = {}
+    for module in components.values():
+        if isinstance(module, torch.nn.Module) and id(module) not in out:
+            tensors = [*module.parameters(), *module.buffers()]
+            out[id(module)] = sum(t.numel() * t.element_size() for t in tensors)
+    return out
+
+
+def compile_unet(pipe: Any, cache_dir: str) -> None:
+    """Wrap the UNet in `torch.compile` with inductor's cache under `cache_dir` (on the mount, so a later
+    instance reuses the compiled kernels). Compilation itself happens on the first generation."""
+    import os
+
+    import torch
+
+    os.makedirs(cache_dir, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # read by inductor when it compiles
+    pipe.unet = torch.compile(pipe.unet)
 
 
 class PipelineCache:
-    """Least-recently-used cache of loaded pipelines, at most `capacity` checkpoints."""
+    """Least-recently-used cache of loaded pipelines, at most `capacity` checkpoints.
 
-    def __init__(self, store: ModelStore, *, device: str, dtype: str, capacity: int = 2) -> None:
+    `compile_cache_dir`, when set, makes every loaded pipeline's UNet a `torch.compile` module whose
+    kernels are cached there."""
+
+    def __init__(self, store: ModelStore, *, device: str, dtype: str, capacity: int = 2,
+                 compile_cache_dir: str | None = None) -> None:
         self.store = store
         self.device = device
         self.dtype = dtype
         self.capacity = capacity
+        self.compile_cache_dir = compile_cache_dir
         self.stats = CacheStats()
         self._items: OrderedDict[tuple[str, str | None, str], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()  # guards _items and stats
@@ -84,6 +121,13 @@ class PipelineCache:
     def loaded(self) -> list[LoadedModel]:
         with self._lock:
             return list(self._items.values())
+
+    def nbytes(self) -> int:
+        """Bytes of model tensors held by the cache; components shared between pipelines count once."""
+        unique: dict[int, int] = {}
+        for model in self.loaded():
+            unique.update(model.component_bytes)
+        return sum(unique.values())
 
     def peek(self, entry: CheckpointEntry, vae: VaeEntry | None = None) -> LoadedModel | None:
         with self._lock:
@@ -127,17 +171,22 @@ class PipelineCache:
         diffusers_logging.disable_progress_bar()  # "Loading pipeline components..." on every load
         started = time.perf_counter()
         sha = self.store.sha256(entry)
+        phases: dict[str, float] = {}
         try:
-            pipe = load_pipeline(entry.path, device=self.device, dtype=getattr(torch, self.dtype))
+            pipe = load_pipeline(entry.path, device=self.device, dtype=getattr(torch, self.dtype), timings=phases)
         except FileNotFoundError:  # removed from the mount since the last scan
             raise ModelNotFound(f"'{entry.name}' is no longer on the mount; refresh the model list") from None
         arch = "sdxl" if "XL" in type(pipe).__name__ else "sd1"
+        if self.compile_cache_dir:
+            compile_unet(pipe, self.compile_cache_dir)
         seconds = time.perf_counter() - started
         with self._lock:
             self.stats.loads += 1
             self.stats.load_seconds.append(seconds)
+            self.stats.add_phases(phases)
         log.info("loaded checkpoint %s (%s) in %.2f s", entry.name, arch, seconds)
-        return LoadedModel(entry=entry, sha256=sha, arch=arch, pipe=pipe, load_seconds=seconds)
+        return LoadedModel(entry=entry, sha256=sha, arch=arch, pipe=pipe, load_seconds=seconds, load_phases=phases,
+                           component_bytes=module_bytes(pipe.components))
 
     def _with_vae(self, base: LoadedModel, vae: VaeEntry) -> LoadedModel:
         import torch
@@ -151,10 +200,12 @@ class PipelineCache:
         with self._lock:
             self.stats.loads += 1
             self.stats.load_seconds.append(seconds)
+            self.stats.add_phases({"read_weights": seconds})
         log.info("loaded VAE %s for %s in %.2f s", vae.name, base.entry.name, seconds)
         return LoadedModel(
             entry=base.entry, sha256=base.sha256, arch=base.arch, pipe=pipe, vae=vae,
-            vae_sha256=self.store.sha256(vae), load_seconds=seconds,
+            vae_sha256=self.store.sha256(vae), load_seconds=seconds, load_phases={"read_weights": seconds},
+            component_bytes=module_bytes(pipe.components),
         )
 
     def _evict_locked(self) -> None:

@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import struct
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -211,6 +212,7 @@ def load_pipeline(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     disable_mmap: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> DiffusionPipeline:
     """Single-file .safetensors or diffusers folder -> StableDiffusion(XL)Pipeline on `device` in `dtype`.
 
@@ -218,8 +220,10 @@ def load_pipeline(
     IncompleteCheckpoint, CheckpointError (anything else diffusers rejects), ModelNotFound (no such path).
     `disable_mmap=True` reads the file into memory instead of mapping it (for network mounts, and so a
     same-dtype load never holds views of a file that might later change).
+    `timings`, when given, receives `read_weights` and `to_device` (seconds).
     """
     path = Path(path)
+    started = time.perf_counter()
     if is_diffusers_dir(path):
         pipe, arch = _load_diffusers_dir(path, dtype)
     elif path.is_dir():
@@ -247,7 +251,14 @@ def load_pipeline(
             raise _load_error(path, f"{arch.value} pipeline", e) from e
     _check_no_meta(pipe.components, path)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    read = time.perf_counter()
+    pipe = pipe.to(device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()  # the copy is asynchronous; the phase ends when the weights are there
+    if timings is not None:
+        timings["read_weights"] = read - started
+        timings["to_device"] = time.perf_counter() - read
+    return pipe
 
 
 def _load_diffusers_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Arch]:

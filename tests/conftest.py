@@ -25,7 +25,7 @@ def data_dir(tmp_path_factory) -> Path:
 def make_settings(data_dir: Path, **overrides):
     from handler.settings import Settings
 
-    values = dict(data_dir=data_dir, warmup_on_start=False, log_json=False, max_images=8, max_width=1024,
+    values = dict(data_dir=data_dir, warmup={"on_start": False}, log_json=False, max_images=8, max_width=1024,
                   max_height=1024)
     values.update(overrides)
     return Settings(**values)

@@ -155,10 +155,14 @@ def test_fc_pre_stop_refuses_new_work(data_dir):
 
     app = create_app(make_settings(data_dir))
     client = app.test_client()
-    assert client.get("/pre-stop").json == {"status": "stopped"}
+    assert client.get("/pre-stop").json == {"status": "stopped", "drained": True, "in_flight": 0,
+                                            "waited_seconds": 0.0, "released_models": 0}
     assert client.get("/pre-stop").status_code == 200
     r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
-    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    assert r.json["error"]["code"] == "not_ready"
+    assert client.get("/healthz").status_code == 503 and client.get("/healthz").json["status"] == "STOPPING"
+    assert client.get("/health").status_code == 200
 
 
 def test_openapi_document_and_docs_page(client):
@@ -182,7 +186,8 @@ def test_unknown_route_and_method_use_the_error_shape(client):
     assert r.status_code == 405 and r.json["error"]["code"] == "method_not_allowed"
 
 
-def test_pre_stop_also_refuses_requests_already_waiting_for_the_device(data_dir):
+def test_pre_stop_waits_for_requests_already_waiting_for_the_device(data_dir):
+    """Admitted work is finished, not dropped: pre-stop answers only after the queued request has its image."""
     import threading
 
     from handler.app import create_app
@@ -201,18 +206,28 @@ def test_pre_stop_also_refuses_requests_already_waiting_for_the_device(data_dir)
     busy.wait(30)
     results = {}
 
-    def call():
-        results["r"] = app.test_client().post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
+    def call(name, method, path, **kwargs):
+        results[name] = getattr(app.test_client(), method)(path, **kwargs)
 
-    caller = threading.Thread(target=call)
+    caller = threading.Thread(target=call, args=("gen", "post", "/sdapi/v1/txt2img"),
+                              kwargs={"json": {"steps": 1, "width": 64, "height": 64}})
     caller.start()
     while service.device.pending < 2:  # the request is queued behind the busy job
         threading.Event().wait(0.05)
-    service.accepting = False  # what /pre-stop does before it drains the queue
+    stopper = threading.Thread(target=call, args=("stop", "get", "/pre-stop"))
+    stopper.start()
+    while service.state != "STOPPING":
+        threading.Event().wait(0.02)
+    late = app.test_client().post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
+    assert late.status_code == 503  # new work is refused while the admitted request still waits
+    assert "stop" not in results and service.in_flight == 1
     release.set()
-    caller.join(60)
-    holder.join(60)
-    assert results["r"].status_code == 503
+    for thread in (caller, holder, stopper):
+        thread.join(60)
+    assert results["gen"].status_code == 200
+    stop = results["stop"].json
+    assert stop["drained"] is True and stop["in_flight"] == 0 and stop["released_models"] == 1
+    assert service.loaded_models() == []
 
 
 def test_all_device_work_runs_on_one_thread(app, client, monkeypatch):

@@ -1,0 +1,117 @@
+"""Where a cold start's seconds go, measured once per process.
+
+A cold start runs from the moment the server process started (the gunicorn master, which FC starts with
+the container) to the end of the first image this worker made, warm-up or real. Its phases, in seconds:
+
+- `process_to_app`: interpreter start, gunicorn boot, fork, the light imports and the app factory;
+- `imports`: torch, diffusers and the pipeline code, imported on the device thread on first use;
+- `device_init`: creating the device context (CUDA init and a first allocation; next to nothing on CPU);
+- `read_weights`: reading checkpoints into memory (diffusers' single-file loader);
+- `to_device`: moving the weights to the device;
+- `first_generation`: the warm-up generations (or the first request's generation, without a warm-up).
+
+`total` is the wall time from process start to the end of the first generation; it also holds the gaps
+between phases (waiting for the first request, when nothing warmed the worker).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+PHASES = ("process_to_app", "imports", "device_init", "read_weights", "to_device", "first_generation")
+
+# gunicorn's master sets this (epoch seconds) so that its workers measure from the server's start, not
+# from their own fork.
+STARTED_AT_ENV = "SDFUNC_PROCESS_STARTED_AT"
+
+
+def process_start_time(pid: int | None = None) -> float:
+    """Epoch seconds at which process `pid` (default: this one) started; the time of this call where
+    /proc is not available."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        ticks = int(fields[19])  # field 22, starttime, counted after the closing ")" of the command name
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def server_start_time() -> float:
+    """The server's start: what the gunicorn master recorded, else this process's start."""
+    recorded = os.environ.get(STARTED_AT_ENV)
+    try:
+        return float(recorded) if recorded else process_start_time()
+    except ValueError:
+        return process_start_time()
+
+
+class ColdStart:
+    """Phase timings of this process's cold start. Thread-safe; phases recorded after `complete()` are
+    ignored, so later model loads never rewrite the cold start."""
+
+    def __init__(self, started_at: float | None = None) -> None:
+        self.started_at = started_at if started_at is not None else server_start_time()
+        self._phases: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._runtime_ready = False
+        self.total: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.total is not None
+
+    def record(self, phase: str, seconds: float) -> None:
+        """Add `seconds` to `phase` (phases can repeat: two checkpoints read, two warm-up shapes)."""
+        with self._lock:
+            if self.total is None:
+                self._phases[phase] = self._phases.get(phase, 0.0) + max(0.0, seconds)
+
+    def app_ready(self) -> None:
+        """The app factory is done: closes `process_to_app`."""
+        self.record("process_to_app", time.time() - self.started_at)
+
+    def init_runtime(self, device: str) -> None:
+        """Import the heavy modules and create the context of `device` ("auto", "cpu" or "cuda"), timing
+        both. Idempotent; run it on the device thread before the first model load."""
+        if self._runtime_ready:
+            return
+        started = time.perf_counter()
+        import torch
+
+        import pipelines.generate  # noqa: F401  (diffusers, transformers)
+        import pipelines.loading  # noqa: F401
+
+        imported = time.perf_counter()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            torch.cuda.init()
+            torch.zeros(1, device=device)
+            torch.cuda.synchronize()
+        else:
+            torch.zeros(1)
+        self.record("imports", imported - started)
+        self.record("device_init", time.perf_counter() - imported)
+        self._runtime_ready = True
+
+    def complete(self) -> bool:
+        """Mark the cold start done (its first image exists). True only for the call that completed it."""
+        with self._lock:
+            if self.total is not None:
+                return False
+            self.total = time.time() - self.started_at
+            return True
+
+    def report(self) -> dict[str, Any]:
+        """`{"complete", "total_seconds", "phases": {phase: seconds}}`; phases not reached are absent."""
+        with self._lock:
+            phases = {name: round(self._phases[name], 3) for name in PHASES if name in self._phases}
+            total = self.total
+        return {"complete": total is not None, "total_seconds": round(total, 3) if total is not None else None,
+                "phases": phases}

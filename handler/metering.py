@@ -1,0 +1,94 @@
+"""What one request cost: where its time went, what it generated, and the one log line that says so.
+
+The app opens a `RequestMeter` for every request (`begin`), the service fills in what it knows (checkpoint,
+size, timings), and the app closes it when the response is ready (`finish`), which writes the request log
+line and feeds the metrics. Billable time is device generation time only: never queueing, loading,
+encoding, or any part of a failed request.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+request_log = logging.getLogger("sdfunc.request")
+
+_current: contextvars.ContextVar[RequestMeter | None] = contextvars.ContextVar("sdfunc_meter", default=None)
+
+
+@dataclass
+class RequestMeter:
+    """One request's facts. Timings are seconds; None means the phase did not happen."""
+
+    request_id: str
+    instance_id: str
+    method: str
+    route: str
+    cold_start: bool
+    started: float = field(default_factory=time.perf_counter)
+    consumer: str | None = None
+    status: int | None = None
+    error: str | None = None
+    mode: str | None = None  # txt2img | img2img
+    checkpoint: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    images: int = 0
+    queue_wait_seconds: float | None = None
+    model_load_seconds: float | None = None
+    generation_seconds: float | None = None
+    encode_seconds: float | None = None
+    total_seconds: float | None = None
+    prompt: str | None = None  # only kept when the operator turned prompt logging on
+    negative_prompt: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status is not None and self.status < 400
+
+    @property
+    def billed_ms(self) -> int:
+        """Device generation time of a successful request, in whole milliseconds (rounded up); 0 otherwise."""
+        if not self.succeeded or not self.generation_seconds:
+            return 0
+        return math.ceil(self.generation_seconds * 1000)
+
+    def fields(self, *, with_prompts: bool) -> dict[str, Any]:
+        """The request log's fields (prompts only `with_prompts`)."""
+        out = {k: v for k, v in asdict(self).items() if k != "started"}
+        if not with_prompts:
+            out.pop("prompt")
+            out.pop("negative_prompt")
+        out["billed_ms"] = self.billed_ms
+        for key, value in out.items():
+            if isinstance(value, float):
+                out[key] = round(value, 4)
+        return out
+
+
+def begin(meter: RequestMeter) -> RequestMeter:
+    """Make `meter` the current request's meter (context-local: each HTTP thread has its own)."""
+    _current.set(meter)
+    return meter
+
+
+def current() -> RequestMeter | None:
+    """The meter of the request being served in this context, or None outside a request."""
+    return _current.get()
+
+
+def end() -> None:
+    _current.set(None)
+
+
+def log_request(meter: RequestMeter, *, with_prompts: bool) -> None:
+    """Write the request's one log line (JSON fields under the JSON formatter)."""
+    request_log.info(
+        "%s %s -> %s in %.1f ms", meter.method, meter.route, meter.status, (meter.total_seconds or 0.0) * 1000,
+        extra={"fields": meter.fields(with_prompts=with_prompts)},
+    )
