@@ -26,10 +26,9 @@ graceful_timeout = 120
 keepalive = 5
 preload_app = False  # loading or inference in the master before fork hangs the worker (DESIGN.md)
 control_socket_disable = True  # a second server would silently take over the first one's socket
-# The function writes its own request log line (timings, cold start, billing); gunicorn's access log would
-# only repeat it.
-accesslog = None if _settings.request_log else "-"
-access_log_format = '{"access": "%(m)s %(U)s", "status": %(s)s, "ms": %(M)s, "request_id": "%({x-fc-request-id}o)s"}'
+# No gunicorn access log: the function writes one request log line itself (timings, cold start, billing),
+# or none when the operator turns it off (SDFUNC_REQUEST_LOG=false).
+accesslog = None
 errorlog = "-"
 loglevel = _settings.log_level.lower()
 

@@ -25,6 +25,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -35,6 +36,8 @@ from handler.coldstart import PHASES
 if TYPE_CHECKING:
     from handler.metering import RequestMeter
     from handler.service import Service
+
+disable_created_metrics()  # no `_created` series: they double the text and nobody graphs them
 
 # Latency buckets (s) from a tiny CPU model's 10 ms to an SDXL cold load's minutes.
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, float("inf"))
