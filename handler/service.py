@@ -341,7 +341,7 @@ class Service:
             meter.mode, meter.consumer = mode, consumer or None
         if not self.accepting:
             raise _stopping(self.settings.warmup.retry_after)
-        if self._warming and not self.settings.warmup.requests_wait:
+        if not self.settings.warmup.requests_wait and self.state == "STARTING":
             raise NotReady("the function is warming up; retry shortly",
                            headers={"Retry-After": str(self.settings.warmup.retry_after)})
         with self._admitted():

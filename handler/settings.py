@@ -42,8 +42,8 @@ class WarmupShape(BaseModel):
         text = value.strip().lower()
         arch, _, text = text.rpartition(":")
         size, _, steps = text.partition("@")
-        width, _, height = size.partition("x")
-        out: dict[str, object] = {"width": width, "height": height or width}
+        width, sep, height = size.partition("x")
+        out: dict[str, object] = {"width": width, "height": height if sep else width}  # "512" = 512x512
         if steps:
             out["steps"] = steps
         if arch:

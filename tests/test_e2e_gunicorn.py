@@ -4,62 +4,26 @@ loopback port, called with `requests` and with the `webuiapi` client."""
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    from tests.serving import ServeProcess
+
     data = tmp_path_factory.mktemp("e2e-data")
-    port = _free_port()
-    log_path = data / "server.log"
-    env = dict(os.environ, SDFUNC_LOG_JSON="true", HOME=str(data))
-    env.pop("SDFUNC_CONFIG", None)
-    log_file = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "handler.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--data", str(data)],
-        cwd=data, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    status = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            status = requests.get(f"{url}/health", timeout=2).json()["status"]
-            if status in ("READY", "SETUP_FAILED"):
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    if status != "READY":
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"server did not become ready ({status}):\n{log_path.read_text()[-4000:]}")
-    yield {"url": url, "port": port, "log": log_path, "data": data}
-    os.killpg(proc.pid, signal.SIGTERM)
+    proc = ServeProcess(data)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log_file.close()
+        proc.wait_state("READY", timeout=240)
+    except AssertionError:
+        proc.stop()
+        raise
+    yield {"url": proc.url, "port": proc.port, "log": proc.log_path, "data": data}
+    proc.stop()
 
 
 def test_demo_models_were_built_in_the_empty_data_folder(server):
