@@ -344,3 +344,38 @@ def test_lifecycle_routes_are_documented(client):
         assert path in paths, path
     health = paths["/healthz"]["get"]["responses"]
     assert "200" in health and "503" in health
+
+
+def test_importing_the_app_and_answering_health_never_imports_torch(data_dir):
+    """The health check must answer at once while models load: the app stays light until the device thread
+    needs torch."""
+    code = f"""
+import sys
+from pathlib import Path
+from handler.app import create_app
+from tests.conftest import make_settings
+client = create_app(make_settings(Path({str(data_dir)!r}))).test_client()
+for path in ("/health", "/healthz", "/metrics", "/sdapi/v1/sd-models"):
+    assert client.get(path).status_code == 200, path
+heavy = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
+print(",".join(heavy) or "none")
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True,
+                         text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "none"
+
+
+def test_gpu_memory_gauges_when_the_cache_is_on_cuda(data_dir, monkeypatch):
+    """Wiring on CPU: with a CUDA cache and an initialised CUDA context, the scrape reports torch's numbers."""
+    import torch
+
+    app = _app(data_dir)
+    service = app.extensions["sdfunc"]
+    service.cache.device = "cuda"  # nothing is loaded; only the collector looks at it
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 123)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 456)
+    samples = metric_samples(app.test_client().get("/metrics").get_data(as_text=True))
+    assert metric(samples, "sdfunc_gpu_memory_allocated_bytes") == 123
+    assert metric(samples, "sdfunc_gpu_memory_reserved_bytes") == 456
