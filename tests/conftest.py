@@ -5,7 +5,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 
 import base64
+import contextlib
 import io
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,22 @@ def png_b64(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+@contextlib.contextmanager
+def device_held(service) -> Iterator[None]:
+    """Keep `service`'s device thread busy with a blocking job until the block exits (work queues behind it)."""
+    started, release = threading.Event(), threading.Event()
+
+    def occupy() -> None:
+        started.set()
+        release.wait(60)
+
+    holder = threading.Thread(target=service.device.run, args=(occupy,))
+    holder.start()
+    assert started.wait(30)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(60)

@@ -191,38 +191,29 @@ def test_pre_stop_waits_for_requests_already_waiting_for_the_device(data_dir):
     import threading
 
     from handler.app import create_app
-    from tests.conftest import make_settings
+    from tests.conftest import device_held, make_settings
 
     app = create_app(make_settings(data_dir))
     service = app.extensions["sdfunc"]
-    busy, release = threading.Event(), threading.Event()
-
-    def occupy():
-        busy.set()
-        release.wait(60)
-
-    holder = threading.Thread(target=service.device.run, args=(occupy,))
-    holder.start()
-    busy.wait(30)
     results = {}
 
     def call(name, method, path, **kwargs):
         results[name] = getattr(app.test_client(), method)(path, **kwargs)
 
-    caller = threading.Thread(target=call, args=("gen", "post", "/sdapi/v1/txt2img"),
-                              kwargs={"json": {"steps": 1, "width": 64, "height": 64}})
-    caller.start()
-    while service.device.pending < 2:  # the request is queued behind the busy job
-        threading.Event().wait(0.05)
-    stopper = threading.Thread(target=call, args=("stop", "get", "/pre-stop"))
-    stopper.start()
-    while service.state != "STOPPING":
-        threading.Event().wait(0.02)
-    late = app.test_client().post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
-    assert late.status_code == 503  # new work is refused while the admitted request still waits
-    assert "stop" not in results and service.in_flight == 1
-    release.set()
-    for thread in (caller, holder, stopper):
+    with device_held(service):
+        caller = threading.Thread(target=call, args=("gen", "post", "/sdapi/v1/txt2img"),
+                                  kwargs={"json": {"steps": 1, "width": 64, "height": 64}})
+        caller.start()
+        while service.device.pending < 2:  # the request is queued behind the busy job
+            threading.Event().wait(0.05)
+        stopper = threading.Thread(target=call, args=("stop", "get", "/pre-stop"))
+        stopper.start()
+        while service.state != "STOPPING":
+            threading.Event().wait(0.02)
+        late = app.test_client().post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
+        assert late.status_code == 503  # new work is refused while the admitted request still waits
+        assert "stop" not in results and service.in_flight == 1
+    for thread in (caller, stopper):
         thread.join(60)
     assert results["gen"].status_code == 200
     stop = results["stop"].json

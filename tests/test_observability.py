@@ -14,7 +14,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import make_settings
+from tests.conftest import device_held, make_settings
 from tests.serving import metric, metric_samples
 
 SMALL = {"prompt": "a quiet lake", "steps": 1, "width": 64, "height": 64, "seed": 11, "sampler_name": "Euler"}
@@ -129,48 +129,27 @@ def test_requests_wait_for_a_running_warm_up_by_default(data_dir):
 def test_busy_while_the_device_runs_a_job(data_dir):
     app = _app(data_dir)
     service, client = app.extensions["sdfunc"], app.test_client()
-    started, release = threading.Event(), threading.Event()
-
-    def occupy() -> None:
-        started.set()
-        release.wait(30)
-
-    holder = threading.Thread(target=service.device.run, args=(occupy,))
-    holder.start()
-    started.wait(30)
-    try:
+    with device_held(service):
         r = client.get("/healthz")
         assert r.status_code == 200 and r.json["status"] == "BUSY"
         assert metric(metric_samples(client.get("/metrics").get_data(as_text=True)), "sdfunc_device_busy") == 1
-    finally:
-        release.set()
-        holder.join(30)
     assert client.get("/healthz").json["status"] == "READY"
 
 
 def test_pre_stop_gives_up_after_its_grace_period(data_dir):
     app = _app(data_dir, prestop_grace_seconds=0.2)
     service = app.extensions["sdfunc"]
-    started, release = threading.Event(), threading.Event()
-
-    def occupy() -> None:
-        started.set()
-        release.wait(30)
-
-    holder = threading.Thread(target=service.device.run, args=(occupy,))
-    holder.start()
-    started.wait(30)
     result = {}
-    caller = threading.Thread(target=lambda: result.update(r=app.test_client().post("/sdapi/v1/txt2img", json=SMALL)))
-    caller.start()
-    while service.in_flight < 1:
-        time.sleep(0.01)
-    body = app.test_client().get("/pre-stop").json
-    assert body["drained"] is False and body["in_flight"] == 1 and body["released_models"] == 0
-    assert body["waited_seconds"] >= 0.2
-    release.set()
+    with device_held(service):
+        caller = threading.Thread(
+            target=lambda: result.update(r=app.test_client().post("/sdapi/v1/txt2img", json=SMALL)))
+        caller.start()
+        while service.in_flight < 1:
+            time.sleep(0.01)
+        body = app.test_client().get("/pre-stop").json
+        assert body["drained"] is False and body["in_flight"] == 1 and body["released_models"] == 0
+        assert body["waited_seconds"] >= 0.2
     caller.join(60)
-    holder.join(30)
     assert result["r"].status_code == 200  # admitted before pre-stop: still served
 
 
@@ -247,7 +226,7 @@ def test_metrics_in_multiprocess_mode(data_dir, tmp_path):
     code = f"""
 import json, os
 from handler.app import create_app
-from tests.conftest import make_settings
+from tests.conftest import device_held, make_settings
 from tests.serving import metric, metric_samples
 from pathlib import Path
 client = create_app(make_settings(Path({str(data_dir)!r}))).test_client()
@@ -353,7 +332,7 @@ def test_importing_the_app_and_answering_health_never_imports_torch(data_dir):
 import sys
 from pathlib import Path
 from handler.app import create_app
-from tests.conftest import make_settings
+from tests.conftest import device_held, make_settings
 client = create_app(make_settings(Path({str(data_dir)!r}))).test_client()
 for path in ("/health", "/healthz", "/metrics", "/sdapi/v1/sd-models"):
     assert client.get(path).status_code == 200, path
