@@ -4,7 +4,7 @@ A cold start runs from the moment the server process started (the gunicorn maste
 the container) to the end of the first image this worker made, warm-up or real. Its phases, in seconds:
 
 - `process_to_app`: interpreter start, gunicorn boot, fork, the light imports and the app factory;
-- `imports`: torch, diffusers and the pipeline code, imported on the device thread on first use;
+- `imports`: torch, diffusers, transformers and the pipeline classes, imported on first use;
 - `device_init`: creating the device context (CUDA init and a first allocation; next to nothing on CPU);
 - `read_weights`: reading checkpoints into memory (diffusers' single-file loader);
 - `to_device`: moving the weights to the device;
@@ -35,10 +35,10 @@ def process_start_time(pid: int | None = None) -> float:
         with open(f"/proc/{pid or os.getpid()}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
         ticks = int(fields[19])  # field 22, starttime, counted after the closing ")" of the command name
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        with open("/proc/uptime") as f:
+            boot = time.time() - float(f.read().split()[0])  # /proc/stat's btime is whole seconds: ~1 s off
         return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, IndexError):
         return time.time()
 
 
@@ -59,7 +59,9 @@ class ColdStart:
         self.started_at = started_at if started_at is not None else server_start_time()
         self._phases: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._runtime_ready = False
+        self._import_lock = threading.Lock()
+        self._imported = False
+        self._device_ready = False
         self.total: float | None = None
 
     @property
@@ -76,18 +78,29 @@ class ColdStart:
         """The app factory is done: closes `process_to_app`."""
         self.record("process_to_app", time.time() - self.started_at)
 
-    def init_runtime(self, device: str) -> None:
-        """Import the heavy modules and create the context of `device` ("auto", "cpu" or "cuda"), timing
-        both. Idempotent; run it on the device thread before the first model load."""
-        if self._runtime_ready:
+    def import_runtime(self) -> None:
+        """Import torch, diffusers, transformers and the pipeline classes, timing it as `imports`.
+        Idempotent and thread-safe: the first caller imports, the others wait for it."""
+        with self._import_lock:
+            if self._imported:
+                return
+            started = time.perf_counter()
+            import pipelines.generate
+            import pipelines.loading  # noqa: F401
+
+            pipelines.generate.import_pipeline_classes()  # diffusers imports these lazily: 1-2 s of CLIP code
+            self.record("imports", time.perf_counter() - started)
+            self._imported = True
+
+    def init_device(self, device: str) -> None:
+        """Create the context of `device` ("auto", "cpu" or "cuda"), timing it as `device_init`. Idempotent;
+        run it on the device thread (the CUDA context belongs to the thread that uses it)."""
+        if self._device_ready:
             return
-        started = time.perf_counter()
+        self.import_runtime()
         import torch
 
-        import pipelines.generate  # noqa: F401  (diffusers, transformers)
-        import pipelines.loading  # noqa: F401
-
-        imported = time.perf_counter()
+        started = time.perf_counter()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda"):
@@ -96,9 +109,8 @@ class ColdStart:
             torch.cuda.synchronize()
         else:
             torch.zeros(1)
-        self.record("imports", imported - started)
-        self.record("device_init", time.perf_counter() - imported)
-        self._runtime_ready = True
+        self.record("device_init", time.perf_counter() - started)
+        self._device_ready = True
 
     def complete(self) -> bool:
         """Mark the cold start done (its first image exists). True only for the call that completed it."""

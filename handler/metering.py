@@ -12,7 +12,8 @@ import contextvars
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 request_log = logging.getLogger("sdfunc.request")
@@ -60,7 +61,7 @@ class RequestMeter:
 
     def fields(self, *, with_prompts: bool) -> dict[str, Any]:
         """The request log's fields (prompts only `with_prompts`)."""
-        out = {k: v for k, v in asdict(self).items() if k != "started"}
+        out = {f.name: getattr(self, f.name) for f in dataclass_fields(self) if f.name != "started"}
         if not with_prompts:
             out.pop("prompt")
             out.pop("negative_prompt")
@@ -88,6 +89,8 @@ def end() -> None:
 
 def log_request(meter: RequestMeter, *, with_prompts: bool) -> None:
     """Write the request's one log line (JSON fields under the JSON formatter)."""
+    if not request_log.isEnabledFor(logging.INFO):
+        return
     request_log.info(
         "%s %s -> %s in %.1f ms", meter.method, meter.route, meter.status, (meter.total_seconds or 0.0) * 1000,
         extra={"fields": meter.fields(with_prompts=with_prompts)},

@@ -126,7 +126,7 @@ class Service:
     def _load(self, checkpoint: CheckpointEntry, vae: VaeEntry | None = None) -> tuple[Any, float | None]:
         """The warm pipeline for (checkpoint, vae) and the seconds spent loading it (None on a hit). Runs
         on the device thread; loads during the cold start go into its breakdown."""
-        self.coldstart.init_runtime(self.settings.device)
+        self.coldstart.init_device(self.settings.device)
         cache = self.cache
         loads, phases = cache.stats.loads, dict(cache.stats.phase_seconds)
         started = time.perf_counter()
@@ -180,7 +180,7 @@ class Service:
                 if len(entries) > self.settings.max_loaded_models:
                     log.warning("warm-up names %d checkpoints but max_loaded_models is %d: the first ones will "
                                 "be evicted", len(entries), self.settings.max_loaded_models)
-                records = self.device.run(self._warm_on_device, entries)
+                records = self._warm(entries)
             except Exception:
                 self._failed = True
                 raise
@@ -193,10 +193,20 @@ class Service:
             threading.Thread(target=self._hash_all, name="sdfunc-hash", daemon=True).start()
             return {**self._warm_report, "warmed": True, "cold_start": self.coldstart.report()}
 
-    def _warm_on_device(self, entries: list[CheckpointEntry]) -> list[dict[str, Any]]:
-        from warmup.initializer import warm_up
+    def _warm(self, entries: list[CheckpointEntry]) -> list[dict[str, Any]]:
+        """Each warm-up generation is a real txt2img through the request path (validation, device job, PNG,
+        infotext, base64), minus HTTP, metering and admission: the first real request finds all of it warm."""
+        from warmup.initializer import warm_up, warmup_request
 
-        return warm_up(entries, self.settings.warmup.shapes, lambda entry: self._load(entry)[0], self._first_image)
+        def load(entry: CheckpointEntry) -> Any:
+            return self.device.run(self._load, entry)[0]
+
+        def generate(entry: CheckpointEntry, shape: Any) -> float:
+            timings: dict[str, float] = {}
+            self._run_generation("txt2img", warmup_request(entry, shape), "", None, timings)
+            return timings["generation"]
+
+        return warm_up(entries, self.settings.warmup.shapes, load, generate)
 
     def loaded_models(self) -> list[str]:
         """Titles of the warm pipelines (empty before the first load)."""
@@ -332,10 +342,8 @@ class Service:
         return Selection(checkpoint=checkpoint, vae=vae, clip_skip=clip_skip, options=options)
 
     def _generate(self, mode: str, req: GenerationRequest, consumer: str) -> dict[str, Any]:
-        """Validate, select the models, run the job on the device thread, and shape A1111's response.
-        Fills the request's meter (handler.metering) with what it ran and where the time went."""
-        from pipelines.generate import generate
-
+        """Admit a generation request (not while stopping; not during warm-up when told not to wait), run it,
+        and fill the request's meter (handler.metering) with what it ran and where the time went."""
         meter = metering.current()
         if meter is not None:
             meter.mode, meter.consumer = mode, consumer or None
@@ -345,44 +353,53 @@ class Service:
             raise NotReady("the function is warming up; retry shortly",
                            headers={"Retry-After": str(self.settings.warmup.retry_after)})
         with self._admitted():
-            if req.infotext:
-                req = a1111.apply_infotext(req)
-            eas = a1111.eas_values(req.alwayson_scripts)
-            job, selection = self._build_job(mode, req, consumer, eas)
-            if meter is not None:
-                meter.checkpoint, meter.width, meter.height, meter.steps = (
-                    selection.checkpoint.name, job.width, job.height, job.steps)
-                if self.settings.log_prompts:
-                    meter.prompt, meter.negative_prompt = req.prompt, req.negative_prompt
-            submitted = time.perf_counter()
-            timings: dict[str, float | None] = {}
+            return self._run_generation(mode, req, consumer, meter, {})
 
-            def run_on_device() -> tuple[Any, Any]:
-                timings["queue_wait"] = time.perf_counter() - submitted  # admitted work runs even after pre-stop
-                model, timings["model_load"] = self._load(selection.checkpoint, selection.vae)
-                self.progress.begin(mode, job_count=math.ceil(len(job.seeds) / job.batch_size),
-                                    sampling_steps=job.steps)
-                try:
-                    result = generate(model, job, progress=self.progress.step)
-                finally:
-                    self.progress.end()
-                if not self.coldstart.done:
-                    self._first_image(result.generation_seconds)
-                return model, result
+    def _run_generation(self, mode: str, req: GenerationRequest, consumer: str, meter: metering.RequestMeter | None,
+                        timings: dict[str, Any]) -> dict[str, Any]:
+        """Validate, select the models, run the job on the device thread, and shape A1111's response.
+        `timings` receives queue_wait, model_load (None on a warm hit), generation and encode seconds."""
+        self.coldstart.import_runtime()  # before pipelines.generate: the cold start times the heavy imports
+        from pipelines.generate import generate
 
+        if req.infotext:
+            req = a1111.apply_infotext(req)
+        eas = a1111.eas_values(req.alwayson_scripts)
+        job, selection = self._build_job(mode, req, consumer, eas)
+        if meter is not None:
+            meter.checkpoint, meter.width, meter.height, meter.steps = (
+                selection.checkpoint.name, job.width, job.height, job.steps)
+            if self.settings.log_prompts:
+                meter.prompt, meter.negative_prompt = req.prompt, req.negative_prompt
+        submitted = time.perf_counter()
+
+        def run_on_device() -> tuple[Any, Any]:
+            timings["queue_wait"] = time.perf_counter() - submitted  # admitted work runs even after pre-stop
+            model, timings["model_load"] = self._load(selection.checkpoint, selection.vae)
+            self.progress.begin(mode, job_count=math.ceil(len(job.seeds) / job.batch_size), sampling_steps=job.steps)
             try:
-                model, result = self.device.run(run_on_device)
+                result = generate(model, job, progress=self.progress.step)
             finally:
-                if meter is not None:
-                    meter.queue_wait_seconds = timings.get("queue_wait")
-                    meter.model_load_seconds = timings.get("model_load")
-            encode_started = time.perf_counter()
-            response = self._respond(mode, req, job, model, result, eas)
+                self.progress.end()
+            if not self.coldstart.done:
+                self._first_image(result.generation_seconds)
+            return model, result
+
+        try:
+            model, result = self.device.run(run_on_device)
+        finally:
             if meter is not None:
-                meter.generation_seconds = result.generation_seconds
-                meter.encode_seconds = time.perf_counter() - encode_started
-                meter.images = len(result.images)
-            return response
+                meter.queue_wait_seconds = timings.get("queue_wait")
+                meter.model_load_seconds = timings.get("model_load")
+        encode_started = time.perf_counter()
+        response = self._respond(mode, req, job, model, result, eas)
+        timings["generation"] = result.generation_seconds
+        timings["encode"] = time.perf_counter() - encode_started
+        if meter is not None:
+            meter.generation_seconds = result.generation_seconds
+            meter.encode_seconds = timings["encode"]
+            meter.images = len(result.images)
+        return response
 
     @contextlib.contextmanager
     def _admitted(self) -> Iterator[None]:

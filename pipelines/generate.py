@@ -86,6 +86,15 @@ def _pipeline_class(arch: str, mode: str, inpaint: bool) -> type:
     return getattr(diffusers, names["inpaint" if inpaint else mode])
 
 
+def import_pipeline_classes() -> None:
+    """Import every pipeline class a request can use (diffusers imports them lazily, at a cost of seconds), so
+    that the import is paid at warm-up and not inside the first request or model load."""
+    for arch in ("sd1", "sdxl"):
+        for mode in ("txt2img", "img2img"):
+            _pipeline_class(arch, mode, inpaint=False)
+        _pipeline_class(arch, "img2img", inpaint=True)
+
+
 def _request_pipeline(model: LoadedModel, job: ImageJob, inpaint: bool) -> Any:
     """A throwaway pipeline object over the cached components, with this request's scheduler."""
     base = model.pipe

@@ -1,9 +1,9 @@
 """The initializer's work: load the configured checkpoints into the warm cache and run one small generation
 per configured shape, so that the first real request finds the weights on the device and the kernels, the
-allocator and the caches already warm.
+allocator, the caches and the response path (PNG, infotext, base64) already warm.
 
-Runs on the device thread (`handler.executor`); the service calls it from `POST /initialize` or at worker
-start, and records what it measures into the cold-start breakdown.
+The service calls `warm_up` from `POST /initialize` or at worker start, with its own `load` (a device job)
+and `generate` (a txt2img through the request path, built by `warmup_request`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from handler.schemas import Txt2ImgRequest
 from handler.settings import WarmupShape
 from pipelines.cache import LoadedModel
 from pipelines.store import CheckpointEntry
@@ -25,25 +26,20 @@ def shapes_for(arch: str, shapes: Iterable[WarmupShape]) -> list[WarmupShape]:
     return [shape for shape in shapes if shape.arch in (None, arch)]
 
 
-def warm_generate(model: LoadedModel, shape: WarmupShape) -> float:
-    """One generation of `shape` on `model` (Euler, fixed seed, image discarded). Returns its device seconds."""
-    from pipelines.generate import ImageJob, generate
-    from pipelines.samplers import resolve_sampler
-
-    job = ImageJob(mode="txt2img", prompt="warm-up", negative_prompt="", seeds=[0], subseeds=[0],
-                   subseed_strength=0.0, batch_size=1, steps=shape.steps, cfg_scale=7.0, width=shape.width,
-                   height=shape.height, sampler=resolve_sampler("Euler"))
-    return generate(model, job).generation_seconds
+def warmup_request(entry: CheckpointEntry, shape: WarmupShape) -> Txt2ImgRequest:
+    """The txt2img request that warms `entry` at `shape`: Euler, fixed seed, nothing saved."""
+    return Txt2ImgRequest(prompt="warm-up", seed=0, steps=shape.steps, width=shape.width, height=shape.height,
+                          sampler_name="Euler", override_settings={"sd_model_checkpoint": entry.name})
 
 
 def warm_up(
     entries: list[CheckpointEntry],
     shapes: list[WarmupShape],
     load: Callable[[CheckpointEntry], LoadedModel],
-    on_generation: Callable[[float], None],
+    generate: Callable[[CheckpointEntry, WarmupShape], float],
 ) -> list[dict[str, Any]]:
-    """Load each of `entries` with `load`, then generate each shape that applies to its architecture,
-    calling `on_generation(seconds)` after each. Returns one record per checkpoint."""
+    """Load each of `entries`, then `generate` each shape that applies to its architecture (it returns the
+    device seconds). Returns one record per checkpoint."""
     done: list[dict[str, Any]] = []
     for entry in entries:
         started = time.perf_counter()
@@ -54,8 +50,7 @@ def warm_up(
         if not applicable:
             log.warning("no warm-up shape applies to %s (%s); loaded only", entry.name, model.arch)
         for shape in applicable:
-            seconds = warm_generate(model, shape)
-            on_generation(seconds)
+            seconds = generate(entry, shape)
             record["generations"].append({"width": shape.width, "height": shape.height, "steps": shape.steps,
                                           "seconds": round(seconds, 3)})
             log.info("warm-up %s %dx%d, %d steps: %.2f s", entry.name, shape.width, shape.height, shape.steps, seconds)
