@@ -41,8 +41,6 @@ import argparse  # noqa: E402
 import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import shlex  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -51,6 +49,7 @@ from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+from bench.cli import add_output_arguments, machine_line, parse_server_env, run_benchmark  # noqa: E402
 from bench.serving_overhead import (  # noqa: E402
     CFG_SCALE,
     DISTURBED_SPREAD,
@@ -341,10 +340,7 @@ def markdown(result: dict[str, Any]) -> str:
     """The tables RESULTS.md carries, from a result dict."""
     m, c = result["machine"], result["config"]
     lines = [
-        f"Date: {result['date']} · machine: {m['cpus']} cores, {m['cpu']}, {m['device'].upper()} only · "
-        f"torch {m['torch']}, diffusers {m['diffusers']}, Python {m['python']} · server torch threads "
-        f"{m['torch_threads']} · load average at start {m['load_average'][0]}, at end "
-        f"{m.get('load_average_end', ['?'])[0]} · wall {result.get('wall_s', '?')} s",
+        machine_line(result, f"server torch threads {m['torch_threads']}"),
         "",
         f"Command: `{result['command']}`",
         "",
@@ -431,11 +427,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path | None, Path |
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the servers (default: torch's default)")
     p.add_argument("--server-timeout", type=float, default=BenchConfig.server_timeout,
                    help="seconds a server may take to answer /health (default %(default)s)")
-    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment for the servers (repeatable; for A/B runs)")
-    p.add_argument("--out", type=Path, help="write the JSON result here")
-    p.add_argument("--markdown", type=Path, help="write the markdown here instead of stdout")
-    p.add_argument("--log-level", default="INFO")
+    add_output_arguments(p)
     a = p.parse_args(argv)
     models = tuple(s.strip() for s in a.models.split(",") if s.strip())
     if not models:
@@ -444,9 +436,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path | None, Path |
         p.error("--size: a multiple of 8, at least 64")
     if a.repeats < 1 or a.steady < 1 or a.steps < 1 or (a.threads is not None and a.threads < 1):
         p.error("--repeats, --steady, --steps and --threads must be at least 1")
-    server_env = tuple(tuple(item.split("=", 1)) for item in a.server_env)
-    if any(len(pair) != 2 or not pair[0] for pair in server_env):
-        p.error("--server-env: KEY=VALUE")
+    server_env = parse_server_env(p, a.server_env)
     cfg = BenchConfig(data=a.data, models=models, size=a.size, steps=a.steps, repeats=a.repeats, steady=a.steady,
                       threads=a.threads, server_timeout=a.server_timeout, server_env=server_env)
     return cfg, a.out, a.markdown, a.log_level
@@ -455,24 +445,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path | None, Path |
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     cfg, out, md_path, log_level = parse_args(args)
-    from handler.logs import configure_logging
-
-    # SIGTERM unwinds like Ctrl-C, so the servers (own process groups) are stopped on the way out.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    configure_logging(log_level, as_json=False)
-    command = shlex.join(["python", "-m", "bench.cold_start", *args])
-    result = run(cfg, command)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        log.info("wrote %s", out)
-    text = markdown(result)
-    if md_path:
-        md_path.parent.mkdir(parents=True, exist_ok=True)
-        md_path.write_text(text)
-        log.info("wrote %s", md_path)
-    else:
-        sys.stdout.write(text)
+    run_benchmark("bench.cold_start", args, lambda command: run(cfg, command), markdown, out=out,
+                  markdown_path=md_path, log_level=log_level)
     return 0  # a missed target is a result, not a failure of the benchmark
 
 

@@ -52,8 +52,6 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
-import shlex  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -64,6 +62,7 @@ from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, NamedTuple  # noqa: E402
 
+from bench.cli import add_output_arguments, machine_line, parse_server_env, run_benchmark  # noqa: E402
 from bench.serving_overhead import (  # noqa: E402
     CFG_SCALE,
     DISTURBED_SPREAD,
@@ -501,10 +500,7 @@ def markdown(result: dict[str, Any]) -> str:
     served, micro, checks, targets = result["served"], result["micro"], result["checks"], result["targets"]
     sizes, stab = served["sizes"], served["stability"]
     lines = [
-        f"Date: {result['date']} · machine: {m['cpus']} cores, {m['cpu']}, {m['device'].upper()} only · "
-        f"torch {m['torch']}, diffusers {m['diffusers']}, Python {m['python']} · torch threads {m['torch_threads']} "
-        f"(torch default here: {m['torch_default_threads']}) · load average at start {m['load_average'][0]}, "
-        f"at end {m.get('load_average_end', ['?'])[0]} · wall {result.get('wall_s', '?')} s",
+        machine_line(result, f"torch threads {m['torch_threads']} (torch default here: {m['torch_default_threads']})"),
         "",
         f"Command: `{result['command']}`",
         "",
@@ -634,11 +630,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path | None, Path |
                    help="batches of in-process timings (default %(default)s)")
     p.add_argument("--micro-calls", type=int, default=BenchConfig.micro_calls,
                    help="calls per in-process batch (default %(default)s)")
-    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment for both servers (repeatable)")
-    p.add_argument("--out", type=Path, help="write the JSON result here")
-    p.add_argument("--markdown", type=Path, help="write the Markdown section here instead of stdout")
-    p.add_argument("--log-level", default="INFO")
+    add_output_arguments(p)
     a = p.parse_args(argv)
     try:
         shapes = _parse_shapes(a.sizes, a.steps, a.requests)
@@ -650,9 +642,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path | None, Path |
     if min(a.rounds, a.requests, a.steps, a.micro_batches, a.micro_calls) < 1 or a.warmup_requests < 1 or (
             a.threads is not None and a.threads < 1):
         p.error("--rounds, --requests, --steps, --warmup-requests, --threads and --micro-* must be at least 1")
-    server_env = tuple(tuple(item.split("=", 1)) for item in a.server_env)
-    if any(len(pair) != 2 or not pair[0] for pair in server_env):
-        p.error("--server-env: KEY=VALUE")
+    server_env = parse_server_env(p, a.server_env)
     cfg = BenchConfig(data=a.data, shapes=shapes, rounds=a.rounds,
                       warmup_requests=a.warmup_requests, threads=a.threads, micro_batches=a.micro_batches,
                       micro_calls=a.micro_calls, server_env=server_env)
@@ -662,24 +652,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path | None, Path |
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     cfg, out, markdown_path, log_level = parse_args(args)
-    from handler.logs import configure_logging
-
-    # SIGTERM unwinds like Ctrl-C, so the servers (own process groups) are stopped on the way out.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    configure_logging(log_level, as_json=False)
-    command = shlex.join(["python", "-m", "bench.metrics_overhead", *args])
-    result = run(cfg, command)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        log.info("wrote %s", out)
-    text = markdown(result)
-    if markdown_path:
-        markdown_path.parent.mkdir(parents=True, exist_ok=True)
-        markdown_path.write_text(text)
-        log.info("wrote %s", markdown_path)
-    else:
-        sys.stdout.write(text)
+    result = run_benchmark("bench.metrics_overhead", args, lambda command: run(cfg, command), markdown, out=out,
+                           markdown_path=markdown_path, log_level=log_level)
     return 0 if result["checks"]["ok"] else 1  # a missed target is a result; a failed check is an error
 
 

@@ -50,7 +50,6 @@ import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
-import shlex  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
@@ -63,6 +62,8 @@ from contextlib import ExitStack, contextmanager  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
+
+from bench.cli import add_output_arguments, machine_line, parse_server_env, run_benchmark  # noqa: E402
 
 log = logging.getLogger("bench.serving_overhead")
 
@@ -615,10 +616,7 @@ def markdown(result: dict[str, Any]) -> str:
     """The tables RESULTS.md carries, from a result dict."""
     m, c = result["machine"], result["config"]
     lines = [
-        f"Date: {result['date']} · machine: {m['cpus']} cores, {m['cpu']}, {m['device'].upper()} only · "
-        f"torch {m['torch']}, diffusers {m['diffusers']}, Python {m['python']} · torch threads {m['torch_threads']} "
-        f"in both processes (torch default here: {m['torch_default_threads']}) · load average at start "
-        f"{m['load_average'][0]}, at end {m.get('load_average_end', ['?'])[0]} · wall {result.get('wall_s', '?')} s",
+        machine_line(result, f"torch threads {m['torch_threads']} in both processes (torch default here: {m['torch_default_threads']})"),
         "",
         f"Command: `{result['command']}`",
         "",
@@ -726,10 +724,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path | None, str]:
     p.add_argument("--steps", type=int, default=BenchConfig.steps, help="sampling steps (default %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads in the bench and the server (default: torch's default)")
     p.add_argument("--no-warm-start", action="store_true", help="skip the fresh server with warm-up on")
-    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment for the servers, e.g. SDFUNC_THREADS=1 (repeatable; for A/B runs)")
-    p.add_argument("--out", type=Path, help="write the JSON result here")
-    p.add_argument("--log-level", default="INFO")
+    add_output_arguments(p, markdown_file=False)
     a = p.parse_args(argv)
     try:
         sizes = tuple(int(s) for s in a.sizes.split(",") if s.strip())
@@ -739,9 +734,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path | None, str]:
         p.error("--sizes: multiples of 8, at least 64")
     if a.repeats < 1 or a.rounds < 1 or a.steps < 1 or (a.threads is not None and a.threads < 1):
         p.error("--repeats, --rounds, --steps and --threads must be at least 1")
-    server_env = tuple(tuple(item.split("=", 1)) for item in a.server_env)
-    if any(len(pair) != 2 or not pair[0] for pair in server_env):
-        p.error("--server-env: KEY=VALUE")
+    server_env = parse_server_env(p, a.server_env)
     cfg = BenchConfig(data=a.data, sizes=sizes, steps=a.steps, repeats=a.repeats, rounds=a.rounds,
                       threads=a.threads, warm_start=not a.no_warm_start, server_env=server_env)
     return cfg, a.out, a.log_level
@@ -750,18 +743,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path | None, str]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     cfg, out, log_level = parse_args(args)
-    from handler.logs import configure_logging
-
-    # SIGTERM unwinds like Ctrl-C, so the servers (own process groups) are stopped on the way out.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    configure_logging(log_level, as_json=False)
-    command = shlex.join(["python", "-m", "bench.serving_overhead", *args])
-    result = run(cfg, command)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        log.info("wrote %s", out)
-    sys.stdout.write(markdown(result))
+    run_benchmark("bench.serving_overhead", args, lambda command: run(cfg, command), markdown, out=out,
+                  markdown_path=None, log_level=log_level)
     return 0  # a missed target is a result, not a failure of the benchmark
 
 
