@@ -8,7 +8,7 @@ the container) to the end of the first image this worker made, warm-up or real. 
 - `device_init`: creating the device context (CUDA init and a first allocation; next to nothing on CPU);
 - `read_weights`: reading checkpoints into memory (diffusers' single-file loader);
 - `to_device`: moving the weights to the device;
-- `first_generation`: the warm-up generations (or the first request's generation, without a warm-up).
+- `first_generation`: the first generation (the warm-up's first, or the first request's without a warm-up).
 
 `total` is the wall time from process start to the end of the first generation; it also holds the gaps
 between phases (waiting for the first request, when nothing warmed the worker).
@@ -63,6 +63,10 @@ class ColdStart:
         self._imported = False
         self._device_ready = False
         self.total: float | None = None
+
+    @property
+    def imported(self) -> bool:
+        return self._imported
 
     @property
     def done(self) -> bool:

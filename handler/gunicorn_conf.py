@@ -33,19 +33,22 @@ errorlog = "-"
 loglevel = _settings.log_level.lower()
 
 
+def post_fork(server, worker):
+    """A worker respawned later (timeout, crash) measures its cold start from its own start, not the master's."""
+    if worker.age > server.num_workers:
+        os.environ[STARTED_AT_ENV] = repr(process_start_time())
+
+
 def post_worker_init(worker):
-    """Warm the worker in the background: the default checkpoint is loaded before the first request needs it."""
-    if not _settings.warmup.on_start:
-        return
-    import logging
-    import threading
+    """Before the worker accepts connections: start the warm-up (`warmup.on_start`) in the background, so that
+    /healthz says STARTING until the warm-up checkpoints are loaded and run."""
+    if _settings.warmup.on_start:
+        worker.wsgi.extensions["sdfunc"].start_warmup()
 
-    service = worker.wsgi.extensions["sdfunc"]
 
-    def _warm() -> None:
-        try:
-            service.warmup()
-        except Exception:
-            logging.getLogger("sdfunc.warmup").exception("warm-up failed")
+def child_exit(server, worker):
+    """prometheus_client multiprocess mode: drop the dead worker's live gauges."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
 
-    threading.Thread(target=_warm, name="sdfunc-warmup", daemon=True).start()
+        multiprocess.mark_process_dead(worker.pid)

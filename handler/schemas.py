@@ -260,7 +260,8 @@ class HealthResponse(BaseModel):
     device: str = Field(..., description="cpu or cuda; the configured value (auto) before the first load")
     uptime_seconds: float
     loaded_models: list[str]
-    in_flight: int = Field(..., description="Generation requests admitted and not yet answered.")
+    in_flight: int = Field(..., description="Generation requests (and a warm-up) admitted and not yet answered; "
+                                            "sdfunc_requests_in_flight counts every HTTP request instead.")
     queued: int = Field(..., description="Device jobs waiting behind the running one.")
     cold_start: ColdStartReport
 
@@ -290,6 +291,7 @@ class InitializeResponse(BaseModel):
 class PreStopResponse(BaseModel):
     status: Literal["stopped"]
     drained: bool = Field(..., description="Every admitted request finished within the grace period.")
-    in_flight: int
+    waited_for: int = Field(..., description="Generation requests (and warm-up) in flight when pre-stop began.")
+    in_flight: int = Field(..., description="Still in flight when pre-stop answered (0 when drained).")
     waited_seconds: float
     released_models: int

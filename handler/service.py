@@ -73,7 +73,9 @@ class Service:
         self._cache_lock = threading.Lock()
         self._warm_lock = threading.Lock()
         self._warm_report: dict[str, Any] | None = None
-        self._warming = False
+        self._warming = False  # a warm-up is scheduled or running
+        self._warm_done = threading.Event()  # set when no warm-up is scheduled or running
+        self._warm_done.set()
         self._failed = False
         self._stopping = False
         self._work = threading.Condition()  # guards _in_flight; notified when a generation request ends
@@ -83,7 +85,7 @@ class Service:
     def state(self) -> str:
         if self._stopping:
             return "STOPPING"
-        if self._warming or (self.settings.warmup.on_start and self._warm_report is None and not self._failed):
+        if self._warming:
             return "STARTING"
         if self._failed:
             return "FAILED"
@@ -116,7 +118,8 @@ class Service:
             return self._cache
 
     @property
-    def cache_if_loaded(self):  # -> PipelineCache | None, without importing torch
+    def cache_if_loaded(self) -> Any:
+        """The PipelineCache if one exists, else None; never imports torch."""
         return self._cache
 
     def device_name(self) -> str:
@@ -166,26 +169,48 @@ class Service:
             raise NotReady("no checkpoint under models/Stable-diffusion; add one or run `sdfunc demo-models`")
         return entries[0]
 
+    def start_warmup(self) -> None:
+        """Warm up in a background thread (worker start); the state is STARTING from this call on."""
+        self._warming = True
+        self._warm_done.clear()
+
+        def run() -> None:
+            try:
+                self.warmup()
+            except Exception:
+                pass  # logged by warmup(); the state says FAILED
+
+        threading.Thread(target=run, name="sdfunc-warmup", daemon=True).start()
+
     def warmup(self) -> dict[str, Any]:
         """The initializer: preload the warm-up checkpoints and run their warm-up shapes (warmup/). Idempotent:
-        a second call (or one made while the first runs) waits for it and loads nothing."""
+        a second call (or one made while the first runs) waits for it and loads nothing. Refused (503) once
+        pre-stop was called."""
+        if self._stopping:
+            raise _stopping(self.settings.warmup.retry_after)
         with self._warm_lock:
             if self._warm_report is not None:
+                self._warming = False
+                self._warm_done.set()
                 return {**self._warm_report, "warmed": False, "cold_start": self.coldstart.report()}
             started = time.perf_counter()
             self._warming = True
+            self._warm_done.clear()
             try:
                 names = self.settings.warmup.checkpoints
                 entries = [self.store.find_checkpoint(n) for n in names] if names else [self.default_checkpoint(None)]
                 if len(entries) > self.settings.max_loaded_models:
                     log.warning("warm-up names %d checkpoints but max_loaded_models is %d: the first ones will "
                                 "be evicted", len(entries), self.settings.max_loaded_models)
-                records = self._warm(entries)
+                with self._admitted():
+                    records = self._warm(entries)
             except Exception:
+                log.exception("warm-up failed")
                 self._failed = True
                 raise
             finally:
                 self._warming = False
+                self._warm_done.set()
             self._failed = False
             seconds = time.perf_counter() - started
             self._warm_report = {"status": "READY", "checkpoints": records, "seconds": round(seconds, 3)}
@@ -215,9 +240,10 @@ class Service:
     def stop(self) -> dict[str, Any]:
         """FC pre-stop: refuse new work, wait up to `prestop_grace_seconds` for admitted requests, then
         release the device memory and flush the logs. Idempotent."""
-        self._stopping = True
         started = time.perf_counter()
         with self._work:
+            self._stopping = True  # under the lock: no request is admitted after this line
+            waited_for = self._in_flight
             drained = self._work.wait_for(lambda: self._in_flight == 0, timeout=self.settings.prestop_grace_seconds)
             left = self._in_flight
         released = self.device.run(self._release) if drained else 0
@@ -225,8 +251,8 @@ class Service:
         waited = time.perf_counter() - started
         log.info("pre-stop: %s after %.2f s, %d model(s) released", "drained" if drained else
                  f"{left} request(s) still running", waited, released)
-        return {"status": "stopped", "drained": drained, "in_flight": left, "waited_seconds": round(waited, 3),
-                "released_models": released}
+        return {"status": "stopped", "drained": drained, "waited_for": waited_for, "in_flight": left,
+                "waited_seconds": round(waited, 3), "released_models": released}
 
     def _release(self) -> int:
         """Drop every warm pipeline and hand cached device memory back. Runs on the device thread."""
@@ -347,11 +373,11 @@ class Service:
         meter = metering.current()
         if meter is not None:
             meter.mode, meter.consumer = mode, consumer or None
-        if not self.accepting:
-            raise _stopping(self.settings.warmup.retry_after)
-        if not self.settings.warmup.requests_wait and self.state == "STARTING":
-            raise NotReady("the function is warming up; retry shortly",
-                           headers={"Retry-After": str(self.settings.warmup.retry_after)})
+        if self._warming:
+            if not self.settings.warmup.requests_wait:
+                raise NotReady("the function is warming up; retry shortly",
+                               headers={"Retry-After": str(self.settings.warmup.retry_after)})
+            self._warm_done.wait(self.settings.timeout)  # then run on warm models, after the warm-up's work
         with self._admitted():
             return self._run_generation(mode, req, consumer, meter, {})
 
@@ -359,7 +385,8 @@ class Service:
                         timings: dict[str, Any]) -> dict[str, Any]:
         """Validate, select the models, run the job on the device thread, and shape A1111's response.
         `timings` receives queue_wait, model_load (None on a warm hit), generation and encode seconds."""
-        self.coldstart.import_runtime()  # before pipelines.generate: the cold start times the heavy imports
+        if not self.coldstart.imported:  # the heavy imports, timed, on the device thread like all torch work
+            self.device.run(self.coldstart.import_runtime)
         from pipelines.generate import generate
 
         if req.infotext:
@@ -403,8 +430,11 @@ class Service:
 
     @contextlib.contextmanager
     def _admitted(self) -> Iterator[None]:
-        """Count a generation request as in flight (pre-stop waits for these)."""
+        """Admit work unless pre-stop was called (503), and count it as in flight until it ends (pre-stop
+        waits for it)."""
         with self._work:
+            if self._stopping:
+                raise _stopping(self.settings.warmup.retry_after)
             self._in_flight += 1
         try:
             yield

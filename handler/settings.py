@@ -131,6 +131,15 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
+    @model_validator(mode="after")
+    def _warmup_within_limits(self) -> Settings:
+        """A warm-up shape the request limits would refuse can only fail the warm-up: refuse it at start."""
+        for i, shape in enumerate(self.warmup.shapes):
+            if shape.width > self.max_width or shape.height > self.max_height or shape.steps > self.max_steps:
+                raise ValueError(f"warmup.shapes.{i}: {shape.width}x{shape.height}@{shape.steps} exceeds "
+                                 f"max_width / max_height / max_steps")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,

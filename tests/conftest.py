@@ -8,7 +8,8 @@ import base64
 import contextlib
 import io
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,11 @@ def device_held(service) -> Iterator[None]:
     finally:
         release.set()
         holder.join(60)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60, what: str = "condition") -> None:
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds instead of hanging."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

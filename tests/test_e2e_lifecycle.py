@@ -160,7 +160,8 @@ def test_warm_start_metrics_request_log_and_pre_stop(models):
         assert slow_response.status_code == 200 and len(slow_response.json()["images"]) == 1
         body = stop_response.json()
         assert stop_response.status_code == 200 and body["drained"] is True and body["released_models"] == 1
-        assert slow_at <= stop_at + 0.05  # pre-stop answered after the slow request was served
+        assert body["waited_for"] == 1  # pre-stop began while the slow request ran...
+        assert slow_at <= stop_at + 0.05  # ...and answered after it was served
         assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 503
         assert requests.get(f"{server.url}/health", timeout=5).json()["loaded_models"] == []
     finally:

@@ -157,7 +157,7 @@ def test_fc_pre_stop_refuses_new_work(data_dir):
     client = app.test_client()
     body = client.get("/pre-stop").json
     assert body.pop("waited_seconds") >= 0
-    assert body == {"status": "stopped", "drained": True, "in_flight": 0, "released_models": 0}
+    assert body == {"status": "stopped", "drained": True, "waited_for": 0, "in_flight": 0, "released_models": 0}
     assert client.get("/pre-stop").status_code == 200
     r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
@@ -192,7 +192,7 @@ def test_pre_stop_waits_for_requests_already_waiting_for_the_device(data_dir):
     import threading
 
     from handler.app import create_app
-    from tests.conftest import device_held, make_settings
+    from tests.conftest import device_held, make_settings, wait_for
 
     app = create_app(make_settings(data_dir))
     service = app.extensions["sdfunc"]
@@ -205,12 +205,10 @@ def test_pre_stop_waits_for_requests_already_waiting_for_the_device(data_dir):
         caller = threading.Thread(target=call, args=("gen", "post", "/sdapi/v1/txt2img"),
                                   kwargs={"json": {"steps": 1, "width": 64, "height": 64}})
         caller.start()
-        while service.device.pending < 2:  # the request is queued behind the busy job
-            threading.Event().wait(0.05)
+        wait_for(lambda: service.device.pending >= 2, what="the request to queue behind the busy job")
         stopper = threading.Thread(target=call, args=("stop", "get", "/pre-stop"))
         stopper.start()
-        while service.state != "STOPPING":
-            threading.Event().wait(0.02)
+        wait_for(lambda: service.state == "STOPPING", what="pre-stop")
         late = app.test_client().post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
         assert late.status_code == 503  # new work is refused while the admitted request still waits
         assert "stop" not in results and service.in_flight == 1
@@ -218,7 +216,8 @@ def test_pre_stop_waits_for_requests_already_waiting_for_the_device(data_dir):
         thread.join(60)
     assert results["gen"].status_code == 200
     stop = results["stop"].json
-    assert stop["drained"] is True and stop["in_flight"] == 0 and stop["released_models"] == 1
+    assert stop["drained"] is True and stop["waited_for"] == 1 and stop["in_flight"] == 0
+    assert stop["released_models"] == 1
     assert service.loaded_models() == []
 
 

@@ -14,7 +14,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import device_held, make_settings
+from tests.conftest import device_held, make_settings, wait_for
 from tests.serving import metric, metric_samples
 
 SMALL = {"prompt": "a quiet lake", "steps": 1, "width": 64, "height": 64, "seed": 11, "sampler_name": "Euler"}
@@ -105,25 +105,39 @@ def test_failed_warm_up_reports_failed_and_can_be_retried(data_dir):
 
 def test_pending_warm_up_is_starting_and_can_refuse_generation(data_dir):
     app = _app(data_dir, warmup={"on_start": True, "requests_wait": False, "retry_after": 9})
-    client = app.test_client()
-    assert client.get("/healthz").status_code == 503 and client.get("/healthz").json["status"] == "STARTING"
-    r = client.post("/sdapi/v1/txt2img", json=SMALL)
-    assert r.status_code == 503 and r.headers["Retry-After"] == "9" and r.json["error"]["code"] == "not_ready"
-    assert client.get("/sdapi/v1/samplers").status_code == 200  # only generation is held back
+    service, client = app.extensions["sdfunc"], app.test_client()
+    assert client.get("/healthz").json["status"] == "READY"  # nothing scheduled: never stuck in STARTING
+    with device_held(service):
+        service.start_warmup()  # what gunicorn's post_worker_init does; it waits behind the held device
+        assert client.get("/healthz").status_code == 503 and client.get("/healthz").json["status"] == "STARTING"
+        r = client.post("/sdapi/v1/txt2img", json=SMALL)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "9" and r.json["error"]["code"] == "not_ready"
+        assert client.get("/sdapi/v1/samplers").status_code == 200  # only generation is held back
+    wait_for(lambda: service.state == "READY", what="the warm-up")
+    assert client.post("/sdapi/v1/txt2img", json=SMALL).status_code == 200
 
 
 def test_requests_wait_for_a_running_warm_up_by_default(data_dir):
-    app = _app(data_dir, warmup={"on_start": True, "shapes": ["sd1:512x512@4"]})
+    """A request that arrives during the warm-up runs after all of it (not between its load and its
+    generations), so it finds the models and kernels warm."""
+    app = _app(data_dir, warmup={"on_start": True, "shapes": ["sd1:128x128@2"]})
     service, client = app.extensions["sdfunc"], app.test_client()
-    warming = threading.Thread(target=service.warmup)
-    warming.start()
-    while not service.loaded_models() and warming.is_alive():
-        assert service.state == "STARTING"
-        time.sleep(0.01)
-    r = client.post("/sdapi/v1/txt2img", json=SMALL)
-    warming.join(120)
-    assert r.status_code == 200
-    assert service.state == "READY"
+    seen = {}
+
+    def call() -> None:
+        r = client.post("/sdapi/v1/txt2img", json=SMALL)
+        seen.update(status=r.status_code, cold=r.headers["X-Cold-Start"], warm_done=service._warm_done.is_set(),
+                    report=service._warm_report is not None)
+
+    with device_held(service):
+        service.start_warmup()
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.3)
+        assert not seen  # still waiting
+    caller.join(120)
+    assert seen == {"status": 200, "cold": "true", "warm_done": True, "report": True}
+    assert service.state == "READY" and service.cache.stats.loads == 1
 
 
 def test_busy_while_the_device_runs_a_job(data_dir):
@@ -144,10 +158,10 @@ def test_pre_stop_gives_up_after_its_grace_period(data_dir):
         caller = threading.Thread(
             target=lambda: result.update(r=app.test_client().post("/sdapi/v1/txt2img", json=SMALL)))
         caller.start()
-        while service.in_flight < 1:
-            time.sleep(0.01)
+        wait_for(lambda: service.in_flight >= 1, what="the request to be admitted")
         body = app.test_client().get("/pre-stop").json
-        assert body["drained"] is False and body["in_flight"] == 1 and body["released_models"] == 0
+        assert body["drained"] is False and body["waited_for"] == body["in_flight"] == 1
+        assert body["released_models"] == 0
         assert body["waited_seconds"] >= 0.2
     caller.join(60)
     assert result["r"].status_code == 200  # admitted before pre-stop: still served
@@ -165,9 +179,9 @@ def test_compile_setting_wraps_the_unet_with_its_cache_on_the_mount(data_dir, mo
     assert isinstance(model.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(data_dir / "cache" / "inductor")
     assert (data_dir / "cache" / "inductor").is_dir()
-    assert not isinstance(_app(data_dir).extensions["sdfunc"].device.run(
-        lambda svc=_app(data_dir).extensions["sdfunc"]: svc.cache.get(entry)).pipe.unet,
-        torch._dynamo.eval_frame.OptimizedModule)
+    plain = _app(data_dir).extensions["sdfunc"]
+    model = plain.device.run(lambda: plain.cache.get(entry))
+    assert not isinstance(model.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)  # off by default
 
 
 # metrics ----------------------------------------------------------------------------------------------------
@@ -226,7 +240,7 @@ def test_metrics_in_multiprocess_mode(data_dir, tmp_path):
     code = f"""
 import json, os
 from handler.app import create_app
-from tests.conftest import device_held, make_settings
+from tests.conftest import device_held, make_settings, wait_for
 from tests.serving import metric, metric_samples
 from pathlib import Path
 client = create_app(make_settings(Path({str(data_dir)!r}))).test_client()
@@ -332,7 +346,7 @@ def test_importing_the_app_and_answering_health_never_imports_torch(data_dir):
 import sys
 from pathlib import Path
 from handler.app import create_app
-from tests.conftest import device_held, make_settings
+from tests.conftest import device_held, make_settings, wait_for
 client = create_app(make_settings(Path({str(data_dir)!r}))).test_client()
 for path in ("/health", "/healthz", "/metrics", "/sdapi/v1/sd-models"):
     assert client.get(path).status_code == 200, path
@@ -358,3 +372,19 @@ def test_gpu_memory_gauges_when_the_cache_is_on_cuda(data_dir, monkeypatch):
     samples = metric_samples(app.test_client().get("/metrics").get_data(as_text=True))
     assert metric(samples, "sdfunc_gpu_memory_allocated_bytes") == 123
     assert metric(samples, "sdfunc_gpu_memory_reserved_bytes") == 456
+
+
+def test_root_gunicorn_config_loads_with_its_hooks():
+    """`gunicorn 'handler.app:create_app()'` from the repository root reads ./gunicorn.conf.py."""
+    import runpy
+    from pathlib import Path
+
+    config = runpy.run_path(str(Path(__file__).resolve().parents[1] / "gunicorn.conf.py"))
+    assert config["workers"] == 1 and config["accesslog"] is None and config["wsgi_app"] == "handler.app:create_app()"
+    for hook in ("post_fork", "post_worker_init", "child_exit"):
+        assert callable(config[hook]), hook
+
+
+def test_warm_up_shapes_must_fit_the_request_limits(data_dir):
+    with pytest.raises(ValidationError, match="warmup.shapes.0"):
+        make_settings(data_dir, max_width=512, warmup={"shapes": ["1024x512"]})
