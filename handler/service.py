@@ -92,11 +92,6 @@ class Service:
         return "BUSY" if self.device.pending else "READY"
 
     @property
-    def accepting(self) -> bool:
-        """False once pre-stop was called: new generation requests get 503."""
-        return not self._stopping
-
-    @property
     def in_flight(self) -> int:
         """Generation requests admitted and not yet answered."""
         with self._work:
@@ -187,7 +182,7 @@ class Service:
         a second call (or one made while the first runs) waits for it and loads nothing. Refused (503) once
         pre-stop was called."""
         if self._stopping:
-            raise _stopping(self.settings.warmup.retry_after)
+            raise _stopping_error(self.settings.warmup.retry_after)
         with self._warm_lock:
             if self._warm_report is not None:
                 self._warming = False
@@ -220,7 +215,7 @@ class Service:
 
     def _warm(self, entries: list[CheckpointEntry]) -> list[dict[str, Any]]:
         """Each warm-up generation is a real txt2img through the request path (validation, device job, PNG,
-        infotext, base64), minus HTTP, metering and admission: the first real request finds all of it warm."""
+        infotext, base64), minus HTTP and metering: the first real request finds all of it warm."""
         from warmup.initializer import warm_up, warmup_request
 
         def load(entry: CheckpointEntry) -> Any:
@@ -434,7 +429,7 @@ class Service:
         waits for it)."""
         with self._work:
             if self._stopping:
-                raise _stopping(self.settings.warmup.retry_after)
+                raise _stopping_error(self.settings.warmup.retry_after)
             self._in_flight += 1
         try:
             yield
@@ -523,5 +518,5 @@ class Service:
             job.inpainting_mask_invert = bool(req.inpainting_mask_invert)
 
 
-def _stopping(retry_after: int) -> NotReady:
+def _stopping_error(retry_after: int) -> NotReady:
     return NotReady("the function is stopping; retry on another instance", headers={"Retry-After": str(retry_after)})
