@@ -4,16 +4,54 @@ with its result written as JSON and Markdown."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
+import os
+import platform
 import shlex
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def machine_info(threads: int, default_threads: int) -> dict[str, Any]:
+    """CPU, versions, torch threads and load average, for the first line of a result."""
+    import diffusers
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(), "cpu": cpu, "device": "cpu", "python": platform.python_version(),
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "platform": platform.platform(),
+        "torch_threads": threads, "torch_default_threads": default_threads,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def result_header(benchmark: str, command: str, cfg: Any, config: dict[str, Any], threads: int,
+                  default_threads: int) -> dict[str, Any]:
+    """The keys every result starts with: benchmark, date, command, config (the dataclass `cfg`, paths as
+    text, plus `config`) and machine."""
+    return {
+        "benchmark": benchmark,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}, **config},
+        "machine": machine_info(threads, default_threads),
+    }
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, *, markdown_file: bool = True) -> None:

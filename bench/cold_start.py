@@ -38,18 +38,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggingface_hub
 
 import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from bench.cli import add_output_arguments, machine_line, parse_server_env, run_benchmark  # noqa: E402
+from bench.cli import add_output_arguments, machine_line, parse_server_env, result_header, run_benchmark  # noqa: E402
 from bench.serving_overhead import (  # noqa: E402
     CFG_SCALE,
     DISTURBED_SPREAD,
@@ -62,7 +61,6 @@ from bench.serving_overhead import (  # noqa: E402
     _ms,
     _proc_stat,
     ensure_data,
-    machine_info,
     payload,
     running_server,
 )
@@ -275,13 +273,9 @@ def run(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
     threads = cfg.threads or default_threads
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "benchmark": "cold_start",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                   "sampler": SAMPLER, "seed": SEED, "cfg_scale": CFG_SCALE, "prompt": PROMPT, "threads": threads,
-                   "warmup_shape": f"{cfg.size}x{cfg.size}@{cfg.steps}"},
-        "machine": machine_info(threads, default_threads),
+        **result_header("cold_start", command, cfg, {"sampler": SAMPLER, "seed": SEED, "cfg_scale": CFG_SCALE,
+                        "prompt": PROMPT, "threads": threads, "warmup_shape": f"{cfg.size}x{cfg.size}@{cfg.steps}"},
+                        threads, default_threads),
         "target": {"first_over_steady_max": TARGET_RATIO, "way": "initialize_first"},
     }
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {w: [] for w in WAYS} for m in cfg.models}

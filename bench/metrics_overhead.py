@@ -47,7 +47,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggi
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import datetime as dt  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -58,11 +57,11 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import ExitStack, contextmanager  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, NamedTuple  # noqa: E402
 
-from bench.cli import add_output_arguments, machine_line, parse_server_env, run_benchmark  # noqa: E402
+from bench.cli import add_output_arguments, machine_line, parse_server_env, result_header, run_benchmark  # noqa: E402
 from bench.serving_overhead import (  # noqa: E402
     CFG_SCALE,
     DISTURBED_SPREAD,
@@ -73,7 +72,6 @@ from bench.serving_overhead import (  # noqa: E402
     TXT2IMG,
     Server,
     ensure_data,
-    machine_info,
     payload,
     post_txt2img,
     running_server,
@@ -411,15 +409,10 @@ def run(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
     threads = cfg.threads or default_threads
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    result: dict[str, Any] = {
-        "benchmark": "metrics_overhead",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                   "model": MODEL, "sampler": SAMPLER, "seed": SEED, "cfg_scale": CFG_SCALE, "prompt": PROMPT,
-                   "threads": threads, "off_env": [list(p) for p in OFF_ENV]},
-        "machine": machine_info(threads, default_threads),
-    }
+    result: dict[str, Any] = result_header(
+        "metrics_overhead", command, cfg, {"model": MODEL, "sampler": SAMPLER, "seed": SEED, "cfg_scale": CFG_SCALE,
+                                            "prompt": PROMPT, "threads": threads,
+                                            "off_env": [list(p) for p in OFF_ENV]}, threads, default_threads)
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sdfunc-bench-")))
         data = Path(cfg.data).resolve() if cfg.data else work / "data"

@@ -45,11 +45,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggi
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
-import datetime as dt  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import platform  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
@@ -59,11 +57,17 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import ExitStack, contextmanager  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from bench.cli import add_output_arguments, machine_line, parse_server_env, run_benchmark  # noqa: E402
+from bench.cli import (  # noqa: E402
+    add_output_arguments,
+    machine_line,
+    parse_server_env,
+    result_header,
+    run_benchmark,
+)
 
 log = logging.getLogger("bench.serving_overhead")
 
@@ -136,26 +140,6 @@ def _max_pixel_diff(a, b) -> int:
         return 255
     pixels_a = np.asarray(a.convert("RGB"), dtype=np.int16)
     return int(np.abs(pixels_a - np.asarray(b.convert("RGB"), dtype=np.int16)).max())
-
-
-def machine_info(threads: int, default_threads: int) -> dict[str, Any]:
-    import diffusers
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpus": os.cpu_count(), "cpu": cpu, "device": "cpu", "python": platform.python_version(),
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "platform": platform.platform(),
-        "torch_threads": threads, "torch_default_threads": default_threads,
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def ensure_data(data: Path) -> Path:
@@ -268,16 +252,21 @@ class Server:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_process_group(self.proc)
         self._log_file.close()
         log.info("stopped server %s", self.name)
         self.proc = None
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group led by `proc` (gunicorn drains), SIGKILL it after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
 
 
 def _proc_stat(path: Path) -> tuple[list[str], int]:
@@ -572,13 +561,9 @@ def run(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
     torch.set_num_threads(threads)
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "benchmark": "serving_overhead", "issue": 13,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                   "model": MODEL, "sampler": SAMPLER, "seed": SEED, "cfg_scale": CFG_SCALE, "prompt": PROMPT,
-                   "threads": threads},
-        "machine": machine_info(threads, default_threads),
+        **result_header("serving_overhead", command, cfg, {"model": MODEL, "sampler": SAMPLER, "seed": SEED,
+                        "cfg_scale": CFG_SCALE, "prompt": PROMPT, "threads": threads}, threads, default_threads),
+        "issue": 13,
     }
     smallest = min(cfg.sizes)
     with ExitStack() as stack:

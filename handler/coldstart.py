@@ -97,16 +97,13 @@ class ColdStart:
             self._imported = True
 
     def init_device(self, device: str) -> None:
-        """Create the context of `device` ("auto", "cpu" or "cuda"), timing it as `device_init`. Idempotent;
-        run it on the device thread (the CUDA context belongs to the thread that uses it)."""
+        """Create the context of `device` ("cpu" or "cuda[:n]"), timing it as `device_init`. Idempotent; run it
+        on the device thread (the CUDA context belongs to the thread that uses it), after `import_runtime`."""
         if self._device_ready:
             return
-        self.import_runtime()
         import torch
 
         started = time.perf_counter()
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda"):
             torch.cuda.init()
             torch.zeros(1, device=device)

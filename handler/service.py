@@ -124,8 +124,9 @@ class Service:
     def _load(self, checkpoint: CheckpointEntry, vae: VaeEntry | None = None) -> tuple[Any, float | None]:
         """The warm pipeline for (checkpoint, vae) and the seconds spent loading it (None on a hit). Runs
         on the device thread; loads during the cold start go into its breakdown."""
-        self.coldstart.init_device(self.settings.device)
+        self.coldstart.import_runtime()  # timed before the cache resolves the device (which imports torch)
         cache = self.cache
+        self.coldstart.init_device(cache.device)
         loads, phases = cache.stats.loads, dict(cache.stats.phase_seconds)
         started = time.perf_counter()
         model = cache.get(checkpoint, vae)

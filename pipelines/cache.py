@@ -49,7 +49,6 @@ class LoadedModel:
     vae: VaeEntry | None = None
     vae_sha256: str | None = None
     load_seconds: float = 0.0
-    load_phases: dict[str, float] = field(default_factory=dict)  # read_weights, to_device (seconds)
     component_bytes: dict[int, int] = field(default_factory=dict)  # id(module) -> bytes of its tensors
 
     @property
@@ -187,7 +186,7 @@ class PipelineCache:
             self.stats.load_seconds.append(seconds)
             self.stats.add_phases(phases)
         log.info("loaded checkpoint %s (%s) in %.2f s", entry.name, arch, seconds)
-        return LoadedModel(entry=entry, sha256=sha, arch=arch, pipe=pipe, load_seconds=seconds, load_phases=phases,
+        return LoadedModel(entry=entry, sha256=sha, arch=arch, pipe=pipe, load_seconds=seconds,
                            component_bytes=module_bytes(pipe.components))
 
     def _with_vae(self, base: LoadedModel, vae: VaeEntry) -> LoadedModel:
@@ -206,7 +205,7 @@ class PipelineCache:
         log.info("loaded VAE %s for %s in %.2f s", vae.name, base.entry.name, seconds)
         return LoadedModel(
             entry=base.entry, sha256=base.sha256, arch=base.arch, pipe=pipe, vae=vae,
-            vae_sha256=self.store.sha256(vae), load_seconds=seconds, load_phases={"read_weights": seconds},
+            vae_sha256=self.store.sha256(vae), load_seconds=seconds,
             component_bytes=module_bytes(pipe.components),
         )
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from typing import Any
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+from bench.serving_overhead import stop_process_group
 
 
 def free_port() -> int:
@@ -71,13 +72,7 @@ class ServeProcess:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
+        stop_process_group(self.proc)
         self._log.close()
 
 
