@@ -57,7 +57,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import ExitStack, contextmanager  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, fields as dataclass_fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, NamedTuple  # noqa: E402
 
@@ -354,7 +354,8 @@ def _micro_on_app(cfg: BenchConfig, app: Any) -> dict[str, Any]:
     if r.status_code != 200 or not capture.fields:
         raise RuntimeError(f"in-process {TXT2IMG} -> {r.status_code}, {len(capture.fields)} request-log line(s)")
     fields = capture.fields[-1]
-    meter = metering.RequestMeter(**{k: v for k, v in fields.items() if k != "billed_ms"})
+    names = {f.name for f in dataclass_fields(metering.RequestMeter)}
+    meter = metering.RequestMeter(**{k: v for k, v in fields.items() if k in names})
     log.info("in-process meter from a real %dx%d@%d txt2img: generation %.1f ms, total %.1f ms", size, size, steps,
              (meter.generation_seconds or 0) * 1000, (meter.total_seconds or 0) * 1000)
 

@@ -12,7 +12,8 @@ from handler import __version__
 from handler.errors import InvalidRequest
 from handler.schemas import GenerationRequest
 
-EAS_KEYS = ("sd_model_checkpoint", "sd_vae", "save_dir", "image_link", "id_task", "uid")
+EAS_KEYS = ("sd_model_checkpoint", "sd_vae", "save_dir", "image_link", "id_task", "uid", "save_to_db")
+_FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 SEED_RANGE = 4294967294  # A1111: random.randrange(4294967294)
 VERSION_TAG = f"sdfunc-{__version__}"
 
@@ -55,6 +56,13 @@ def eas_values(scripts: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(args, list):
                 raise InvalidRequest(f"{field}: 'args' must be a list", field=field)
             value = args[0] if args else None
+        if key == "save_to_db":  # the RDS plugin's per-request "Save to DataBase" switch
+            flag = value if value is None or isinstance(value, bool) else _FLAGS.get(str(value).strip().lower())
+            if value is not None and flag is None:
+                raise InvalidRequest(f"{field}: must be true or false", field=field)
+            if flag is not None:
+                values[key] = flag
+            continue
         if value is not None and not isinstance(value, str):
             raise InvalidRequest(f"{field}: must be a string", field=field)
         values[key] = value

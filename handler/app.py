@@ -12,7 +12,8 @@ import time
 from flask import Response, g, request
 from flask_openapi3 import Info, OpenAPI
 
-from handler import __version__, fc, metering, routes
+from handler import __version__, account, fc, metering, routes
+from handler.billing import decimal_text
 from handler.errors import (
     ErrorModel,
     InvalidRequest,
@@ -25,6 +26,10 @@ from handler.service import Service
 from handler.settings import Settings
 
 log = logging.getLogger(__name__)
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+AUTHENTICATED_BLUEPRINTS = ("sdapi", "account")  # the lifecycle hooks, health, metrics and docs stay open
+GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 
 
 def create_app(settings: Settings | None = None) -> OpenAPI:
@@ -59,6 +64,15 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         length = request.content_length
         if length is not None and length > settings.max_body_bytes:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds {settings.max_body_bytes}")
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is not None:
+            if not 0 < len(key) <= 128 or not key.isascii() or not key.isprintable():
+                raise InvalidRequest(f"{IDEMPOTENCY_HEADER}: 1-128 printable ASCII characters",
+                                     field=IDEMPOTENCY_HEADER)
+            g.meter.idempotency_key = key
+        if request.blueprint in AUTHENTICATED_BLUEPRINTS:
+            g.caller = service.auth.authenticate(request.headers.get("Authorization"))
+            g.meter.consumer = g.caller.consumer
         if request.is_json:
             try:
                 request.get_json(silent=True)  # parsed once here; the routes get Flask's cached result
@@ -73,11 +87,28 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         if meter is not None:
             response.headers["X-Cold-Start"] = "true" if meter.cold_start else "false"
             meter.status = response.status_code
+            if meter.route in GENERATION_ROUTES:
+                _bill(meter, response)
             meter.total_seconds = time.perf_counter() - meter.started
             service.metrics.observe(meter)
             if settings.request_log:
                 metering.log_request(meter, with_prompts=settings.log_prompts)
         return response
+
+    def _bill(meter: metering.RequestMeter, response: Response) -> None:
+        """The charge headers of a generation; a failed one is recorded in the ledger with a zero charge."""
+        charge = meter.charge if meter.succeeded else None
+        response.headers["X-Billed-Duration-Ms"] = str(charge.billed_ms if charge else 0)
+        response.headers["X-Charge"] = decimal_text(charge.amount) if charge else "0"
+        response.headers["X-Charge-Currency"] = settings.billing.currency
+        if meter.succeeded or meter.recorded or meter.consumer is None or service.ledger is None:
+            return
+        if response.status_code == 409 and meter.error == "duplicate_request":
+            return  # the id belongs to an earlier request: its row stays as it is
+        try:
+            service.ledger.record_failure(meter)
+        except Exception:
+            log.exception("could not record the failed request in the ledger")
 
     @app.teardown_request
     def _unbind_request(_exc: BaseException | None) -> None:
@@ -88,5 +119,6 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     register_error_handlers(app)
     app.register_api(routes.bp)
     app.register_api(fc.bp)
+    app.register_api(account.bp)
     service.coldstart.app_ready()
     return app

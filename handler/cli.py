@@ -1,13 +1,17 @@
-"""The `sdfunc` command: `serve`, `demo-models`, `generate`.
+"""The `sdfunc` command: `serve`, `demo-models`, `generate`, `consumers`, `usage`, `db`.
 
 `serve` runs the function exactly as FC does (gunicorn, handler/gunicorn_conf.py), after writing the tiny
-demo checkpoints into an empty models folder.
+demo checkpoints into an empty models folder. `consumers`, `usage` and `db` work on the records database of
+the settings (SDFUNC_DATABASE_URL, default the SQLite file under the data root). Results go to stdout; logs
+to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import csv
+import datetime as dt
 import logging
 import os
 import sys
@@ -96,9 +100,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         request = Txt2ImgRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                                  width=args.width, height=args.height, seed=args.seed, sampler_name=args.sampler,
                                  cfg_scale=args.cfg_scale)
-        meter = metering.begin(metering.RequestMeter(request_id="cli", instance_id=service.instance_id, method="-",
-                                                     route="generate", cold_start=True))
-        result = service.txt2img(request, consumer="")
+        meter = metering.begin(metering.RequestMeter(request_id=f"cli-{os.urandom(8).hex()}",
+                                                     instance_id=service.instance_id, method="-",
+                                                     route="generate", cold_start=True, consumer="cli"))
+        result = service.txt2img(request, consumer="cli")
     except ValidationError as exc:
         first = exc.errors()[0]
         log.error("%s: %s", ".".join(str(p) for p in first["loc"]), first["msg"])
@@ -112,6 +117,134 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     info = json.loads(result["info"])
     log.info("wrote %s (seed %s, %.2f s generating)", out, info["seed"], meter.generation_seconds)
+    return 0
+
+
+def _records():
+    """The service's records objects for the settings, or None (logged) when records are turned off."""
+    from handler.service import Service
+
+    service = Service(_settings())
+    if service.ledger is None:
+        log.error("records are turned off (SDFUNC_RECORD_REQUESTS=false)")
+    return service
+
+
+def cmd_consumers(args: argparse.Namespace) -> int:
+    _apply_overrides(args)
+    from handler.errors import ServiceError
+
+    service = _records()
+    if service.consumers is None:
+        return 2
+    consumers = service.consumers
+    try:
+        if args.action == "list":
+            out = csv.writer(sys.stdout, delimiter="\t", lineterminator="\n")
+            out.writerow(["id", "admin", "disabled", "key_prefix", "created_at"])
+            for c in consumers.list():
+                out.writerow([c.id, c.admin, c.disabled, c.key_prefix or "", c.created_at])
+            return 0
+        if not args.id:
+            log.error("consumers %s: give a consumer id", args.action)
+            return 2
+        if args.action == "add":
+            key = consumers.add(args.id, admin=args.admin)
+            log.info("consumer %s added%s; its API key follows (shown once, only its hash is kept)",
+                     args.id, " as admin" if args.admin else "")
+            sys.stdout.write(key + "\n")
+        elif args.action == "rotate":
+            sys.stdout.write(consumers.rotate(args.id) + "\n")
+            log.info("consumer %s has a new key; the old one no longer works", args.id)
+        elif args.action in ("disable", "enable"):
+            consumers.set_disabled(args.id, args.action == "disable")
+            log.info("consumer %s %sd", args.id, args.action)
+        elif args.action in ("admin", "no-admin"):
+            consumers.set_admin(args.id, args.action == "admin")
+            log.info("consumer %s is %san admin", args.id, "" if args.action == "admin" else "no longer ")
+    except KeyError:
+        log.error("no consumer %r", args.id)
+        return 2
+    except (ValueError, ServiceError) as exc:
+        log.error("%s", getattr(exc, "message", exc))
+        return 2
+    return 0
+
+
+def _when(text: str | None) -> dt.datetime | None:
+    from handler.schemas import _utc_naive
+
+    return _utc_naive(dt.datetime.fromisoformat(text)) if text else None
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """The numbers of GET /billing/usage, as a table or CSV."""
+    _apply_overrides(args)
+    from handler.errors import ServiceError
+
+    service = _records()
+    if service.ledger is None:
+        return 2
+    try:
+        report = service.ledger.usage(consumer=None if args.consumer in (None, "*") else args.consumer,
+                                      since=_when(args.since), until=_when(args.until), group=args.group)
+    except ValueError as exc:
+        log.error("--since / --until: %s (ISO 8601, e.g. 2026-11-01 or 2026-11-01T08:00:00+08:00)", exc)
+        return 2
+    except ServiceError as exc:
+        log.error("%s", exc.message)
+        return 2
+    columns = ["key", "currency", "requests", "succeeded", "failed", "images", "billed_ms", "amount"]
+    if args.csv:
+        fh = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")
+        try:
+            out = csv.writer(fh)
+            out.writerow(columns)
+            for row in report["rows"]:
+                out.writerow([row[c] for c in columns])
+        finally:
+            if fh is not sys.stdout:
+                fh.close()
+        if args.csv != "-":
+            log.info("wrote %d row(s) to %s", len(report["rows"]), args.csv)
+        return 0
+    rows = [columns] + [[str(row[c]) for c in columns] for row in report["rows"]]
+    totals = report["totals"]
+    for currency, amount in totals["amount"].items() or [("", "0")]:
+        rows.append(["total", currency, *(str(totals[c]) for c in columns[2:7]), amount])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
+    for r in rows:
+        sys.stdout.write("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                         .rstrip() + "\n")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """Schema migrations of the records database (Alembic, handler/migrations)."""
+    _apply_overrides(args)
+    from handler.db import Database, current_revision, migrate, redact
+
+    settings = _settings()
+    db = Database(settings.resolved_database_url)
+    try:
+        if args.action == "upgrade":
+            migrate(db.engine, args.revision)
+        with db.engine.connect() as conn:
+            revision = current_revision(conn)
+        if args.action == "check":
+            from alembic.autogenerate import compare_metadata
+            from alembic.runtime.migration import MigrationContext
+
+            from handler.db import metadata
+
+            with db.engine.connect() as conn:
+                diff = compare_metadata(MigrationContext.configure(conn), metadata)
+            if diff:
+                log.error("the schema differs from the code: %s", diff)
+                return 1
+        sys.stdout.write(f"{redact(db.url)}\t{revision or 'empty'}\n")
+    finally:
+        db.dispose()
     return 0
 
 
@@ -144,6 +277,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg-scale", type=float, default=7.0)
     gen.add_argument("--sampler", default="Euler a")
     gen.set_defaults(func=cmd_generate)
+
+    cons = sub.add_parser("consumers", help="pay-per-image consumers and their API keys")
+    cons.add_argument("action", choices=["list", "add", "rotate", "disable", "enable", "admin", "no-admin"])
+    cons.add_argument("id", nargs="?", help="consumer id (letters, digits, . _ @ -)")
+    cons.add_argument("--admin", action="store_true", help="add: may read every consumer's usage and images")
+    cons.add_argument("--data", help="data root (default ./data)")
+    cons.set_defaults(func=cmd_consumers)
+
+    use = sub.add_parser("usage", help="usage and charges from the ledger (same numbers as GET /billing/usage)")
+    use.add_argument("--consumer", help="one consumer (default: all)")
+    use.add_argument("--since", help="from (ISO 8601 date or date-time, UTC unless given an offset)")
+    use.add_argument("--until", help="before (exclusive)")
+    use.add_argument("--group", choices=["day", "model"], help="rows per UTC day or per checkpoint")
+    use.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout)")
+    use.add_argument("--data", help="data root (default ./data)")
+    use.set_defaults(func=cmd_usage)
+
+    db = sub.add_parser("db", help="records database schema (Alembic migrations)")
+    db.add_argument("action", choices=["upgrade", "current", "check"])
+    db.add_argument("revision", nargs="?", default="head", help="upgrade: target revision (default head)")
+    db.add_argument("--data", help="data root (default ./data)")
+    db.set_defaults(func=cmd_db)
     return parser
 
 

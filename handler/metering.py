@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import Any
+
+from handler.billing import Charge, decimal_text
 
 request_log = logging.getLogger("sdfunc.request")
 
@@ -47,6 +48,17 @@ class RequestMeter:
     total_seconds: float | None = None
     prompt: str | None = None  # only kept when the operator turned prompt logging on
     negative_prompt: str | None = None
+    idempotency_key: str | None = None  # the client's Idempotency-Key header, when sent
+    charge: Charge | None = None  # set when a generation succeeded
+    recorded: bool = False  # the ledger has this request's outcome (or must not get one: a duplicate)
+
+    @property
+    def request_key(self) -> str:
+        """The ledger's id for this request: the Idempotency-Key header, else the request id."""
+        return self.idempotency_key or self.request_id
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
     @property
     def succeeded(self) -> bool:
@@ -54,18 +66,22 @@ class RequestMeter:
 
     @property
     def billed_ms(self) -> int:
-        """Device generation time of a successful request, in whole milliseconds (rounded up); 0 otherwise."""
-        if not self.succeeded or not self.generation_seconds:
+        """The billed time of a successful generation (handler.billing); 0 otherwise."""
+        if not self.succeeded or self.charge is None:
             return 0
-        return math.ceil(self.generation_seconds * 1000)
+        return self.charge.billed_ms
 
     def fields(self, *, with_prompts: bool) -> dict[str, Any]:
         """The request log's fields (prompts only `with_prompts`)."""
-        out = {f.name: getattr(self, f.name) for f in dataclass_fields(self) if f.name != "started"}
+        out = {f.name: getattr(self, f.name) for f in dataclass_fields(self)
+               if f.name not in ("started", "charge", "recorded", "idempotency_key")}
         if not with_prompts:
             out.pop("prompt")
             out.pop("negative_prompt")
         out["billed_ms"] = self.billed_ms
+        out["charged"] = decimal_text(self.charge.amount) if self.charge is not None and self.succeeded else "0"
+        if self.idempotency_key is not None:
+            out["idempotency_key"] = self.idempotency_key
         for key, value in out.items():
             if isinstance(value, float):
                 out[key] = round(value, 4)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app, jsonify
+from flask import current_app, g, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 
 from handler.errors import ErrorModel
 from handler.images import read_image
 from handler.schemas import (
     EmbeddingsList,
+    GenerationRequest,
     GenerationResponse,
     Img2ImgRequest,
     NameItem,
@@ -29,7 +30,8 @@ from handler.schemas import (
 from handler.service import Service
 
 _tag = Tag(name="sdapi", description="AUTOMATIC1111 web UI API (v1.10.1) with PAI-EAS extensions")
-_errors: dict[Any, Any] = {404: ErrorModel, 413: ErrorModel, 422: ErrorModel, 500: ErrorModel, 503: ErrorModel}
+_errors: dict[Any, Any] = {401: ErrorModel, 403: ErrorModel, 404: ErrorModel, 409: ErrorModel, 413: ErrorModel,
+                           422: ErrorModel, 500: ErrorModel, 503: ErrorModel}
 _null = {"description": "JSON null (A1111 returns null; clients call .json() on it)"}
 
 bp = APIBlueprint("sdapi", __name__, url_prefix="/sdapi/v1", abp_tags=[_tag], abp_responses=_errors)
@@ -43,20 +45,31 @@ def service() -> Service:
 
 
 def consumer() -> str:
-    """The caller's identity for per-consumer options. Anonymous until consumer keys exist."""
-    return ""
+    """The caller's consumer id (handler.auth): options are per consumer."""
+    return g.caller.consumer
+
+
+def charged_consumer(body: GenerationRequest) -> str:
+    """The consumer a generation is charged to: the caller, or `alwayson_scripts.uid` where allowed."""
+    from handler.a1111 import eas_values
+
+    uid = eas_values(body.alwayson_scripts).get("uid")
+    name = service().auth.consumer_for(g.caller, uid)
+    g.meter.consumer = name
+    return name
 
 
 @bp.post("/txt2img", responses={200: GenerationResponse})
 def txt2img(body: Txt2ImgRequest):
-    """Text to image."""
-    return jsonify(service().txt2img(body, consumer()))
+    """Text to image. Charged for device generation time: headers `X-Billed-Duration-Ms`, `X-Charge` and
+    `parameters.billing`; an `Idempotency-Key` header makes retries safe (a charged id answers 409)."""
+    return jsonify(service().txt2img(body, charged_consumer(body)))
 
 
 @bp.post("/img2img", responses={200: GenerationResponse})
 def img2img(body: Img2ImgRequest):
-    """Image to image; inpainting when `mask` is given."""
-    return jsonify(service().img2img(body, consumer()))
+    """Image to image; inpainting when `mask` is given. Charged as txt2img."""
+    return jsonify(service().img2img(body, charged_consumer(body)))
 
 
 @bp.post("/png-info", responses={200: PngInfoResponse})

@@ -9,6 +9,7 @@ size, most images) are checked in the service, which names the field the same wa
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from typing import Annotated, Any, Literal
 
@@ -295,3 +296,101 @@ class PreStopResponse(BaseModel):
     in_flight: int = Field(..., description="Still in flight when pre-stop answered (0 when drained).")
     waited_seconds: float
     released_models: int
+
+
+# Records and billing (handler/account.py) -----------------------------------------------------------------
+def _utc_naive(value: Any) -> Any:
+    """Times without a zone are UTC; every time is compared as naive UTC, as the database stores it."""
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value
+
+
+class _TimeRange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    since: dt.datetime | None = Field(None, description="From this time (inclusive); ISO 8601 date or date-time, "
+                                                        "UTC unless it has an offset.")
+    until: dt.datetime | None = Field(None, description="Before this time (exclusive).")
+    consumer: str | None = Field(None, max_length=64, description="Another consumer's records (admins only); "
+                                                                  "`*` = every consumer.")
+
+    @field_validator("since", "until", mode="after")
+    @classmethod
+    def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
+        return _utc_naive(value)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> _TimeRange:
+        if self.since is not None and self.until is not None and self.until <= self.since:
+            raise ValueError("until must be later than since")
+        return self
+
+
+class ImagesQuery(_TimeRange):
+    request_id: str | None = Field(None, max_length=128, description="Only the images of this request id.")
+    page: int = Field(1, ge=1, le=1_000_000)
+    per_page: int = Field(50, ge=1, le=500)
+
+
+class ImagePath(BaseModel):
+    image_id: int = Field(..., ge=1, le=2**63 - 1)
+
+
+class ImageItem(BaseModel):
+    id: int
+    request_id: str
+    consumer: str
+    prompt: str
+    negative_prompt: str
+    steps: int
+    seed: int
+    sampler: str
+    cfg_scale: float
+    size: str = Field(..., description="WIDTHxHEIGHT, e.g. 512x512")
+    model_hash: str | None
+    model: str | None
+    image_url: str | None = Field(..., description="Where the PNG was saved, if it was")
+    stored: bool = Field(..., description="The PNG is kept in the database (GET /images/{id} serves it)")
+    created_at: str
+
+
+class ImageList(BaseModel):
+    images: list[ImageItem]
+    page: int
+    per_page: int
+    total: int
+
+
+class UsageQuery(_TimeRange):
+    group: Literal["day", "model"] | None = Field(None, description="Rows per UTC day or per checkpoint; none: "
+                                                                    "one row.")
+
+
+class UsageRow(BaseModel):
+    key: str = Field(..., description="The day (YYYY-MM-DD), the checkpoint, or `all`")
+    currency: str
+    requests: int
+    succeeded: int
+    failed: int
+    images: int
+    billed_ms: int
+    amount: str = Field(..., description="Decimal string, exact")
+
+
+class UsageTotals(BaseModel):
+    requests: int
+    succeeded: int
+    failed: int
+    images: int
+    billed_ms: int
+    amount: dict[str, str] = Field(..., description="Per currency, decimal strings")
+
+
+class UsageResponse(BaseModel):
+    consumer: str | None = Field(..., description="Whose usage; null = every consumer")
+    since: str | None
+    until: str | None
+    group: str
+    rows: list[UsageRow]
+    totals: UsageTotals

@@ -23,10 +23,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from handler import a1111, metering
+from handler.auth import Authenticator, Consumers
+from handler.billing import Pricing
 from handler.coldstart import ColdStart
+from handler.db import Database
 from handler.errors import InvalidRequest, NotReady
 from handler.executor import DeviceExecutor
 from handler.images import b64, decode_image
+from handler.ledger import ImageRecord, Ledger
 from handler.logs import flush_logs
 from handler.metrics import Metrics
 from handler.options import DEFAULT_OPTIONS, MemoryOptionsStore, OptionsStore, check_option_value
@@ -39,6 +43,15 @@ from pipelines.hashing import HashCache
 from pipelines.store import CheckpointEntry, ModelStore, VaeEntry, format_title
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """A generation's A1111 response body and the image records it makes."""
+
+    response: dict[str, Any]
+    records: list[ImageRecord]
+    generation_seconds: float
 
 
 @dataclass
@@ -69,6 +82,13 @@ class Service:
         self.coldstart = ColdStart()
         self.metrics = Metrics(self, enabled=settings.metrics)
         self.instance_id = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.pricing = Pricing(settings.billing)
+        # The records database is opened lazily (no connection until the first use) and migrated then.
+        self.db = Database(settings.resolved_database_url) if settings.record_requests else None
+        self.ledger = Ledger(self.db, settings.billing.currency) if self.db is not None else None
+        self.consumers = Consumers(self.db) if self.db is not None else None
+        self.auth = Authenticator(settings.auth, self.consumers)
+        self._device_type: str | None = None
         self._cache = None
         self._cache_lock = threading.Lock()
         self._warm_lock = threading.Lock()
@@ -120,6 +140,18 @@ class Service:
     def device_name(self) -> str:
         """The device pipelines run on, or the configured value before the first load (no torch import)."""
         return self._cache.device if self._cache is not None else self.settings.device
+
+    def device_type(self) -> str:
+        """What billing prices: `cpu`, or the GPU's model name (`NVIDIA H100 80GB HBM3`)."""
+        if self._device_type is None:
+            device = self.device_name()
+            if device.startswith("cuda"):
+                import torch
+
+                self._device_type = torch.cuda.get_device_name(torch.device(device))
+            else:
+                self._device_type = device
+        return self._device_type
 
     def _load(self, checkpoint: CheckpointEntry, vae: VaeEntry | None = None) -> tuple[Any, float | None]:
         """The warm pipeline for (checkpoint, vae) and the seconds spent loading it (None on a hit). Runs
@@ -210,6 +242,7 @@ class Service:
             self._failed = False
             seconds = time.perf_counter() - started
             self._warm_report = {"status": "READY", "checkpoints": records, "seconds": round(seconds, 3)}
+            self._prepare_records()
             log.info("warm-up done in %.2f s (%s)", seconds, ", ".join(r["checkpoint"] for r in records))
             threading.Thread(target=self._hash_all, name="sdfunc-hash", daemon=True).start()
             return {**self._warm_report, "warmed": True, "cold_start": self.coldstart.report()}
@@ -224,10 +257,19 @@ class Service:
 
         def generate(entry: CheckpointEntry, shape: Any) -> float:
             timings: dict[str, float] = {}
-            self._run_generation("txt2img", warmup_request(entry, shape), "", None, timings)
-            return timings["generation"]
+            return self._run_generation("txt2img", warmup_request(entry, shape), "", None, timings).generation_seconds
 
         return warm_up(entries, self.settings.warmup.shapes, load, generate)
+
+    def _prepare_records(self) -> None:
+        """Create or upgrade the records schema now rather than in the first request (failures are logged;
+        requests retry and answer 503 while the database is unreachable)."""
+        if self.db is None:
+            return
+        try:
+            self.db.ready()
+        except Exception:
+            log.exception("records database not ready")
 
     def loaded_models(self) -> list[str]:
         """Titles of the warm pipelines (empty before the first load)."""
@@ -243,6 +285,8 @@ class Service:
             drained = self._work.wait_for(lambda: self._in_flight == 0, timeout=self.settings.prestop_grace_seconds)
             left = self._in_flight
         released = self.device.run(self._release) if drained else 0
+        if self.db is not None:
+            self.db.dispose()  # every charge was committed before its response: nothing is left to flush
         flush_logs()
         waited = time.perf_counter() - started
         log.info("pre-stop: %s after %.2f s, %d model(s) released", "drained" if drained else
@@ -375,10 +419,28 @@ class Service:
                                headers={"Retry-After": str(self.settings.warmup.retry_after)})
             self._warm_done.wait(self.settings.timeout)  # then run on warm models, after the warm-up's work
         with self._admitted():
-            return self._run_generation(mode, req, consumer, meter, {})
+            if meter is None:  # no HTTP request: nothing to charge or record
+                return self._run_generation(mode, req, consumer, None, {}).response
+            claim = (self.ledger.claim(consumer, meter.request_key) if self.ledger is not None
+                     else contextlib.nullcontext())
+            with claim:
+                outcome = self._run_generation(mode, req, consumer, meter, {})
+                return self._charge(outcome, meter)
+
+    def _charge(self, outcome: Outcome, meter: metering.RequestMeter) -> dict[str, Any]:
+        """Price the generation, put the charge in `parameters.billing`, and commit the ledger row with its
+        image records before the response goes out (handler.ledger)."""
+        charge = self.pricing.charge(outcome.generation_seconds, len(outcome.records), self.device_type())
+        meter.charge = charge
+        outcome.response["parameters"]["billing"] = {"request_id": meter.request_key, "consumer": meter.consumer,
+                                                     **charge.as_dict()}
+        if self.ledger is not None:
+            self.ledger.record_success(meter, charge, outcome.records)
+            meter.recorded = True
+        return outcome.response
 
     def _run_generation(self, mode: str, req: GenerationRequest, consumer: str, meter: metering.RequestMeter | None,
-                        timings: dict[str, Any]) -> dict[str, Any]:
+                        timings: dict[str, Any]) -> Outcome:
         """Validate, select the models, run the job on the device thread, and shape A1111's response.
         `timings` receives queue_wait, model_load (None on a warm hit), generation and encode seconds."""
         if not self.coldstart.imported:  # the heavy imports, timed, on the device thread like all torch work
@@ -415,14 +477,14 @@ class Service:
                 meter.queue_wait_seconds = timings.get("queue_wait")
                 meter.model_load_seconds = timings.get("model_load")
         encode_started = time.perf_counter()
-        response = self._respond(mode, req, job, model, result, eas)
+        outcome = self._respond(mode, req, job, model, result, eas)
         timings["generation"] = result.generation_seconds
         timings["encode"] = time.perf_counter() - encode_started
         if meter is not None:
             meter.generation_seconds = result.generation_seconds
             meter.encode_seconds = timings["encode"]
             meter.images = len(result.images)
-        return response
+        return outcome
 
     @contextlib.contextmanager
     def _admitted(self) -> Iterator[None]:
@@ -460,8 +522,8 @@ class Service:
         return job, selection
 
     def _respond(self, mode: str, req: GenerationRequest, job: Any, model: Any, result: Any,
-                 eas: dict[str, Any]) -> dict[str, Any]:
-        """PNGs with their infotexts, optional saving, and the A1111 response body."""
+                 eas: dict[str, Any]) -> Outcome:
+        """PNGs with their infotexts, optional saving, the A1111 response body and the image records."""
         from pipelines.infotext import png_bytes
 
         extras = a1111.extra_params(req, job)
@@ -490,11 +552,20 @@ class Service:
         info = a1111.info_object(req, job, model, result, infotexts, extras)
         log.info("%s: %d image(s) %dx%d, %d steps, %.3f s generating", mode, len(pngs), job.width, job.height,
                  job.steps, result.generation_seconds)
-        return {
-            "images": [b64(data) for data in pngs] if req.send_images else [],
+        keep = eas.get("save_to_db", self.settings.save_images_to_db)
+        encoded: list[Any] = [b64(data) if req.send_images or keep else None for data in pngs]
+        records = [ImageRecord(prompt=req.prompt, negative_prompt=req.negative_prompt, steps=job.steps, seed=seed,
+                               sampler=str(params.get("Sampler", "")), cfg_scale=float(job.cfg_scale),
+                               size=f"{job.width}x{job.height}", model_hash=params.get("Model hash"),
+                               model=params.get("Model"), image_base64=data if keep else None,
+                               image_url=saved[i] if i < len(saved) else None)
+                   for i, (seed, data) in enumerate(zip(result.seeds, encoded))]
+        response = {
+            "images": encoded if req.send_images else [],
             "parameters": parameters,
             "info": json.dumps(info, ensure_ascii=False),
         }
+        return Outcome(response=response, records=records, generation_seconds=result.generation_seconds)
 
     def _img2img_inputs(self, req: Img2ImgRequest, job: Any, options: dict[str, Any]) -> None:
         limit = self.settings.max_input_pixels

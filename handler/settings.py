@@ -7,6 +7,7 @@ these), the YAML file named by `SDFUNC_CONFIG` (or `./sdfunc.yaml` when present)
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -84,6 +85,78 @@ class WarmupSettings(BaseModel):
     )
 
 
+class AuthSettings(BaseModel):
+    """Who may call the function and as which consumer (handler/auth.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["none", "basic", "token"] = Field(
+        "none", description="none: every caller is the anonymous consumer (local default); basic: HTTP Basic "
+                            "with `users` or a consumer's API key as password; token: the Authorization header "
+                            "carries a service token (EAS style) or a consumer's API key.",
+    )
+    users: list[str] = Field(
+        default_factory=list, description="basic mode: `user:password` pairs, as A1111's --api-auth (a comma-"
+                                          "separated string works too); the user name is the consumer id.",
+    )
+    tokens: list[str] = Field(
+        default_factory=list, description="token mode: service tokens (EAS). A holder is a trusted gateway: an "
+                                          "admin that may name the consumer with alwayson_scripts.uid.",
+    )
+    admins: list[str] = Field(
+        default_factory=list, description="Consumer ids that may read every consumer's usage and images.",
+    )
+    allow_uid: bool = Field(
+        True, description="Let `alwayson_scripts.uid` name the consumer: in mode none for anyone, otherwise for "
+                          "service tokens and admins only. Off: uid is ignored.",
+    )
+    realm: str = Field("sdfunc", description="Realm in WWW-Authenticate.")
+
+    @field_validator("users", "tokens", "admins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("users")
+    @classmethod
+    def _user_pass(cls, value: list[str]) -> list[str]:
+        for item in value:
+            user, sep, password = item.partition(":")
+            if not sep or not user or not password:
+                raise ValueError("each entry must be user:password")
+        return value
+
+
+class BillingSettings(BaseModel):
+    """How generation time becomes a charge (handler/billing.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prices: dict[str, Decimal] = Field(
+        default_factory=lambda: {"cpu": Decimal(0)},
+        description="Price per second of device generation time, by device type: `cpu`, or a GPU model name "
+                    "or part of it (`H100`, `A10`, `NVIDIA L20`); the longest key found in the device name wins, "
+                    "then `default`. An unpriced device is charged 0 (logged).",
+    )
+    currency: str = Field("CNY", min_length=1, max_length=8, description="Currency of prices and charges.")
+    rounding_ms: int = Field(
+        1, ge=1, le=3_600_000, description="Billing unit: 1 bills per millisecond, 1000 per second (billed time "
+                                           "is rounded up to a whole unit).",
+    )
+    minimum_ms_per_image: int = Field(0, ge=0, description="Least billed time per image (ms), before rounding.")
+    floor_per_image: Decimal = Field(Decimal(0), ge=0, description="Least charge per image, in the currency.")
+
+    @field_validator("prices")
+    @classmethod
+    def _non_negative(cls, value: dict[str, Decimal]) -> dict[str, Decimal]:
+        for key, price in value.items():
+            if price < 0 or not price.is_finite():
+                raise ValueError(f"{key}: a price must be a finite number >= 0")
+        return value
+
+
 class Settings(BaseSettings):
     """Everything the function can be configured with. Paths are resolved to absolute paths."""
 
@@ -114,6 +187,22 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body (bytes); larger -> 413.")
     max_input_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Largest decoded input image (pixels).")
     max_prompt_chars: int = Field(20_000, ge=100, description="Longest prompt or negative prompt (characters).")
+
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="Authentication and consumers.")
+    billing: BillingSettings = Field(default_factory=BillingSettings, description="Prices and billing units.")
+    database_url: str | None = Field(
+        None, description="Records database (ledger, image records, consumers), an SQLAlchemy URL: "
+                          "mysql+pymysql://user:pw@host/db (RDS), postgresql+psycopg://... Default: SQLite "
+                          "file <data>/sdfunc.sqlite3 (one instance only; use MySQL when several instances share it).",
+    )
+    record_requests: bool = Field(
+        True, description="Write the billing ledger and image records; off: nothing is written and "
+                          "/images and /billing/usage answer 404.",
+    )
+    save_images_to_db: bool = Field(
+        False, description="Keep each PNG (base64) in generated_images (the RDS plugin's 'Save to DataBase'); "
+                           "per request: alwayson_scripts.save_to_db.",
+    )
 
     log_level: str = Field("INFO", description="Python logging level name.")
     log_json: bool = Field(True, description="JSON log lines (one object per line) carrying the request id.")
@@ -183,6 +272,10 @@ class Settings(BaseSettings):
     @cached_property
     def compile_cache_dir(self) -> Path:
         return self.warmup.compile_cache_dir or self.cache_dir / "inductor"
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'sdfunc.sqlite3'}"
 
     def ensure_layout(self) -> None:
         """Create the A1111 folders under the data root if missing (first start on an empty mount)."""

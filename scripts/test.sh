@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install sdfunc with its test dependencies into ./.venv and run the whole suite. Extra args go to pytest
-# (e.g. `-m "not slow"` to skip the 2 GB real-architecture checkpoint test).
+# Install sdfunc with its test dependencies (and mariadb-server for the records tests, when run as root) and run
+# the whole suite. Extra args go to pytest (e.g. `-m "not slow"` to skip the 2 GB real-architecture checkpoint test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="[test]" . scripts/venv.sh
+bash scripts/test-services.sh  # MariaDB for the records tests (apt-get as root; SDFUNC_REQUIRE_MYSQL=1: must be there)
 .venv/bin/python -m pip check
 exec .venv/bin/python -m pytest "$@"

@@ -94,3 +94,59 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60, what: str = "
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+# Records databases: every record and ledger test runs on SQLite and on a real MariaDB server -----------------
+REQUIRE_MYSQL = os.environ.get("SDFUNC_REQUIRE_MYSQL") == "1"
+
+
+@pytest.fixture(scope="session")
+def mariadb():
+    """One throwaway MariaDB server for the session (bench/mariadb.py). Skipped when mariadb-server is not
+    installed, a failure instead with SDFUNC_REQUIRE_MYSQL=1 (CI)."""
+    from bench.mariadb import MariaDB, find_server
+
+    if find_server() is None:
+        message = "mariadb-server is not installed (scripts/test-services.sh installs it when run as root)"
+        if REQUIRE_MYSQL:
+            pytest.fail(message + " and SDFUNC_REQUIRE_MYSQL=1")
+        pytest.skip(message)
+    server = MariaDB().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def db_url(request, tmp_path) -> str:
+    """A fresh, empty records database: an SQLite file, or a new database on the session's MariaDB."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'records.sqlite3'}"
+    import uuid
+
+    return request.getfixturevalue("mariadb").create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def make_app(data_dir, db_url):
+    """Build apps on the demo data with the test's records database; their connections close afterwards."""
+    from handler.app import create_app
+
+    apps = []
+
+    def build(**overrides):
+        app = create_app(make_settings(data_dir, database_url=db_url, **overrides))
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        db = app.extensions["sdfunc"].db
+        if db is not None:
+            db.dispose()
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+TINY = {"prompt": "a red house", "steps": 1, "width": 64, "height": 64, "seed": 7}

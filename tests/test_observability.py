@@ -276,10 +276,11 @@ def test_request_log_has_every_field_and_no_prompt(data_dir, caplog):
     assert ok["instance_id"] == r.headers["X-Instance-Id"] == app.extensions["sdfunc"].instance_id
     assert (ok["route"], ok["method"], ok["status"], ok["mode"], ok["checkpoint"]) == (
         "/sdapi/v1/txt2img", "POST", 200, "txt2img", "demo-sd15.safetensors")
-    assert (ok["width"], ok["height"], ok["steps"], ok["images"], ok["consumer"]) == (64, 64, 1, 1, None)
+    assert (ok["width"], ok["height"], ok["steps"], ok["images"], ok["consumer"]) == (64, 64, 1, 1, "anonymous")
     for key in ("queue_wait_seconds", "generation_seconds", "encode_seconds", "total_seconds"):
         assert ok[key] >= 0, key
     assert ok["total_seconds"] >= ok["generation_seconds"] and ok["billed_ms"] >= 1
+    assert ok["billed_ms"] == int(r.headers["X-Billed-Duration-Ms"]) and ok["charged"] == r.headers["X-Charge"]
     assert "prompt" not in ok and "negative_prompt" not in ok
     assert "secret-words-991" not in caplog.text
     assert bad["status"] == 422 and bad["error"] == "invalid_request" and bad["billed_ms"] == 0
@@ -287,11 +288,14 @@ def test_request_log_has_every_field_and_no_prompt(data_dir, caplog):
 
 
 def test_request_log_in_json_carries_the_fields_at_top_level(data_dir):
+    from handler.billing import Pricing
     from handler.logs import JsonFormatter
     from handler.metering import RequestMeter, request_log
+    from handler.settings import BillingSettings
 
     meter = RequestMeter(request_id="r1", instance_id="i1", method="POST", route="/x", cold_start=False,
                          status=200, mode="txt2img", generation_seconds=0.0101, prompt="p")
+    meter.charge = Pricing(BillingSettings(prices={"cpu": "2"})).charge(0.0101, 1, "cpu")
     captured: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = captured.append  # type: ignore[method-assign]
@@ -304,7 +308,8 @@ def test_request_log_in_json_carries_the_fields_at_top_level(data_dir):
     finally:
         request_log.removeHandler(handler)
     plain, with_prompt = (json.loads(JsonFormatter().format(rec)) for rec in captured)
-    assert plain["logger"] == "sdfunc.request" and plain["billed_ms"] == 11 and plain["cold_start"] is False
+    assert plain["logger"] == "sdfunc.request" and plain["billed_ms"] == 11 and plain["charged"] == "0.022"
+    assert plain["cold_start"] is False
     assert "prompt" not in plain and with_prompt["prompt"] == "p"
 
 

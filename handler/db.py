@@ -1,0 +1,288 @@
+"""The records database: tables, engine, and schema migrations.
+
+SQLAlchemy 2 Core. The embedded default is an SQLite file under the data root (WAL, synchronous=FULL, foreign
+keys on); production uses MySQL / MariaDB (RDS, PyMySQL) or PostgreSQL by URL. The schema is created and
+upgraded by the Alembic migrations in handler/migrations, once per process, on first use (`ready()`), under a
+database lock on MySQL and PostgreSQL so that instances starting together do not race. Any failure to reach
+the database surfaces as `DatabaseUnavailable` (503): the caller is not charged.
+
+Tables:
+- `consumers`: who may call (API keys stored as SHA-256 hashes), admin and disabled flags.
+- `ledger`: one row per (consumer, request id): what ran, billed time, price, amount (integer nano-units),
+  status succeeded | failed, timestamps. Unique, so a retried request id is never charged twice.
+- `generated_images`: one row per image, the RDS plugin's columns plus request id, consumer, image_url.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from handler.errors import NotReady
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+_MYSQL = ("mysql", "mariadb")
+
+# Portable column types: MySQL's TEXT holds 64 KB, too little for a 20k-character prompt or a PNG's base64;
+# MySQL's DATETIME keeps whole seconds unless given a precision.
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), *_MYSQL)
+MediumText = Text().with_variant(mysql.MEDIUMTEXT(), *_MYSQL)
+LongText = Text().with_variant(mysql.LONGTEXT(), *_MYSQL)
+Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite auto-increments INTEGER PRIMARY KEY only
+
+metadata = MetaData(naming_convention={
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+})
+_mysql_opts = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4", "mariadb_engine": "InnoDB",
+               "mariadb_charset": "utf8mb4"}
+
+consumers = Table(
+    "consumers", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("key_hash", String(64), nullable=True, unique=True),
+    Column("key_prefix", String(16), nullable=True),
+    Column("admin", Boolean, nullable=False, default=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("created_at", Timestamp, nullable=False),
+    **_mysql_opts,
+)
+
+ledger = Table(
+    "ledger", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("request_id", String(128), nullable=False),
+    Column("consumer", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # succeeded | failed
+    Column("http_status", Integer, nullable=True),
+    Column("error", String(64), nullable=True),
+    Column("invocation_id", String(128), nullable=True),  # the x-fc-request-id of the attempt that wrote the row
+    Column("instance_id", String(128), nullable=True),
+    Column("mode", String(16), nullable=True),
+    Column("checkpoint", String(255), nullable=True),
+    Column("width", Integer, nullable=True),
+    Column("height", Integer, nullable=True),
+    Column("steps", Integer, nullable=True),
+    Column("images", Integer, nullable=False, default=0),
+    Column("device", String(128), nullable=True),
+    Column("queue_wait_ms", Float, nullable=True),
+    Column("model_load_ms", Float, nullable=True),
+    Column("generation_ms", Float, nullable=True),
+    Column("encode_ms", Float, nullable=True),
+    Column("total_ms", Float, nullable=True),
+    Column("billed_ms", BigInteger, nullable=False, default=0),
+    Column("price_per_second", String(32), nullable=False, default="0"),
+    Column("currency", String(8), nullable=False),
+    Column("amount_nanos", BigInteger, nullable=False, default=0),
+    Column("attempts", Integer, nullable=False, default=1),
+    Column("started_at", Timestamp, nullable=False),
+    Column("finished_at", Timestamp, nullable=False),
+    UniqueConstraint("consumer", "request_id"),
+    Index(None, "finished_at"),
+    **_mysql_opts,
+)
+
+generated_images = Table(
+    "generated_images", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("request_id", String(128), nullable=False),
+    Column("consumer", String(64), nullable=False),
+    Column("prompt", MediumText, nullable=False),
+    Column("negative_prompt", MediumText, nullable=False),
+    Column("steps", Integer, nullable=False),
+    Column("seed", BigInteger, nullable=False),
+    Column("sampler", String(64), nullable=False),
+    Column("cfg_scale", Float, nullable=False),
+    Column("size", String(16), nullable=False),  # "512x512"
+    Column("model_hash", String(64), nullable=True),
+    Column("model", String(255), nullable=True),
+    Column("image_base64", LongText, nullable=True),
+    Column("image_url", String(1024), nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    ForeignKeyConstraint(["consumer", "request_id"], ["ledger.consumer", "ledger.request_id"], ondelete="CASCADE"),
+    Index(None, "consumer", "created_at"),
+    Index(None, "request_id"),
+    **_mysql_opts,
+)
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC with microseconds: what every timestamp column holds."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class DatabaseUnavailable(NotReady):
+    code = "database_unavailable"
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for logs and errors."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class Database:
+    """One engine per process. `ready()` migrates the schema once; `begin()` is a transaction that commits on
+    exit; connection failures inside either become `DatabaseUnavailable`."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            kwargs["pool_recycle"] = 1800
+            if self.dialect in _MYSQL:
+                kwargs["connect_args"] = {"connect_timeout": 5}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.dialect == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._ready = False
+        self._ready_lock = threading.Lock()
+
+    def ready(self) -> None:
+        """Create or upgrade the schema on first use (idempotent, cheap afterwards)."""
+        if self._ready:
+            return
+        with self._ready_lock:
+            if self._ready:
+                return
+            with self._errors("migrate"):
+                migrate(self.engine)
+            self._ready = True
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A transaction on a pooled connection: committed when the block ends, rolled back if it raises."""
+        self.ready()
+        with self._errors("write"), self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A connection for reads."""
+        self.ready()
+        with self._errors("read"), self.engine.connect() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except DBAPIError as exc:
+            if not _is_connection_error(exc):
+                raise
+            log.error("records database %s unreachable during %s: %s", redact(self.url), what,
+                      type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__)
+            raise DatabaseUnavailable("the records database is unreachable; nothing was charged, retry shortly",
+                                      headers={"Retry-After": "5"}) from exc
+
+    def dispose(self) -> None:
+        """Close pooled connections (pre-stop)."""
+        self.engine.dispose()
+
+
+def _is_connection_error(exc: DBAPIError) -> bool:
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    # OperationalError covers refused / lost connections, timeouts and SQLite's "database is locked" after
+    # its 30 s busy timeout: all of them mean "not now", never "your request was wrong".
+    return exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError))
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    cur.execute("PRAGMA synchronous=FULL")  # a committed charge survives power loss, not only a crash
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def alembic_config(connection: Connection | None = None) -> Any:
+    """An Alembic config for handler/migrations, bound to `connection` when given."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Upgrade the schema to `revision`, holding a database-wide lock where the database has one."""
+    from alembic import command
+
+    with engine.connect() as conn, _migration_lock(conn, conn.dialect.name):
+        before = current_revision(conn)
+        command.upgrade(alembic_config(conn), revision)
+        conn.commit()
+        after = current_revision(conn)
+    if before != after:
+        log.info("records database %s: schema %s -> %s", redact(str(engine.url)), before or "empty", after)
+
+
+def current_revision(conn: Connection) -> str | None:
+    """The schema revision the database is at (None: no schema yet)."""
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+@contextlib.contextmanager
+def _migration_lock(conn: Connection, dialect: str) -> Iterator[None]:
+    if dialect in _MYSQL:
+        got = conn.execute(text("SELECT GET_LOCK('sdfunc_migrations', 120)")).scalar()
+        if got != 1:
+            raise RuntimeError("could not take the migration lock within 120 s")
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT RELEASE_LOCK('sdfunc_migrations')"))
+    elif dialect == "postgresql":
+        conn.execute(text("SELECT pg_advisory_lock(7412093)"))
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(7412093)"))
+    else:
+        yield
+
+
+__all__ = ["Database", "DatabaseUnavailable", "SQLAlchemyError", "consumers", "generated_images", "ledger",
+           "metadata", "migrate", "utcnow"]

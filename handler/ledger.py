@@ -1,0 +1,248 @@
+"""The billing ledger and the image records: what each consumer was charged, and for which images.
+
+Contract:
+- `record_success` writes the request's ledger row and all its image rows in one transaction and commits
+  before the response is sent. A crash at any point leaves the complete row with its images, or nothing.
+- One row per (consumer, request id). A request id that already has a succeeded row is refused before any
+  work (`Duplicate`, 409) and never charged again; a failed row is replaced by the retry's outcome.
+- `record_failure` writes (or refreshes) a failed row with a zero charge; it never overwrites a success.
+- Usage totals are sums of ledger rows computed by the database, amounts in integer nano-units (exact).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, func, insert, literal, select, update
+from sqlalchemy.exc import IntegrityError
+
+from handler.billing import Charge, decimal_text, from_nanos
+from handler.db import Database, generated_images, ledger, utcnow
+from handler.errors import ServiceError
+from handler.metering import RequestMeter
+
+
+class Duplicate(ServiceError):
+    status, code = 409, "duplicate_request"
+
+
+@dataclass
+class ImageRecord:
+    """One generated image as `generated_images` keeps it (the RDS plugin's columns)."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    seed: int
+    sampler: str
+    cfg_scale: float
+    size: str
+    model_hash: str | None
+    model: str | None
+    image_base64: str | None = None
+    image_url: str | None = None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _row_values(meter: RequestMeter, status: str, charge: Charge | None, currency: str) -> dict[str, Any]:
+    now = utcnow()
+    started = now - dt.timedelta(seconds=max(0.0, meter.elapsed()))
+    return {
+        "status": status, "http_status": meter.status or (200 if status == "succeeded" else None),
+        "error": meter.error if status == "failed" else None, "invocation_id": meter.request_id,
+        "instance_id": meter.instance_id, "mode": meter.mode, "checkpoint": meter.checkpoint,
+        "width": meter.width, "height": meter.height, "steps": meter.steps,
+        "images": charge.images if charge else 0, "device": charge.device if charge else None,
+        "queue_wait_ms": _ms(meter.queue_wait_seconds), "model_load_ms": _ms(meter.model_load_seconds),
+        "generation_ms": _ms(meter.generation_seconds), "encode_ms": _ms(meter.encode_seconds),
+        "total_ms": round(meter.elapsed() * 1000, 3),
+        "billed_ms": charge.billed_ms if charge else 0,
+        "price_per_second": decimal_text(charge.price_per_second) if charge else "0",
+        "currency": charge.currency if charge else currency,
+        "amount_nanos": charge.amount_nanos if charge else 0,
+        "started_at": started, "finished_at": now,
+    }
+
+
+class Ledger:
+    """Reads and writes of the ledger and image records over one `Database`."""
+
+    def __init__(self, db: Database, currency: str) -> None:
+        self.db = db
+        self.currency = currency
+        self._in_flight: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    # writes -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def claim(self, consumer: str, request_id: str) -> Iterator[None]:
+        """Refuse (409) a request id that is running here or already succeeded, then hold it until the block
+        ends. Across instances the unique key settles a race at commit (`record_success`)."""
+        key = (consumer, request_id)
+        with self._lock:
+            if key in self._in_flight:
+                raise Duplicate(f"request id {request_id!r} is already being generated; wait for its response")
+            self._in_flight.add(key)
+        try:
+            self._refuse_if_charged(consumer, request_id)
+            yield
+        finally:
+            with self._lock:
+                self._in_flight.discard(key)
+
+    def _refuse_if_charged(self, consumer: str, request_id: str) -> None:
+        with self.db.connect() as conn:
+            row = conn.execute(select(ledger.c.billed_ms, ledger.c.amount_nanos, ledger.c.currency).where(
+                ledger.c.consumer == consumer, ledger.c.request_id == request_id,
+                ledger.c.status == "succeeded")).first()
+        if row is not None:
+            raise _duplicate(request_id, row)
+
+    def record_success(self, meter: RequestMeter, charge: Charge, images: list[ImageRecord]) -> None:
+        """Commit the charged ledger row and its image rows together (raises Duplicate when another attempt
+        with the same id committed first, DatabaseUnavailable when the database cannot be reached)."""
+        consumer, request_id = meter.consumer or "", meter.request_key
+        values = _row_values(meter, "succeeded", charge, self.currency)
+        rows = [{"request_id": request_id, "consumer": consumer, "created_at": values["finished_at"],
+                 **vars(image)} for image in images]
+        try:
+            with self.db.begin() as conn:
+                conn.execute(insert(ledger).values(request_id=request_id, consumer=consumer, attempts=1, **values))
+                if rows:
+                    conn.execute(insert(generated_images), rows)
+            return
+        except IntegrityError:
+            pass  # a row with this id exists: a failed attempt (replace it) or a success (refuse)
+        with self.db.begin() as conn:
+            # Write first, read never: the UPDATE takes the row (or SQLite's write lock) before deciding.
+            done = conn.execute(update(ledger).where(
+                ledger.c.consumer == consumer, ledger.c.request_id == request_id, ledger.c.status == "failed",
+            ).values(attempts=ledger.c.attempts + 1, **values)).rowcount
+            if done == 1:
+                if rows:
+                    conn.execute(insert(generated_images), rows)
+                return
+        with self.db.connect() as conn:
+            row = conn.execute(select(ledger.c.billed_ms, ledger.c.amount_nanos, ledger.c.currency).where(
+                ledger.c.consumer == consumer, ledger.c.request_id == request_id)).first()
+        raise _duplicate(request_id, row)
+
+    def record_failure(self, meter: RequestMeter) -> None:
+        """Record a failed request with a zero charge; a retry's earlier failure is refreshed, a success is
+        left as it is."""
+        consumer, request_id = meter.consumer or "", meter.request_key
+        values = _row_values(meter, "failed", None, self.currency)
+        try:
+            with self.db.begin() as conn:
+                conn.execute(insert(ledger).values(request_id=request_id, consumer=consumer, attempts=1, **values))
+            return
+        except IntegrityError:
+            pass
+        with self.db.begin() as conn:
+            conn.execute(update(ledger).where(
+                ledger.c.consumer == consumer, ledger.c.request_id == request_id, ledger.c.status == "failed",
+            ).values(attempts=ledger.c.attempts + 1, **values))
+
+    # reads ------------------------------------------------------------------------------------------------
+    def usage(self, *, consumer: str | None, since: dt.datetime | None, until: dt.datetime | None,
+              group: str | None) -> dict[str, Any]:
+        """Totals of the ledger rows finished in [since, until) for `consumer` (None: every consumer), grouped
+        by `day` (UTC) or `model` (checkpoint), or one row when `group` is None."""
+        keys = {"day": [func.date(ledger.c.finished_at)], "model": [func.coalesce(ledger.c.checkpoint, "-")]}
+        key = keys.get(group or "", [])
+        succeeded = func.sum(case((ledger.c.status == "succeeded", 1), else_=0))
+        query = (select((key[0] if key else literal("all")).label("key"), ledger.c.currency,
+                        func.count().label("requests"), succeeded.label("succeeded"),
+                        func.sum(ledger.c.images).label("images"), func.sum(ledger.c.billed_ms).label("billed_ms"),
+                        func.sum(ledger.c.amount_nanos).label("amount_nanos"))
+                 .where(*self._filters(ledger, consumer, since, until, ledger.c.finished_at))
+                 .group_by(*key, ledger.c.currency).order_by(*key, ledger.c.currency))
+        with self.db.connect() as conn:
+            result = conn.execute(query).all()
+        rows = []
+        totals = {"requests": 0, "succeeded": 0, "failed": 0, "images": 0, "billed_ms": 0}
+        amounts: dict[str, int] = {}
+        for row in result:
+            requests, ok = int(row.requests), int(row.succeeded or 0)
+            item = {"key": str(row.key), "currency": row.currency, "requests": requests, "succeeded": ok,
+                    "failed": requests - ok, "images": int(row.images or 0), "billed_ms": int(row.billed_ms or 0),
+                    "amount": decimal_text(from_nanos(int(row.amount_nanos or 0)))}
+            rows.append(item)
+            for name in totals:
+                totals[name] += item[name]
+            amounts[row.currency] = amounts.get(row.currency, 0) + int(row.amount_nanos or 0)
+        return {"consumer": consumer, "since": _iso(since), "until": _iso(until), "group": group or "none",
+                "rows": rows, "totals": {**totals, "amount": {c: decimal_text(from_nanos(n))
+                                                              for c, n in sorted(amounts.items())}}}
+
+    def ledger_rows(self, *, consumer: str | None = None) -> list[dict[str, Any]]:
+        """Every ledger row (tests, exports), oldest first."""
+        query = select(ledger).where(*self._filters(ledger, consumer, None, None, ledger.c.finished_at))
+        with self.db.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query.order_by(ledger.c.id))]
+
+    def images(self, *, consumer: str | None, request_id: str | None, since: dt.datetime | None,
+               until: dt.datetime | None, page: int, per_page: int) -> dict[str, Any]:
+        """One page of image records, newest first, without the image bytes."""
+        t = generated_images
+        filters = self._filters(t, consumer, since, until, t.c.created_at)
+        if request_id is not None:
+            filters.append(t.c.request_id == request_id)
+        columns = [c for c in t.c if c.name != "image_base64"]
+        has_image = (t.c.image_base64.is_not(None)).label("stored")
+        with self.db.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(t).where(*filters)).scalar_one()
+            result = conn.execute(select(*columns, has_image).where(*filters).order_by(t.c.id.desc())
+                                  .limit(per_page).offset((page - 1) * per_page)).all()
+        items = []
+        for row in result:
+            item = dict(row._mapping)
+            item["stored"] = bool(item["stored"])
+            item["created_at"] = _iso(item["created_at"])
+            items.append(item)
+        return {"images": items, "page": page, "per_page": per_page, "total": int(total)}
+
+    def image(self, image_id: int, *, consumer: str | None) -> dict[str, Any] | None:
+        """One image record with its bytes' locations, or None (also when it belongs to another consumer)."""
+        t = generated_images
+        filters = [t.c.id == image_id]
+        if consumer is not None:
+            filters.append(t.c.consumer == consumer)
+        with self.db.connect() as conn:
+            row = conn.execute(select(t.c.image_base64, t.c.image_url).where(*filters)).first()
+        return dict(row._mapping) if row is not None else None
+
+    @staticmethod
+    def _filters(table: Any, consumer: str | None, since: dt.datetime | None, until: dt.datetime | None,
+                 column: Any) -> list[Any]:
+        filters = []
+        if consumer is not None:
+            filters.append(table.c.consumer == consumer)
+        if since is not None:
+            filters.append(column >= since)
+        if until is not None:
+            filters.append(column < until)
+        return filters
+
+
+def _duplicate(request_id: str, row: Any) -> Duplicate:
+    details = None
+    if row is not None:
+        details = [{"billed_ms": int(row.billed_ms), "currency": row.currency,
+                    "amount": decimal_text(from_nanos(int(row.amount_nanos)))}]
+    return Duplicate(f"request id {request_id!r} was already generated and charged; it is not charged again. "
+                     f"Its image records: GET /images?request_id={request_id}", details=details)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
