@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import hashlib
 import hmac
 import re
@@ -29,15 +30,17 @@ from sqlalchemy.exc import IntegrityError
 
 from handler.db import Database, consumers, utcnow
 from handler.errors import Forbidden, InvalidRequest, Unauthorized
-from handler.settings import AuthSettings
+from handler.settings import CONSUMER_ID_PATTERN, AuthSettings
 
-ANONYMOUS = "anonymous"
-SERVICE = "service"
+ANONYMOUS = "anonymous"  # every caller in mode none
+SERVICE = "service"  # a service-token holder that names no consumer
+RESERVED = (ANONYMOUS, SERVICE, "cli")
 KEY_PREFIX = "sdf_"
-CONSUMER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+CONSUMER_ID = re.compile(CONSUMER_ID_PATTERN)
 
 
 def hash_secret(secret: str) -> str:
+    """Hex SHA-256 of a secret: what the consumers table keeps of an API key."""
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
@@ -47,6 +50,7 @@ def new_key() -> str:
 
 
 def check_consumer_id(value: str, field: str = "consumer") -> str:
+    """`value` if it is a valid consumer id, else a 422 naming `field`."""
     if not CONSUMER_ID.match(value):
         raise InvalidRequest(f"{field}: a consumer id is 1-64 characters of letters, digits and . _ @ -, "
                              "starting with a letter or digit", field=field)
@@ -69,7 +73,7 @@ class Consumer:
     admin: bool
     disabled: bool
     key_prefix: str | None
-    created_at: Any
+    created_at: dt.datetime
 
 
 class Consumers:
@@ -99,6 +103,8 @@ class Consumers:
     def add(self, consumer_id: str, *, admin: bool = False) -> str:
         """Create a consumer with a new API key and return the key (shown once; only its hash is kept)."""
         check_consumer_id(consumer_id)
+        if consumer_id in RESERVED:
+            raise ValueError(f"{consumer_id!r} is reserved (anonymous callers, service tokens, the CLI)")
         key = new_key()
         try:
             with self.db.begin() as conn:
@@ -154,9 +160,7 @@ class Authenticator:
         mode = self.settings.mode
         if mode == "none":
             return Caller(ANONYMOUS, admin=True, via="none", may_name_consumer=self.settings.allow_uid)
-        caller = self._basic(authorization) if mode == "basic" else self._token(authorization)
-        self._refuse_disabled(caller.consumer)
-        return caller
+        return self._basic(authorization) if mode == "basic" else self._token(authorization)
 
     def _unauthorized(self, message: str) -> Unauthorized:
         return Unauthorized(message, headers={"WWW-Authenticate": self.challenge})
@@ -177,10 +181,10 @@ class Authenticator:
             if hmac.compare_digest(digest, expected):
                 matched = name
         if matched is not None:
-            return self._caller(matched, via="basic")
+            return self._caller(matched, via="basic", stored=self._stored(matched))
         found = self.consumers.by_key(password) if self.consumers is not None and password.startswith(KEY_PREFIX) else None
         if found is not None and hmac.compare_digest(found.id.encode(), user.encode()):
-            return self._caller(found.id, via="key", admin=found.admin)
+            return self._caller(found.id, via="key", stored=found)
         raise self._unauthorized("wrong user name or password")
 
     def _token(self, authorization: str | None) -> Caller:
@@ -197,19 +201,18 @@ class Authenticator:
             return Caller(SERVICE, admin=True, via="token", may_name_consumer=self.settings.allow_uid)
         found = self.consumers.by_key(value) if self.consumers is not None and value.startswith(KEY_PREFIX) else None
         if found is not None:
-            return self._caller(found.id, via="key", admin=found.admin)
+            return self._caller(found.id, via="key", stored=found)
         raise self._unauthorized("invalid token")
 
-    def _caller(self, consumer: str, *, via: str, admin: bool = False) -> Caller:
-        admin = admin or consumer in self.settings.admins
-        return Caller(consumer, admin=admin, via=via, may_name_consumer=admin and self.settings.allow_uid)
+    def _stored(self, consumer: str) -> Consumer | None:
+        return self.consumers.get(consumer) if self.consumers is not None else None
 
-    def _refuse_disabled(self, consumer: str) -> None:
-        if self.consumers is None:
-            return
-        found = self.consumers.get(consumer)
-        if found is not None and found.disabled:
+    def _caller(self, consumer: str, *, via: str, stored: Consumer | None) -> Caller:
+        """The caller, refused (403) if its consumer row is disabled; admin by setting or by its row."""
+        if stored is not None and stored.disabled:
             raise Forbidden(f"consumer {consumer!r} is disabled")
+        admin = consumer in self.settings.admins or (stored is not None and stored.admin)
+        return Caller(consumer, admin=admin, via=via, may_name_consumer=admin and self.settings.allow_uid)
 
     def consumer_for(self, caller: Caller, uid: str | None) -> str:
         """The consumer a generation is charged to: `uid` when given and the caller may name consumers,
@@ -221,5 +224,7 @@ class Authenticator:
             raise Forbidden("alwayson_scripts.uid: this caller may not act for another consumer",
                             field="alwayson_scripts.uid")
         check_consumer_id(uid, field="alwayson_scripts.uid")
-        self._refuse_disabled(uid)
+        stored = self._stored(uid)
+        if stored is not None and stored.disabled:
+            raise Forbidden(f"consumer {uid!r} is disabled", field="alwayson_scripts.uid")
         return uid

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -36,6 +37,16 @@ def nanos(value: Decimal) -> int:
 
 def from_nanos(value: int) -> Decimal:
     return Decimal(value) * NANO
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _contains(words: list[str], key: list[str]) -> bool:
+    """`key` appears as consecutive whole words of `words`."""
+    n = len(key)
+    return n > 0 and any(words[i:i + n] == key for i in range(len(words) - n + 1))
 
 
 @dataclass(frozen=True)
@@ -86,21 +97,20 @@ class Pricing:
         self._warned: set[str] = set()
 
     def price_for(self, device: str) -> Decimal:
-        """Price per second for a device name (`cpu`, `NVIDIA H100 80GB HBM3`): an exact key, else the longest
-        key contained in the name (case-insensitive), else `default`, else 0 (logged once per device)."""
-        prices = {key.lower(): value for key, value in self.settings.prices.items()}
-        name = device.lower()
-        if name in prices:
-            return prices[name]
-        found = [key for key in prices if key and key != "default" and key in name]
-        if found:
-            return prices[max(found, key=len)]
-        if "default" in prices:
-            return prices["default"]
+        """Price per second for a device name (`cpu`, `NVIDIA H100 80GB HBM3`): the key whose words appear
+        together in the name, the longest such key winning (`H100` and `NVIDIA H100` match it, `A10` does not
+        match `NVIDIA A100-SXM4-80GB`), else `default`, else 0. The choice is logged once per device."""
+        words = _words(device)
+        found = [key for key in self.settings.prices if key.lower() != "default" and _contains(words, _words(key))]
+        chosen = max(found, key=lambda k: len(_words(k))) if found else next(
+            (k for k in self.settings.prices if k.lower() == "default"), None)
         if device not in self._warned:
             self._warned.add(device)
-            log.warning("no price for device %r in billing.prices: its generations are charged 0", device)
-        return Decimal(0)
+            if chosen is None:
+                log.warning("no price for device %r in billing.prices: its generations are charged 0", device)
+            else:
+                log.info("device %r is billed at the price of %r", device, chosen)
+        return self.settings.prices[chosen] if chosen is not None else Decimal(0)
 
     def charge(self, generation_seconds: float, images: int, device: str) -> Charge:
         """The charge for `images` images generated in `generation_seconds` of device time on `device`."""

@@ -172,9 +172,9 @@ def cmd_consumers(args: argparse.Namespace) -> int:
 
 
 def _when(text: str | None) -> dt.datetime | None:
-    from handler.schemas import _utc_naive
+    from handler.schemas import utc_naive
 
-    return _utc_naive(dt.datetime.fromisoformat(text)) if text else None
+    return utc_naive(dt.datetime.fromisoformat(text)) if text else None
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -196,7 +196,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
         return 2
     columns = ["key", "currency", "requests", "succeeded", "failed", "images", "billed_ms", "amount"]
     if args.csv:
-        fh = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")
+        try:
+            fh = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            log.error("--csv %s: %s", args.csv, exc.strerror or exc)
+            return 2
         try:
             out = csv.writer(fh)
             out.writerow(columns)
@@ -222,29 +226,36 @@ def cmd_usage(args: argparse.Namespace) -> int:
 def cmd_db(args: argparse.Namespace) -> int:
     """Schema migrations of the records database (Alembic, handler/migrations)."""
     _apply_overrides(args)
-    from handler.db import Database, current_revision, migrate, redact
+    from sqlalchemy.exc import SQLAlchemyError
 
-    settings = _settings()
-    db = Database(settings.resolved_database_url)
+    from handler.db import Database, redact
+
+    db = Database(_settings().resolved_database_url)
     try:
-        if args.action == "upgrade":
-            migrate(db.engine, args.revision)
-        with db.engine.connect() as conn:
-            revision = current_revision(conn)
-        if args.action == "check":
-            from alembic.autogenerate import compare_metadata
-            from alembic.runtime.migration import MigrationContext
-
-            from handler.db import metadata
-
-            with db.engine.connect() as conn:
-                diff = compare_metadata(MigrationContext.configure(conn), metadata)
-            if diff:
-                log.error("the schema differs from the code: %s", diff)
-                return 1
-        sys.stdout.write(f"{redact(db.url)}\t{revision or 'empty'}\n")
+        return _db_action(args.action, args.revision, db)
+    except SQLAlchemyError as exc:
+        log.error("records database %s: %s", redact(db.url), str(getattr(exc, "orig", None) or exc)[:300])
+        return 2
     finally:
         db.dispose()
+
+
+def _db_action(action: str, revision: str, db) -> int:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from handler.db import current_revision, metadata, migrate, redact
+
+    if action == "upgrade":
+        migrate(db.engine, revision)
+    with db.engine.connect() as conn:
+        current = current_revision(conn)
+        if action == "check":
+            diff = compare_metadata(MigrationContext.configure(conn), metadata)
+            if diff:
+                log.error("the schema differs from the code (a migration is missing): %s", diff)
+                return 1
+    sys.stdout.write(f"{redact(db.url)}\t{current or 'empty'}\n")
     return 0
 
 

@@ -43,9 +43,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError
 
-from handler.errors import NotReady
+from handler.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,6 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
-class DatabaseUnavailable(NotReady):
-    code = "database_unavailable"
-
-
 def redact(url: str) -> str:
     """The URL with its password hidden, for logs and errors."""
     return make_url(url).render_as_string(hide_password=True)
@@ -204,11 +200,13 @@ class Database:
         try:
             yield
         except DBAPIError as exc:
-            if not _is_connection_error(exc):
+            if not is_unavailable(exc):
                 raise
-            log.error("records database %s unreachable during %s: %s", redact(self.url), what,
-                      type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__)
-            raise DatabaseUnavailable("the records database is unreachable; nothing was charged, retry shortly",
+            log.error("records database %s unavailable during %s: %s", redact(self.url), what,
+                      str(exc.orig or exc)[:200])
+            # A commit whose acknowledgement was lost may have landed: the retry with the same id is safe.
+            raise DatabaseUnavailable("the records database is unavailable, so this request was not charged; "
+                                      "retry shortly (with the same Idempotency-Key it is never charged twice)",
                                       headers={"Retry-After": "5"}) from exc
 
     def dispose(self) -> None:
@@ -216,12 +214,27 @@ class Database:
         self.engine.dispose()
 
 
-def _is_connection_error(exc: DBAPIError) -> bool:
-    from sqlalchemy.exc import InterfaceError, OperationalError
+# MySQL / MariaDB error numbers that mean "not now": a closed connection (PyMySQL's 0), cannot connect (2002, 2003), connection lost (2006, 2013,
+# 2055), too many connections (1040), server shutting down (1053), lock wait timeout (1205), deadlock (1213),
+# read-only / failover (1290, 1836).
+_MYSQL_UNAVAILABLE = {0, 1040, 1053, 1205, 1213, 1290, 1836, 2002, 2003, 2006, 2013, 2055}
+_SQLITE_UNAVAILABLE = ("database is locked", "unable to open database file", "disk i/o error", "database or disk is full")
 
-    # OperationalError covers refused / lost connections, timeouts and SQLite's "database is locked" after
-    # its 30 s busy timeout: all of them mean "not now", never "your request was wrong".
-    return exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError))
+
+def is_unavailable(exc: DBAPIError) -> bool:
+    """True when the database could not do the work now (connection, lock, failover), False for errors a retry
+    will not fix (a schema or data problem: those are bugs, answered 500)."""
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):  # PyMySQL: (errno, message)
+        return args[0] in _MYSQL_UNAVAILABLE
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(sqlstate, str):  # PostgreSQL: class 08 connection exception, 57P0x shutdown, 40xxx retry
+        return sqlstate.startswith(("08", "57P", "40"))
+    message = str(orig).lower()
+    return any(text in message for text in _SQLITE_UNAVAILABLE) or type(orig).__name__ == "InterfaceError"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -275,14 +288,11 @@ def _migration_lock(conn: Connection, dialect: str) -> Iterator[None]:
         finally:
             conn.execute(text("SELECT RELEASE_LOCK('sdfunc_migrations')"))
     elif dialect == "postgresql":
-        conn.execute(text("SELECT pg_advisory_lock(7412093)"))
-        try:
-            yield
-        finally:
-            conn.execute(text("SELECT pg_advisory_unlock(7412093)"))
+        # Held by the migration's own transaction: released by its commit or rollback, even when it fails.
+        conn.execute(text("SET LOCAL lock_timeout = '120s'"))
+        conn.execute(text("SELECT pg_advisory_xact_lock(7412093)"))
+        yield
     else:
         yield
 
 
-__all__ = ["Database", "DatabaseUnavailable", "SQLAlchemyError", "consumers", "generated_images", "ledger",
-           "metadata", "migrate", "utcnow"]

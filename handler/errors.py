@@ -57,6 +57,12 @@ class NotFound(ServiceError):
     status, code = 404, "not_found"
 
 
+class Conflict(ServiceError):
+    """A request id that was already charged, or is being generated right now (handler.ledger)."""
+
+    status, code = 409, "duplicate_request"
+
+
 class PayloadTooLarge(ServiceError):
     status, code = 413, "payload_too_large"
 
@@ -67,6 +73,12 @@ class Busy(ServiceError):
 
 class NotReady(ServiceError):
     status, code = 503, "not_ready"
+
+
+class DatabaseUnavailable(NotReady):
+    """The records database cannot be reached: the request is not charged (handler.db)."""
+
+    code = "database_unavailable"
 
 
 class ErrorBody(BaseModel):

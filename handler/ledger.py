@@ -3,8 +3,10 @@
 Contract:
 - `record_success` writes the request's ledger row and all its image rows in one transaction and commits
   before the response is sent. A crash at any point leaves the complete row with its images, or nothing.
-- One row per (consumer, request id). A request id that already has a succeeded row is refused before any
-  work (`Duplicate`, 409) and never charged again; a failed row is replaced by the retry's outcome.
+- One row per (consumer, request id). A request id that already has a succeeded row, or is being generated
+  in this process, is refused before any work (`Conflict`, 409). Two instances racing on one id both
+  generate, and the second to commit gets the 409: it is never charged twice. A failed row is replaced by the
+  retry's outcome.
 - `record_failure` writes (or refreshes) a failed row with a zero charge; it never overwrites a success.
 - Usage totals are sums of ledger rows computed by the database, amounts in integer nano-units (exact).
 """
@@ -23,12 +25,8 @@ from sqlalchemy.exc import IntegrityError
 
 from handler.billing import Charge, decimal_text, from_nanos
 from handler.db import Database, generated_images, ledger, utcnow
-from handler.errors import ServiceError
+from handler.errors import Conflict
 from handler.metering import RequestMeter
-
-
-class Duplicate(ServiceError):
-    status, code = 409, "duplicate_request"
 
 
 @dataclass
@@ -89,7 +87,7 @@ class Ledger:
         key = (consumer, request_id)
         with self._lock:
             if key in self._in_flight:
-                raise Duplicate(f"request id {request_id!r} is already being generated; wait for its response")
+                raise Conflict(f"request id {request_id!r} is already being generated; wait for its response")
             self._in_flight.add(key)
         try:
             self._refuse_if_charged(consumer, request_id)
@@ -104,10 +102,25 @@ class Ledger:
                 ledger.c.consumer == consumer, ledger.c.request_id == request_id,
                 ledger.c.status == "succeeded")).first()
         if row is not None:
-            raise _duplicate(request_id, row)
+            raise self._duplicate(consumer, request_id, row)
+
+    def _duplicate(self, consumer: str, request_id: str, row: Any) -> Conflict:
+        """The 409 for a charged id: the original charge, and where its images can be fetched (if kept)."""
+        t = generated_images
+        kept = (t.c.image_base64.is_not(None)) | (t.c.image_url.is_not(None))
+        with self.db.connect() as conn:
+            images, available = conn.execute(select(func.count(), func.sum(case((kept, 1), else_=0))).where(
+                t.c.consumer == consumer, t.c.request_id == request_id)).one()
+        images, available = int(images or 0), int(available or 0)
+        details = [{"billed_ms": int(row.billed_ms), "currency": row.currency, "images": images,
+                    "images_kept": available, "amount": decimal_text(from_nanos(int(row.amount_nanos)))}]
+        where = (f"its images: GET /images?request_id={request_id}" if available else
+                 "its images were not kept (send save_to_db, save_images or an Idempotency-Key to keep them)")
+        return Conflict(f"request id {request_id!r} was already generated and charged; it is not charged again; "
+                        f"{where}", details=details)
 
     def record_success(self, meter: RequestMeter, charge: Charge, images: list[ImageRecord]) -> None:
-        """Commit the charged ledger row and its image rows together (raises Duplicate when another attempt
+        """Commit the charged ledger row and its image rows together (raises Conflict when another attempt
         with the same id committed first, DatabaseUnavailable when the database cannot be reached)."""
         consumer, request_id = meter.consumer or "", meter.request_key
         values = _row_values(meter, "succeeded", charge, self.currency)
@@ -132,8 +145,8 @@ class Ledger:
                 return
         with self.db.connect() as conn:
             row = conn.execute(select(ledger.c.billed_ms, ledger.c.amount_nanos, ledger.c.currency).where(
-                ledger.c.consumer == consumer, ledger.c.request_id == request_id)).first()
-        raise _duplicate(request_id, row)
+                ledger.c.consumer == consumer, ledger.c.request_id == request_id)).one()
+        raise self._duplicate(consumer, request_id, row)
 
     def record_failure(self, meter: RequestMeter) -> None:
         """Record a failed request with a zero charge; a retry's earlier failure is refreshed, a success is
@@ -231,15 +244,6 @@ class Ledger:
         if until is not None:
             filters.append(column < until)
         return filters
-
-
-def _duplicate(request_id: str, row: Any) -> Duplicate:
-    details = None
-    if row is not None:
-        details = [{"billed_ms": int(row.billed_ms), "currency": row.currency,
-                    "amount": decimal_text(from_nanos(int(row.amount_nanos)))}]
-    return Duplicate(f"request id {request_id!r} was already generated and charged; it is not charged again. "
-                     f"Its image records: GET /images?request_id={request_id}", details=details)
 
 
 def _iso(value: dt.datetime | None) -> str | None:

@@ -19,9 +19,12 @@ class Progress:
             "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
         }
         self._started = 0.0
+        self._owner: str | None = None
 
-    def begin(self, job: str, job_count: int, sampling_steps: int) -> None:
+    def begin(self, job: str, job_count: int, sampling_steps: int, owner: str | None = None) -> None:
+        """A job starts; `owner` is the consumer it is charged to (only it or an admin may interrupt it)."""
         with self._lock:
+            self._owner = owner
             self._state.update(
                 job=job, job_count=job_count, job_no=0, sampling_step=0, sampling_steps=sampling_steps,
                 interrupted=False, skipped=False, stopping_generation=False,
@@ -35,10 +38,16 @@ class Progress:
             self._state.update(sampling_step=step, sampling_steps=total, job_no=job_no)
             return not self._state["interrupted"]
 
-    def interrupt(self) -> None:
+    def interrupt(self, consumer: str | None = None) -> bool:
+        """Ask the running job to stop after its current step: any job when `consumer` is None (an admin), else
+        only that consumer's. False when another consumer's job is running (nothing is changed)."""
         with self._lock:
-            if self._state["job_count"]:
-                self._state["interrupted"] = True
+            if not self._state["job_count"]:
+                return True
+            if consumer is not None and self._owner is not None and consumer != self._owner:
+                return False
+            self._state["interrupted"] = True
+            return True
 
     def end(self) -> None:
         with self._lock:

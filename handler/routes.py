@@ -7,7 +7,7 @@ from typing import Any
 from flask import current_app, g, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 
-from handler.errors import ErrorModel
+from handler.errors import ErrorModel, Forbidden
 from handler.images import read_image
 from handler.schemas import (
     EmbeddingsList,
@@ -196,8 +196,11 @@ def progress(query: ProgressQuery):
 
 @bp.post("/interrupt", responses={200: {"description": "{}"}})
 def interrupt():
-    """Stop the current job after its current step; the images made so far are returned."""
-    service().progress.interrupt()
+    """Stop the current job after its current step; the images made so far are returned (and charged for
+    the time they took). Only the job's consumer or an admin may interrupt it: another's job is a 403."""
+    caller = g.caller
+    if not service().progress.interrupt(None if caller.admin else caller.consumer):
+        raise Forbidden("the running job belongs to another consumer")
     return jsonify({})
 
 

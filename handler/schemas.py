@@ -13,7 +13,7 @@ import datetime as dt
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 def _number_only(value: Any) -> Any:
@@ -299,7 +299,7 @@ class PreStopResponse(BaseModel):
 
 
 # Records and billing (handler/account.py) -----------------------------------------------------------------
-def _utc_naive(value: Any) -> Any:
+def utc_naive(value: Any) -> Any:
     """Times without a zone are UTC; every time is compared as naive UTC, as the database stores it."""
     if isinstance(value, dt.datetime) and value.tzinfo is not None:
         return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
@@ -317,14 +317,12 @@ class _TimeRange(BaseModel):
 
     @field_validator("since", "until", mode="after")
     @classmethod
-    def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
-        return _utc_naive(value)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> _TimeRange:
-        if self.since is not None and self.until is not None and self.until <= self.since:
-            raise ValueError("until must be later than since")
-        return self
+    def _utc(cls, value: dt.datetime | None, info: ValidationInfo) -> dt.datetime | None:
+        value = utc_naive(value)
+        since = info.data.get("since") if info.field_name == "until" else None
+        if value is not None and since is not None and value <= since:
+            raise ValueError("must be later than since")
+        return value
 
 
 class ImagesQuery(_TimeRange):

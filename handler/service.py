@@ -461,7 +461,8 @@ class Service:
         def run_on_device() -> tuple[Any, Any]:
             timings["queue_wait"] = time.perf_counter() - submitted  # admitted work runs even after pre-stop
             model, timings["model_load"] = self._load(selection.checkpoint, selection.vae)
-            self.progress.begin(mode, job_count=math.ceil(len(job.seeds) / job.batch_size), sampling_steps=job.steps)
+            self.progress.begin(mode, job_count=math.ceil(len(job.seeds) / job.batch_size), sampling_steps=job.steps,
+                                owner=consumer or None)
             try:
                 result = generate(model, job, progress=self.progress.step)
             finally:
@@ -552,7 +553,10 @@ class Service:
         info = a1111.info_object(req, job, model, result, infotexts, extras)
         log.info("%s: %d image(s) %dx%d, %d steps, %.3f s generating", mode, len(pngs), job.width, job.height,
                  job.steps, result.generation_seconds)
-        keep = eas.get("save_to_db", self.settings.save_images_to_db)
+        # "Save to DataBase": per request, else the setting; a client that sends an Idempotency-Key expects a
+        # retry to find the images it paid for, so those are kept too.
+        meter = metering.current()
+        keep = eas.get("save_to_db", self.settings.save_images_to_db or bool(meter and meter.idempotency_key))
         encoded: list[Any] = [b64(data) if req.send_images or keep else None for data in pngs]
         records = [ImageRecord(prompt=req.prompt, negative_prompt=req.negative_prompt, steps=job.steps, seed=seed,
                                sampler=str(params.get("Sampler", "")), cfg_scale=float(job.cfg_scale),

@@ -7,6 +7,7 @@ these), the YAML file named by `SDFUNC_CONFIG` (or `./sdfunc.yaml` when present)
 from __future__ import annotations
 
 import os
+import re
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +15,9 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+
+CONSUMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"  # consumer ids: users, API-key consumers, uid
 
 
 def _yaml_file() -> Path | None:
@@ -126,6 +130,8 @@ class AuthSettings(BaseModel):
             user, sep, password = item.partition(":")
             if not sep or not user or not password:
                 raise ValueError("each entry must be user:password")
+            if not re.match(CONSUMER_ID_PATTERN, user):
+                raise ValueError(f"user {user!r}: 1-64 letters, digits and . _ @ -, starting with a letter or digit")
         return value
 
 
@@ -152,8 +158,8 @@ class BillingSettings(BaseModel):
     @classmethod
     def _non_negative(cls, value: dict[str, Decimal]) -> dict[str, Decimal]:
         for key, price in value.items():
-            if price < 0 or not price.is_finite():
-                raise ValueError(f"{key}: a price must be a finite number >= 0")
+            if not price.is_finite() or price < 0 or price >= 10**9 or price != price.quantize(Decimal("1e-12")):
+                raise ValueError(f"{key}: a price is a number from 0 to 1e9 with at most 12 decimal places")
         return value
 
 

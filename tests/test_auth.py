@@ -5,6 +5,7 @@ import pytest
 
 from conftest import TINY, basic
 from handler.auth import Consumers
+from handler.errors import InvalidRequest
 
 
 def consumers(app) -> Consumers:
@@ -123,8 +124,9 @@ def test_webuiapi_client_with_api_auth(make_app):
         assert result.image.size == (64, 64) and result.info["seed"] == 3
         assert result.parameters["billing"]["consumer"] == "webui"
         api.set_auth("webui", "nope")
-        with pytest.raises(Exception):
+        with pytest.raises(RuntimeError) as refused:  # webuiapi raises RuntimeError(status, body)
             api.txt2img(prompt="a cat", steps=1, width=64, height=64)
+        assert refused.value.args[0] == 401
     finally:
         server.shutdown()
 
@@ -136,9 +138,41 @@ def test_consumer_ids_and_duplicate_add(make_app):
     assert key.startswith("sdf_") and len(key) > 40
     with pytest.raises(ValueError):
         c.add("shop.one@example")
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidRequest):
         c.add("bad id")
+    for reserved in ("anonymous", "service", "cli"):
+        with pytest.raises(ValueError, match="reserved"):
+            c.add(reserved)
     with pytest.raises(KeyError):
         c.set_disabled("ghost", True)
     assert [x.id for x in c.list()] == ["shop.one@example"]
     assert c.by_key(key).id == "shop.one@example" and c.by_key(key + "x") is None
+
+
+def test_only_the_jobs_consumer_or_an_admin_interrupts_it(make_app):
+    import threading
+
+    from conftest import wait_for
+
+    app = make_app(auth={"mode": "basic", "users": ["a:1", "b:2", "root:3"], "admins": ["root"]})
+    service = app.extensions["sdfunc"]
+    client = app.test_client()
+    results = {}
+    job = {**TINY, "steps": 40, "n_iter": 4}
+
+    def run(user: str, password: str) -> None:
+        results[user] = client.post("/sdapi/v1/txt2img", json=job, headers=basic(user, password))
+
+    for owner, password, stopper in (("a", "1", ("a", "1")), ("b", "2", ("root", "3"))):
+        t = threading.Thread(target=run, args=(owner, password))
+        t.start()
+        wait_for(lambda: service.progress.snapshot()["state"]["job_count"]
+                 and service.progress.snapshot()["state"]["sampling_step"] >= 1, what="sampling")
+        other = "b" if owner == "a" else "a"
+        refused = client.post("/sdapi/v1/interrupt", headers=basic(other, "2" if other == "b" else "1"))
+        assert refused.status_code == 403 and refused.json["error"]["code"] == "forbidden"
+        assert service.progress.snapshot()["state"]["interrupted"] is False
+        assert client.post("/sdapi/v1/interrupt", headers=basic(*stopper)).status_code == 200
+        t.join(120)
+        assert results[owner].status_code == 200 and 1 <= len(results[owner].json["images"]) < 4
+    assert client.post("/sdapi/v1/interrupt", headers=basic("b", "2")).status_code == 200  # nothing is running

@@ -42,6 +42,9 @@ def test_device_price_matching():
     assert p.price_for("NVIDIA H100 PCIe") == Decimal(2)
     assert p.price_for("NVIDIA A10") == Decimal(1)
     assert p.price_for("NVIDIA L20") == Decimal("0.5")
+    assert p.price_for("NVIDIA A100-SXM4-80GB") == Decimal("0.5")  # A10 is a word, not a prefix
+    assert pricing(prices={"L4": "1", "default": "2"}).price_for("NVIDIA L40S") == 2
+    assert pricing(prices={"nvidia l20": "7"}).price_for("NVIDIA L20") == 7
     assert pricing(prices={"cpu": "1"}).price_for("NVIDIA L20") == 0  # unpriced: charged 0, logged
 
 
