@@ -312,13 +312,13 @@ def micro_timings(cfg: BenchConfig, data: Path) -> dict[str, Any]:
     # The server's default level (the request log is INFO), whatever the bench logs at.
     settings = Settings(data_dir=data, warmup={"on_start": False}, log_json=False, default_checkpoint=MODEL,
                         metrics=True, request_log=True, log_level="INFO")
-    with _quiet_app_loggers():
+    with quiet_app_loggers():
         app = create_app(settings)
         return _micro_on_app(cfg, app)
 
 
 @contextmanager
-def _quiet_app_loggers() -> Iterator[None]:
+def quiet_app_loggers() -> Iterator[None]:
     """No service or pipeline lines from the in-process app, and the root level as it was afterwards
     (create_app sets it)."""
     root, names = logging.getLogger(), ("handler", "pipelines")
