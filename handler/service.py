@@ -256,8 +256,7 @@ class Service:
             return self.device.run(self._load, entry)[0]
 
         def generate(entry: CheckpointEntry, shape: Any) -> float:
-            timings: dict[str, float] = {}
-            return self._run_generation("txt2img", warmup_request(entry, shape), "", None, timings).generation_seconds
+            return self._run_generation("txt2img", warmup_request(entry, shape), "", None).generation_seconds
 
         return warm_up(entries, self.settings.warmup.shapes, load, generate)
 
@@ -420,11 +419,11 @@ class Service:
             self._warm_done.wait(self.settings.timeout)  # then run on warm models, after the warm-up's work
         with self._admitted():
             if meter is None:  # no HTTP request: nothing to charge or record
-                return self._run_generation(mode, req, consumer, None, {}).response
+                return self._run_generation(mode, req, consumer, None).response
             claim = (self.ledger.claim(consumer, meter.request_key) if self.ledger is not None
                      else contextlib.nullcontext())
             with claim:
-                outcome = self._run_generation(mode, req, consumer, meter, {})
+                outcome = self._run_generation(mode, req, consumer, meter)
                 return self._charge(outcome, meter)
 
     def _charge(self, outcome: Outcome, meter: metering.RequestMeter) -> dict[str, Any]:
@@ -439,10 +438,11 @@ class Service:
             meter.recorded = True
         return outcome.response
 
-    def _run_generation(self, mode: str, req: GenerationRequest, consumer: str, meter: metering.RequestMeter | None,
-                        timings: dict[str, Any]) -> Outcome:
-        """Validate, select the models, run the job on the device thread, and shape A1111's response.
-        `timings` receives queue_wait, model_load (None on a warm hit), generation and encode seconds."""
+    def _run_generation(self, mode: str, req: GenerationRequest, consumer: str,
+                        meter: metering.RequestMeter | None) -> Outcome:
+        """Validate, select the models, run the job on the device thread, and shape A1111's response. The
+        meter (if any) receives what ran and the queue wait, model load, generation and encode seconds."""
+        timings: dict[str, Any] = {}
         if not self.coldstart.imported:  # the heavy imports, timed, on the device thread like all torch work
             self.device.run(self.coldstart.import_runtime)
         from pipelines.generate import generate
@@ -479,7 +479,6 @@ class Service:
                 meter.model_load_seconds = timings.get("model_load")
         encode_started = time.perf_counter()
         outcome = self._respond(mode, req, job, model, result, eas)
-        timings["generation"] = result.generation_seconds
         timings["encode"] = time.perf_counter() - encode_started
         if meter is not None:
             meter.generation_seconds = result.generation_seconds
