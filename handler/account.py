@@ -13,7 +13,7 @@ from flask_openapi3 import APIBlueprint, Tag
 
 from handler.errors import ErrorModel, Forbidden, NotFound
 from handler.ledger import Ledger
-from handler.schemas import ImageList, ImagePath, ImagesQuery, UsageQuery, UsageResponse
+from handler.schemas import AccountInfo, ImageList, ImagePath, ImagesQuery, UsageQuery, UsageResponse
 from handler.service import Service
 
 bp = APIBlueprint("account", __name__, abp_tags=[Tag(name="records", description="Image records and usage")],
@@ -40,6 +40,14 @@ def _whose(named: str | None) -> str | None:
     if not caller.admin:
         raise Forbidden("consumer: only admins may read another consumer's records", field="consumer")
     return None if named == "*" else named
+
+
+@bp.get("/account", responses={200: AccountInfo})
+def account():
+    """Who the credentials belong to (the web page's login check)."""
+    caller = g.caller
+    return jsonify({"consumer": caller.consumer, "admin": caller.admin,
+                    "auth_mode": _service().settings.auth.mode, "records": _service().ledger is not None})
 
 
 @bp.get("/images", responses={200: ImageList})

@@ -12,7 +12,7 @@ import time
 from flask import Response, g, request
 from flask_openapi3 import Info, OpenAPI
 
-from handler import __version__, account, fc, metering, routes
+from handler import __version__, account, fc, metering, routes, web
 from handler.billing import decimal_text
 from handler.errors import (
     ErrorModel,
@@ -71,7 +71,8 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
                                      field=IDEMPOTENCY_HEADER)
             g.meter.idempotency_key = key
         if request.blueprint in AUTHENTICATED_BLUEPRINTS:
-            g.caller = service.auth.authenticate(request.headers.get("Authorization"))
+            g.caller = service.auth.authenticate(request.headers.get("Authorization"),
+                                                 script=request.headers.get("X-Requested-With") == "XMLHttpRequest")
             g.meter.consumer = g.caller.consumer
         if request.is_json:
             try:
@@ -120,5 +121,6 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.register_api(routes.bp)
     app.register_api(fc.bp)
     app.register_api(account.bp)
+    app.register_api(web.bp)
     service.coldstart.app_ready()
     return app

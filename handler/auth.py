@@ -151,19 +151,25 @@ class Authenticator:
                        for user, _, password in (item.partition(":") for item in settings.users)]
         self._tokens = [hash_secret(token) for token in settings.tokens]
 
-    @property
-    def challenge(self) -> str:
-        scheme = "Basic" if self.settings.mode == "basic" else "Bearer"
+    def challenge(self, *, script: bool = False) -> str:
+        """The WWW-Authenticate value. A script's request (the web page's, marked `X-Requested-With:
+        XMLHttpRequest`) gets `xBasic`: a browser would answer `Basic` with its own login dialog."""
+        scheme = "Bearer" if self.settings.mode == "token" else "xBasic" if script else "Basic"
         return f'{scheme} realm="{self.settings.realm}", charset="UTF-8"'
 
-    def authenticate(self, authorization: str | None) -> Caller:
+    def authenticate(self, authorization: str | None, *, script: bool = False) -> Caller:
+        """The caller, or Unauthorized (401 with the challenge) / Forbidden (403, disabled consumer)."""
         mode = self.settings.mode
         if mode == "none":
             return Caller(ANONYMOUS, admin=True, via="none", may_name_consumer=self.settings.allow_uid)
-        return self._basic(authorization) if mode == "basic" else self._token(authorization)
+        try:
+            return self._basic(authorization) if mode == "basic" else self._token(authorization)
+        except Unauthorized as exc:
+            exc.headers["WWW-Authenticate"] = self.challenge(script=script)
+            raise
 
     def _unauthorized(self, message: str) -> Unauthorized:
-        return Unauthorized(message, headers={"WWW-Authenticate": self.challenge})
+        return Unauthorized(message, headers={"WWW-Authenticate": self.challenge()})
 
     def _basic(self, authorization: str | None) -> Caller:
         scheme, _, value = (authorization or "").strip().partition(" ")

@@ -306,6 +306,13 @@ def utc_naive(value: Any) -> Any:
     return value
 
 
+class AccountInfo(BaseModel):
+    consumer: str = Field(..., description="The consumer the credentials belong to")
+    admin: bool = Field(..., description="May read every consumer's records and charge others by uid")
+    auth_mode: str
+    records: bool = Field(..., description="The ledger and image records are kept (GET /images, /billing/usage)")
+
+
 class _TimeRange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

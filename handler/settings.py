@@ -6,15 +6,22 @@ these), the YAML file named by `SDFUNC_CONFIG` (or `./sdfunc.yaml` when present)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 
 CONSUMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"  # consumer ids: users, API-key consumers, uid
@@ -99,15 +106,15 @@ class AuthSettings(BaseModel):
                             "with `users` or a consumer's API key as password; token: the Authorization header "
                             "carries a service token (EAS style) or a consumer's API key.",
     )
-    users: list[str] = Field(
+    users: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="basic mode: `user:password` pairs, as A1111's --api-auth (a comma-"
                                           "separated string works too); the user name is the consumer id.",
     )
-    tokens: list[str] = Field(
+    tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="token mode: service tokens (EAS). A holder is a trusted gateway: an "
                                           "admin that may name the consumer with alwayson_scripts.uid.",
     )
-    admins: list[str] = Field(
+    admins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Consumer ids that may read every consumer's usage and images.",
     )
     allow_uid: bool = Field(
@@ -119,7 +126,10 @@ class AuthSettings(BaseModel):
     @field_validator("users", "tokens", "admins", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
+        """A JSON list, or A1111's comma-separated `user:pw,user2:pw2` (what an environment variable holds)."""
         if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 

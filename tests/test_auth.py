@@ -176,3 +176,13 @@ def test_only_the_jobs_consumer_or_an_admin_interrupts_it(make_app):
         t.join(120)
         assert results[owner].status_code == 200 and 1 <= len(results[owner].json["images"]) < 4
     assert client.post("/sdapi/v1/interrupt", headers=basic("b", "2")).status_code == 200  # nothing is running
+
+
+def test_the_web_pages_requests_get_no_browser_dialog(make_app):
+    """A script's request (X-Requested-With: XMLHttpRequest) gets `xBasic`, which opens no browser dialog."""
+    client = make_app(auth={"mode": "basic", "users": ["a:1"]}).test_client()
+    page = client.get("/account", headers={"X-Requested-With": "XMLHttpRequest", **basic("a", "2")})
+    assert page.status_code == 401 and page.headers["WWW-Authenticate"].startswith("xBasic ")
+    assert client.get("/account", headers=basic("a", "2")).headers["WWW-Authenticate"].startswith("Basic ")
+    assert client.get("/account", headers=basic("a", "1")).json == {"consumer": "a", "admin": False,
+                                                                     "auth_mode": "basic", "records": True}

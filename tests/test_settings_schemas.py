@@ -64,3 +64,20 @@ def test_inpainting_mask_invert_takes_bools_as_clients_send():
 def test_unknown_keys_ignored_and_nulls_tolerated():
     t = Txt2ImgRequest.model_validate({"foo": 1, "alwayson_scripts": None, "script_args": None})
     assert t.alwayson_scripts == {} and t.script_args == []
+
+
+def test_auth_lists_from_the_environment(monkeypatch):
+    """A1111's `--api-auth` form in an environment variable, or a JSON list, for users, tokens and admins."""
+    from handler.settings import Settings
+
+    monkeypatch.setenv("SDFUNC_AUTH__MODE", "basic")
+    monkeypatch.setenv("SDFUNC_AUTH__USERS", "alice:wonder:land, bob:pw")
+    monkeypatch.setenv("SDFUNC_AUTH__TOKENS", '["t-1", "t,2"]')
+    monkeypatch.setenv("SDFUNC_AUTH__ADMINS", "bob")
+    monkeypatch.setenv("SDFUNC_BILLING__PRICES", '{"H100": "0.0125", "cpu": 0}')
+    s = Settings()
+    assert s.auth.users == ["alice:wonder:land", "bob:pw"] and s.auth.tokens == ["t-1", "t,2"]
+    assert s.auth.admins == ["bob"] and str(s.billing.prices["H100"]) == "0.0125"
+    monkeypatch.setenv("SDFUNC_AUTH__USERS", "no-password")
+    with pytest.raises(ValueError):
+        Settings()
