@@ -1,27 +1,52 @@
 #!/usr/bin/env bash
-# Run or sourced by test.sh before pytest: make sure a MariaDB server is installed for the tests and
-# benchmarks (bench/mariadb.py starts throwaway servers from it; nothing here starts one). Installs Debian's
-# mariadb-server with apt-get when mariadbd is missing and we are root. When it cannot, it says the MariaDB
-# tests will be skipped and succeeds, unless SDFUNC_REQUIRE_MYSQL=1, which makes a missing server an error.
-# Quick and silent when mariadbd is already there.
+# Run or sourced by test.sh before pytest: make sure the system packages the tests need are installed:
+#   - a MariaDB server for the records tests and benchmarks (bench/mariadb.py starts throwaway servers from it;
+#     nothing here starts one): Debian's mariadb-server;
+#   - a Chromium for the browser tests (tests/test_web_browser.py drives it headless with Playwright):
+#     Debian's chromium, at /usr/bin/chromium.
+# Installs whatever is missing with one apt-get install when we are root (apt-get update only when that install
+# fails). When it cannot, it says which tests will be skipped and succeeds, unless SDFUNC_REQUIRE_MYSQL=1 or
+# SDFUNC_REQUIRE_BROWSER=1, which make a missing server or browser an error.
+# Quick and silent when everything is already there.
 ( # a subshell, so that nothing here (options, names) leaks into a shell that sources this file
   set -euo pipefail
-  have() { command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ]; }
-  have && exit 0
+  have_mysql() { command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ]; }
+  have_browser() { [ -x /usr/bin/chromium ]; }
+  missing=()
+  about=()
+  have_mysql || { missing+=(mariadb-server); about+=("mariadb-server: about 20 s"); }
+  have_browser || { missing+=(chromium); about+=("chromium: about 35 s"); }
+  [ ${#missing[@]} = 0 ] && exit 0
   why="installing needs root and apt-get"
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "test-services: mariadbd missing, installing mariadb-server with apt-get (about 20 s)..." >&2
-    install=(apt-get install -y -q --no-install-recommends mariadb-server)
+    printf -v times '%s, ' "${about[@]}"
+    echo "test-services: installing ${missing[*]} with apt-get (${times%, })..." >&2
+    install=(apt-get install -y -q --no-install-recommends "${missing[@]}")
     export DEBIAN_FRONTEND=noninteractive
     if "${install[@]}" >&2 || { apt-get update -q >&2 && "${install[@]}" >&2; }; then
-      have && exit 0
+      why=""
+    else
+      why="apt-get install ${missing[*]} failed"
     fi
-    why="apt-get install mariadb-server failed"
   fi
-  if [ "${SDFUNC_REQUIRE_MYSQL:-0}" = 1 ]; then
-    echo "test-services: ERROR: SDFUNC_REQUIRE_MYSQL=1 but mariadbd is not installed ($why)" >&2
-    exit 1
+  status=0
+  if ! have_mysql; then
+    if [ "${SDFUNC_REQUIRE_MYSQL:-0}" = 1 ]; then
+      echo "test-services: ERROR: SDFUNC_REQUIRE_MYSQL=1 but mariadbd is not installed (${why:-not found after install})" >&2
+      status=1
+    else
+      echo "test-services: mariadbd not installed (${why:-not found after install}): the MariaDB tests will be skipped" \
+           "(SDFUNC_REQUIRE_MYSQL=1 makes them fail instead)" >&2
+    fi
   fi
-  echo "test-services: mariadbd not installed ($why): the MariaDB tests will be skipped" \
-       "(SDFUNC_REQUIRE_MYSQL=1 makes them fail instead)" >&2
+  if ! have_browser; then
+    if [ "${SDFUNC_REQUIRE_BROWSER:-0}" = 1 ]; then
+      echo "test-services: ERROR: SDFUNC_REQUIRE_BROWSER=1 but /usr/bin/chromium is not installed (${why:-not found after install})" >&2
+      status=1
+    else
+      echo "test-services: /usr/bin/chromium not installed (${why:-not found after install}): the browser tests will be skipped" \
+           "(SDFUNC_REQUIRE_BROWSER=1 makes them fail instead)" >&2
+    fi
+  fi
+  exit $status
 )
