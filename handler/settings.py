@@ -129,7 +129,10 @@ class AuthSettings(BaseModel):
         """A JSON list, or A1111's comma-separated `user:pw,user2:pw2` (what an environment variable holds)."""
         if isinstance(value, str):
             if value.lstrip().startswith("["):
-                return json.loads(value)
+                try:
+                    return json.loads(value)
+                except json.JSONDecodeError:
+                    pass  # not JSON after all (a token may start with "["): the comma form
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 

@@ -23,7 +23,8 @@ def index():
     """The web page: generate, browse images, usage."""
     response = send_from_directory(current_app.static_folder, "index.html", max_age=0)
     response.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' data: blob:; "
-                                                   "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
+                                                   "style-src 'self'; script-src 'self'; frame-ancestors 'none'; "
+                                                   "form-action 'self'; base-uri 'none'")
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response
 

@@ -303,17 +303,34 @@ def test_desktop_generate_images_reuse_download_usage(desktop: Page, server: Ser
     expect(page.locator("#result-infotext")).to_contain_text("Seed: 4242")
     shot(page, "2-generated")
 
-    # Images: the newest is ours; reuse brings its parameters back into the form.
+    # Images: the newest is ours; reuse brings its parameters back into a form that now holds other values.
+    for field, value in (("#prompt", "something else"), ("#seed", "1"), ("#steps", "9"), ("#width", "128"),
+                         ("#height", "96"), ("#cfg-scale", "3")):
+        page.fill(field, value)
+    sampler = page.locator("#sampler").input_value()
+    other = next(v for v in page.locator("#sampler option").evaluate_all("os => os.map(o => o.value)") if v != sampler)
+    page.select_option("#sampler", other)
+    select_containing(page, "#checkpoint", "demo-sdxl")
     show_tab(page, "images")
     item = first_image_item(page, 4242)
     image_id = item.get_attribute("data-id")
     item.locator(".reuse").click()
     expect(page.locator("#tab-generate")).to_have_attribute("aria-selected", "true")
     expect(page.locator("#panel-generate")).to_be_visible()
-    expect(page.locator("#prompt")).to_have_value(PROMPT)
-    expect(page.locator("#seed")).to_have_value("4242")
-    expect(page.locator("#steps")).to_have_value("2")
+    for field, value in (("#prompt", PROMPT), ("#seed", "4242"), ("#steps", "2"), ("#width", "64"), ("#height", "64"),
+                         ("#cfg-scale", "7"), ("#sampler", sampler)):
+        expect(page.locator(field)).to_have_value(value)
+    expect(page.locator("#checkpoint option:checked")).to_contain_text("demo-sd15")
     shot(page, "3-reused")
+
+    # The tabs work from the keyboard: arrows move between them, Home and End jump.
+    page.locator("#tab-generate").focus()
+    for key, name in (("ArrowRight", "images"), ("End", "usage"), ("ArrowRight", "generate"), ("ArrowLeft", "usage"),
+                      ("Home", "generate")):
+        page.keyboard.press(key)
+        expect(page.locator(f"#tab-{name}")).to_have_attribute("aria-selected", "true")
+        expect(page.locator(f"#tab-{name}")).to_be_focused()
+        expect(page.locator(f"#panel-{name}")).to_be_visible()
 
     # Download: the original PNG, with its A1111 infotext in the `parameters` text chunk.
     show_tab(page, "images")
@@ -398,9 +415,17 @@ def test_lora_picker_adds_lora_to_prompt_and_logout(desktop: Page, server: Serve
     expect(page.locator("#prompt")).to_have_value(re.compile(rf"^a quiet harbour.*<lora:{LORA}:1>$"))
     shot(page, "1-lora-added")
 
-    # Log out: back to the login form.
+    # Log out: back to the login form, and nothing of this consumer stays on the page for the next one.
+    show_tab(page, "images")
+    expect(page.locator("#images-page")).to_contain_text("Page", timeout=UI_TIMEOUT_MS)  # the listing is drawn
     page.click("#logout")
     expect(page.locator("#login")).to_be_visible()
     expect(page.locator("#generate")).to_be_hidden()
+    expect(page.locator("#login-user")).to_be_focused()
+    assert page.evaluate("sessionStorage.getItem('sdfunc-auth')") is None
+    expect(page.locator("#prompt")).to_have_value("")
+    expect(page.locator("#result")).to_be_hidden()
+    assert page.locator("li.image-item").count() == 0
+    expect(page.locator("#images-page")).to_have_text("")
     shot(page, "2-logged-out")
     no_page_errors(page)

@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { config: null, auth: null, page: 1, perPage: 12, pages: 1, objectUrls: [] };
+// `session` counts logins: work started under an earlier one (a generation, a poll, a listing) drops its result.
+const state = { config: null, auth: null, session: 0, page: 1, perPage: 12, pages: 1, objectUrls: [], listing: 0 };
 
 // --- HTTP --------------------------------------------------------------------------------------------------
 function authHeader() {
@@ -19,7 +20,9 @@ async function api(path, { method = "GET", body, headers = {} } = {}) {
     init.body = JSON.stringify(body);
     init.headers["Content-Type"] = "application/json";
   }
+  const session = state.session;
   const response = await fetch(path, init);
+  if (session !== state.session) throw new Error("not logged in");  // logged out meanwhile
   if (response.status === 401 && state.config && state.config.auth_mode !== "none") {
     logout("Your session ended: log in again.");
     throw new Error("not logged in");
@@ -51,9 +54,10 @@ async function start() {
   state.config = await (await fetch("/web/config")).json();
   $("#logout").addEventListener("click", () => logout(""));
   $("#login-form").addEventListener("submit", onLogin);
-  for (const name of ["generate", "images", "usage"]) {
+  for (const name of TABS) {
     $(`#tab-${name}`).addEventListener("click", () => showTab(name));
   }
+  $(".tabs").addEventListener("keydown", onTabKey);
   $("#generate-form").addEventListener("submit", onGenerate);
   $("#lora-add").addEventListener("click", addLora);
   $("#images-prev").addEventListener("click", () => loadImages(state.page - 1));
@@ -63,13 +67,18 @@ async function start() {
     try {
       await enter();
       return;
-    } catch (_) { /* stored credentials no longer work */ }
+    } catch (err) {
+      if (state.config.auth_mode === "none") throw err;  // nothing to log in with: say what went wrong
+      state.auth = null;
+      sessionStorage.removeItem("sdfunc-auth");
+    }
   }
   showLogin("");
 }
 
 function showLogin(message) {
   const mode = state.config.auth_mode;
+  const already = !$("#login").hidden;
   $("#app").hidden = true;
   $("#who").hidden = true;
   $("#login").hidden = false;
@@ -77,7 +86,7 @@ function showLogin(message) {
   $("#login-token-field").hidden = mode !== "token";
   for (const input of document.querySelectorAll("#login input")) input.disabled = input.closest("[hidden]") !== null;
   $("#login-error").textContent = message;
-  (mode === "basic" ? $("#login-user") : $("#login-token")).focus();
+  if (!already) (mode === "basic" ? $("#login-user") : $("#login-token")).focus();
 }
 
 async function onLogin(event) {
@@ -102,9 +111,29 @@ async function onLogin(event) {
 
 function logout(message) {
   state.auth = null;
+  state.session += 1;  // anything still running for the old login drops its result
   sessionStorage.removeItem("sdfunc-auth");
   if (state.config.auth_mode === "none") return;
+  clearPage();
   showLogin(message);
+}
+
+function clearPage() {
+  // Nothing of the previous consumer stays on the page.
+  $("#generate-form").reset();
+  $("#result").hidden = true;
+  $("#result-image").removeAttribute("src");
+  for (const id of ["#result-seed", "#result-charge", "#result-infotext", "#error", "#status", "#images-page"]) {
+    $(id).textContent = "";
+  }
+  $("#progress").hidden = true;
+  $("#generate").disabled = false;
+  releaseObjectUrls();
+  $("#images-list").replaceChildren();
+  $("#usage-table tbody").replaceChildren();
+  $("#usage-chart").replaceChildren($("#usage-chart title"));
+  state.page = 1;
+  state.pages = 1;
 }
 
 async function enter() {
@@ -117,18 +146,32 @@ async function enter() {
     throw error;
   }
   const account = await check.json();
+  await loadChoices();  // before the app shows: a failure here leaves the login form with its message
+  state.session += 1;
   $("#whoami").textContent = account.consumer;
   $("#who").hidden = false;
   $("#logout").hidden = state.config.auth_mode === "none";
   $("#login").hidden = true;
   $("#app").hidden = false;
-  await loadChoices();
   showTab("generate");
 }
 
 // --- tabs --------------------------------------------------------------------------------------------------
+const TABS = ["generate", "images", "usage"];
+
+function onTabKey(event) {
+  // The tablist pattern: arrows move between tabs (only the active one is in the Tab order), Home/End jump.
+  const current = TABS.findIndex((name) => $(`#tab-${name}`).getAttribute("aria-selected") === "true");
+  const moves = { ArrowRight: current + 1, ArrowLeft: current - 1, Home: 0, End: TABS.length - 1 };
+  if (!(event.key in moves)) return;
+  event.preventDefault();
+  const next = TABS[(moves[event.key] + TABS.length) % TABS.length];
+  showTab(next);
+  $(`#tab-${next}`).focus();
+}
+
 function showTab(name) {
-  for (const other of ["generate", "images", "usage"]) {
+  for (const other of TABS) {
     const active = other === name;
     $(`#tab-${other}`).setAttribute("aria-selected", String(active));
     $(`#tab-${other}`).tabIndex = active ? 0 : -1;
@@ -156,7 +199,7 @@ async function loadChoices() {
   const chosen = models.find((m) => current && (m.title === current || current.startsWith(m.model_name)));
   if (chosen) checkpoint.value = chosen.title;
   $("#sampler").replaceChildren(...samplers.map((s) => option(s.name, s.name)));
-  $("#sampler").value = samplers.some((s) => s.name === "Euler a") ? "Euler a" : samplers[0].name;
+  if (samplers.some((s) => s.name === "Euler a")) $("#sampler").value = "Euler a";
   const lora = $("#lora");
   lora.replaceChildren(...(loras.length ? loras.map((l) => option(l.name, l.name)) : [option("", "(none found)")]));
   lora.disabled = loras.length === 0;
@@ -183,32 +226,42 @@ function newKey() {
 async function onGenerate(event) {
   event.preventDefault();
   const button = $("#generate");
+  if (button.disabled) return;
   $("#error").textContent = "";
+  const seed = $("#seed").value.trim() === "" ? -1 : number("#seed");
   const body = {
     prompt: $("#prompt").value, negative_prompt: $("#negative-prompt").value,
     width: number("#width"), height: number("#height"), steps: number("#steps"), cfg_scale: number("#cfg-scale"),
-    seed: number("#seed"), sampler_name: $("#sampler").value,
+    seed, sampler_name: $("#sampler").value,
     override_settings: { sd_model_checkpoint: $("#checkpoint").value },
   };
+  const session = state.session;
   button.disabled = true;
-  const stop = watchProgress();
+  $("#status").textContent = "Generating…";
+  const stop = watchProgress(session);
   try {
-    // An Idempotency-Key makes a retry safe and keeps the PNG in the records (Images tab).
+    // The Idempotency-Key keeps the PNG with the records, so the Images tab can show and download it.
     const response = await api("/sdapi/v1/txt2img", { method: "POST", body, headers: { "Idempotency-Key": newKey() } });
     const result = await response.json();
+    if (session !== state.session) return;
     showResult(result, response.headers);
+    $("#status").textContent = `Done: seed ${$("#result-seed").textContent}, ${$("#result-charge").textContent}.`;
   } catch (err) {
-    if (err.message !== "not logged in") $("#error").textContent = err.message;
+    if (session !== state.session) return;
+    $("#status").textContent = "";
+    $("#error").textContent = err.message;
   } finally {
     stop();
-    button.disabled = false;
+    if (session === state.session) button.disabled = false;
   }
 }
 
-function watchProgress() {
+function watchProgress(session) {
+  // Polls the worker's progress (the job running on the device, which may be queued work before ours).
   const bar = $("#progress");
   const fill = bar.querySelector(".fill");
   let running = true;
+  clearTimeout(state.hideProgress);
   const set = (fraction) => {
     const percent = Math.round(Math.max(0, Math.min(1, fraction)) * 100);
     bar.setAttribute("aria-valuenow", String(percent));
@@ -217,7 +270,7 @@ function watchProgress() {
   set(0);
   bar.hidden = false;
   const tick = async () => {
-    while (running) {
+    while (running && session === state.session) {
       try {
         const progress = await json("/sdapi/v1/progress?skip_current_image=true");
         if (running) set(progress.progress || 0);
@@ -229,7 +282,7 @@ function watchProgress() {
   return () => {
     running = false;
     set(1);
-    setTimeout(() => { bar.hidden = true; }, 300);
+    state.hideProgress = setTimeout(() => { bar.hidden = true; }, 300);
   };
 }
 
@@ -264,13 +317,15 @@ async function imageUrl(id) {
 
 async function loadImages(page) {
   page = Math.max(1, Math.min(page, state.pages || 1));
+  const ticket = ++state.listing;  // only the latest listing draws (Previous/Next clicked quickly)
   let listing;
   try {
     listing = await json(`/images?page=${page}&per_page=${state.perPage}`);
   } catch (err) {
-    $("#images-page").textContent = err.message;
+    if (ticket === state.listing) $("#images-page").textContent = err.message;
     return;
   }
+  if (ticket !== state.listing) return;
   state.page = page;
   state.pages = Math.max(1, Math.ceil(listing.total / state.perPage));
   releaseObjectUrls();
@@ -290,7 +345,13 @@ function imageItem(record) {
   img.className = "thumb";
   img.alt = `${record.prompt || "(no prompt)"}, seed ${record.seed}`;
   const available = record.stored || record.image_url;
-  if (available) imageUrl(record.id).then((url) => { img.src = url; }).catch(() => { img.alt += " (unavailable)"; });
+  const ticket = state.listing;
+  if (available) {
+    imageUrl(record.id).then((url) => {
+      if (ticket === state.listing) img.src = url;
+      else URL.revokeObjectURL(url);  // the listing was replaced while this one loaded
+    }).catch(() => { img.alt += " (unavailable)"; });
+  }
   const text = document.createElement("p");
   text.textContent = record.prompt || "(no prompt)";
   const meta = document.createElement("p");
@@ -337,12 +398,16 @@ function reuseParameters(record) {
 }
 
 async function downloadImage(id) {
-  const link = document.createElement("a");
-  link.href = await imageUrl(id);
-  link.download = `sdfunc-${id}.png`;
-  document.body.append(link);
-  link.click();
-  link.remove();
+  try {
+    const link = document.createElement("a");
+    link.href = await imageUrl(id);
+    link.download = `sdfunc-${id}.png`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+  } catch (err) {
+    $("#images-page").textContent = `Download failed: ${err.message}`;
+  }
 }
 
 // --- usage -------------------------------------------------------------------------------------------------
@@ -352,9 +417,10 @@ async function loadUsage() {
   try {
     usage = await json(`/billing/usage?group=day&since=${since}`);
   } catch (err) {
-    $("#usage-total-requests").textContent = err.message;
+    $("#usage-error").textContent = err.message;
     return;
   }
+  $("#usage-error").textContent = "";
   const totals = usage.totals;
   const currency = state.config.currency;
   $("#usage-total-requests").textContent = String(totals.requests);
