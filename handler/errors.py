@@ -75,6 +75,12 @@ class NotReady(ServiceError):
     status, code = 503, "not_ready"
 
 
+class Timeout(NotReady):
+    """A generation request ran past `queue.timeout_seconds`: it fails and is not charged."""
+
+    code = "timeout"
+
+
 class DatabaseUnavailable(NotReady):
     """The records database cannot be reached: the request is not charged (handler.db)."""
 

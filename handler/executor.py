@@ -11,11 +11,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
 T = TypeVar("T")
 
 THREAD_NAME = "sdfunc-gpu"
+
+
+class JobTimeout(Exception):
+    """A device job ran out of time: `started` says whether it had begun (and was stopped) or never ran."""
+
+    def __init__(self, *, started: bool) -> None:
+        super().__init__("started" if started else "queued")
+        self.started = started
 
 
 class DeviceExecutor:
@@ -26,11 +35,24 @@ class DeviceExecutor:
         self._pending = 0
         self._lock = threading.Lock()
 
-    def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    def run(self, fn: Callable[..., T], *args: object, timeout: float | None = None,
+            on_timeout: Callable[[], None] | None = None, **kwargs: object) -> T:
+        """Run `fn` on the device thread and return its result. With `timeout`, a job still waiting when it
+        expires is dropped and JobTimeout raised; a job already running is asked to stop (`on_timeout`), waited
+        for, and JobTimeout raised all the same (its result is discarded)."""
         with self._lock:
             self._pending += 1
         try:
-            return self._pool.submit(fn, *args, **kwargs).result()
+            future = self._pool.submit(fn, *args, **kwargs)
+            try:
+                return future.result(timeout)
+            except FutureTimeout:
+                if future.cancel():
+                    raise JobTimeout(started=False) from None
+                if on_timeout is not None:
+                    on_timeout()
+                future.exception()  # wait for it to stop: the device is free again after this
+                raise JobTimeout(started=True) from None
         finally:
             with self._lock:
                 self._pending -= 1

@@ -20,11 +20,15 @@ class Progress:
         }
         self._started = 0.0
         self._owner: str | None = None
+        self._job_id: str | None = None
 
-    def begin(self, job: str, job_count: int, sampling_steps: int, owner: str | None = None) -> None:
-        """A job starts; `owner` is the consumer it is charged to (only it or an admin may interrupt it)."""
+    def begin(self, job: str, job_count: int, sampling_steps: int, owner: str | None = None,
+              job_id: str | None = None) -> None:
+        """A job starts; `owner` is the consumer it is charged to (only it or an admin may interrupt it);
+        `job_id` lets its own request stop it (`stop_job`) without touching a later job."""
         with self._lock:
             self._owner = owner
+            self._job_id = job_id
             self._state.update(
                 job=job, job_count=job_count, job_no=0, sampling_step=0, sampling_steps=sampling_steps,
                 interrupted=False, skipped=False, stopping_generation=False,
@@ -48,6 +52,12 @@ class Progress:
                 return False
             self._state["interrupted"] = True
             return True
+
+    def stop_job(self, job_id: str) -> None:
+        """Interrupt the running job if it is `job_id` (a request that ran out of time stops only itself)."""
+        with self._lock:
+            if self._state["job_count"] and self._job_id == job_id:
+                self._state["interrupted"] = True
 
     def end(self) -> None:
         with self._lock:

@@ -27,8 +27,8 @@ from handler.auth import Authenticator, Consumers
 from handler.billing import Pricing
 from handler.coldstart import ColdStart
 from handler.db import Database
-from handler.errors import InvalidRequest, NotReady
-from handler.executor import DeviceExecutor
+from handler.errors import Busy, InvalidRequest, NotReady, Timeout
+from handler.executor import DeviceExecutor, JobTimeout
 from handler.images import b64, decode_image
 from handler.ledger import ImageRecord, Ledger
 from handler.logs import flush_logs
@@ -98,8 +98,10 @@ class Service:
         self._warm_done.set()
         self._failed = False
         self._stopping = False
-        self._work = threading.Condition()  # guards _in_flight; notified when a generation request ends
-        self._in_flight = 0
+        self._work = threading.Condition()  # guards the counts below; notified when admitted work ends
+        self._in_flight = 0  # admitted generation requests and warm-up
+        self._generations = 0  # admitted generation requests: the running one and those waiting (queue.max_waiting)
+        self._service_seconds: float | None = None  # moving average of one generation job's device time
 
     @property
     def state(self) -> str:
@@ -417,13 +419,14 @@ class Service:
                 raise NotReady("the function is warming up; retry shortly",
                                headers={"Retry-After": str(self.settings.warmup.retry_after)})
             self._warm_done.wait(self.settings.timeout)  # then run on warm models, after the warm-up's work
-        with self._admitted():
+        with self._admitted(generation=True):
+            deadline = time.monotonic() + self.settings.queue.timeout_seconds
             if meter is None:  # no HTTP request: nothing to charge or record
-                return self._run_generation(mode, req, consumer, None).response
+                return self._run_generation(mode, req, consumer, None, deadline).response
             claim = (self.ledger.claim(consumer, meter.request_key) if self.ledger is not None
                      else contextlib.nullcontext())
             with claim:
-                outcome = self._run_generation(mode, req, consumer, meter)
+                outcome = self._run_generation(mode, req, consumer, meter, deadline)
                 return self._charge(outcome, meter)
 
     def _charge(self, outcome: Outcome, meter: metering.RequestMeter) -> dict[str, Any]:
@@ -439,10 +442,12 @@ class Service:
         return outcome.response
 
     def _run_generation(self, mode: str, req: GenerationRequest, consumer: str,
-                        meter: metering.RequestMeter | None) -> Outcome:
+                        meter: metering.RequestMeter | None, deadline: float | None = None) -> Outcome:
         """Validate, select the models, run the job on the device thread, and shape A1111's response. The
-        meter (if any) receives what ran and the queue wait, model load, generation and encode seconds."""
+        meter (if any) receives what ran and the queue wait, model load, generation and encode seconds. Past
+        `deadline` (monotonic) the job is dropped or stopped and Timeout raised."""
         timings: dict[str, Any] = {}
+        job_id = uuid.uuid4().hex
         if not self.coldstart.imported:  # the heavy imports, timed, on the device thread like all torch work
             self.device.run(self.coldstart.import_runtime)
         from pipelines.generate import generate
@@ -462,17 +467,25 @@ class Service:
             timings["queue_wait"] = time.perf_counter() - submitted  # admitted work runs even after pre-stop
             model, timings["model_load"] = self._load(selection.checkpoint, selection.vae)
             self.progress.begin(mode, job_count=math.ceil(len(job.seeds) / job.batch_size), sampling_steps=job.steps,
-                                owner=consumer or None)
+                                owner=consumer or None, job_id=job_id)
             try:
                 result = generate(model, job, progress=self.progress.step)
             finally:
                 self.progress.end()
+            self._observe_service_time((timings["model_load"] or 0.0) + result.generation_seconds)
             if not self.coldstart.done:
                 self._first_image(result.generation_seconds)
             return model, result
 
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            model, result = self.device.run(run_on_device)
+            model, result = self.device.run(run_on_device, timeout=remaining,
+                                            on_timeout=lambda: self.progress.stop_job(job_id))
+        except JobTimeout as exc:
+            limit = self.settings.queue.timeout_seconds
+            raise Timeout(f"the generation {'was stopped after running' if exc.started else 'waited'} past the "
+                          f"{limit:g} s limit (queue.timeout_seconds) and is not charged; retry later",
+                          headers={"Retry-After": str(self.retry_after())}) from None
         finally:
             if meter is not None:
                 meter.queue_wait_seconds = timings.get("queue_wait")
@@ -487,19 +500,40 @@ class Service:
         return outcome
 
     @contextlib.contextmanager
-    def _admitted(self) -> Iterator[None]:
-        """Admit work unless pre-stop was called (503), and count it as in flight until it ends (pre-stop
-        waits for it)."""
+    def _admitted(self, *, generation: bool = False) -> Iterator[None]:
+        """Admit work unless pre-stop was called (503) or, for a generation request, the queue is full (429:
+        one running and `queue.max_waiting` waiting), and count it as in flight until it ends (pre-stop waits
+        for it)."""
         with self._work:
             if self._stopping:
                 raise _stopping_error(self.settings.warmup.retry_after)
+            limit = self.settings.queue.max_waiting + 1
+            if generation and self._generations >= limit:
+                wait = self.retry_after()
+                raise Busy(f"the instance is busy: {limit - 1} request(s) already wait for the device; retry in "
+                           f"about {wait} s", headers={"Retry-After": str(wait)})
             self._in_flight += 1
+            self._generations += generation
         try:
             yield
         finally:
             with self._work:
                 self._in_flight -= 1
+                self._generations -= generation
                 self._work.notify_all()
+
+    def _observe_service_time(self, seconds: float) -> None:
+        """Feed the moving average of one generation job's device time (Retry-After's estimate)."""
+        previous = self._service_seconds
+        self._service_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
+    def retry_after(self) -> int:
+        """Seconds until the device is likely to take one more request: the admitted generations times the
+        measured time of one job (the warm-up's Retry-After before any job was measured), within 1..600."""
+        per_job = self._service_seconds
+        if per_job is None:
+            return self.settings.warmup.retry_after
+        return max(1, min(600, math.ceil(per_job * max(1, self._generations))))
 
     def _build_job(self, mode: str, req: GenerationRequest, consumer: str,
                    eas: dict[str, Any]) -> tuple[Any, Selection]:

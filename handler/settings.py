@@ -96,6 +96,21 @@ class WarmupSettings(BaseModel):
     )
 
 
+class QueueSettings(BaseModel):
+    """How many generation requests one instance takes at once, and how long one may take (handler/service.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_waiting: int = Field(
+        4, ge=0, le=256, description="Generation requests that may wait behind the running one; one more gets "
+                                     "429 with a Retry-After from the measured service time.",
+    )
+    timeout_seconds: float = Field(
+        600.0, gt=0, description="Longest a generation request may wait and run; later it fails with 503 "
+                                 "`timeout` and is not charged (a running job is stopped after its current step).",
+    )
+
+
 class AuthSettings(BaseModel):
     """Who may call the function and as which consumer (handler/auth.py)."""
 
@@ -185,7 +200,12 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="Data root: models/, outputs/, cache/ (the NAS/OSS mount in FC).")
     host: str = Field("0.0.0.0", description="Address gunicorn binds.")
     port: int = Field(9000, ge=1, le=65535, description="Port gunicorn binds (FC's default CAPort is 9000).")
-    threads: int = Field(4, ge=1, le=64, description="HTTP threads in the one gunicorn worker (generation is serialised).")
+    threads: int | None = Field(
+        None, ge=1, le=300, description="HTTP threads in the one gunicorn worker. Default: queue.max_waiting + 5, "
+                                        "so that a full queue answers 429 instead of leaving requests in gunicorn's "
+                                        "own backlog, with threads to spare for health, progress and listings.",
+    )
+    queue: QueueSettings = Field(default_factory=QueueSettings, description="Bounded queue and request timeout.")
     timeout: int = Field(900, ge=30, description="gunicorn worker timeout (s); long enough for a cold SDXL load.")
     default_checkpoint: str | None = Field(
         None, description="Checkpoint served when a request names none; any A1111 name form. None = first found."
@@ -233,6 +253,10 @@ class Settings(BaseSettings):
         description="This instance's id in logs and the X-Instance-Id header; default FC_INSTANCE_ID, else "
                     "host-pid-random.",
     )
+
+    @property
+    def http_threads(self) -> int:
+        return self.threads or self.queue.max_waiting + 5
 
     @field_validator("data_dir")
     @classmethod
