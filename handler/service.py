@@ -24,6 +24,7 @@ from typing import Any
 
 from handler import a1111, metering
 from handler.auth import Authenticator, Consumers
+from handler.batching import Batcher, Member
 from handler.billing import Pricing
 from handler.coldstart import ColdStart
 from handler.db import Database
@@ -79,6 +80,7 @@ class Service:
         self.storage = LocalStorage(settings.outputs_dir)
         self.progress = Progress()
         self.device = DeviceExecutor()  # the one thread that loads and generates
+        self.batcher = Batcher(settings.batch)
         self.coldstart = ColdStart()
         self.metrics = Metrics(self, enabled=settings.metrics)
         self.instance_id = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -478,9 +480,16 @@ class Service:
             return model, result
 
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        key = self.batcher.key(job, selection.checkpoint, selection.vae) if meter is not None else None
         try:
-            model, result = self.device.run(run_on_device, timeout=remaining,
-                                            on_timeout=lambda: self.progress.stop_job(job_id))
+            if key is None:
+                model, result = self.device.run(run_on_device, timeout=remaining,
+                                                on_timeout=lambda: self.progress.stop_job(job_id))
+            else:
+                member = self.batcher.run(key, Member(job=job, consumer=consumer), self.device,
+                                          lambda members: self._run_group(selection, members), deadline)
+                timings["queue_wait"], timings["model_load"] = member.queue_wait, member.model_load
+                model, result = member.outcome
         except JobTimeout as exc:
             limit = self.settings.queue.timeout_seconds
             raise Timeout(f"the generation {'was stopped after running' if exc.started else 'waited'} past the "
@@ -498,6 +507,47 @@ class Service:
             meter.encode_seconds = timings["encode"]
             meter.images = len(result.images)
         return outcome
+
+    def _run_group(self, selection: Selection, members: list[Member]) -> None:
+        """Run a batch group as one job (device thread): per-image prompts and seeds, then each member gets its
+        images and a share of the device time by image count (handler.batching)."""
+        import dataclasses
+
+        from pipelines.generate import GenerationResult, generate
+
+        started = time.perf_counter()
+        model, load = self._load(selection.checkpoint, selection.vae)
+        jobs = [m.job for m in members]
+        merged = dataclasses.replace(
+            jobs[0], seeds=[s for j in jobs for s in j.seeds], subseeds=[s for j in jobs for s in j.subseeds],
+            prompts=[j.prompt for j in jobs for _ in j.seeds],
+            negative_prompts=[j.negative_prompt for j in jobs for _ in j.seeds],
+            batch_size=sum(len(j.seeds) for j in jobs))
+        owners = {m.consumer for m in members}
+        # A shared batch can be interrupted by an admin only: no single consumer may stop the others' images.
+        owner = owners.pop() if len(owners) == 1 else "<batch>"
+        self.progress.begin("txt2img", job_count=1, sampling_steps=merged.steps, owner=owner or None)
+        try:
+            result = generate(model, merged, progress=self.progress.step)
+        finally:
+            self.progress.end()
+        self._observe_service_time((load or 0.0) + result.generation_seconds)
+        if not self.coldstart.done:
+            self._first_image(result.generation_seconds)
+        made, first = len(result.images), 0
+        log.info("batched %d request(s), %d image(s), %.3f s generating", len(members), made,
+                 result.generation_seconds)
+        for m in members:
+            n = len(m.job.seeds)
+            end = min(first + n, made)
+            images = result.images[first:end] if first < made else []
+            share = result.generation_seconds * len(images) / made if made else 0.0
+            m.outcome = (model, GenerationResult(images=images, seeds=m.job.seeds[:len(images)],
+                                                 subseeds=m.job.subseeds[:len(images)], generation_seconds=share,
+                                                 interrupted=result.interrupted))
+            m.queue_wait, m.model_load = started - m.submitted, load
+            first += n
+            m.done.set()
 
     @contextlib.contextmanager
     def _admitted(self, *, generation: bool = False) -> Iterator[None]:

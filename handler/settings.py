@@ -111,6 +111,19 @@ class QueueSettings(BaseModel):
     )
 
 
+class BatchSettings(BaseModel):
+    """Dynamic batching (handler/batching.py): compatible txt2img requests that wait together run as one batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_size: int = Field(
+        1, ge=1, le=64, description="Most images in one batched pipeline call; 1 turns batching off.",
+    )
+    max_wait_ms: float = Field(
+        20.0, ge=0, le=5000, description="How long the first request of a batch waits for compatible ones.",
+    )
+
+
 class AuthSettings(BaseModel):
     """Who may call the function and as which consumer (handler/auth.py)."""
 
@@ -206,6 +219,7 @@ class Settings(BaseSettings):
                                         "own backlog, with threads to spare for health, progress and listings.",
     )
     queue: QueueSettings = Field(default_factory=QueueSettings, description="Bounded queue and request timeout.")
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="Dynamic batching of compatible requests.")
     timeout: int = Field(900, ge=30, description="gunicorn worker timeout (s); long enough for a cold SDXL load.")
     default_checkpoint: str | None = Field(
         None, description="Checkpoint served when a request names none; any A1111 name form. None = first found."

@@ -63,6 +63,15 @@ class ImageJob:
     inpaint_full_res: bool = True
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: bool = False
+    # Per-image prompts, one per seed, when requests are batched together (handler/batching.py); else None.
+    prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+
+    def prompts_for(self, first: int, n: int) -> tuple[list[str], list[str]]:
+        """The prompts and negative prompts of images first..first+n."""
+        if self.prompts is None or self.negative_prompts is None:
+            return [self.prompt] * n, [self.negative_prompt] * n
+        return self.prompts[first:first + n], self.negative_prompts[first:first + n]
 
 
 @dataclass
@@ -217,12 +226,13 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
             subseeds = job.subseeds[first : first + job.batch_size]
             n = len(seeds)
             args = dict(call)
+            prompts, negatives = job.prompts_for(first, n)
             if sd1_clip_skip:
-                args["prompt_embeds"] = _sd1_embeds(pipe, [job.prompt] * n, job.clip_skip)
-                args["negative_prompt_embeds"] = _sd1_embeds(pipe, [job.negative_prompt] * n, job.clip_skip)
+                args["prompt_embeds"] = _sd1_embeds(pipe, prompts, job.clip_skip)
+                args["negative_prompt_embeds"] = _sd1_embeds(pipe, negatives, job.clip_skip)
             else:
-                args["prompt"] = [job.prompt] * n
-                args["negative_prompt"] = [job.negative_prompt] * n
+                args["prompt"] = prompts
+                args["negative_prompt"] = negatives
             args["generator"] = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             if job.mode == "txt2img":
                 shape = (latent_channels, job.height // scale, job.width // scale)
