@@ -13,7 +13,7 @@ from flask_openapi3 import APIBlueprint, Tag
 
 from handler.errors import ErrorModel, Forbidden, NotFound
 from handler.ledger import Ledger
-from handler.schemas import AccountInfo, ImageList, ImagePath, ImagesQuery, UsageQuery, UsageResponse
+from handler.schemas import AccountInfo, ImageList, TaskPath, TaskView, ImagePath, ImagesQuery, UsageQuery, UsageResponse
 from handler.service import Service
 
 bp = APIBlueprint("account", __name__, abp_tags=[Tag(name="records", description="Image records and usage")],
@@ -89,6 +89,21 @@ def _image_bytes(record: dict[str, Any]) -> bytes | None:
     except ValueError:
         return None  # outside the outputs root: never served
     return path.read_bytes() if path.is_file() else None
+
+
+@bp.get("/tasks/<task_id>", responses={200: TaskView})
+def get_task(path: TaskPath):
+    """An asynchronous task: its status and, when done, its result. Another consumer's task is a 404."""
+    from handler.tasks import public_view
+
+    store = _service().tasks
+    if store is None:
+        raise NotFound("records are turned off (SDFUNC_RECORD_REQUESTS=false)")
+    caller = g.caller
+    task = store.get(path.task_id, consumer=None if caller.admin else caller.consumer)
+    if task is None:
+        raise NotFound(f"no task {path.task_id}")
+    return jsonify(public_view(task))
 
 
 @bp.get("/billing/usage", responses={200: UsageResponse})

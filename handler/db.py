@@ -11,6 +11,8 @@ Tables:
 - `ledger`: one row per (consumer, request id): what ran, billed time, price, amount (integer nano-units),
   status succeeded | failed, timestamps. Unique, so a retried request id is never charged twice.
 - `generated_images`: one row per image, the RDS plugin's columns plus request id, consumer, image_url.
+- `tasks`: asynchronous generations (handler/tasks.py): request, status, result, and the heartbeat that tells
+  a live worker's task from a dead one's.
 """
 
 from __future__ import annotations
@@ -133,6 +135,31 @@ generated_images = Table(
     ForeignKeyConstraint(["consumer", "request_id"], ["ledger.consumer", "ledger.request_id"], ondelete="CASCADE"),
     Index(None, "consumer", "created_at"),
     Index(None, "request_id"),
+    **_mysql_opts,
+)
+
+
+tasks = Table(
+    "tasks", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("consumer", String(64), nullable=False),
+    Column("request_id", String(128), nullable=False),  # the ledger's id for the generation
+    Column("mode", String(16), nullable=False),
+    Column("tag", String(128), nullable=True),  # the client's task_id query parameter (EAS)
+    Column("status", String(16), nullable=False),  # queued | running | succeeded | failed
+    Column("request_json", LongText, nullable=False),
+    Column("result_json", LongText, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("callback_url", String(2048), nullable=True),
+    Column("callback_status", String(64), nullable=True),
+    Column("deliveries", Integer, nullable=False, default=0),
+    Column("runner", String(64), nullable=True),  # the worker process that holds it
+    Column("created_at", Timestamp, nullable=False),
+    Column("started_at", Timestamp, nullable=True),
+    Column("finished_at", Timestamp, nullable=True),
+    Column("heartbeat_at", Timestamp, nullable=False),
+    UniqueConstraint("consumer", "request_id"),
+    Index(None, "status", "heartbeat_at"),
     **_mysql_opts,
 )
 

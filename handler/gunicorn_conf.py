@@ -41,9 +41,12 @@ def post_fork(server, worker):
 
 def post_worker_init(worker):
     """Before the worker accepts connections: start the warm-up (`warmup.on_start`) in the background, so that
-    /healthz says STARTING until the warm-up checkpoints are loaded and run."""
+    /healthz says STARTING until the warm-up checkpoints are loaded and run; and the task runner."""
+    service = worker.wsgi.extensions["sdfunc"]
     if _settings.warmup.on_start:
-        worker.wsgi.extensions["sdfunc"].start_warmup()
+        service.start_warmup()
+    if service.task_runner is not None:
+        service.task_runner.start()  # adopt the tasks of a worker that died, without waiting for a submission
 
 
 def child_exit(server, worker):

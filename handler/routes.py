@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app, g, jsonify
+from flask import current_app, g, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 
-from handler.errors import ErrorModel, Forbidden
+from handler.errors import ErrorModel, Forbidden, InvalidRequest
 from handler.images import read_image
 from handler.schemas import (
     EmbeddingsList,
@@ -24,6 +24,7 @@ from handler.schemas import (
     SchedulerItem,
     ScriptsList,
     SDModelItem,
+    TaskView,
     Txt2ImgRequest,
     UpscalerItem,
 )
@@ -59,17 +60,45 @@ def charged_consumer(body: GenerationRequest) -> str:
     return name
 
 
-@bp.post("/txt2img", responses={200: GenerationResponse})
+def async_requested() -> bool:
+    """`?async=true`, `Prefer: respond-async` or FC's `X-Fc-Invocation-Type: Async`."""
+    return (request.args.get("async", "").lower() in ("1", "true", "yes")
+            or request.headers.get("X-Fc-Invocation-Type", "").lower() == "async"
+            or "respond-async" in request.headers.get("Prefer", "").lower())
+
+
+def submit(mode: str, body: GenerationRequest):
+    """Answer now (200 with the images), or queue a task (202, `Location: /tasks/<id>`) when asked to."""
+    consumer = charged_consumer(body)
+    if not async_requested():
+        return jsonify((service().txt2img if mode == "txt2img" else service().img2img)(body, consumer))
+    tag = request.args.get("task_id")
+    callback = request.args.get("callback_url")
+    for name, value, limit in (("task_id", tag, 128), ("callback_url", callback, 2048)):
+        if value is not None and not 0 < len(value) <= limit:
+            raise InvalidRequest(f"{name}: 1-{limit} characters", field=name)
+    if mode == "img2img" and not body.init_images:
+        raise InvalidRequest("init_images: at least one init image is required", field="init_images")
+    task, created = service().submit_task(mode, body, consumer, tag=tag, callback_url=callback)
+    response = jsonify(task)
+    response.status_code = 202
+    response.headers["Location"] = f"/tasks/{task['task_id']}"
+    return response
+
+
+@bp.post("/txt2img", responses={200: GenerationResponse, 202: TaskView})
 def txt2img(body: Txt2ImgRequest):
     """Text to image. Charged for device generation time: headers `X-Billed-Duration-Ms`, `X-Charge` and
-    `parameters.billing`; an `Idempotency-Key` header makes retries safe (a charged id answers 409)."""
-    return jsonify(service().txt2img(body, charged_consumer(body)))
+    `parameters.billing`; an `Idempotency-Key` header makes retries safe (a charged id answers 409). With
+    `?async=true`, `Prefer: respond-async` or `X-Fc-Invocation-Type: Async`: 202 and a task (`GET /tasks/<id>`);
+    query `task_id` is kept as the task's tag, `callback_url` receives the result by POST."""
+    return submit("txt2img", body)
 
 
-@bp.post("/img2img", responses={200: GenerationResponse})
+@bp.post("/img2img", responses={200: GenerationResponse, 202: TaskView})
 def img2img(body: Img2ImgRequest):
-    """Image to image; inpainting when `mask` is given. Charged as txt2img."""
-    return jsonify(service().img2img(body, charged_consumer(body)))
+    """Image to image; inpainting when `mask` is given. Charged as txt2img; asynchronous as txt2img."""
+    return submit("img2img", body)
 
 
 @bp.post("/png-info", responses={200: PngInfoResponse})

@@ -306,6 +306,28 @@ def utc_naive(value: Any) -> Any:
     return value
 
 
+class TaskView(BaseModel):
+    """An asynchronous task (202 on submit; GET /tasks/<id>)."""
+
+    task_id: str
+    tag: str | None = Field(None, description="The `task_id` query parameter of the submit (EAS)")
+    status: Literal["queued", "running", "succeeded", "failed"]
+    consumer: str
+    request_id: str = Field(..., description="The ledger's id for the task's generation")
+    deliveries: int = Field(..., description="Runs so far (a dead worker's task is run again up to max_delivery)")
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error_msg: str
+    callback_status: str | None
+    result: dict[str, Any] | None = Field(None, description="When done: EAS-shaped `parameters` (image_url, seed, "
+                                                            "status, error_msg, total_time), `info`, `image_url`")
+
+
+class TaskPath(BaseModel):
+    task_id: str = Field(..., min_length=1, max_length=32)
+
+
 class AccountInfo(BaseModel):
     consumer: str = Field(..., description="The consumer the credentials belong to")
     admin: bool = Field(..., description="May read every consumer's records and charge others by uid")

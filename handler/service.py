@@ -39,6 +39,7 @@ from handler.progress import Progress
 from handler.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 from handler.settings import Settings
 from handler.storage import LocalStorage
+from handler.tasks import TaskRunner, TaskStore, check_callback_url, public_view
 from pipelines.errors import ModelNotFound
 from pipelines.hashing import HashCache
 from pipelines.store import CheckpointEntry, ModelStore, VaeEntry, format_title
@@ -90,6 +91,8 @@ class Service:
         self.ledger = Ledger(self.db, settings.billing.currency) if self.db is not None else None
         self.consumers = Consumers(self.db) if self.db is not None else None
         self.auth = Authenticator(settings.auth, self.consumers)
+        self.tasks = TaskStore(self.db) if self.db is not None else None
+        self.task_runner = TaskRunner(self, self.tasks, settings.tasks) if self.tasks is not None else None
         self._device_type: str | None = None
         self._cache = None
         self._cache_lock = threading.Lock()
@@ -287,6 +290,8 @@ class Service:
             waited_for = self._in_flight
             drained = self._work.wait_for(lambda: self._in_flight == 0, timeout=self.settings.prestop_grace_seconds)
             left = self._in_flight
+        if self.task_runner is not None:
+            self.task_runner.stop()  # tasks still queued here are adopted by a live instance after tasks.stale_seconds
         released = self.device.run(self._release) if drained else 0
         if self.db is not None:
             self.db.dispose()  # every charge was committed before its response: nothing is left to flush
@@ -318,6 +323,46 @@ class Service:
                 self.store.sha256(entry)
             except (OSError, ModelNotFound):
                 log.warning("could not hash %s", entry.name)
+
+    # asynchronous tasks ---------------------------------------------------------------------------------
+    def submit_task(self, mode: str, req: GenerationRequest, consumer: str, *, tag: str | None,
+                    callback_url: str | None) -> tuple[dict[str, Any], bool]:
+        """Queue `req` as a task (handler.tasks); returns its public view and whether it is new (the same
+        request id from the same consumer returns the existing task)."""
+        if self.tasks is None or self.task_runner is None:
+            raise InvalidRequest("async: tasks need the records database (SDFUNC_RECORD_REQUESTS=true)", field="async")
+        if self._stopping:
+            raise _stopping_error(self.settings.warmup.retry_after)
+        meter = metering.current()
+        if callback_url:
+            check_callback_url(callback_url, allow_private=self.settings.tasks.callback_allow_private)
+        self._validate(req, consumer)  # a bad request is a 422 now, not a failed task later
+        request_id = meter.request_key if meter is not None else uuid.uuid4().hex
+        task, created = self.tasks.create(consumer=consumer, request_id=request_id, mode=mode, tag=tag,
+                                          request_json=req.model_dump_json(), callback_url=callback_url,
+                                          runner=self.task_runner.runner_id)
+        if created:
+            self.task_runner.submit(task["id"])
+        if meter is not None:
+            meter.recorded = True  # the ledger row is the task's, written when it runs
+        return public_view(task), created
+
+    def _validate(self, req: GenerationRequest, consumer: str) -> None:
+        """The checks a generation makes before any device work: limits, models, sampler, EAS keys."""
+        from pipelines.samplers import resolve_sampler
+
+        if req.infotext:
+            req = a1111.apply_infotext(req)
+        self._check_common(req)
+        self._select(req, consumer, a1111.eas_values(req.alwayson_scripts))
+        resolve_sampler(req.sampler_name, req.sampler_index, req.scheduler)
+
+    def task_request(self, mode: str, data: dict[str, Any], task_id: str) -> GenerationRequest:
+        """The stored request of a task, set to save its images to storage and tagged with the task id (which
+        also makes the response EAS-shaped: `parameters.image_url`, `seed`, `status`...)."""
+        scripts = {**(data.get("alwayson_scripts") or {}), "id_task": task_id}
+        values = {**data, "alwayson_scripts": scripts, "save_images": True, "send_images": False}
+        return (Txt2ImgRequest if mode == "txt2img" else Img2ImgRequest).model_validate(values)
 
     # options --------------------------------------------------------------------------------------------
     def get_options(self, consumer: str) -> dict[str, Any]:
@@ -480,7 +525,11 @@ class Service:
             return model, result
 
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        key = self.batcher.key(job, selection.checkpoint, selection.vae) if meter is not None else None
+        # Batch only when there is company or a wait anyway (other generations admitted, or the device busy): a
+        # lone request on an idle device would just pay the batching window.
+        crowded = self._generations > 1 or self.device.pending > 0
+        key = (self.batcher.key(job, selection.checkpoint, selection.vae)
+               if meter is not None and self.batcher.enabled and crowded else None)
         try:
             if key is None:
                 model, result = self.device.run(run_on_device, timeout=remaining,

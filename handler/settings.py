@@ -124,6 +124,29 @@ class BatchSettings(BaseModel):
     )
 
 
+class TaskSettings(BaseModel):
+    """Asynchronous generation tasks (handler/tasks.py): `?async=true`, `Prefer: respond-async` or FC's
+    `X-Fc-Invocation-Type: Async` answer 202 with a task id; `GET /tasks/<id>` gives the result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_delivery: int = Field(
+        1, ge=1, le=10, description="Runs a task may get: a task whose worker died is run again until it has had "
+                                    "this many, then marked failed (1: never re-run, as PAI-EAS).",
+    )
+    heartbeat_seconds: float = Field(2.0, gt=0, le=60, description="How often a worker marks its tasks alive.")
+    stale_seconds: float = Field(
+        10.0, gt=0, description="A task not marked alive for this long belongs to a dead worker: it is re-run or "
+                                "failed by any instance sharing the database.",
+    )
+    callback_timeout_seconds: float = Field(10.0, gt=0, le=120, description="Timeout of one callback POST.")
+    callback_attempts: int = Field(3, ge=1, le=10, description="Callback tries, with 1 s, 2 s, 4 s... between them.")
+    callback_allow_private: bool = Field(
+        False, description="Allow callbacks to loopback, private, link-local and metadata addresses (tests, "
+                           "a private network you trust). Off: such callback URLs are refused with 422.",
+    )
+
+
 class AuthSettings(BaseModel):
     """Who may call the function and as which consumer (handler/auth.py)."""
 
@@ -220,6 +243,7 @@ class Settings(BaseSettings):
     )
     queue: QueueSettings = Field(default_factory=QueueSettings, description="Bounded queue and request timeout.")
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Dynamic batching of compatible requests.")
+    tasks: TaskSettings = Field(default_factory=TaskSettings, description="Asynchronous generation tasks.")
     timeout: int = Field(900, ge=30, description="gunicorn worker timeout (s); long enough for a cold SDXL load.")
     default_checkpoint: str | None = Field(
         None, description="Checkpoint served when a request names none; any A1111 name form. None = first found."

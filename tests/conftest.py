@@ -140,9 +140,11 @@ def make_app(data_dir, db_url):
 
     yield build
     for app in apps:
-        db = app.extensions["sdfunc"].db
-        if db is not None:
-            db.dispose()
+        service = app.extensions["sdfunc"]
+        if service.task_runner is not None:
+            service.task_runner.stop()
+        if service.db is not None:
+            service.db.dispose()
 
 
 def basic(user: str, password: str) -> dict[str, str]:

@@ -231,7 +231,7 @@ def test_schema_comes_from_the_migrations(make_app, db_url):
     engine = app.extensions["sdfunc"].db.engine
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
-        assert current_revision(conn) == "0001"
+        assert current_revision(conn) == "0002"
     migrate(engine)  # again: a no-op that keeps every row
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(ledger)).scalar_one() == 1
@@ -347,3 +347,25 @@ def test_a_duplicate_says_when_its_images_were_not_kept(make_app):
     r = client.post("/sdapi/v1/txt2img", json=TINY, headers={"x-fc-request-id": "plain"})
     assert r.status_code == 409 and "were not kept" in r.json["error"]["message"]
     assert r.json["error"]["details"][0]["images_kept"] == 0
+
+
+def test_an_upgrade_keeps_the_rows_written_before_it(db_url):
+    """A database made by revision 0001 (with a charge in it) upgrades to the latest without losing it."""
+    from sqlalchemy import insert
+
+    from handler.db import Database, current_revision, migrate, utcnow
+
+    db = Database(db_url)
+    try:
+        migrate(db.engine, "0001")
+        now = utcnow()
+        with db.engine.begin() as conn:
+            conn.execute(insert(ledger).values(request_id="old", consumer="c", status="succeeded", images=1,
+                                               billed_ms=5, price_per_second="1", currency="CNY", amount_nanos=5000000,
+                                               attempts=1, started_at=now, finished_at=now))
+        db.ready()  # what a newer instance does on first use
+        with db.engine.connect() as conn:
+            assert current_revision(conn) == "0002"
+            assert conn.execute(select(ledger.c.amount_nanos).where(ledger.c.request_id == "old")).scalar_one() == 5000000
+    finally:
+        db.dispose()
