@@ -63,6 +63,16 @@ class ServeProcess:
             time.sleep(0.1)
         raise AssertionError(f"server stayed {body.get('status')}, wanted {states}:\n{self.log_tail()}")
 
+    def worker_pid(self, timeout: float = 60) -> int:
+        """The gunicorn worker: the one child of the master (`sdfunc serve` execs gunicorn in this process)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            if children:
+                return int(children[0])
+            time.sleep(0.05)
+        raise AssertionError("no gunicorn worker")
+
     def log_entries(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far."""
         return [json.loads(line) for line in self.log_path.read_text(errors="replace").splitlines()

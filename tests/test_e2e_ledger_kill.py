@@ -29,17 +29,6 @@ def data(tmp_path, data_dir) -> Path:
     return root
 
 
-def worker_pid(server: ServeProcess) -> int:
-    """The gunicorn worker: the one child of the master (the `sdfunc serve` process execs gunicorn)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
-        if children:
-            return int(children[0])
-        time.sleep(0.05)
-    raise AssertionError("no gunicorn worker")
-
-
 def check_ledger(url: str) -> dict[str, str]:
     """Assert the invariant on every row; returns {request_id: status}."""
     engine = create_engine(url)
@@ -91,7 +80,7 @@ def test_sigkill_at_random_moments(data, db_url):
             t = threading.Thread(target=traffic)
             t.start()
             time.sleep(rng.uniform(0.3, 1.5))
-            os.kill(worker_pid(server), signal.SIGKILL)  # gunicorn's master starts a new worker
+            os.kill(server.worker_pid(), signal.SIGKILL)  # gunicorn's master starts a new worker
             stop.set()
             t.join(150)
         server.wait_state("READY")
@@ -142,7 +131,7 @@ def test_sigkill_inside_the_transaction(data, db_url, request):
                                                  "WHERE trx_state = 'LOCK WAIT'")).all()
                 root.dispose()
                 assert waiting and waiting[0][0] >= 1, "the ledger row is inserted inside the open transaction"
-            os.kill(worker_pid(server), signal.SIGKILL)
+            os.kill(server.worker_pid(), signal.SIGKILL)
             t.join(60)
             conn.rollback()
         assert result["code"] is None

@@ -104,11 +104,6 @@ def test_callback_receives_the_result(make_app):
         server.shutdown()
 
 
-def _worker_pid(server: ServeProcess) -> int:
-    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
-    return int(children[0])
-
-
 def _wait_task(server: ServeProcess, task_url: str, done: callable, what: str, timeout: float = 180) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -142,7 +137,7 @@ def test_a_task_whose_worker_dies_is_run_again_then_failed(tmp_path, data_dir):
     def kill_while_running(url: str, delivery: int) -> None:
         _wait_task(server, url, lambda v: v["status"] == "running" and v["deliveries"] == delivery,
                    f"run {delivery} never started")
-        os.kill(_worker_pid(server), signal.SIGKILL)
+        os.kill(server.worker_pid(), signal.SIGKILL)
 
     def final(url: str) -> dict:
         return _wait_task(server, url, lambda v: v["status"] in ("succeeded", "failed"), "the task never ended")
