@@ -169,6 +169,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
+def iso_utc(value: dt.datetime | None) -> str | None:
+    """A stored (naive UTC) timestamp as ISO 8601 with a Z, for API responses."""
+    return None if value is None else value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
 def redact(url: str) -> str:
     """The URL with its password hidden, for logs and errors."""
     return make_url(url).render_as_string(hide_password=True)

@@ -24,7 +24,7 @@ from sqlalchemy import case, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
 from handler.billing import Charge, decimal_text, from_nanos
-from handler.db import Database, generated_images, ledger, utcnow
+from handler.db import Database, generated_images, iso_utc, ledger, utcnow
 from handler.errors import Conflict
 from handler.metering import RequestMeter
 
@@ -192,7 +192,7 @@ class Ledger:
             for name in totals:
                 totals[name] += item[name]
             amounts[row.currency] = amounts.get(row.currency, 0) + int(row.amount_nanos or 0)
-        return {"consumer": consumer, "since": _iso(since), "until": _iso(until), "group": group or "none",
+        return {"consumer": consumer, "since": iso_utc(since), "until": iso_utc(until), "group": group or "none",
                 "rows": rows, "totals": {**totals, "amount": {c: decimal_text(from_nanos(n))
                                                               for c, n in sorted(amounts.items())}}}
 
@@ -219,7 +219,7 @@ class Ledger:
         for row in result:
             item = dict(row._mapping)
             item["stored"] = bool(item["stored"])
-            item["created_at"] = _iso(item["created_at"])
+            item["created_at"] = iso_utc(item["created_at"])
             items.append(item)
         return {"images": items, "page": page, "per_page": per_page, "total": int(total)}
 
@@ -245,8 +245,5 @@ class Ledger:
             filters.append(column < until)
         return filters
 
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 

@@ -497,8 +497,6 @@ class Service:
         job_id = uuid.uuid4().hex
         if not self.coldstart.imported:  # the heavy imports, timed, on the device thread like all torch work
             self.device.run(self.coldstart.import_runtime)
-        from pipelines.generate import generate
-
         if req.infotext:
             req = a1111.apply_infotext(req)
         eas = a1111.eas_values(req.alwayson_scripts)
@@ -512,16 +510,8 @@ class Service:
 
         def run_on_device() -> tuple[Any, Any]:
             timings["queue_wait"] = time.perf_counter() - submitted  # admitted work runs even after pre-stop
-            model, timings["model_load"] = self._load(selection.checkpoint, selection.vae)
-            self.progress.begin(mode, job_count=math.ceil(len(job.seeds) / job.batch_size), sampling_steps=job.steps,
-                                owner=consumer or None, job_id=job_id)
-            try:
-                result = generate(model, job, progress=self.progress.step)
-            finally:
-                self.progress.end()
-            self._observe_service_time((timings["model_load"] or 0.0) + result.generation_seconds)
-            if not self.coldstart.done:
-                self._first_image(result.generation_seconds)
+            model, timings["model_load"], result = self._device_generate(selection, job, owner=consumer or None,
+                                                                         job_id=job_id)
             return model, result
 
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -557,15 +547,32 @@ class Service:
             meter.images = len(result.images)
         return outcome
 
+    def _device_generate(self, selection: Selection, job: Any, *, owner: str | None,
+                         job_id: str | None = None) -> tuple[Any, float | None, Any]:
+        """Load (or find warm) the selected model and run `job` on it, with progress, the service-time average
+        and the cold start kept up to date. Device thread only. Returns (model, load seconds or None, result)."""
+        from pipelines.generate import generate
+
+        model, load = self._load(selection.checkpoint, selection.vae)
+        self.progress.begin(job.mode, job_count=math.ceil(len(job.seeds) / job.batch_size), sampling_steps=job.steps,
+                            owner=owner, job_id=job_id)
+        try:
+            result = generate(model, job, progress=self.progress.step)
+        finally:
+            self.progress.end()
+        self._observe_service_time((load or 0.0) + result.generation_seconds)
+        if not self.coldstart.done:
+            self._first_image(result.generation_seconds)
+        return model, load, result
+
     def _run_group(self, selection: Selection, members: list[Member]) -> None:
         """Run a batch group as one job (device thread): per-image prompts and seeds, then each member gets its
         images and a share of the device time by image count (handler.batching)."""
         import dataclasses
 
-        from pipelines.generate import GenerationResult, generate
+        from pipelines.generate import GenerationResult
 
         started = time.perf_counter()
-        model, load = self._load(selection.checkpoint, selection.vae)
         jobs = [m.job for m in members]
         merged = dataclasses.replace(
             jobs[0], seeds=[s for j in jobs for s in j.seeds], subseeds=[s for j in jobs for s in j.subseeds],
@@ -575,14 +582,7 @@ class Service:
         owners = {m.consumer for m in members}
         # A shared batch can be interrupted by an admin only: no single consumer may stop the others' images.
         owner = owners.pop() if len(owners) == 1 else "<batch>"
-        self.progress.begin("txt2img", job_count=1, sampling_steps=merged.steps, owner=owner or None)
-        try:
-            result = generate(model, merged, progress=self.progress.step)
-        finally:
-            self.progress.end()
-        self._observe_service_time((load or 0.0) + result.generation_seconds)
-        if not self.coldstart.done:
-            self._first_image(result.generation_seconds)
+        model, load, result = self._device_generate(selection, merged, owner=owner or None)
         made, first = len(result.images), 0
         log.info("batched %d request(s), %d image(s), %.3f s generating", len(members), made,
                  result.generation_seconds)

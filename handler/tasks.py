@@ -32,16 +32,14 @@ from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from handler import metering
-from handler.db import Database, tasks, utcnow
-from handler.errors import Busy, InvalidRequest, NotFound, ServiceError
+from handler.db import Database, iso_utc, tasks, utcnow
+from handler.errors import Busy, InvalidRequest, ServiceError
 from handler.settings import TaskSettings
 
 if TYPE_CHECKING:
     from handler.service import Service
 
 log = logging.getLogger(__name__)
-
-FINAL = ("succeeded", "failed")
 
 
 def check_callback_url(url: str, *, allow_private: bool) -> str:
@@ -274,15 +272,12 @@ class TaskRunner:
 
 def public_view(task: dict[str, Any]) -> dict[str, Any]:
     """What GET /tasks/<id> shows."""
-    iso = lambda v: None if v is None else v.isoformat(timespec="microseconds") + "Z"  # noqa: E731
     view = {"task_id": task["id"], "tag": task.get("tag"), "status": task["status"], "consumer": task["consumer"],
             "request_id": task["request_id"], "deliveries": task.get("deliveries", 0),
-            "created_at": iso(task["created_at"]), "started_at": iso(task.get("started_at")),
-            "finished_at": iso(task.get("finished_at")), "error_msg": task.get("error") or "",
+            "created_at": iso_utc(task["created_at"]), "started_at": iso_utc(task.get("started_at")),
+            "finished_at": iso_utc(task.get("finished_at")), "error_msg": task.get("error") or "",
             "callback_status": task.get("callback_status"), "result": None}
     if task.get("result_json"):
         view["result"] = json.loads(task["result_json"])
     return view
 
-
-__all__ = ["FINAL", "NotFound", "TaskRunner", "TaskStore", "check_callback_url", "public_view"]
