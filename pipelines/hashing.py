@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def addnet_hash(path: Path) -> str:
+    """kohya's "addnet" sha256 of a .safetensors file: the bytes after its header (A1111's LoRA hash), so that
+    editing a LoRA's metadata does not change it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        fh.seek(8 + header_len)
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def legacy_model_hash(path: Path) -> str:
     """A1111's pre-1.0 8-hex hash: sha256 of the 64 KiB at offset 0x100000 (still accepted as a name)."""
     with open(path, "rb") as fh:
@@ -37,10 +50,12 @@ def legacy_model_hash(path: Path) -> str:
 
 
 class HashCache:
-    """Thread-safe sha256 cache backed by a JSON file (`None` path = memory only)."""
+    """Thread-safe hash cache backed by a JSON file (`None` path = memory only). `compute` is the hash
+    function (whole-file sha256 by default; `addnet_hash` for LoRAs)."""
 
-    def __init__(self, cache_file: Path | None) -> None:
+    def __init__(self, cache_file: Path | None, compute: Callable[[Path], str] = sha256_file) -> None:
         self._file = cache_file
+        self._hash = compute
         self._lock = threading.Lock()
         self._path_locks: dict[str, threading.Lock] = {}
         self._entries: dict[str, dict] = {}
@@ -84,7 +99,7 @@ class HashCache:
     def _compute(self, path: Path) -> str:
         size, mtime = self._stamp(path)
         log.info("hashing %s (%.1f MB)", path.name, size / 1e6)
-        value = sha256_file(path)
+        value = self._hash(path)
         with self._lock:
             self._entries[str(path)] = {"size": size, "mtime_ns": mtime, "sha256": value}
             self._save_locked()

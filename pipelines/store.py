@@ -181,6 +181,23 @@ class ModelStore:
         raise ModelNotFound(f"VAE '{wanted}' not found under models/VAE", field=field)
 
 
+def scan_safetensors(root: Path, what: str) -> list[Path]:
+    """The `.safetensors` files under `root` (sub-folders too, sorted), skipping hidden files and folders (temp
+    files of atomic writes and downloads); pickle files are logged as refused (`what` names the kind)."""
+    found: list[Path] = []
+    if not root.is_dir():
+        return found
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            log.warning("%s %s is a pickle file and is not offered; convert it to .safetensors", what, rel)
+        elif path.suffix == ".safetensors":
+            found.append(path)
+    return found
+
+
 def format_title(name: str, sha256: str | None) -> str:
     """A1111's checkpoint title: `name [sha256[:10]]`, or `name` while the hash is unknown."""
     return f"{name} [{sha256[:10]}]" if sha256 else name
