@@ -51,6 +51,7 @@ def _health() -> dict:
         "device": service.device_name(),
         "uptime_seconds": round(time.time() - service.coldstart.started_at, 3),
         "loaded_models": service.loaded_models(),
+        "cache": service.cache_if_loaded.report() if service.cache_if_loaded is not None else None,
         "in_flight": service.in_flight,
         "queued": service.device.queued,
         "cold_start": service.coldstart.report(),

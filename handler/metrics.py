@@ -160,16 +160,27 @@ class _LiveCollector(Collector):
 
         cache = svc.cache_if_loaded
         stats = cache.stats if cache is not None else None
-        for name, help_text in (("hits", "Requests served by a warm pipeline."),
-                                ("misses", "Requests that had to load a pipeline."),
-                                ("evictions", "Pipelines dropped from the warm cache."),
+        for name, help_text in (("hits", "Requests served by a pipeline on the device."),
+                                ("host_hits", "Requests served by a pipeline moved back from host RAM."),
+                                ("misses", "Requests that had to load a pipeline from disk."),
+                                ("evictions", "Pipelines that left the device (to host RAM or dropped)."),
+                                ("host_evictions", "Pipelines dropped from host RAM."),
                                 ("loads", "Checkpoint and VAE loads.")):
             yield CounterMetricFamily(f"sdfunc_pipeline_cache_{name}", help_text,
                                       value=float(getattr(stats, name)) if stats else 0.0)
-        yield GaugeMetricFamily("sdfunc_pipeline_cache_bytes", "Bytes of weights held by warm pipelines "
-                                "(shared components once).", value=float(cache.nbytes()) if cache else 0.0)
-        yield GaugeMetricFamily("sdfunc_pipeline_cache_models", "Warm pipelines.",
+        yield GaugeMetricFamily("sdfunc_pipeline_cache_bytes", "Bytes of weights held by warm pipelines on the "
+                                "device (shared components once).", value=float(cache.nbytes()) if cache else 0.0)
+        yield GaugeMetricFamily("sdfunc_pipeline_cache_host_bytes", "Bytes of weights kept in host RAM for "
+                                "pipelines evicted from the GPU.", value=float(cache.host_nbytes()) if cache else 0.0)
+        budget = GaugeMetricFamily("sdfunc_pipeline_cache_budget_bytes", "Byte budget of each cache tier.",
+                                   labels=["tier"])
+        budget.add_metric(["device"], float(cache.device_budget) if cache else 0.0)
+        budget.add_metric(["host"], float(cache.host_budget) if cache else 0.0)
+        yield budget
+        yield GaugeMetricFamily("sdfunc_pipeline_cache_models", "Warm pipelines on the device.",
                                 value=float(len(cache.loaded())) if cache else 0.0)
+        yield GaugeMetricFamily("sdfunc_pipeline_cache_host_models", "Pipelines kept in host RAM.",
+                                value=float(len(cache.parked())) if cache else 0.0)
 
         if cache is not None and cache.device.startswith("cuda") and "torch" in sys.modules:
             import torch

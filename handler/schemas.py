@@ -136,7 +136,10 @@ class Txt2ImgRequest(GenerationRequest):
 class Img2ImgRequest(GenerationRequest):
     """POST /sdapi/v1/img2img (inpainting when `mask` is given)."""
 
-    init_images: list[str] | None = Field(None, description="Base64 images or data: URLs (required).")
+    init_images: list[str] | None = Field(
+        None, description="Base64 images or data: URLs. Required unless alwayson_scripts.image_link gives the init "
+                          "image by http(s) URL (fetched with the network.* limits); when both are given, "
+                          "init_images are used and image_link is not fetched.")
     resize_mode: Int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale.")
     denoising_strength: Float = Field(0.75, ge=0.0, le=1.0)
     image_cfg_scale: Float | None = Field(None, description="instruct-pix2pix only; ignored.")
@@ -254,6 +257,21 @@ class ColdStartReport(BaseModel):
                                                       "to_device, first_generation (seconds); absent if not reached")
 
 
+class CacheReport(BaseModel):
+    device_bytes: int = Field(..., description="Weights on the device (shared components once).")
+    device_budget: int = Field(..., description="cache.device_bytes, resolved.")
+    host_bytes: int = Field(..., description="Weights kept in host RAM for pipelines evicted from the GPU.")
+    host_budget: int = Field(..., description="cache.host_bytes; 0 when the tier is off (always on CPU).")
+    device_models: int
+    host_models: int
+    hits: int
+    host_hits: int
+    misses: int
+    loads: int
+    evictions: int
+    host_evictions: int
+
+
 class HealthResponse(BaseModel):
     status: Literal["STARTING", "READY", "BUSY", "FAILED", "STOPPING"]
     version: str
@@ -261,6 +279,7 @@ class HealthResponse(BaseModel):
     device: str = Field(..., description="cpu or cuda; the configured value (auto) before the first load")
     uptime_seconds: float
     loaded_models: list[str]
+    cache: CacheReport | None = Field(None, description="The warm pipeline cache; null before the first load.")
     in_flight: int = Field(..., description="Generation requests (and a warm-up) admitted and not yet answered; "
                                             "sdfunc_requests_in_flight counts every HTTP request instead.")
     queued: int = Field(..., description="Device jobs waiting behind the running one.")

@@ -7,6 +7,12 @@ pipeline class and folder are chosen here from the file's keys (and an optional 
 entry naming a shipped folder, used by the demo models). Diffusers folders (with `model_index.json`) load
 with `from_pretrained`.
 
+Two options for slow storage (a NAS or OSS mount), both off by default in this module and set by the cache:
+`local_dir` copies a single file to local disk with large sequential reads first and loads the copy (reused
+while the source's size and mtime match; `local_copy`), because mapping a file on a network mount faults it
+in page by page, one round trip each; `direct_to_device` passes `device=` to diffusers so that the UNet and
+VAE weights go from the file straight to the device instead of through a full model in CPU memory first.
+
 The process must run with `HF_HUB_OFFLINE=1` set before diffusers / huggingface_hub are first imported.
 
 Refused: pickle files (`.ckpt`, `.pt`, `.bin`, `.pth`), architectures other than SD 1.x and SDXL, and files
@@ -18,16 +24,20 @@ from __future__ import annotations
 
 import enum
 import functools
+import hashlib
 import json
 import logging
-import struct
+import os
+import shutil
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipelines import safetensors_header
 from pipelines.store import PICKLE_SUFFIXES
 from pipelines.errors import (
     CheckpointError,
@@ -44,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_ROOT: Path = Path(__file__).parent / "configs"
 METADATA_CONFIG_KEY = "sdfunc_config"
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference implementation's own limit
+COPY_CHUNK_BYTES = 16 * 1024 * 1024  # one read request per 16 MiB: few round trips on a network mount
+_PART_MAX_AGE_S = 24 * 3600  # a `.part` file this old is the remains of a killed copy
 
 
 class Arch(str, enum.Enum):
@@ -69,33 +80,12 @@ def read_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str,
     path = Path(path)
     _refuse_pickle(path)
     try:
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise CheckpointError(f"{path.name}: not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", head)
-            size = path.stat().st_size
-            if n > _MAX_HEADER_BYTES or n + 8 > size:
-                raise CheckpointError(f"{path.name}: not a safetensors file (bad header length)")
-            raw = f.read(n)
+        header = safetensors_header.read_header(path)
     except FileNotFoundError as e:
         raise ModelNotFound(f"{path.name}: no such checkpoint") from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path.name}: not a safetensors file (header is not JSON)") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name}: not a safetensors file (header is not an object)")
-    metadata = header.pop("__metadata__", None) or {}
-    tensors: dict[str, tuple[str, list[int]]] = {}
-    try:
-        for name, info in header.items():
-            tensors[name] = (str(info["dtype"]), [int(s) for s in info["shape"]])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path.name}: malformed safetensors header") from e
-    if not isinstance(metadata, dict):
-        metadata = {}
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    except safetensors_header.HeaderError as e:
+        raise CheckpointError(f"{path.name}: {e}") from e
+    return header.shapes(), header.metadata
 
 
 def detect_arch(keys: Iterable[str]) -> Arch:
@@ -212,6 +202,9 @@ def load_pipeline(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     disable_mmap: bool = False,
+    local_dir: Path | None = None,
+    local_max_bytes: int | None = None,
+    direct_to_device: bool = False,
     timings: dict[str, float] | None = None,
 ) -> DiffusionPipeline:
     """Single-file .safetensors or diffusers folder -> StableDiffusion(XL)Pipeline on `device` in `dtype`.
@@ -220,7 +213,10 @@ def load_pipeline(
     IncompleteCheckpoint, CheckpointError (anything else diffusers rejects), ModelNotFound (no such path).
     `disable_mmap=True` reads the file into memory instead of mapping it (for network mounts, and so a
     same-dtype load never holds views of a file that might later change).
-    `timings`, when given, receives `read_weights` and `to_device` (seconds).
+    `local_dir`: load a single file from its copy there (`local_copy`, at most `local_max_bytes` of copies).
+    `direct_to_device`: UNet and VAE weights go from the file to `device` without a CPU model first (text
+    encoders still load on the CPU and move with the rest).
+    `timings`, when given, receives `copy` (with `local_dir`), `read_weights` and `to_device` (seconds).
     """
     path = Path(path)
     started = time.perf_counter()
@@ -233,15 +229,22 @@ def load_pipeline(
         raise ModelNotFound(f"{path.name}: no such checkpoint")
     else:
         arch, config_dir = config_dir_for(path)
+        source = path
+        if local_dir is not None:
+            source, _ = local_copy(path, Path(local_dir), max_bytes=local_max_bytes)
+            if timings is not None:
+                timings["copy"] = time.perf_counter() - started
+            started = time.perf_counter()
         cls = _pipeline_class(arch)
         logger.info("loading %s as %s with config %s", path.name, cls.__name__, config_dir.name)
         try:
             pipe = cls.from_single_file(
-                str(path),
+                str(source),
                 config=str(config_dir),
                 dtype=dtype,
                 local_files_only=True,
                 disable_mmap=disable_mmap,
+                **({"device": device} if direct_to_device else {}),
                 **tokenizers_for(arch),
                 **_pipeline_kwargs(arch),
             )
@@ -259,6 +262,96 @@ def load_pipeline(
         timings["read_weights"] = read - started
         timings["to_device"] = time.perf_counter() - read
     return pipe
+
+
+def _copy_name(path: Path) -> str:
+    """The local copy's file name: unique per source path, readable by its stem."""
+    digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
+    return f"{digest}-{Path(path).name}"
+
+
+def _matches(local: os.stat_result, source: os.stat_result) -> bool:
+    return local.st_size == source.st_size and local.st_mtime_ns == source.st_mtime_ns
+
+
+def local_copy(path: Path, local_dir: Path, *, max_bytes: int | None = None) -> tuple[Path, bool]:
+    """A copy of the single file `path` in `local_dir`, and whether it was copied now (False: reused).
+
+    The copy carries the source's mtime; it is reused while size and mtime match, else replaced. It is
+    written under a temporary name and renamed into place, so a loaded (memory-mapped) older copy is never
+    changed in place. Reads are sequential, `COPY_CHUNK_BYTES` at a time. Afterwards the least recently used
+    other copies are deleted until all copies fit in `max_bytes` (None: no limit; the new copy is kept even if
+    it alone is larger). A copy that would not fit on the local disk is skipped: the source is loaded instead.
+    """
+    path, local_dir = Path(path), Path(local_dir)
+    try:
+        source = path.stat()
+    except FileNotFoundError as e:
+        raise ModelNotFound(f"{path.name}: no such checkpoint") from e
+    local_dir.mkdir(parents=True, exist_ok=True)
+    local = local_dir / _copy_name(path)
+    try:
+        if _matches(local.stat(), source):
+            os.utime(local, ns=(time.time_ns(), source.st_mtime_ns))  # atime = last use, for the clean-up
+            return local, False
+    except FileNotFoundError:
+        pass
+    if max_bytes is not None:  # make room first: old copies must not push new ones back onto the mount
+        clean_local_copies(local_dir, max(0, max_bytes - source.st_size))
+    if shutil.disk_usage(local_dir).free < source.st_size:
+        logger.warning("not enough local disk in %s for %s: loading from the mount", local_dir, path.name)
+        return path, False
+    part = local_dir / f".{local.name}.{uuid.uuid4().hex[:8]}.part"
+    started = time.perf_counter()
+    try:
+        with path.open("rb", buffering=0) as src, part.open("wb") as dst:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(src.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead
+            shutil.copyfileobj(src, dst, COPY_CHUNK_BYTES)
+        if not _matches(path.stat(), source) or part.stat().st_size != source.st_size:
+            raise CheckpointError(f"{path.name}: the file changed while it was copied to local disk")
+        os.utime(part, ns=(time.time_ns(), source.st_mtime_ns))
+        os.replace(part, local)
+    finally:
+        part.unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+    logger.info("copied %s to %s (%.0f MiB in %.2f s)", path.name, local_dir, source.st_size / 2**20, seconds)
+    clean_local_copies(local_dir, max_bytes, keep=local)
+    return local, True
+
+
+def clean_local_copies(local_dir: Path, max_bytes: int | None, *, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used copies in `local_dir` (never `keep`) until the rest fit in `max_bytes`,
+    and `.part` files of killed copies; returns what was deleted."""
+    removed: list[Path] = []
+    copies: list[tuple[float, int, Path]] = []
+    now = time.time()
+    for p in Path(local_dir).iterdir():
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        if not p.is_file():
+            continue
+        if p.name.startswith("."):
+            if p.name.endswith(".part") and now - st.st_mtime > _PART_MAX_AGE_S:
+                p.unlink(missing_ok=True)
+                removed.append(p)
+            continue
+        copies.append((st.st_atime, st.st_size, p))
+    if max_bytes is None:
+        return removed
+    total = sum(size for _, size, _ in copies)
+    for _, size, p in sorted(copies):
+        if total <= max_bytes:
+            break
+        if keep is not None and p == keep:
+            continue
+        p.unlink(missing_ok=True)  # a pipeline still mapping it keeps its pages; the space frees when it goes
+        total -= size
+        removed.append(p)
+        logger.info("deleted local copy %s (local copies over %d bytes)", p.name, max_bytes)
+    return removed
 
 
 def _load_diffusers_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Arch]:
