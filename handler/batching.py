@@ -63,7 +63,8 @@ class Batcher:
             return None
         sampler = job.sampler
         return (str(checkpoint.path), str(vae.path) if vae is not None else None, job.width, job.height, job.steps,
-                sampler.sampler.name, sampler.schedule_label, job.cfg_scale, job.clip_skip, job.tiling, job.eta)
+                sampler.sampler.name, sampler.schedule_label, job.cfg_scale, job.clip_skip, job.tiling, job.eta,
+                tuple(use.key for use in job.loras))
 
     def run(self, key: tuple[Any, ...], member: Member, device: DeviceExecutor,
             run_group: Callable[[list[Member]], None], deadline: float | None) -> Member:

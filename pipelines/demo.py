@@ -155,3 +155,44 @@ def write_demo_vae(vae_dir: Path, *, force: bool = False) -> Path:
     write_safetensors(path, [layout_of(tensors, FILE_DTYPE)], [tensors], {METADATA_CONFIG_KEY: DEMO_VAE_CONFIG})
     logger.info("wrote demo VAE %s (%d bytes)", path.name, path.stat().st_size)
     return path
+
+
+_LORA_TARGETS = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "te": ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+
+def write_demo_lora(path: Path, kind: str = "demo-sd15", *, fmt: str = "kohya", seed: int = 1, rank: int = 4,
+                    parts: Iterable[str] = ("unet", "te"), metadata: dict[str, str] | None = None) -> Path:
+    """A random LoRA for the demo model `kind`, written as a .safetensors file in `fmt` "kohya" (A1111 / civitai
+    keys: `lora_unet_*`, `lora_te_*` or `lora_te1_*`/`lora_te2_*`, `.lora_down/.lora_up/.alpha`) or "diffusers"
+    (`unet.*.lora_A/.lora_B`). `parts` chooses the UNet and/or text encoders. Deterministic for a seed."""
+    from safetensors.torch import save_file
+
+    if fmt not in ("kohya", "diffusers"):
+        raise ValueError(f"unknown LoRA format {fmt!r}")
+    pipe = build_demo_pipeline(kind)
+    sdxl = hasattr(pipe, "text_encoder_2")
+    modules: list[tuple[str, str, torch.nn.Module, tuple[str, ...]]] = []  # (diffusers prefix, kohya prefix, ...)
+    if "unet" in parts:
+        modules.append(("unet", "lora_unet", pipe.unet, _LORA_TARGETS["unet"]))
+    if "te" in parts:
+        modules.append(("text_encoder", "lora_te1" if sdxl else "lora_te", pipe.text_encoder, _LORA_TARGETS["te"]))
+        if sdxl:
+            modules.append(("text_encoder_2", "lora_te2", pipe.text_encoder_2, _LORA_TARGETS["te"]))
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, kohya, module, targets in modules:
+        for name, sub in module.named_modules():
+            if not isinstance(sub, torch.nn.Linear) or not name.endswith(targets):
+                continue
+            down = (torch.randn(rank, sub.in_features, generator=generator) * 0.5).to(FILE_DTYPE)
+            up = (torch.randn(sub.out_features, rank, generator=generator) * 0.5).to(FILE_DTYPE)
+            if fmt == "kohya":
+                key = f"{kohya}_{name.replace('.', '_')}"
+                tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
+                tensors[f"{key}.alpha"] = torch.tensor(float(rank), dtype=FILE_DTYPE)
+            else:
+                tensors[f"{prefix}.{name}.lora_A.weight"], tensors[f"{prefix}.{name}.lora_B.weight"] = down, up
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"ss_network_dim": str(rank), **(metadata or {})})
+    return path

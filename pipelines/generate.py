@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from pipelines.cache import LoadedModel, assemble_pipeline
+from pipelines.embeddings import expand_prompt
 from pipelines.errors import InvalidParameter
 from pipelines.samplers import ResolvedSampler, build_scheduler, set_noise_seeds
 
@@ -66,6 +67,11 @@ class ImageJob:
     # Per-image prompts, one per seed, when requests are batched together (handler/batching.py); else None.
     prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
+    # LoRAs (pipelines.lora.LoraUse) the device thread activates before running the job; `prompt` is already
+    # free of their tags.
+    loras: list[Any] = field(default_factory=list)
+    # Textual-inversion embeddings (pipelines.embeddings entries) the device thread loaded for these prompts.
+    embeddings: list[Any] = field(default_factory=list)
 
     def prompts_for(self, first: int, n: int) -> tuple[list[str], list[str]]:
         """The prompts and negative prompts of images first..first+n."""
@@ -227,6 +233,8 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
             n = len(seeds)
             args = dict(call)
             prompts, negatives = job.prompts_for(first, n)
+            prompts = [expand_prompt(pipe, p, job.embeddings) for p in prompts]
+            negatives = [expand_prompt(pipe, p, job.embeddings) for p in negatives]
             if sd1_clip_skip:
                 args["prompt_embeds"] = _sd1_embeds(pipe, prompts, job.clip_skip)
                 args["negative_prompt_embeds"] = _sd1_embeds(pipe, negatives, job.clip_skip)
