@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from pathlib import Path
 from typing import Any
 
 from flask import Response, current_app, g, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 
-from handler.errors import ErrorModel, Forbidden, NotFound
+from handler.errors import ErrorModel, Forbidden, NotFound, StorageUnavailable
 from handler.ledger import Ledger
 from handler.schemas import AccountInfo, ImageList, TaskPath, TaskView, ImagePath, ImagesQuery, UsageQuery, UsageResponse
 from handler.service import Service
@@ -82,13 +81,10 @@ def _image_bytes(record: dict[str, Any]) -> bytes | None:
     url = record["image_url"]
     if not url:
         return None
-    storage = _service().storage
-    path = Path(url)
     try:
-        path = storage.path_for(str(path.relative_to(storage.root))) if path.is_absolute() else storage.path_for(url)
-    except ValueError:
-        return None  # outside the outputs root: never served
-    return path.read_bytes() if path.is_file() else None
+        return _service().storage.read(url)  # None for a URL outside this storage: never served
+    except OSError:
+        raise StorageUnavailable("the saved image could not be read back from storage") from None
 
 
 @bp.get("/tasks/<task_id>", responses={200: TaskView})

@@ -87,6 +87,13 @@ class DatabaseUnavailable(NotReady):
     code = "database_unavailable"
 
 
+class StorageUnavailable(NotReady):
+    """Saved images could not be written or read back (disk full, read-only mount, OSS error): a generation
+    that fails this way is not charged (handler.outputs)."""
+
+    code = "storage_unavailable"
+
+
 class ErrorBody(BaseModel):
     """The error object (documented in the OpenAPI document)."""
 

@@ -1,0 +1,154 @@
+"""A request's saved images: the A1111 / PAI-EAS outputs layout, storage keys and the URLs they get.
+
+A request saves when it sets `save_images: true` or the PAI-EAS key `alwayson_scripts.save_dir` (which implies
+saving). Keys, relative to the outputs root (DESIGN.md "The mount"):
+
+    {txt2img,img2img}-images/YYYY-MM-DD/<HHMMSS>-<id>-<seed>.png    (`<save_dir>/YYYY-MM-DD/...` with save_dir)
+    {txt2img,img2img}-grids/YYYY-MM-DD/grid-<HHMMSS>-<id>.png       (when A1111 would save a grid)
+
+`<id>` is short and random, one per request; an image whose seed repeats within the request (variation seeds)
+gets its index appended. `save_dir` is checked before anything is generated (`check_request`): a path relative
+to the outputs root, or an absolute path inside it; `..`, control characters, other absolute paths and
+symlinks that lead out are a 422 naming `alwayson_scripts.save_dir`. A write the storage refuses is a 503
+`storage_unavailable`, raised before the request is charged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from PIL import Image
+
+from handler import a1111
+from handler.errors import InvalidRequest, StorageUnavailable
+from handler.schemas import GenerationRequest
+from handler.storage import LocalStorage, Storage
+
+log = logging.getLogger(__name__)
+
+SAVE_DIR_FIELD = "alwayson_scripts.save_dir"
+MAX_SAVE_DIR_CHARS = 1024
+
+
+@dataclass
+class Saved:
+    """What one request wrote: the images' URLs (in image order) and the grid's, if one was made."""
+
+    images: list[str] = field(default_factory=list)
+    grid: str | None = None
+
+
+def _refuse(reason: str) -> InvalidRequest:
+    return InvalidRequest(f"{SAVE_DIR_FIELD}: {reason}", field=SAVE_DIR_FIELD)
+
+
+def check_save_dir(save_dir: str | None, storage: Storage, outputs_root: Path) -> str | None:
+    """The folder key `save_dir` names (relative to the outputs root; "" is the root itself), or None when
+    the request names none. InvalidRequest (422) when it could write outside the outputs root."""
+    if not save_dir:
+        return None
+    if len(save_dir) > MAX_SAVE_DIR_CHARS:
+        raise _refuse(f"longer than {MAX_SAVE_DIR_CHARS} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in save_dir):
+        raise _refuse("must not contain NUL or other control characters")
+    path = PurePosixPath(save_dir)
+    if ".." in path.parts:
+        raise _refuse("must not contain '..'")
+    if any(len(part.encode()) > 255 for part in path.parts):
+        raise _refuse("a folder name is longer than 255 bytes")
+    if path.is_absolute():
+        rel = _inside(path, outputs_root)
+        if rel is None:
+            raise _refuse("an absolute path must be inside the outputs folder; or give a path relative to it")
+        path = rel
+    key = "/".join(path.parts)
+    if isinstance(storage, LocalStorage):  # a symlink on the way may lead out: resolve it on the real folder
+        try:
+            target = (storage.root / key).resolve()
+            if target != storage.root and storage.root not in target.parents:
+                raise _refuse("leads outside the outputs folder")
+            existing = next(p for p in (target, *target.parents) if p.exists())  # the root exists
+        except OSError:
+            raise _refuse("is not a usable folder name") from None
+        if not existing.is_dir():
+            raise _refuse("names a file, not a folder")
+    return key
+
+
+def _inside(path: PurePosixPath, root: Path) -> PurePosixPath | None:
+    """`path` relative to `root` (as configured, or with its symlinks resolved), else None."""
+    for base in dict.fromkeys((PurePosixPath(root), PurePosixPath(root.resolve()))):
+        try:
+            return path.relative_to(base)
+        except ValueError:
+            continue
+    return None
+
+
+def check_request(req: GenerationRequest, storage: Storage, outputs_root: Path) -> None:
+    """Refuse (422) a request whose `alwayson_scripts.save_dir` is unusable, before any device work."""
+    check_save_dir(a1111.eas_values(req.alwayson_scripts).get("save_dir"), storage, outputs_root)
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """(rows, cols) of A1111's `image_grid` with its defaults (`n_rows` -1, `grid_prevent_empty_spots` off):
+    rows = round(sqrt(n)), at most n; cols = ceil(n / rows)."""
+    rows = min(count, max(1, round(math.sqrt(count))))
+    return rows, math.ceil(count / rows)
+
+
+def image_grid(images: Sequence[Image.Image]) -> Image.Image:
+    """A1111's grid: cells as large as the largest image, images centred in them, row by row, on white."""
+    rows, cols = grid_shape(len(images))
+    w, h = (max(sizes) for sizes in zip(*(im.size for im in images)))
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB"), (i % cols * w + (w - im.width) // 2, i // cols * h + (h - im.height) // 2))
+    return grid
+
+
+def wants_grid(count: int, options: dict[str, Any], do_not_save_grid: bool) -> bool:
+    """A1111 saves a grid for more than one image when the `grid_save` option is on and the request did not
+    set `do_not_save_grid`."""
+    return count > 1 and bool(options.get("grid_save", True)) and not do_not_save_grid
+
+
+def save_outputs(storage: Storage, outputs_root: Path, mode: str, *, pngs: Sequence[bytes], seeds: Sequence[int],
+                 images: Sequence[Image.Image], infotexts: Sequence[str], save_dir: str | None,
+                 grid: bool) -> Saved:
+    """Write a request's PNGs (and its grid when `grid`) and return their URLs. StorageUnavailable (503)
+    when the storage refuses a write."""
+    from pipelines.infotext import png_bytes
+
+    folder = check_save_dir(save_dir, storage, outputs_root)
+    now = dt.datetime.now()  # local time, as A1111 names its folders and files
+    day, stamp, rid = now.strftime("%Y-%m-%d"), now.strftime("%H%M%S"), uuid.uuid4().hex[:8]
+    if folder is None:
+        base = f"{mode}-images/{day}"
+    else:
+        base = f"{folder}/{day}" if folder else day  # save_dir "" / "." is the outputs root itself
+    saved, seen = Saved(), set()
+    try:
+        for i, (seed, data) in enumerate(zip(seeds, pngs)):
+            suffix = f"-{i}" if seed in seen else ""
+            seen.add(seed)
+            saved.images.append(storage.put(f"{base}/{stamp}-{rid}-{seed}{suffix}.png", data))
+        if grid and len(images) > 1:
+            data = png_bytes(image_grid(images), infotexts[0] if infotexts else "")
+            saved.grid = storage.put(f"{mode}-grids/{day}/grid-{stamp}-{rid}.png", data)
+    except ValueError:  # a symlink swapped in after the check: the key would leave the root
+        if folder is None:
+            raise
+        raise _refuse("leads outside the outputs folder") from None
+    except OSError as exc:
+        log.error("saving images failed: %s", exc)
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise StorageUnavailable(f"the images could not be saved ({reason}); the request is not charged") from None
+    return saved
