@@ -66,12 +66,10 @@ def eas_values(scripts: dict[str, Any]) -> dict[str, Any]:
         if value is not None and not isinstance(value, str):
             raise InvalidRequest(f"{field}: must be a string", field=field)
         values[key] = value
-    if values.get("save_dir"):
-        raise InvalidRequest("alwayson_scripts.save_dir: saving to a folder is not offered yet; use save_images",
-                             field="alwayson_scripts.save_dir")
-    if values.get("image_link"):
-        raise InvalidRequest("alwayson_scripts.image_link: fetching images by URL is not offered yet",
-                             field="alwayson_scripts.image_link")
+    link = values.get("image_link")
+    if link and (len(link) > 2048 or not link.lower().startswith(("http://", "https://"))):
+        raise InvalidRequest("alwayson_scripts.image_link: an http or https URL of at most 2048 characters "
+                             "is required", field="alwayson_scripts.image_link")
     return values
 
 

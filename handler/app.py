@@ -12,7 +12,7 @@ import time
 from flask import Response, g, request
 from flask_openapi3 import Info, OpenAPI
 
-from handler import __version__, account, fc, metering, routes, web
+from handler import __version__, account, downloads, fc, metering, routes, web
 from handler.billing import decimal_text
 from handler.errors import (
     ErrorModel,
@@ -28,7 +28,7 @@ from handler.settings import Settings
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-AUTHENTICATED_BLUEPRINTS = ("sdapi", "account")  # the lifecycle hooks, health, metrics and docs stay open
+AUTHENTICATED_BLUEPRINTS = ("sdapi", "account", "downloads")  # lifecycle hooks, health, metrics, docs stay open
 GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 
 
@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.register_api(routes.bp)
     app.register_api(fc.bp)
     app.register_api(account.bp)
+    app.register_api(downloads.bp)
     app.register_api(web.bp)
     service.coldstart.app_ready()
     return app

@@ -11,30 +11,30 @@ Contract:
   marked for `stale_seconds` (their worker died) and runs them again until they have had `max_delivery` runs,
   then marks them failed. So no task stays "running" forever.
 - With a `callback_url`, the result is POSTed there when the task ends (retried with backoff); the URL must not
-  point at loopback, private, link-local or metadata addresses unless `tasks.callback_allow_private`.
+  point at loopback, private, link-local or metadata addresses unless `tasks.callback_allow_private` or
+  `network.allow_hosts` allows it; it is checked at submission and at every try, and the POST goes to the
+  address that was checked (handler.netguard).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import json
 import logging
 import queue
-import socket
 import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from handler import metering
 from handler.db import Database, iso_utc, tasks, utcnow
-from handler.errors import Busy, InvalidRequest, ServiceError
-from handler.settings import TaskSettings
+from handler.errors import Busy, ServiceError
+from handler.netguard import FetchError, Guard
+from handler.settings import NetworkSettings, TaskSettings
 
 if TYPE_CHECKING:
     from handler.service import Service
@@ -42,24 +42,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def check_callback_url(url: str, *, allow_private: bool) -> str:
-    """`url` if it is http(s) to a public address (every address its host resolves to), else a 422."""
-    parts = urlsplit(url)
-    field = "callback_url"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidRequest(f"{field}: an http or https URL is required", field=field)
-    if allow_private:
-        return url
+def check_callback_url(url: str, *, allow_private: bool, network: NetworkSettings) -> str:
+    """`url` if it is http(s) to a public address (every address its host resolves to) or one that `network`
+    allow-lists (`allow_private`: any but metadata addresses), else a 422 naming `callback_url`."""
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
-                                   type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        raise InvalidRequest(f"{field}: the host does not resolve", field=field) from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if (address.is_private or address.is_loopback or address.is_link_local or address.is_multicast
-                or address.is_reserved or address.is_unspecified):
-            raise InvalidRequest(f"{field}: {parts.hostname} resolves to a non-public address", field=field)
+        Guard(network, allow_private=allow_private).check(url)
+    except FetchError as exc:
+        raise exc.for_field("callback_url") from None
     return url
 
 
@@ -245,21 +234,20 @@ class TaskRunner:
             self._callback(task_id, task["callback_url"], result or {})
 
     def _callback(self, task_id: str, url: str, result: dict[str, Any]) -> None:
-        import requests
-
+        # Each try resolves and checks the host again and connects to the address it checked (handler.netguard),
+        # so a name that turns private after submission is refused, and DNS rebinding cannot redirect the POST.
+        guard = Guard(self.service.settings.network, allow_private=self.settings.callback_allow_private)
         delay = 1.0
         outcome = "failed"
         for attempt in range(1, self.settings.callback_attempts + 1):
             try:
-                check_callback_url(url, allow_private=self.settings.callback_allow_private)
-                response = requests.post(url, json=result, timeout=self.settings.callback_timeout_seconds,
-                                         allow_redirects=False)
-                if response.status_code < 300:
-                    outcome = f"delivered ({response.status_code})"
+                status = guard.post_json(url, result, timeout=self.settings.callback_timeout_seconds)
+                if status < 300:
+                    outcome = f"delivered ({status})"
                     break
-                outcome = f"refused ({response.status_code})"
-            except (requests.RequestException, InvalidRequest) as exc:
-                outcome = f"failed ({type(exc).__name__})"
+                outcome = f"refused ({status})"
+            except FetchError as exc:
+                outcome = f"failed ({exc.reason})"
             if attempt < self.settings.callback_attempts:
                 time.sleep(delay)
                 delay *= 2
