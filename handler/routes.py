@@ -7,7 +7,7 @@ from typing import Any
 from flask import current_app, g, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 
-from handler.errors import ErrorModel, Forbidden, InvalidRequest
+from handler.errors import ErrorModel, Forbidden, InvalidRequest, ServiceError
 from handler.images import read_image
 from handler.schemas import (
     EmbeddingsList,
@@ -29,6 +29,7 @@ from handler.schemas import (
     UpscalerItem,
 )
 from handler.service import Service
+from pipelines.errors import PipelineError
 
 _tag = Tag(name="sdapi", description="AUTOMATIC1111 web UI API (v1.10.1) with PAI-EAS extensions")
 _errors: dict[Any, Any] = {401: ErrorModel, 403: ErrorModel, 404: ErrorModel, 409: ErrorModel, 413: ErrorModel,
@@ -69,7 +70,13 @@ def async_requested() -> bool:
 
 def submit(mode: str, body: GenerationRequest):
     """Answer now (200 with the images), or queue a task (202, `Location: /tasks/<id>`) when asked to."""
+    from handler.a1111 import eas_values
+
     consumer = charged_consumer(body)
+    image_link = eas_values(body.alwayson_scripts).get("image_link")
+    if mode == "txt2img" and image_link:
+        raise InvalidRequest("alwayson_scripts.image_link: txt2img takes no input image (ControlNet input is not "
+                             "offered yet); use img2img", field="alwayson_scripts.image_link")
     if not async_requested():
         return jsonify((service().txt2img if mode == "txt2img" else service().img2img)(body, consumer))
     tag = request.args.get("task_id")
@@ -77,8 +84,16 @@ def submit(mode: str, body: GenerationRequest):
     for name, value, limit in (("task_id", tag, 128), ("callback_url", callback, 2048)):
         if value is not None and not 0 < len(value) <= limit:
             raise InvalidRequest(f"{name}: 1-{limit} characters", field=name)
-    if mode == "img2img" and not body.init_images:
-        raise InvalidRequest("init_images: at least one init image is required", field="init_images")
+    if mode == "img2img" and not body.init_images and not image_link:
+        raise InvalidRequest("init_images: at least one init image (or alwayson_scripts.image_link) is required",
+                             field="init_images")
+    if image_link and not body.init_images:  # a refused link is a 422 now; the task fetches (and checks) it again
+        from handler.netguard import FetchError, Guard
+
+        try:
+            Guard(service().settings.network).check(image_link)
+        except FetchError as exc:
+            raise exc.for_field("alwayson_scripts.image_link") from None
     task, created = service().submit_task(mode, body, consumer, tag=tag, callback_url=callback)
     response = jsonify(task)
     response.status_code = 202
@@ -124,13 +139,10 @@ def sd_vae():
     return jsonify([{"model_name": v.name, "filename": str(v.path)} for v in service().store.vaes])
 
 
-@bp.get("/loras", responses={200: {"description": "LoRA files (none are applied yet)"}})
+@bp.get("/loras", responses={200: {"description": "LoRA files under models/Lora"}})
 def loras():
-    """LoRA files under models/Lora."""
-    root = service().settings.lora_dir
-    items = [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}}
-             for p in sorted(root.rglob("*.safetensors"))] if root.is_dir() else []
-    return jsonify(items)
+    """LoRA files under models/Lora, for `<lora:name:weight>` in prompts (A1111's shape)."""
+    return jsonify(service().loras.listing())
 
 
 @bp.get("/samplers", responses={200: {"content": {"application/json": {"schema": {
@@ -174,8 +186,20 @@ def scripts():
 
 @bp.get("/embeddings", responses={200: EmbeddingsList})
 def embeddings():
-    """Textual-inversion embeddings (none loaded yet)."""
-    return jsonify({"loaded": {}, "skipped": {}})
+    """Textual-inversion embeddings under <data>/embeddings: `loaded` are those that fit the caller's current
+    checkpoint when it is warm (else every SD 1.x or SDXL one), `skipped` the rest."""
+    from pipelines.embeddings import encoder_dims
+
+    svc = service()
+    dims = None
+    cache = svc.cache_if_loaded
+    if cache is not None:
+        try:
+            model = cache.peek(svc.default_checkpoint(consumer()))
+        except (ServiceError, PipelineError):  # no checkpoint at all, or the default is gone
+            model = None
+        dims = encoder_dims(model.pipe) if model is not None else None
+    return jsonify(svc.embeddings.listing(dims))
 
 
 @bp.get("/options", responses={200: {"description": "Every option with the caller's value"}})
@@ -207,13 +231,15 @@ def refresh_vae():
 
 @bp.post("/refresh-loras", responses={200: _null})
 def refresh_loras():
-    """LoRA files are listed from disk on every GET /loras, so there is nothing to rescan."""
+    """Rescan models/Lora."""
+    service().loras.refresh()
     return jsonify(None)
 
 
 @bp.post("/refresh-embeddings", responses={200: _null})
 def refresh_embeddings():
-    """Embeddings are not loaded yet, so there is nothing to rescan."""
+    """Rescan <data>/embeddings."""
+    service().embeddings.refresh()
     return jsonify(None)
 
 

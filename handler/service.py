@@ -9,7 +9,6 @@ Nothing heavy happens in the constructor: torch and diffusers load on first use 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import logging
 import math
@@ -22,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from handler import a1111, metering
+from handler import a1111, metering, outputs
 from handler.auth import Authenticator, Consumers
 from handler.batching import Batcher, Member
 from handler.billing import Pricing
@@ -38,10 +37,12 @@ from handler.options import DEFAULT_OPTIONS, MemoryOptionsStore, OptionsStore, c
 from handler.progress import Progress
 from handler.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 from handler.settings import Settings
-from handler.storage import LocalStorage
+from handler.storage import make_storage
 from handler.tasks import TaskRunner, TaskStore, check_callback_url, public_view
 from pipelines.errors import ModelNotFound
-from pipelines.hashing import HashCache
+from pipelines.hashing import HashCache, addnet_hash
+from pipelines.embeddings import EmbeddingStore, encoder_dims
+from pipelines.lora import LoraAdapters, LoraStore
 from pipelines.store import CheckpointEntry, ModelStore, VaeEntry, format_title
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,11 @@ class Service:
         self.settings = settings
         settings.ensure_layout()
         self.store = ModelStore(settings.checkpoints_dir, settings.vae_dir, HashCache(settings.cache_dir / "sha256.json"))
+        self.loras = LoraStore(settings.lora_dir, HashCache(settings.cache_dir / "addnet.json", compute=addnet_hash))
+        self.lora_adapters = LoraAdapters(settings.max_loaded_loras)
+        self.embeddings = EmbeddingStore(settings.data_dir / "embeddings", self.store.hashes)
         self.options_store: OptionsStore = options_store or MemoryOptionsStore()
-        self.storage = LocalStorage(settings.outputs_dir)
+        self.storage = make_storage(settings)
         self.progress = Progress()
         self.device = DeviceExecutor()  # the one thread that loads and generates
         self.batcher = Batcher(settings.batch)
@@ -132,9 +136,14 @@ class Service:
                 from pipelines.cache import PipelineCache
 
                 device = self.settings.resolved_device()
+                cfg = self.settings.cache
+                load_options = {"direct_to_device": cfg.direct_to_device}
+                if cfg.copy_to_local:
+                    load_options.update(local_dir=cfg.resolved_local_dir, local_max_bytes=cfg.local_max_bytes)
                 self._cache = PipelineCache(
                     self.store, device=device, dtype=self.settings.resolved_dtype(device),
-                    capacity=self.settings.max_loaded_models,
+                    capacity=self.settings.max_loaded_models, device_bytes=cfg.device_bytes,
+                    device_fraction=cfg.device_fraction, host_bytes=cfg.host_bytes, load_options=load_options,
                     compile_cache_dir=str(self.settings.compile_cache_dir) if self.settings.warmup.compile else None,
                 )
             return self._cache
@@ -166,10 +175,11 @@ class Service:
         self.coldstart.import_runtime()  # timed before the cache resolves the device (which imports torch)
         cache = self.cache
         self.coldstart.init_device(cache.device)
-        loads, phases = cache.stats.loads, dict(cache.stats.phase_seconds)
+        stats = cache.stats
+        before, phases = stats.loads + stats.host_hits, dict(stats.phase_seconds)  # from disk or from host RAM
         started = time.perf_counter()
         model = cache.get(checkpoint, vae)
-        if cache.stats.loads == loads:
+        if stats.loads + stats.host_hits == before:
             return model, None
         for name, total in cache.stats.phase_seconds.items():
             self.coldstart.record(name, total - phases.get(name, 0.0))
@@ -335,7 +345,8 @@ class Service:
             raise _stopping_error(self.settings.warmup.retry_after)
         meter = metering.current()
         if callback_url:
-            check_callback_url(callback_url, allow_private=self.settings.tasks.callback_allow_private)
+            check_callback_url(callback_url, allow_private=self.settings.tasks.callback_allow_private,
+                               network=self.settings.network)
         self._validate(req, consumer)  # a bad request is a 422 now, not a failed task later
         request_id = meter.request_key if meter is not None else uuid.uuid4().hex
         task, created = self.tasks.create(consumer=consumer, request_id=request_id, mode=mode, tag=tag,
@@ -356,6 +367,7 @@ class Service:
         self._check_common(req)
         self._select(req, consumer, a1111.eas_values(req.alwayson_scripts))
         resolve_sampler(req.sampler_name, req.sampler_index, req.scheduler)
+        self.loras.resolve(req.prompt, apply=not req.disable_extra_networks)
 
     def task_request(self, mode: str, data: dict[str, Any], task_id: str) -> GenerationRequest:
         """The stored request of a task, set to save its images to storage and tagged with the task id (which
@@ -399,13 +411,33 @@ class Service:
         return self._generate("txt2img", req, consumer)
 
     def img2img(self, req: Img2ImgRequest, consumer: str) -> dict[str, Any]:
-        if not req.init_images:
-            raise InvalidRequest("init_images: at least one init image is required", field="init_images")
-        if len(req.init_images) > req.batch_size:
+        if not req.init_images and not a1111.eas_values(req.alwayson_scripts).get("image_link"):
+            raise InvalidRequest("init_images: at least one init image (or alwayson_scripts.image_link) is required",
+                                 field="init_images")
+        if len(req.init_images or []) > req.batch_size:
             raise InvalidRequest(
                 f"init_images: {len(req.init_images)} images but batch_size is {req.batch_size}", field="init_images"
             )
+        if not req.init_images:  # fetched before admission: a slow link must not hold a place in the queue
+            req = req.model_copy(update={"init_images": [self._fetch_image_link(req)]})
         return self._generate("img2img", req, consumer)
+
+    def _fetch_image_link(self, req: Img2ImgRequest) -> str:
+        """PAI-EAS `image_link`: the init image by URL (handler.netguard: public addresses only unless
+        allow-listed, pinned connection, size and time limits), as base64 for the usual decoding and limits."""
+        import base64
+
+        from handler.netguard import FetchError, Guard
+
+        net, field = self.settings.network, "alwayson_scripts.image_link"
+        try:
+            raw = Guard(net).get_bytes(a1111.eas_values(req.alwayson_scripts)["image_link"],
+                                       max_bytes=net.max_image_bytes, deadline_seconds=net.fetch_deadline_seconds)
+        except FetchError as exc:
+            raise exc.for_field(field) from None
+        data = base64.b64encode(raw).decode("ascii")
+        decode_image(data, field=field, max_pixels=self.settings.max_input_pixels)  # a bad image names the link
+        return data
 
     def _check_common(self, req: GenerationRequest) -> tuple[int, int]:
         s = self.settings
@@ -433,6 +465,7 @@ class Service:
                 f"batch_size: batch_size x n_iter = {req.batch_size * req.n_iter} exceeds {s.max_images} images",
                 field="batch_size",
             )
+        outputs.check_request(req, self.storage, s.outputs_dir)  # a bad save_dir is a 422 before any work
         return width, height
 
     def _select(self, req: GenerationRequest, consumer: str, eas: dict[str, Any]) -> Selection:
@@ -539,7 +572,7 @@ class Service:
                 meter.queue_wait_seconds = timings.get("queue_wait")
                 meter.model_load_seconds = timings.get("model_load")
         encode_started = time.perf_counter()
-        outcome = self._respond(mode, req, job, model, result, eas)
+        outcome = self._respond(mode, req, job, model, result, eas, selection.options)
         timings["encode"] = time.perf_counter() - encode_started
         if meter is not None:
             meter.generation_seconds = result.generation_seconds
@@ -554,6 +587,13 @@ class Service:
         from pipelines.generate import generate
 
         model, load = self._load(selection.checkpoint, selection.vae)
+        adapters = self.lora_adapters
+        before = (adapters.loads, adapters.unloads, len(model.pipe.tokenizer))
+        adapters.apply(model.pipe, job.loras)
+        texts = [*(job.prompts or [job.prompt]), *(job.negative_prompts or [job.negative_prompt])]
+        job.embeddings = self.embeddings.prepare(model.pipe, texts)  # textual inversions the prompts name
+        if (adapters.loads, adapters.unloads, len(model.pipe.tokenizer)) != before:
+            self.cache.remeasure(model)  # adapters and embedding rows are device memory too
         self.progress.begin(job.mode, job_count=math.ceil(len(job.seeds) / job.batch_size), sampling_steps=job.steps,
                             owner=owner, job_id=job_id)
         try:
@@ -643,23 +683,29 @@ class Service:
         selection = self._select(req, consumer, eas)
         sampler = resolve_sampler(req.sampler_name, req.sampler_index, req.scheduler)
         seeds, subseeds = a1111.all_seeds(req)
+        prompt, loras = self.loras.resolve(req.prompt, apply=not req.disable_extra_networks)
         job = ImageJob(
-            mode=mode, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=seeds, subseeds=subseeds,
+            mode=mode, prompt=prompt, negative_prompt=req.negative_prompt, seeds=seeds, subseeds=subseeds,
             subseed_strength=req.subseed_strength, batch_size=req.batch_size, steps=req.steps,
             cfg_scale=req.cfg_scale, width=width, height=height, sampler=sampler, clip_skip=selection.clip_skip,
             tiling=bool(req.tiling if req.tiling is not None else selection.options.get("tiling")),
-            eta=req.eta if sampler.sampler.name in a1111.ETA_KEYS else None,
+            eta=req.eta if sampler.sampler.name in a1111.ETA_KEYS else None, loras=loras,
         )
         if isinstance(req, Img2ImgRequest):
             self._img2img_inputs(req, job, selection.options)
         return job, selection
 
     def _respond(self, mode: str, req: GenerationRequest, job: Any, model: Any, result: Any,
-                 eas: dict[str, Any]) -> Outcome:
+                 eas: dict[str, Any], options: dict[str, Any]) -> Outcome:
         """PNGs with their infotexts, optional saving, the A1111 response body and the image records."""
         from pipelines.infotext import png_bytes
 
         extras = a1111.extra_params(req, job)
+        if job.loras:
+            extras["Lora hashes"] = self.loras.hashes_infotext(job.loras)
+        used = self.embeddings.mentioned([job.prompt, job.negative_prompt], encoder_dims(model.pipe))
+        if used:
+            extras["TI hashes"] = self.embeddings.ti_hashes(used)
         params = a1111.infotext_params(req, job, model, extras)
         infotexts: list[str] = []
         pngs: list[bytes] = []
@@ -669,11 +715,12 @@ class Service:
             infotexts.append(text)
             pngs.append(png_bytes(image, text))
         saved: list[str] = []
-        if req.save_images:
-            folder = f"{mode}-images/{dt.date.today().isoformat()}"
-            stamp = time.strftime("%H%M%S")
-            for seed, data in zip(result.seeds, pngs):
-                saved.append(self.storage.put(f"{folder}/{stamp}-{uuid.uuid4().hex[:8]}-{seed}.png", data))
+        if req.save_images or eas.get("save_dir"):  # PAI-EAS: a save_dir means save there
+            options = {**options, **(req.override_settings or {})}  # the caller's options, this request's overrides
+            saved = outputs.save_outputs(
+                self.storage, self.settings.outputs_dir, mode, pngs=pngs, seeds=result.seeds, images=result.images,
+                infotexts=infotexts, save_dir=eas.get("save_dir"),
+                grid=outputs.wants_grid(len(pngs), options, req.do_not_save_grid)).images
         parameters = req.model_dump(mode="json")
         if isinstance(req, Img2ImgRequest) and not req.include_init_images:
             parameters["init_images"] = None

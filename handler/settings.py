@@ -124,6 +124,71 @@ class BatchSettings(BaseModel):
     )
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+               "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def _parse_bytes(value: object) -> object:
+    """`12GiB`, `500 MB`, `1.5e9` or a number -> int bytes; `auto` / `none` / empty -> None; else unchanged."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower().replace("_", "")
+    if text in ("", "auto", "none", "null"):
+        return None
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)", text)
+    if not match or match.group(2) not in _BYTE_UNITS:
+        return value  # pydantic reports it
+    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
+
+
+class CacheSettings(BaseModel):
+    """The warm pipeline cache and how checkpoints are read (pipelines/cache.py, pipelines/loading.py). Byte
+    sizes take a number or a unit: `12GiB`, `500MB`. `max_loaded_models` still caps the number of checkpoints
+    on the device on top of `device_bytes`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device_bytes: int | None = Field(
+        None, ge=0, description="Weights kept on the device (least recently used evicted beyond it). None/`auto`: "
+                                "`device_fraction` of the GPU's memory, or of the machine's RAM on CPU.",
+    )
+    device_fraction: float = Field(
+        0.6, gt=0, le=1, description="Share of the device's memory `device_bytes: auto` gives to weights (the rest "
+                                     "is for activations: SDXL at 1024x1024 needs several GiB).",
+    )
+    host_bytes: int = Field(
+        0, ge=0, description="Host RAM for pipelines evicted from the GPU (PAI-EAS --sd-dynamic-cache): their "
+                             "modules move to RAM and back on the next request, without reading the disk. 0: off "
+                             "(evicted pipelines are dropped). No effect on a CPU-only machine.",
+    )
+    copy_to_local: bool = Field(
+        False, description="Copy a single-file checkpoint to `local_dir` with large sequential reads before "
+                           "loading it (mmap on a network mount reads page by page), reusing the copy while the "
+                           "source's size and mtime match.",
+    )
+    local_dir: Path | None = Field(
+        None, description="Local-disk folder for those copies; default <system temp>/sdfunc-model-copies.",
+    )
+    local_max_bytes: int | None = Field(
+        10 * 2**30, ge=0, description="Disk budget of the local copies; least recently used ones are deleted "
+                                      "beyond it (the copy being loaded is always kept). None/`auto`: no limit.",
+    )
+    direct_to_device: bool = Field(
+        True, description="Load UNet and VAE weights from the file straight onto the device (no full CPU copy).",
+    )
+
+    @field_validator("device_bytes", "host_bytes", "local_max_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, value: object) -> object:
+        return _parse_bytes(value)
+
+    @property
+    def resolved_local_dir(self) -> Path:
+        import tempfile
+
+        return self.local_dir or Path(tempfile.gettempdir()) / "sdfunc-model-copies"
+
+
 class TaskSettings(BaseModel):
     """Asynchronous generation tasks (handler/tasks.py): `?async=true`, `Prefer: respond-async` or FC's
     `X-Fc-Invocation-Type: Async` answer 202 with a task id; `GET /tasks/<id>` gives the result."""
@@ -142,8 +207,75 @@ class TaskSettings(BaseModel):
     callback_timeout_seconds: float = Field(10.0, gt=0, le=120, description="Timeout of one callback POST.")
     callback_attempts: int = Field(3, ge=1, le=10, description="Callback tries, with 1 s, 2 s, 4 s... between them.")
     callback_allow_private: bool = Field(
-        False, description="Allow callbacks to loopback, private, link-local and metadata addresses (tests, "
-                           "a private network you trust). Off: such callback URLs are refused with 422.",
+        False, description="Allow callbacks to loopback, private and link-local addresses (tests, a private "
+                           "network you trust). Off: such callback URLs are refused with 422. Cloud metadata "
+                           "addresses stay refused unless a network.allow_hosts CIDR names them.",
+    )
+
+
+class NetworkSettings(BaseModel):
+    """Outbound HTTP(S) the function makes for clients: img2img `image_link`, model downloads, task callbacks
+    (handler/netguard.py). Hosts that resolve to loopback, private, link-local, CGNAT, multicast, reserved or
+    metadata addresses are refused unless allow-listed here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host names (`files.internal`, `*.corp.example`) and CIDRs "
+                                          "(`10.0.0.0/8`, `127.0.0.1/32`) that may be reached although not "
+                                          "public; a JSON list or a comma-separated string. A cloud metadata "
+                                          "address is reachable only through a CIDR that contains it.",
+    )
+    timeout_seconds: float = Field(10.0, gt=0, le=300, description="Connect timeout, and longest wait for each read.")
+    fetch_deadline_seconds: float = Field(
+        60.0, gt=0, le=3600, description="Longest a whole image fetch (image_link) may take, redirects included.",
+    )
+    max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed; each hop is checked again.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest image fetched by URL (bytes).")
+    ca_bundle: Path | None = Field(
+        None, description="PEM file of the CAs trusted for https (a private CA); default: certifi's bundle.",
+    )
+
+    @field_validator("allow_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _host_or_cidr(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        out = []
+        for item in value:
+            entry = item.strip().lower()
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                if not re.fullmatch(r"(\*\.)?[a-z0-9_]([a-z0-9_-]{0,62}\.?)*", entry.rstrip(".")):
+                    raise ValueError(f"{item!r}: a host name, *.domain or a CIDR") from None
+            out.append(entry.rstrip("."))
+        return out
+
+
+class DownloadSettings(BaseModel):
+    """`POST /models/download` (handler/downloads.py): model files fetched into the models folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_bytes: int = Field(20 * 1024**3, ge=1024, description="Largest file downloaded (bytes).")
+    timeout_seconds: float = Field(3 * 3600.0, gt=0, description="Longest one download may take, start to end.")
+    workers: int = Field(1, ge=1, le=4, description="Downloads that run at once.")
+    max_queued: int = Field(8, ge=1, le=256, description="Downloads that may wait; one more answers 429.")
+    allow_http: bool = Field(False, description="Accept http:// sources (off: https:// and oss:// only).")
+    oss_endpoint: str | None = Field(
+        None, description="OSS endpoint for oss://bucket/key sources (`https://oss-cn-hangzhou-internal."
+                          "aliyuncs.com`); default storage.oss.endpoint. Credentials from OSS_ACCESS_KEY_ID / "
+                          "OSS_ACCESS_KEY_SECRET (/ OSS_SESSION_TOKEN), as FC sets them.",
     )
 
 
@@ -227,6 +359,70 @@ class BillingSettings(BaseModel):
         return value
 
 
+class OssSettings(BaseModel):
+    """The OSS bucket of `storage`: where images are uploaded (kind oss), or the bucket the outputs folder is
+    mounted from (kind local with url oss / signed). Credentials never live here: oss2 reads
+    OSS_ACCESS_KEY_ID / OSS_ACCESS_KEY_SECRET (/ OSS_SESSION_TOKEN) from the environment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint: str | None = Field(
+        None, description="OSS endpoint, e.g. `https://oss-cn-hangzhou-internal.aliyuncs.com` (needed to upload "
+                          "and to sign URLs).",
+    )
+    bucket: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$", description="Bucket name.")
+    prefix: str = Field(
+        "", max_length=512, description="Object-name prefix that stands for the outputs folder, e.g. "
+                                        "`sdfunc/outputs` (for a mount: the bucket path mounted at <data>/outputs).",
+    )
+    sign_expiry_seconds: int = Field(3600, ge=1, description="How long a signed URL (url: signed) stays valid.")
+    multipart_threshold_bytes: int = Field(
+        10 * 1024 * 1024, ge=1, description="Uploads of this size and larger use multipart (oss2.resumable_upload).",
+    )
+    multipart_part_size_bytes: int = Field(
+        10 * 1024 * 1024, ge=100 * 1024, description="Part size of multipart uploads (OSS needs 100 KiB or more).",
+    )
+
+    @field_validator("prefix")
+    @classmethod
+    def _clean_prefix(cls, value: str) -> str:
+        value = value.strip("/")
+        if value and ("\x00" in value or any(part in ("", ".", "..") for part in value.split("/"))):
+            raise ValueError("a /-separated object-name prefix without empty, . or .. parts")
+        return value
+
+
+class StorageSettings(BaseModel):
+    """Where saved images go and which URL `parameters.image_url` gives for them (handler/storage.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "oss"] = Field(
+        "local", description="local: files under <data>/outputs (a local disk, NAS or OSS mount); oss: objects "
+                             "uploaded to storage.oss through the OSS API.",
+    )
+    url: Literal["path", "oss", "signed"] | None = Field(
+        None, description="path: the file path (kind local only); oss: `oss://bucket/prefix/key`; signed: a "
+                          "signed HTTPS GET URL. Default: path for local, oss for oss.",
+    )
+    oss: OssSettings = Field(default_factory=OssSettings, description="The bucket (kind oss, or url oss / signed).")
+
+    @property
+    def url_style(self) -> str:
+        return self.url or ("oss" if self.kind == "oss" else "path")
+
+    @model_validator(mode="after")
+    def _complete(self) -> StorageSettings:
+        style = self.url_style
+        if self.kind == "oss" and style == "path":
+            raise ValueError("url: path needs kind local (objects uploaded to OSS have no local path)")
+        if style != "path" and not self.oss.bucket:
+            raise ValueError(f"oss.bucket: required with url {style}")
+        if (self.kind == "oss" or style == "signed") and not self.oss.endpoint:
+            raise ValueError("oss.endpoint: required to upload to OSS or sign URLs")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the function can be configured with. Paths are resolved to absolute paths."""
 
@@ -250,7 +446,13 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present, else cpu.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="auto = float16 on GPU, float32 on CPU.")
-    max_loaded_models: int = Field(2, ge=1, description="Pipelines kept warm in the worker (least recently used is dropped).")
+    max_loaded_loras: int = Field(8, ge=1, le=256, description="LoRA adapters kept loaded per checkpoint (least "
+                                  "recently used unloaded).")
+    max_loaded_models: int = Field(
+        2, ge=1, description="Checkpoints kept on the device at most (least recently used evicted); `cache.device_bytes` "
+                             "limits their bytes too.",
+    )
+    cache: CacheSettings = Field(default_factory=CacheSettings, description="Warm cache budgets and checkpoint reading.")
     warmup: WarmupSettings = Field(default_factory=WarmupSettings, description="Warm-up (FC initializer) settings.")
     prestop_grace_seconds: float = Field(
         60.0, ge=0, description="How long `GET /pre-stop` waits for in-flight generations before answering."
@@ -267,6 +469,8 @@ class Settings(BaseSettings):
 
     auth: AuthSettings = Field(default_factory=AuthSettings, description="Authentication and consumers.")
     billing: BillingSettings = Field(default_factory=BillingSettings, description="Prices and billing units.")
+    network: NetworkSettings = Field(default_factory=NetworkSettings, description="Outbound fetches and their guard.")
+    downloads: DownloadSettings = Field(default_factory=DownloadSettings, description="Model downloads.")
     database_url: str | None = Field(
         None, description="Records database (ledger, image records, consumers), an SQLAlchemy URL: "
                           "mysql+pymysql://user:pw@host/db (RDS), postgresql+psycopg://... Default: SQLite "
@@ -279,6 +483,9 @@ class Settings(BaseSettings):
     save_images_to_db: bool = Field(
         False, description="Keep each PNG (base64) in generated_images (the RDS plugin's 'Save to DataBase'); "
                            "per request: alwayson_scripts.save_to_db.",
+    )
+    storage: StorageSettings = Field(
+        default_factory=StorageSettings, description="Where saved images go (folder or OSS) and their URLs.",
     )
 
     log_level: str = Field("INFO", description="Python logging level name.")
