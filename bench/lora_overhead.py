@@ -148,6 +148,7 @@ def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     lines = [f"### LoRA overhead: {cfg['size']}x{cfg['size']}, {cfg['steps']} steps, {cfg['rounds']} rounds",
              "", machine_line(result, f"torch threads {result['machine']['torch_threads']}"), "",
+             f"Command: `{result['command']}`", "",
              "| arch | kind | median ms | p90 ms | x base | extra ms |", "|---|---|---|---|---|---|"]
     for arch, rows in result["archs"].items():
         for kind in KINDS:

@@ -26,6 +26,16 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
+def linked_data_root(data_dir: Path, root: Path) -> Path:
+    """A fresh data root at `root` holding the demo checkpoints as hard links (no copy, no rebuild), for tests
+    that add their own LoRAs, VAEs or embeddings."""
+    ckpts = root / "models" / "Stable-diffusion"
+    ckpts.mkdir(parents=True)
+    for path in (data_dir / "models" / "Stable-diffusion").glob("*.safetensors"):
+        os.link(path, ckpts / path.name)
+    return root
+
+
 def make_settings(data_dir: Path, **overrides):
     from handler.settings import Settings
 

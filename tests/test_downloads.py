@@ -212,8 +212,8 @@ def test_only_admins_may_download(tmp_path, server):
     assert client.get("/models/download/" + "0" * 32, headers=basic("root", "pw")).status_code == 404
 
 
-def test_a_full_queue_answers_429(tmp_path):
-    release = threading.Event()
+def held_until(release: threading.Event):
+    """A route that answers the safetensors file only once `release` is set (a download that stays running)."""
 
     def slow(handler):
         release.wait(20)
@@ -221,6 +221,13 @@ def test_a_full_queue_answers_429(tmp_path):
         handler.send_header("Content-Length", str(len(ST)))
         handler.end_headers()
         handler.wfile.write(ST)
+
+    return slow
+
+
+def test_a_full_queue_answers_429(tmp_path):
+    release = threading.Event()
+    slow = held_until(release)
 
     with LoopbackServer({"/slow.safetensors": slow}) as server:
         _, client = build(tmp_path, downloads={"allow_http": True, "workers": 1, "max_queued": 1})
@@ -276,13 +283,7 @@ def test_oss_sources(tmp_path, monkeypatch):
 
 def test_a_folder_swapped_for_a_link_while_queued_is_refused(tmp_path):
     release = threading.Event()
-
-    def slow(handler):
-        release.wait(20)
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(ST)))
-        handler.end_headers()
-        handler.wfile.write(ST)
+    slow = held_until(release)
 
     with LoopbackServer({"/slow.safetensors": slow, "/m.safetensors": (200, {}, ST)}) as server:
         _, client = build(tmp_path)

@@ -6,14 +6,13 @@ import base64
 import hashlib
 import io
 import json
-import os
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.conftest import make_settings
+from tests.conftest import linked_data_root, make_settings
 
 BASE = {"prompt": "a red house", "steps": 2, "width": 64, "height": 64, "seed": 3, "sampler_name": "Euler"}
 
@@ -22,11 +21,7 @@ BASE = {"prompt": "a red house", "steps": 2, "width": 64, "height": 64, "seed": 
 def ti_app(data_dir, tmp_path_factory):
     from handler.app import create_app
 
-    root = tmp_path_factory.mktemp("ti-data")
-    ckpts = root / "models" / "Stable-diffusion"
-    ckpts.mkdir(parents=True)
-    for path in (data_dir / "models" / "Stable-diffusion").glob("*.safetensors"):
-        os.link(path, ckpts / path.name)
+    root = linked_data_root(data_dir, tmp_path_factory.mktemp("ti-data"))
     emb = root / "embeddings"
     emb.mkdir()
     g = torch.Generator().manual_seed(0)

@@ -7,12 +7,11 @@ diffusers key formats by `pipelines.demo.write_demo_lora`.
 import base64
 import hashlib
 import json
-import os
 import shutil
 
 import pytest
 
-from tests.conftest import make_settings
+from tests.conftest import linked_data_root, make_settings
 
 BASE = {"prompt": "a red house", "steps": 2, "width": 64, "height": 64, "seed": 11, "sampler_name": "Euler"}
 
@@ -22,11 +21,7 @@ def lora_data(data_dir, tmp_path_factory):
     """A data root with the demo checkpoints (hard links) and LoRAs for them."""
     from pipelines.demo import write_demo_lora
 
-    root = tmp_path_factory.mktemp("lora-data")
-    ckpts = root / "models" / "Stable-diffusion"
-    ckpts.mkdir(parents=True)
-    for path in (data_dir / "models" / "Stable-diffusion").glob("*.safetensors"):
-        os.link(path, ckpts / path.name)
+    root = linked_data_root(data_dir, tmp_path_factory.mktemp("lora-data"))
     loras = root / "models" / "Lora"
     write_demo_lora(loras / "kstyle.safetensors", "demo-sd15", fmt="kohya", seed=1,
                     metadata={"ss_output_name": "kstyle-alias", "ss_tag_frequency": json.dumps({"a": {"b": 1}})})

@@ -6,13 +6,12 @@ import base64
 import hashlib
 import io
 import json
-import os
 import shutil
 
 import pytest
 from PIL import Image
 
-from tests.conftest import make_settings
+from tests.conftest import linked_data_root, make_settings
 
 BASE = {"prompt": "a red house", "steps": 2, "width": 64, "height": 64, "seed": 9, "sampler_name": "Euler"}
 
@@ -22,11 +21,7 @@ def vae_app(data_dir, tmp_path_factory):
     from handler.app import create_app
     from pipelines.demo import write_demo_vae
 
-    root = tmp_path_factory.mktemp("vae-data")
-    ckpts = root / "models" / "Stable-diffusion"
-    ckpts.mkdir(parents=True)
-    for path in (data_dir / "models" / "Stable-diffusion").glob("*.safetensors"):
-        os.link(path, ckpts / path.name)
+    root = linked_data_root(data_dir, tmp_path_factory.mktemp("vae-data"))
     write_demo_vae(root / "models" / "VAE")
     app = create_app(make_settings(root, default_checkpoint="demo-sd15"))
     yield app
