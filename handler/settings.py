@@ -274,8 +274,8 @@ class DownloadSettings(BaseModel):
     allow_http: bool = Field(False, description="Accept http:// sources (off: https:// and oss:// only).")
     oss_endpoint: str | None = Field(
         None, description="OSS endpoint for oss://bucket/key sources (`https://oss-cn-hangzhou-internal."
-                          "aliyuncs.com`); default storage.oss.endpoint. Credentials from OSS_ACCESS_KEY_ID / "
-                          "OSS_ACCESS_KEY_SECRET (/ OSS_SESSION_TOKEN), as FC sets them.",
+                          "aliyuncs.com`); default storage.oss.endpoint. Credentials as for storage.oss: OSS_ACCESS_KEY_ID"
+                          " / OSS_ACCESS_KEY_SECRET (/ OSS_SESSION_TOKEN), else FC's role credentials.",
     )
 
 
@@ -361,8 +361,9 @@ class BillingSettings(BaseModel):
 
 class OssSettings(BaseModel):
     """The OSS bucket of `storage`: where images are uploaded (kind oss), or the bucket the outputs folder is
-    mounted from (kind local with url oss / signed). Credentials never live here: oss2 reads
-    OSS_ACCESS_KEY_ID / OSS_ACCESS_KEY_SECRET (/ OSS_SESSION_TOKEN) from the environment."""
+    mounted from (kind local with url oss / signed). Credentials never live here: they come from the
+    environment, OSS_ACCESS_KEY_ID / OSS_ACCESS_KEY_SECRET (/ OSS_SESSION_TOKEN), else the function role's
+    ALIBABA_CLOUD_ACCESS_KEY_ID / ALIBABA_CLOUD_ACCESS_KEY_SECRET / ALIBABA_CLOUD_SECURITY_TOKEN (FC)."""
 
     model_config = ConfigDict(extra="forbid")
 

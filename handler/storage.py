@@ -10,9 +10,10 @@ the outputs root. Two implementations (`make_storage` picks one from `settings.s
   `multipart_threshold_bytes` on, and returns `oss://` or signed URLs.
 
 A backend that refuses a write or a read (disk full, read-only mount, OSS error) raises `StorageError`, an
-`OSError`. oss2 is imported only when a bucket is used. Credentials come from the environment as oss2's
-`EnvironmentVariableCredentialsProvider` reads them (`OSS_ACCESS_KEY_ID`, `OSS_ACCESS_KEY_SECRET`,
-`OSS_SESSION_TOKEN`), never from settings files.
+`OSError`. oss2 is imported only when a bucket is used. Credentials come from the environment, never from
+settings files: `OSS_ACCESS_KEY_ID`, `OSS_ACCESS_KEY_SECRET`, `OSS_SESSION_TOKEN` (oss2's names), else the
+function role's temporary credentials that FC puts in `ALIBABA_CLOUD_ACCESS_KEY_ID`,
+`ALIBABA_CLOUD_ACCESS_KEY_SECRET`, `ALIBABA_CLOUD_SECURITY_TOKEN`.
 """
 
 from __future__ import annotations
@@ -56,12 +57,11 @@ def oss_bucket(oss: OssSettings, bucket_name: str | None = None) -> oss2.Bucket:
     """An oss2 bucket on `oss.endpoint` (`oss.bucket` unless named), signing with V1 and the credentials of
     the environment (read at each request, so rotated STS tokens are picked up)."""
     import oss2
-    from oss2.credentials import EnvironmentVariableCredentialsProvider
 
     name = bucket_name or oss.bucket
     if not oss.endpoint or not name:
         raise ValueError("storage.oss: endpoint and bucket are required to reach OSS")
-    auth = oss2.ProviderAuth(EnvironmentVariableCredentialsProvider())
+    auth = oss2.ProviderAuth(_environment_credentials())
     return oss2.Bucket(auth, oss.endpoint, name)
 
 
@@ -239,12 +239,35 @@ def make_storage(settings: Settings) -> Storage:
     return LocalStorage(settings.outputs_dir, urls=urls)
 
 
+CREDENTIAL_VARIABLES = (
+    ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN"),  # oss2's own names
+    ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN"),  # FC role
+)
+
+
+def _environment_credentials() -> Any:
+    """An oss2 credentials provider over CREDENTIAL_VARIABLES, the first complete pair winning, read at each
+    request (FC's role credentials are temporary)."""
+    from oss2.credentials import Credentials, CredentialsProvider
+    from oss2.exceptions import ClientError
+
+    class Provider(CredentialsProvider):
+        def get_credentials(self) -> Credentials:
+            for key_id, secret, token in CREDENTIAL_VARIABLES:
+                if os.environ.get(key_id) and os.environ.get(secret):
+                    return Credentials(os.environ[key_id], os.environ[secret], os.environ.get(token) or None)
+            raise ClientError("no OSS credentials in the environment")
+
+    return Provider()
+
+
 def _check_credentials(bucket: oss2.Bucket) -> None:
     import oss2
 
     try:
         bucket.auth.credentials_provider.get_credentials()
     except oss2.exceptions.ClientError:
-        raise ValueError("storage: OSS needs credentials in OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET "
-                         "(and OSS_SESSION_TOKEN for STS)") from None
+        raise ValueError("storage: OSS needs credentials in OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET (and "
+                         "OSS_SESSION_TOKEN for STS), or FC's ALIBABA_CLOUD_ACCESS_KEY_ID / _SECRET / "
+                         "ALIBABA_CLOUD_SECURITY_TOKEN") from None
 

@@ -502,3 +502,29 @@ def test_mounted_outputs_with_signed_urls(tmp_path, fake_oss):
     fake_oss.objects[(BUCKET, "mnt/txt2img-images/2024-05-01/x-1.png")] = b"png bytes"  # what the mount syncs
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.read() == b"png bytes"
+
+
+def test_credentials_come_from_oss_variables_else_from_fc_role_variables(monkeypatch):
+    """On FC the function role's temporary credentials are in ALIBABA_CLOUD_*; oss2's own OSS_* names win."""
+    from handler.settings import OssSettings
+    from handler.storage import oss_bucket
+
+    for name in ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_ID", "STS.role-id")
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "role-secret")
+    monkeypatch.setenv("ALIBABA_CLOUD_SECURITY_TOKEN", "role-token")
+    provider = oss_bucket(OssSettings(endpoint="http://127.0.0.1:1", bucket="sdfunc-test")).auth.credentials_provider
+    creds = provider.get_credentials()
+    assert (creds.access_key_id, creds.access_key_secret, creds.security_token) == (
+        "STS.role-id", "role-secret", "role-token")
+    monkeypatch.setenv("OSS_ACCESS_KEY_ID", "own-id")
+    monkeypatch.setenv("OSS_ACCESS_KEY_SECRET", "own-secret")
+    creds = provider.get_credentials()  # read at each request
+    assert (creds.access_key_id, creds.security_token) == ("own-id", None)
+    for name in ("OSS_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_ID"):
+        monkeypatch.delenv(name)
+    import oss2
+
+    with pytest.raises(oss2.exceptions.ClientError):
+        provider.get_credentials()
