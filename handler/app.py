@@ -28,7 +28,7 @@ from handler.settings import Settings
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-AUTHENTICATED_BLUEPRINTS = ("sdapi", "account", "downloads")  # lifecycle hooks, health, metrics, docs stay open
+AUTHENTICATED_BLUEPRINTS = ("sdapi", "account", "downloads")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/lifecycle.py)
 GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 
 

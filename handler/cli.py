@@ -15,6 +15,7 @@ import datetime as dt
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggingface_hub
@@ -72,6 +73,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "gunicorn", "-c", gunicorn_conf.__file__]
     os.execv(sys.executable, argv)
     return 0  # not reached
+
+
+HOOKS = {"initialize": ("POST", "/initialize"), "pre-stop": ("GET", "/pre-stop")}
+
+
+def cmd_hook(args: argparse.Namespace) -> int:
+    """Call a lifecycle hook of the server on this machine with the instance's lifecycle key (s.yaml runs
+    `sdfunc hook initialize` / `sdfunc hook pre-stop` as FC's lifecycle commands). Waits up to `--wait`
+    seconds for the server to listen; the response body goes to stdout; exit 0 on a 2xx answer."""
+    import urllib.error
+    import urllib.request
+
+    from handler import lifecycle
+
+    _apply_overrides(args)
+    settings = _settings()
+    method, route = HOOKS[args.hook]
+    url = f"http://127.0.0.1:{settings.port}{route}"
+    deadline = time.monotonic() + args.wait
+    while True:
+        headers = {}
+        key = lifecycle.read_key(lifecycle.key_file(settings.port))
+        if key:
+            headers[lifecycle.HEADER] = key
+        req = urllib.request.Request(url, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=settings.timeout) as response:
+                status, body = response.status, response.read()
+            break
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, exc.read()
+            break
+        except (urllib.error.URLError, ConnectionError) as exc:
+            if time.monotonic() >= deadline:
+                log.error("%s %s: the server does not answer (%s)", method, url, exc)
+                return 1
+            time.sleep(0.5)
+    log.info("%s %s -> %d", method, url, status)
+    sys.stdout.write(body.decode("utf-8", "replace") + "\n")
+    return 0 if 200 <= status < 300 else 1
 
 
 def cmd_demo_models(args: argparse.Namespace) -> int:
@@ -269,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data", help="data root: models/, outputs/ (default ./data)")
     serve.add_argument("--model", help="default checkpoint name")
     serve.set_defaults(func=cmd_serve)
+
+    hook = sub.add_parser("hook", help="call a lifecycle hook of the local server (FC's lifecycle commands)")
+    hook.add_argument("hook", choices=sorted(HOOKS), help="initialize (POST /initialize) or pre-stop (GET /pre-stop)")
+    hook.add_argument("--port", type=int, help="the server's port (default SDFUNC_PORT, 9000)")
+    hook.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the server to listen")
+    hook.set_defaults(func=cmd_hook)
 
     demo = sub.add_parser("demo-models", help="write the tiny random-weight demo checkpoints")
     demo.add_argument("--data", help="data root (default ./data)")

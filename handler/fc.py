@@ -3,18 +3,20 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 
-from flask import Response, current_app, jsonify
+from flask import Response, current_app, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 
-from handler import __version__
-from handler.errors import ErrorModel, NotFound, NotReady
+from handler import __version__, lifecycle
+from handler.errors import ErrorModel, Forbidden, NotFound, NotReady
 from handler.schemas import HealthResponse, InitializeResponse, PreStopResponse
 from handler.service import Service
 
 bp = APIBlueprint("fc", __name__, abp_tags=[Tag(name="lifecycle", description="FC lifecycle hooks, health, metrics")],
                   abp_responses={503: ErrorModel})
+_hook_errors = {401: ErrorModel, 403: ErrorModel}
 
 READY_STATES = ("READY", "BUSY")
 
@@ -23,10 +25,26 @@ def _service() -> Service:
     return current_app.extensions["sdfunc"]
 
 
-@bp.post("/initialize", responses={200: InitializeResponse})
+def _hook_caller() -> None:
+    """With auth on, a lifecycle hook needs the instance's lifecycle key (`sdfunc hook`) or an admin: 401
+    without credentials, 403 for a non-admin. Auth mode none: open."""
+    service = _service()
+    if service.lifecycle_key is None:
+        return
+    given = request.headers.get(lifecycle.HEADER, "")
+    if given and hmac.compare_digest(given.encode(), service.lifecycle_key.encode()):
+        return
+    caller = service.auth.authenticate(request.headers.get("Authorization"))
+    if not caller.admin:
+        raise Forbidden("only the instance's lifecycle hook (sdfunc hook) or an admin may call this")
+
+
+@bp.post("/initialize", responses={200: InitializeResponse, **_hook_errors})
 def initialize():
     """FC initializer: preload the warm-up checkpoints and run one small generation per warm-up shape.
-    Idempotent: later calls wait for the first and load nothing. Answers with the cold-start breakdown."""
+    Idempotent: later calls wait for the first and load nothing. Answers with the cold-start breakdown.
+    With auth on: the lifecycle key (`sdfunc hook initialize`) or an admin's credentials."""
+    _hook_caller()
     try:
         return jsonify(_service().warmup())
     except NotReady:
@@ -35,10 +53,12 @@ def initialize():
         raise NotReady("initialization failed; see the log for this request id") from exc
 
 
-@bp.get("/pre-stop", responses={200: PreStopResponse})
+@bp.get("/pre-stop", responses={200: PreStopResponse, **_hook_errors})
 def pre_stop():
     """FC pre-stop: refuse new work (503), wait for admitted requests up to the grace period, release the
-    device memory, flush the logs. Idempotent."""
+    device memory, flush the logs. Idempotent. With auth on: the lifecycle key (`sdfunc hook pre-stop`) or an
+    admin's credentials."""
+    _hook_caller()
     return jsonify(_service().stop())
 
 

@@ -62,9 +62,10 @@ def charged_consumer(body: GenerationRequest) -> str:
 
 
 def async_requested() -> bool:
-    """`?async=true`, `Prefer: respond-async` or FC's `X-Fc-Invocation-Type: Async`."""
+    """`?async=true` or `Prefer: respond-async`. Not FC's `X-Fc-Invocation-Type: Async`: FC has already
+    answered that client with 202 and queued the call; it waits for this response (up to the function's
+    timeout) and hands it to the configured destinations, so the function runs such a call to the end."""
     return (request.args.get("async", "").lower() in ("1", "true", "yes")
-            or request.headers.get("X-Fc-Invocation-Type", "").lower() == "async"
             or "respond-async" in request.headers.get("Prefer", "").lower())
 
 
@@ -105,7 +106,7 @@ def submit(mode: str, body: GenerationRequest):
 def txt2img(body: Txt2ImgRequest):
     """Text to image. Charged for device generation time: headers `X-Billed-Duration-Ms`, `X-Charge` and
     `parameters.billing`; an `Idempotency-Key` header makes retries safe (a charged id answers 409). With
-    `?async=true`, `Prefer: respond-async` or `X-Fc-Invocation-Type: Async`: 202 and a task (`GET /tasks/<id>`);
+    `?async=true` or `Prefer: respond-async`: 202 and a task (`GET /tasks/<id>`);
     query `task_id` is kept as the task's tag, `callback_url` receives the result by POST."""
     return submit("txt2img", body)
 

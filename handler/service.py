@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from handler import a1111, metering, outputs
+from handler import a1111, lifecycle, metering, outputs
 from handler.auth import Authenticator, Consumers
 from handler.batching import Batcher, Member
 from handler.billing import Pricing
@@ -95,6 +95,9 @@ class Service:
         self.ledger = Ledger(self.db, settings.billing.currency) if self.db is not None else None
         self.consumers = Consumers(self.db) if self.db is not None else None
         self.auth = Authenticator(settings.auth, self.consumers)
+        # With auth on, the lifecycle hooks need this key (or an admin): handler/lifecycle.py.
+        self.lifecycle_key = (lifecycle.create_key(lifecycle.key_file(settings.port))
+                              if settings.auth.mode != "none" else None)
         self.tasks = TaskStore(self.db) if self.db is not None else None
         self.task_runner = TaskRunner(self, self.tasks, settings.tasks) if self.tasks is not None else None
         self._device_type: str | None = None

@@ -190,8 +190,9 @@ class CacheSettings(BaseModel):
 
 
 class TaskSettings(BaseModel):
-    """Asynchronous generation tasks (handler/tasks.py): `?async=true`, `Prefer: respond-async` or FC's
-    `X-Fc-Invocation-Type: Async` answer 202 with a task id; `GET /tasks/<id>` gives the result."""
+    """Asynchronous generation tasks (handler/tasks.py): `?async=true` or `Prefer: respond-async` answer 202
+    with a task id; `GET /tasks/<id>` gives the result. (FC's own async invocations run to the end: FC queues
+    them and delivers the response to its destinations.)"""
 
     model_config = ConfigDict(extra="forbid")
 
