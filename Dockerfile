@@ -9,8 +9,9 @@
 # runs, and the container starts `sdfunc serve`, which is what scripts/serve.sh and the end-to-end tests run:
 # gunicorn with handler/gunicorn_conf.py. tests/test_deploy.py checks both, so the three cannot drift.
 
-# CUDA 12 runtime with cuDNN (the driver comes from the host). torch==2.13.0 from PyPI is the CUDA build.
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# CUDA 12 base (the driver comes from the host): torch==2.13.0 from PyPI is the CUDA build and brings its own
+# CUDA runtime, cuBLAS and cuDNN libraries, so a `runtime`/`cudnn` base would only add a second copy.
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 FROM ${BASE_IMAGE}
 
 # Extra pip index for torch: empty for the GPU image; the CPU variant points it at PyTorch's CPU wheels so
@@ -27,7 +28,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # Python with venv (the CUDA base has none; the python:*-slim base has it already).
 RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
-        apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            python3 python3-venv \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 
@@ -44,8 +46,9 @@ COPY --chown=sdfunc:sdfunc bench/ bench/
 
 USER sdfunc
 # The README's install step, unchanged (scripts/venv.sh: ./.venv, `pip install -e .`).
-RUN if [ -n "${TORCH_INDEX}" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_INDEX}"; fi; \
-    EXTRAS="" bash -c '. scripts/venv.sh'
+RUN if [ -n "${TORCH_INDEX}" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_INDEX}"; fi \
+    && EXTRAS="" bash -euo pipefail -c '. scripts/venv.sh' \
+    && .venv/bin/sdfunc --help > /dev/null
 
 EXPOSE 9000
 VOLUME ["/data"]
