@@ -50,3 +50,24 @@
   fi
   exit $status
 )
+# Serverless Devs' own s.yaml parser for tests/test_deploy.py: npm packages pinned by
+# deploy/serverless-devs/package-lock.json, installed there with `npm ci` (no root needed; about 10 s).
+# Without Node.js and npm that test is skipped, unless SDFUNC_REQUIRE_NODE=1, which makes it an error.
+(
+  set -euo pipefail
+  dir=deploy/serverless-devs
+  [ -d "$dir/node_modules/@serverless-devs/parse-spec" ] && exit 0
+  why="node and npm are not installed"
+  if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    echo "test-services: installing Serverless Devs' s.yaml parser with npm ci in $dir..." >&2
+    if npm ci --prefix "$dir" --silent --no-audit --no-fund >&2; then
+      exit 0
+    fi
+    why="npm ci in $dir failed"
+  fi
+  if [ "${SDFUNC_REQUIRE_NODE:-0}" = 1 ]; then
+    echo "test-services: ERROR: SDFUNC_REQUIRE_NODE=1 but $why" >&2
+    exit 1
+  fi
+  echo "test-services: $why: the Serverless Devs parser test will be skipped (SDFUNC_REQUIRE_NODE=1 makes it fail)" >&2
+)

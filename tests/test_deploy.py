@@ -161,6 +161,43 @@ def test_each_function_matches_the_fc3_schema_strictly(functions, name):
     validate_props(functions[name])
 
 
+PARSER = ROOT / "deploy" / "serverless-devs"
+
+
+def serverless_devs_parse(path: Path, home: Path) -> dict[str, Any]:
+    """`path` resolved by Serverless Devs' own parser (deploy/serverless-devs/parse.js), with the stand-ins
+    `_resolve` uses for the environment and an access alias holding TEST_ACCOUNT."""
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None or not (PARSER / "node_modules" / "@serverless-devs" / "parse-spec").is_dir():
+        if os.environ.get("SDFUNC_REQUIRE_NODE") == "1":
+            pytest.fail("SDFUNC_REQUIRE_NODE=1 but Node.js or deploy/serverless-devs/node_modules is missing "
+                        "(scripts/test-services.sh installs it)")
+        pytest.skip("Node.js or Serverless Devs' parser not installed (scripts/test-services.sh)")
+    (home / ".s").mkdir(parents=True, exist_ok=True)
+    (home / ".s" / "access.yaml").write_text(
+        f"default:\n  AccountID: '{TEST_ACCOUNT}'\n  AccessKeyID: test\n  AccessKeySecret: test\n")
+    names = set(re.findall(r"env\('([A-Z0-9_]+)'\)", path.read_text()))  # those without a default
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}
+    env.update(HOME=str(home), **{n: f"test-{n.lower().replace('_', '-')}" for n in names})
+    done = subprocess.run([node, str(PARSER / "parse.js"), str(path)], cwd=path.parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_serverless_devs_own_parser_reads_s_yaml_as_the_tests_do(functions, tmp_path):
+    """The s CLI cannot validate offline, but its spec parser runs offline: it resolves s.yaml (anchors,
+    variables, `access`) to the same props that the schema checks above validated."""
+    parsed = serverless_devs_parse(ROOT / "s.yaml", tmp_path / "home")
+    assert {name: step["component"] for name, step in parsed.items()} == {name: "fc3" for name in functions}
+    for name, step in parsed.items():
+        validate_props(step["props"])
+        assert step["props"] == functions[name]
+
+
 def test_the_strict_schema_catches_typos(functions):
     props = copy.deepcopy(functions["sdfunc-sd15"])
     props["gpuConfig"]["gpuMemorySise"] = 16384
