@@ -50,7 +50,7 @@ from handler.errors import (
     InvalidRequest,
     NotFound,
 )
-from handler.netguard import CHUNK, FetchError, FetchFailed, FetchRefused, Guard
+from handler.netguard import CHUNK, FetchError, FetchFailed, Guard, pump
 from handler.settings import Settings
 from pipelines.safetensors_header import HeaderError, read_header
 
@@ -411,25 +411,12 @@ class Downloads:
         deadline = time.monotonic() + limits.timeout_seconds
         try:
             result = oss_bucket(oss, parts.netloc).get_object(parts.path.lstrip("/"))
-            total = result.content_length
-            if total is not None and total > limits.max_bytes:
-                raise FetchRefused(f"the file is {total} bytes, more than the limit of {limits.max_bytes}")
-            done = 0
-            progress(0, total)
-            while chunk := result.read(CHUNK):
-                done += len(chunk)
-                if done > limits.max_bytes:
-                    raise FetchRefused(f"the file is more than the limit of {limits.max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise FetchFailed("timed out")
-                sink.write(chunk)
-                progress(done, total)
+            pump(lambda: result.read(CHUNK), total=result.content_length, max_bytes=limits.max_bytes,
+                 deadline=deadline, sink=sink.write, progress=progress)
         except oss2.exceptions.NoSuchKey:
             raise FetchFailed("no such OSS object") from None
         except oss2.exceptions.OssError as exc:
             raise FetchFailed(f"OSS refused the read ({exc.status} {exc.code})") from None
-        if total is not None and done != total:
-            raise FetchFailed("the connection closed before the whole body arrived")
 
     def _place(self, job: Download) -> None:
         """Move the checked part file to its name; never replace an existing file unless asked to."""

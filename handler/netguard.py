@@ -289,29 +289,14 @@ class Guard:
                 total = int(length)
             except ValueError:
                 raise FetchFailed("the server sent an invalid Content-Length") from None
-            if total > max_bytes:
-                raise FetchRefused(f"the file is {total} bytes, more than the limit of {max_bytes}")
-        done = 0
-        if progress is not None:
-            progress(0, total)
-        while True:
+
+        def read() -> bytes:
             try:
-                chunk = response.read1(CHUNK, decode_content=False)  # what arrived: the deadline holds for trickles
+                return response.read1(CHUNK, decode_content=False)  # what arrived: the deadline holds for trickles
             except Exception as exc:  # noqa: BLE001 - as above
                 raise _failure(exc) from None
-            if not chunk:
-                break
-            done += len(chunk)
-            if done > max_bytes:
-                raise FetchRefused(f"the file is more than the limit of {max_bytes} bytes")
-            if time.monotonic() > deadline:
-                raise FetchFailed("timed out")
-            sink(chunk)  # the sink's own errors (a full disk) are the caller's, not a fetch failure
-            if progress is not None:
-                progress(done, total)
-        if total is not None and done != total:
-            raise FetchFailed("the connection closed before the whole body arrived")
-        return done
+
+        return pump(read, total=total, max_bytes=max_bytes, deadline=deadline, sink=sink, progress=progress)
 
     # the three uses -------------------------------------------------------------------------------------
     def get_bytes(self, url: str, *, max_bytes: int, deadline_seconds: float) -> bytes:
@@ -351,6 +336,31 @@ class Guard:
             response.release_conn()
             pool.close()
         return int(response.status)
+
+
+def pump(read: Callable[[], bytes], *, total: int | None, max_bytes: int, deadline: float,
+         sink: Callable[[bytes], None], progress: Callable[[int, int | None], None] | None = None) -> int:
+    """Copy the chunks `read()` returns (b"" at the end) into `sink`, with `total` (the announced size, if
+    any) and the bytes so far held to `max_bytes`, `deadline` (monotonic) checked per chunk, and `progress(done,
+    total)` told; FetchRefused over the limit, FetchFailed on time-out or a body shorter than announced. The
+    sink's own errors (a full disk) are the caller's, not a fetch failure. Returns the byte count."""
+    if total is not None and total > max_bytes:
+        raise FetchRefused(f"the file is {total} bytes, more than the limit of {max_bytes}")
+    done = 0
+    if progress is not None:
+        progress(0, total)
+    while chunk := read():
+        done += len(chunk)
+        if done > max_bytes:
+            raise FetchRefused(f"the file is more than the limit of {max_bytes} bytes")
+        if time.monotonic() > deadline:
+            raise FetchFailed("timed out")
+        sink(chunk)
+        if progress is not None:
+            progress(done, total)
+    if total is not None and done != total:
+        raise FetchFailed("the connection closed before the whole body arrived")
+    return done
 
 
 def _failure(exc: Exception) -> FetchError:

@@ -85,9 +85,8 @@ def submit(mode: str, body: GenerationRequest):
     for name, value, limit in (("task_id", tag, 128), ("callback_url", callback, 2048)):
         if value is not None and not 0 < len(value) <= limit:
             raise InvalidRequest(f"{name}: 1-{limit} characters", field=name)
-    if mode == "img2img" and not body.init_images and not image_link:
-        raise InvalidRequest("init_images: at least one init image (or alwayson_scripts.image_link) is required",
-                             field="init_images")
+    if mode == "img2img":
+        service().require_init_image(body)
     if image_link and not body.init_images:  # a refused link is a 422 now; the task fetches (and checks) it again
         from handler.netguard import FetchError, Guard
 

@@ -413,10 +413,15 @@ class Service:
             raise InvalidRequest("enable_hr: hires fix is not offered yet", field="enable_hr")
         return self._generate("txt2img", req, consumer)
 
-    def img2img(self, req: Img2ImgRequest, consumer: str) -> dict[str, Any]:
+    @staticmethod
+    def require_init_image(req: Img2ImgRequest) -> None:
+        """img2img needs `init_images` or PAI-EAS `alwayson_scripts.image_link`: 422 naming init_images."""
         if not req.init_images and not a1111.eas_values(req.alwayson_scripts).get("image_link"):
             raise InvalidRequest("init_images: at least one init image (or alwayson_scripts.image_link) is required",
                                  field="init_images")
+
+    def img2img(self, req: Img2ImgRequest, consumer: str) -> dict[str, Any]:
+        self.require_init_image(req)
         if len(req.init_images or []) > req.batch_size:
             raise InvalidRequest(
                 f"init_images: {len(req.init_images)} images but batch_size is {req.batch_size}", field="init_images"

@@ -149,6 +149,11 @@ def make_app(data_dir, db_url):
         return app
 
     yield build
+    close_apps(apps)
+
+
+def close_apps(apps) -> None:
+    """Stop the task runners and close the database connections of apps a test built."""
     for app in apps:
         service = app.extensions["sdfunc"]
         if service.task_runner is not None:

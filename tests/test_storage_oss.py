@@ -28,7 +28,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from tests.conftest import TINY, make_settings
+from tests.conftest import TINY, close_apps, make_settings
 
 AKID, SECRET, TOKEN = "LTAItestkey", "test-secret-0123456789", "sts-token-abc"
 BUCKET = "sdfunc-test"
@@ -399,10 +399,7 @@ def oss_app(data_dir, tmp_path, fake_oss):
         return app
 
     yield build
-    for app in apps:
-        service = app.extensions["sdfunc"]
-        if service.db is not None:
-            service.db.dispose()
+    close_apps(apps)
 
 
 def test_txt2img_saves_to_oss_with_oss_urls(oss_app, fake_oss):
