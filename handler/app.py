@@ -91,6 +91,8 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
             if meter.route in GENERATION_ROUTES:
                 _bill(meter, response)
             meter.total_seconds = time.perf_counter() - meter.started
+            if meter.route in GENERATION_ROUTES:
+                response.headers["Server-Timing"] = metering.server_timing(meter)
             service.metrics.observe(meter)
             if settings.request_log:
                 metering.log_request(meter, with_prompts=settings.log_prompts)

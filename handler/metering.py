@@ -111,3 +111,21 @@ def log_request(meter: RequestMeter, *, with_prompts: bool) -> None:
         "%s %s -> %s in %.1f ms", meter.method, meter.route, meter.status, (meter.total_seconds or 0.0) * 1000,
         extra={"fields": meter.fields(with_prompts=with_prompts)},
     )
+
+
+SERVER_TIMING = (("queue", "queue_wait_seconds"), ("load", "model_load_seconds"), ("gen", "generation_seconds"),
+                 ("encode", "encode_seconds"), ("total", "total_seconds"))
+
+
+def server_timing(meter: RequestMeter) -> str:
+    """The W3C `Server-Timing` value of a generation response: `queue` (waiting for the device), `load` (model
+    loads it waited for), `gen` (device time), `encode` (PNG, saving, base64) and `total` (from the request's
+    arrival to the response), in milliseconds; phases that did not happen are left out. bench/ reads it to
+    split a client's latency."""
+    parts = []
+    for name, attr in SERVER_TIMING:
+        seconds = getattr(meter, attr)
+        if seconds is not None:
+            parts.append(f"{name};dur={seconds * 1000:.1f}")
+    return ", ".join(parts)
+
