@@ -51,13 +51,14 @@ def _env(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _add_emulator_args(p: argparse.ArgumentParser, *, idle_default: float) -> None:
+def _add_emulator_args(p: argparse.ArgumentParser, *, idle_default: float, max_default: int = 3) -> None:
     g = p.add_argument_group("local emulator (--local, and `emulator`)")
     g.add_argument("--data", type=Path, default=Path("data"),
                    help="the function's data folder; demo models are written there when it has none (default ./data)")
     g.add_argument("--simulate", type=Path, metavar="PROFILE",
                    help="simulated instances drawn from this recorded profile (bench/profiles/*.json)")
-    g.add_argument("--max-instances", type=int, default=3)
+    g.add_argument("--max-instances", type=int, default=max_default,
+                   help=f"instances at most; at the maximum FC answers 429 (default {max_default})")
     g.add_argument("--instance-concurrency", type=int, default=1,
                    help="requests one instance takes at once (s.yaml's instanceConcurrency is 5; default 1)")
     g.add_argument("--provisioned", type=int, default=0, help="instances always on (FC's provisioned instances)")
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("coldstart", help="time to first image from zero instances, N repetitions")
     _add_target_args(p)
-    _add_emulator_args(p, idle_default=600.0)
+    _add_emulator_args(p, idle_default=600.0, max_default=1)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warm", type=int, default=3, help="warm requests after each cold one (the steady reference)")
     p.add_argument("--idle-wait", type=float, default=0.0, metavar="S",

@@ -181,10 +181,36 @@ def markdown(meta: Mapping[str, Any], summary: Mapping[str, Any], extra: Mapping
                    "completed)."),
                   f"- Last scale-out: {_fmt(summary['last_scale_out_s'], 1)} s after the step."]
 
-    if extra:
-        lines += ["", "## More", "", "```json", json.dumps(extra, indent=2, sort_keys=True), "```"]
+    rest = dict(extra or {})
+    breakdown = rest.pop("cold_start_breakdown", None)
+    if breakdown:
+        lines += _breakdown_table(breakdown, rest.pop("really_cold", None))
+    if rest:
+        lines += ["", "## More", "", "```json", json.dumps(rest, indent=2, sort_keys=True), "```"]
     lines += ["", "## Charts", ""] + [f"![{name[:-4]}]({name})" for name in CHARTS]
     return "\n".join(lines) + "\n"
+
+
+_COLD_PHASES = ("process_to_app", "imports", "device_init", "read_weights", "to_device", "first_generation")
+
+
+def _breakdown_table(breakdown: list[Any], really_cold: list[bool] | None) -> list[str]:
+    """Per repetition: the platform's start of the instance and the function's own cold-start phases."""
+    lines = ["", "## Cold starts, per repetition", "",
+             ("The platform's part (process start to /health answering, then POST /initialize) and the function's "
+              "own breakdown of its cold start (GET /healthz or the /initialize answer), in seconds."), ""]
+    rows = []
+    for k, item in enumerate(breakdown):
+        item = item or {}
+        cold = item.get("cold_start") or {}
+        phases = cold.get("phases") or {}
+        new = "?" if not really_cold or k >= len(really_cold) else ("yes" if really_cold[k] else "NO")
+        rows.append([str(k + 1), str(item.get("instance", "-")), new,
+                     _fmt(None if item.get("start_ms") is None else item["start_ms"] / 1000, 2),
+                     _fmt(None if item.get("initialize_ms") is None else item["initialize_ms"] / 1000, 2),
+                     _fmt(cold.get("total_seconds"), 2), *(_fmt(phases.get(name), 2) for name in _COLD_PHASES)])
+    return lines + _table(["rep", "instance", "new instance", "start s", "initialize s", "function total s",
+                           *_COLD_PHASES], rows)
 
 
 # --- charts ------------------------------------------------------------------------------------------------------
