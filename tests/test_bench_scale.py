@@ -3,6 +3,7 @@ a recorded profile, and `python -m bench` end to end. Behaviour only; no timing 
 simulation's reproduction of a profile, which is the thing being tested."""
 
 import asyncio
+import csv
 import json
 import statistics
 import subprocess
@@ -11,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -221,6 +223,17 @@ def test_simulation_throttles_at_max_and_keeps_provisioned():
         assert other[0]["status"] == 422 and other[0]["error"] == "422 shape_not_in_profile"
 
 
+def test_a_starting_instance_is_not_busy_until_ready():
+    """Busy time (what FC bills an on-demand instance by request) starts when the instance is ready, not
+    when the first request was routed to it while it started."""
+    cfg = EmulatorConfig(max_instances=1, idle_timeout_s=60, simulate=_profile([100.0], [0.0]))
+    with EmulatorThread(cfg) as emu:
+        (row,) = _send(emu.url, [0.0])
+        (instance,) = emu.state()["instances"]
+    assert row["ok"] and row["platform_start_ms"] >= 390
+    assert 0.09 <= instance["busy_s"] < 0.3  # the 100 ms generation, not the 400 ms start
+
+
 # ---------------------------------------------------------------------------------------------------------
 # python -m bench, end to end
 
@@ -242,8 +255,21 @@ def test_cli_coldstart_local_then_simulated_autoscale_and_compare(data_dir, tmp_
     assert result["meta"]["scenario"] == "coldstart" and not result["meta"]["simulated"]
     assert result["really_cold"] == [True, True]
     assert [b["cold_start"]["complete"] for b in result["cold_start_breakdown"]] == [True, True]
-    lines = (cold_dir / "requests.csv").read_text().splitlines()
-    assert len(lines) == 1 + 4  # two cold and two warm requests
+    with open(cold_dir / "requests.csv", newline="") as fh:
+        raw = list(csv.DictReader(fh))
+    assert len(raw) == 4 and [r["level"] for r in raw] == ["cold", "warm", "cold", "warm"]
+    latency = [float(r["latency_ms"]) for r in raw if r["ok"] == "1"]
+    overall = result["summary"]["overall"]
+    assert overall["latency_p50_ms"] == pytest.approx(float(np.percentile(latency, 50)), abs=1e-3)
+    assert overall["ok"] == 4 and overall["images"] == sum(int(r["images"]) for r in raw)
+    billed = sum(int(r["billed_ms"]) for r in raw) / 1000
+    assert result["summary"]["instance_seconds"]["billed_s"] == pytest.approx(billed, abs=1e-3)
+    cold_rows = [r for r in raw if r["level"] == "cold"]
+    assert all(float(r["platform_start_ms"]) > 0 for r in cold_rows)
+    assert all(r["platform_start_ms"] == "" for r in raw if r["level"] == "warm")
+    recomputed = _bench("report", str(cold_dir), cwd=tmp_path)
+    assert recomputed.returncode == 0, recomputed.stderr[-2000:]
+    assert json.loads((cold_dir / "summary.json").read_text()) == result
     profile = Profile.load(cold_dir / "profile.json")
     assert len(profile.start_ms) == 2 and len(profile.generation[shape_key(BODY)]["gen_ms"]) == 4
 
@@ -261,8 +287,14 @@ def test_cli_coldstart_local_then_simulated_autoscale_and_compare(data_dir, tmp_
 
 
 def test_cli_refuses_bad_arguments(tmp_path):
+    profile = tmp_path / "p.json"
+    _profile([100.0]).save(profile)  # samples for 64x64@1*1 only
     for args, needle in [(["coldstart"], "--target"), (["coldstart", "--target", "ftp://x"], "http(s)"),
                          (["autoscale", "--local", "--simulate", str(tmp_path / "none.json")], "no file"),
+                         (["autoscale", "--local", "--simulate", str(profile)], "no samples for 256x256@8*1"),
+                         (["autoscale", "--local", "--shape", "diurnal:mean=1,amplitude=0.5,period=0"], "period"),
+                         (["coldstart", "--local", "--reps", "0"], "--reps: must be > 0"),
+                         (["coldstart", "--local", "--provisioned", "1"], "--provisioned must be 0"),
                          (["throughput", "--local", "--rates", "0,1"], "> 0")]:
         done = _bench(*args, cwd=tmp_path, timeout=60)
         assert done.returncode == 2 and needle in done.stderr, (args, done.stderr[-500:])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.scale.analysis import ROW_FIELDS, catch_up_s, last_scale_out_s, percentile, summarize, timeseries
+from bench.scale.analysis import ROW_FIELDS, catch_up_s, cold_flags, last_scale_out_s, percentile, summarize, timeseries
 from bench.scale.report import compare, read_run, write_run
 
 DURATION = 60.0
@@ -67,7 +67,8 @@ def _instances():
 def _meta(scenario, simulated, **more):
     return {"scenario": scenario, "target": "simulation" if simulated else "local emulator", "simulated": simulated,
             "started_at": "2025-01-01T00:00:00+00:00", "command": f"python -m bench {scenario}",
-            "duration_s": DURATION, "config": {"profile": "fc-gpu-a10"} if simulated else {}, **more}
+            "duration_s": DURATION, "config": {"emulator": {"simulate": "fc-gpu-a10", "profile_source": {"device": "A10", "date": "2025-01-01"}}}
+            if simulated else {}, **more}
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +135,10 @@ def test_summary_numbers_equal_the_raw_csv(runs):
         for lvl in summary["levels"]:
             mine = [r for r in raw if r["level"] == lvl["level"]]
             images = sum(int(r["images"]) for r in mine if r["ok"] == "1")
-            span = max(float(r["done_s"]) for r in mine) - min(float(r["intended_s"]) for r in mine)
-            assert lvl["images_per_s"] == pytest.approx(images / span, abs=1e-3)
+            offered = {o["level"]: o["duration_s"] for o in meta.get("offered") or ()}
+            window = offered.get(lvl["level"]) or (max(float(r["intended_s"]) for r in mine)
+                                                   - min(float(r["intended_s"]) for r in mine))
+            assert lvl["images_per_s"] == pytest.approx(images / window, abs=1e-3)
             lat = [float(r["latency_ms"]) for r in mine if r["ok"] == "1"]
             assert lvl["latency_p99_ms"] == pytest.approx(np.percentile(lat, 99), abs=1e-3)
         # offered: from meta when given, else the schedule: 40 requests 0.5 s apart = 2/s
@@ -204,29 +207,37 @@ def test_timeseries_counts_every_request_once(runs):
     assert sum(int(s["arrivals"]) for s in written) == sum(int(s["completions"]) for s in written) == 60
 
 
-def _series(arrivals, completions):
-    return [{"t": float(k), "arrivals": a, "completions": c} for k, (a, c) in enumerate(zip(arrivals, completions))]
+def _series(arrivals, in_time):
+    return [{"t": float(k), "arrivals": a, "in_time": i} for k, (a, i) in enumerate(zip(arrivals, in_time))]
 
 
 def test_catch_up_on_a_hand_made_step():
-    # 2/s until 10 s, then 6/s until 25 s; the system completes 2/s until 20 s (10 s of cold start), then
-    # drains at 10/s. Backlog at the end of bins 10..24: 4, 8, ..., 40, 36, 32, 28, 24, 20; completions of the
-    # last 5 bins: 10 (bins 10-19), 18, 26, 34, 42, 50. Bins 10 and 11 keep pace (4, 8 <= 10) but bins 12-21
-    # do not (12 > 10 ... 32 > 26); bins 22, 23, 24 do (28 <= 34, 24 <= 42, 20 <= 50): caught up at 22 s.
+    # 2/s until 10 s, then 6/s until 25 s. Requests sent before 10 s are all served in time; of those sent from
+    # 10 s, none until the one sent at 14 s (cold starts), then all. 10 s windows ending at bin k: at k = 23 the
+    # window 14..23 is all in time; at k = 22 (13..22) 54 of 60 = 90 %, which keeps pace; at k = 21 (12..21)
+    # 48 of 60 does not: caught up at 22 s.
     arrivals = [2] * 10 + [6] * 15 + [0] * 5
-    completions = [2] * 20 + [10] * 7 + [0] * 3
-    assert sum(arrivals) == sum(completions) == 110
-    series = _series(arrivals, completions)
+    in_time = [2] * 10 + [0] * 4 + [6] * 11 + [0] * 5
+    series = _series(arrivals, in_time)
     assert catch_up_s(series, 10.0) == 12.0
     assert catch_up_s(series, 10.5) == 11.5  # the first bin that starts at or after the step
     assert catch_up_s(series, 23.0) == 0.0
     assert catch_up_s(series, None) is None
-    # never: the system stays at 2/s until the load ends and only drains afterwards
-    stuck = _series(arrivals, [2] * 25 + [14] * 5)
-    assert catch_up_s(stuck, 10.0) is None
-    # a steady system whose requests take 3 s keeps pace although 6 requests are always in flight
-    steady = _series([2] * 30, [0, 0, 0] + [2] * 27)
-    assert catch_up_s(steady, 5.0) == 0.0
+    # never: half of what is sent after the step is refused or late, to the end of the load
+    assert catch_up_s(_series(arrivals, [2] * 10 + [3] * 15 + [0] * 5), 10.0) is None
+    # a steady system whose requests take 3 s keeps pace from the start: the same requests are counted
+    assert catch_up_s(_series([2] * 30, [2] * 30), 10.0) == 0.0
+    assert catch_up_s(_series([0] * 30, [0] * 30), 10.0) is None  # no load at all
+
+
+def test_cold_requests_of_a_real_target_are_the_first_of_each_instance():
+    rows = [{"instance": "a", "sent_s": 1.0, "platform_start_ms": None, "cold_start": False},
+            {"instance": "a", "sent_s": 0.5, "platform_start_ms": None, "cold_start": False},
+            {"instance": "b", "sent_s": 2.0, "platform_start_ms": None, "cold_start": False},
+            {"instance": "", "sent_s": 0.1, "platform_start_ms": None, "cold_start": False}]
+    assert cold_flags(rows) == [False, True, True, False]
+    rows[0]["platform_start_ms"] = 10.0  # the emulator says which: only those
+    assert cold_flags(rows) == [True, False, False, False]
 
 
 def test_last_scale_out_and_percentile():

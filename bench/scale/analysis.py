@@ -24,7 +24,7 @@ ROW_FIELDS = ("id", "level", "intended_s", "sent_s", "done_s", "lag_ms", "latenc
 INSTANCE_FIELDS = ("name", "kind", "provisioned", "spawned_s", "ready_s", "stopped_s", "start_ms", "initialize_ms",
                    "requests", "busy_s")
 TIMESERIES_FIELDS = ("t", "arrivals", "completions", "ok", "errors", "throttled", "images", "p50_latency_ms",
-                     "in_flight", "instances_alive", "instances_ready", "cold_starts")
+                     "in_flight", "instances_alive", "instances_ready", "in_time", "cold_starts")
 
 # The type of each column, for writing and parsing CSV files; a missing value is None (an empty cell).
 ROW_TYPES: dict[str, type] = {
@@ -40,7 +40,8 @@ INSTANCE_TYPES: dict[str, type] = {
 }
 TIMESERIES_TYPES: dict[str, type] = {
     "t": float, "arrivals": int, "completions": int, "ok": int, "errors": int, "throttled": int, "images": int,
-    "p50_latency_ms": float, "in_flight": int, "instances_alive": int, "instances_ready": int, "cold_starts": int,
+    "p50_latency_ms": float, "in_flight": int, "instances_alive": int, "instances_ready": int, "in_time": int,
+    "cold_starts": int,
 }
 
 # The parts of a request's latency that the cold-start split reports (medians, in ms).
@@ -60,6 +61,26 @@ def is_cold_request(row: Row) -> bool:
     """A request that paid for a cold start: it waited for the platform to start an instance, or the instance
     said the request was its cold one."""
     return row.get("platform_start_ms") is not None or bool(row.get("cold_start"))
+
+
+def cold_flags(rows: Sequence[Row]) -> list[bool]:
+    """Which rows paid for a cold start (is_cold_request). A real FC target does not say which request an
+    instance was started for (and after FC's initializer the function no longer says X-Cold-Start: true), so
+    when no row carries the emulator's platform start, the first request each instance answered counts as
+    cold too; a provisioned instance's first request is then counted cold as well."""
+    flags = [is_cold_request(r) for r in rows]
+    if any(r.get("platform_start_ms") is not None for r in rows):
+        return flags
+    first: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        name = row.get("instance") or ""
+        if not name or row.get("sent_s") is None:
+            continue
+        if name not in first or float(row["sent_s"]) < float(rows[first[name]]["sent_s"]):
+            first[name] = i
+    for i in first.values():
+        flags[i] = True
+    return flags
 
 
 def is_throttled(row: Row) -> bool:
@@ -102,8 +123,13 @@ def levels(rows: Iterable[Row], meta: Mapping[str, Any]) -> list[dict[str, Any]]
     """One entry per load level, in the order the rows first show it: the offered rate in requests/s
     (`meta["offered"]`'s `rate_rps` for the level when given, else (count - 1) / the span of the intended send
     times: n requests on a schedule span n - 1 gaps; None for one request), the achieved images/s (images of ok
-    rows / (last done_s - first intended_s) of the level; None for a zero span) and the level's latency_stats."""
+    rows / the level's send window: `meta["offered"]`'s `duration_s`, else the span of the intended send times;
+    None for a zero window; answers that come after the window count, so a backlog is not lost),
+    `served_over_offered` (images/s
+    over offered_rps times the median images of an ok request: the baseline is the load itself, 1.0 when every
+    request is served at the rate it came) and the level's latency_stats."""
     offered = {str(o["level"]): o.get("rate_rps") for o in meta.get("offered") or ()}
+    durations = {str(o["level"]): o.get("duration_s") for o in meta.get("offered") or ()}
     groups: dict[str, list[Row]] = {}
     for row in rows:
         groups.setdefault(str(row["level"]), []).append(row)
@@ -118,7 +144,13 @@ def levels(rows: Iterable[Row], meta: Mapping[str, Any]) -> list[dict[str, Any]]
             rate = (len(group) - 1) / schedule_span if schedule_span > 0 else None
         stats = latency_stats(group)
         span = (max(done) - min(intended)) if done else 0.0
-        out.append({"level": label, "offered_rps": rate, "images_per_s": stats["images"] / span if span > 0 else None,
+        window = durations.get(label) or schedule_span
+        images_per_s = stats["images"] / window if window > 0 else None
+        per_request = [int(r.get("images") or 0) for r in group if r.get("ok")]
+        offered_images = rate * float(np.median(per_request)) if rate and per_request else None
+        out.append({"level": label, "offered_rps": rate, "images_per_s": images_per_s,
+                    "served_over_offered": (images_per_s / offered_images
+                                            if images_per_s is not None and offered_images else None),
                     "span_s": span, **stats})
     return out
 
@@ -133,7 +165,7 @@ def _optional(values: Iterable[Any], missing: float) -> np.ndarray:
 
 
 def timeseries(rows: Sequence[Row], instances: Sequence[Row], duration_s: float,
-               bin_s: float = 1.0) -> list[dict[str, Any]]:
+               bin_s: float = 1.0, slo_ms: float | None = None) -> list[dict[str, Any]]:
     """Per-bin counts over bins [k*bin_s, (k+1)*bin_s) from 0 to ceil(duration_s / bin_s) bins, extended when a
     request was intended or done later, so that every row is counted once as an arrival and once as a
     completion (times before 0 count in bin 0).
@@ -141,8 +173,9 @@ def timeseries(rows: Sequence[Row], instances: Sequence[Row], duration_s: float,
     Per bin starting at t, with e = t + bin_s its end: arrivals (intended_s in the bin), completions (done_s in
     the bin, any status) split into ok, errors and throttled, images (of ok rows done in the bin),
     p50_latency_ms (of ok rows done in the bin; None if none), in_flight (rows with sent_s <= e < done_s),
-    instances_alive (spawned_s <= e and not stopped by e), instances_ready (the same with ready_s) and
-    cold_starts (instances spawned in the bin)."""
+    instances_alive (spawned_s <= e and not stopped by e), instances_ready (the same with ready_s),
+    cold_starts (instances spawned in the bin), and in_time: the requests *intended* in the bin that succeeded
+    with a latency of at most `slo_ms` (any latency when None), so that in_time <= arrivals in every bin."""
     if bin_s <= 0:
         raise ValueError(f"bin_s must be positive, not {bin_s}")
     rows = list(rows)
@@ -181,6 +214,9 @@ def timeseries(rows: Sequence[Row], instances: Sequence[Row], duration_s: float,
     spawn_bin = _bin_index(spawned, bin_s)
     cold = count(spawn_bin[spawn_bin < n])
 
+    served = np.array([bool(r.get("ok")) and (slo_ms is None or float(r["latency_ms"]) <= slo_ms) for r in rows],
+                      dtype=bool)
+    in_time = count(arrive_bin[served])
     arrivals, completions = count(arrive_bin), count(done_bin)
     ok_n, throttled_n = count(done_bin[ok]), count(done_bin[throttled])
     image_n = count(done_bin[ok], images[ok])
@@ -196,46 +232,56 @@ def timeseries(rows: Sequence[Row], instances: Sequence[Row], duration_s: float,
         "in_flight": int(in_flight[k]),
         "instances_alive": alive[k],
         "instances_ready": ready_n[k],
+        "in_time": int(in_time[k]),
         "cold_starts": int(cold[k]),
     } for k in range(n)]
 
 
-def catch_up_s(series: Sequence[Mapping[str, Any]], step_at_s: float | None, window: int = 5) -> float | None:
-    """Seconds from the load step until the system keeps pace with the load again; None if it never does
-    before the load ends (or there is no step, or no arrival at or after it).
+def catch_up_s(series: Sequence[Mapping[str, Any]], step_at_s: float | None, window: int = 10,
+               share: float = 0.9) -> float | None:
+    """Seconds from the load step until capacity follows the load; None if it never does before the load ends
+    (or there is no step, or no arrival at or after it).
 
-    Over the bins of `timeseries` (k = 0, 1, ..., bin k starting at t_k), with A_k and C_k its arrivals and
-    completions (any status: an error or a 429 answers a request too):
-
-    * backlog B_k = sum over j <= k of (A_j - C_j): requests intended but not finished at the end of bin k
-      (queued or in service);
-    * recent completions P_k = sum of C_j over the `window` bins ending with bin k (fewer at the start);
-    * bin k keeps pace when B_k <= max(1, P_k): what is in the system would be finished in `window` bins at
-      the rate the system has just shown (Little's law: an estimated time in the system of at most `window`
-      bins; requests in service count, so a steady system keeps pace while its latency is below `window`
-      bins);
-    * with e the last bin that has an arrival, the answer is t_k - step_at_s for the first bin k with
-      t_k >= step_at_s and k <= e such that every bin k, k + 1, ..., e keeps pace. Draining the backlog after
-      the load has stopped is not keeping pace with it.
+    Over the bins of `timeseries` (bin k starts at t_k): bin k keeps pace when, of the requests intended in the
+    `window` bins ending with bin k, at least `share` were served in time (`in_time`: successful within the
+    run's latency objective; a window without arrivals keeps pace). Both counts are of the same requests, so a
+    steady system that serves everything in time keeps pace in every window; a 429, an error or a request that
+    waited for a cold start past the objective does not count. With e the last bin that has an arrival, the
+    answer is t_k - step_at_s for the first bin k with t_k >= step_at_s such that every bin k, k + 1, ..., e
+    keeps pace.
     """
     if step_at_s is None or not series:
         return None
     arrivals = np.array([s["arrivals"] for s in series], dtype=float)
-    completions = np.array([s["completions"] for s in series], dtype=float)
+    in_time = np.array([s["in_time"] for s in series], dtype=float)
     with_arrivals = np.flatnonzero(arrivals)
     if with_arrivals.size == 0:
         return None
     last = int(with_arrivals[-1])
-    backlog = np.cumsum(arrivals - completions)
-    done_total = np.concatenate(([0.0], np.cumsum(completions)))
-    recent = np.array([done_total[k + 1] - done_total[max(0, k + 1 - window)] for k in range(len(series))])
-    keeps_pace = backlog <= np.maximum(1.0, recent)
+    cum_arrivals = np.concatenate(([0.0], np.cumsum(arrivals)))
+    cum_in_time = np.concatenate(([0.0], np.cumsum(in_time)))
+    keeps_pace = []
+    for k in range(len(series)):
+        lo = max(0, k + 1 - window)
+        offered = cum_arrivals[k + 1] - cum_arrivals[lo]
+        keeps_pace.append(offered == 0 or cum_in_time[k + 1] - cum_in_time[lo] >= share * offered)
     answer = None
     for k in range(last, -1, -1):  # walk back from the end of the load while every bin keeps pace
         if not keeps_pace[k] or float(series[k]["t"]) < step_at_s:
             break
         answer = float(series[k]["t"]) - step_at_s
     return answer
+
+
+def latency_objective_ms(rows: Sequence[Row], meta: Mapping[str, Any]) -> float | None:
+    """The latency a request must meet to count as served in time: meta["slo_ms"] when given, else twice the
+    median latency of the run's successful warm requests (cold_flags) - the run's own steady state as the
+    baseline. None when there is no warm success."""
+    if meta.get("slo_ms") is not None:
+        return float(meta["slo_ms"])
+    warm = [float(r["latency_ms"]) for r, cold in zip(rows, cold_flags(rows)) if r.get("ok") and not cold]
+    p50 = percentile(warm, 50)
+    return None if p50 is None else 2.0 * p50
 
 
 def last_scale_out_s(instances: Iterable[Row], step_at_s: float | None) -> float | None:
@@ -295,14 +341,15 @@ def _split_medians(rows: list[Row]) -> dict[str, Any]:
 
 
 def coldstart_split(rows: Iterable[Row]) -> dict[str, Any]:
-    """Where the time of cold and of warm requests goes: for the cold rows (is_cold_request) and the rest,
+    """Where the time of cold and of warm requests goes: for the cold rows (cold_flags) and the rest,
     the request and ok counts and, over ok rows, the median latency and the median of each of SPLIT_PARTS
     (each over the rows that have it; other_ms = latency - connect - platform start - server time, a missing
     part counting 0). Medians of parts do not add up to the median latency. cold_over_warm_p50 = cold median
     latency / warm median latency."""
     rows = list(rows)
-    cold = _split_medians([r for r in rows if is_cold_request(r)])
-    warm = _split_medians([r for r in rows if not is_cold_request(r)])
+    flags = cold_flags(rows)
+    cold = _split_medians([r for r, c in zip(rows, flags) if c])
+    warm = _split_medians([r for r, c in zip(rows, flags) if not c])
     ratio = None
     if cold["latency_p50_ms"] is not None and warm["latency_p50_ms"]:
         ratio = cold["latency_p50_ms"] / warm["latency_p50_ms"]
@@ -331,7 +378,8 @@ def summarize(rows: Sequence[Row], instances: Sequence[Row], meta: Mapping[str, 
     a step; time series in 1 s bins), and for the "coldstart" scenario the coldstart_split (else None)."""
     duration = float(meta["duration_s"])
     step = meta.get("step_at_s")
-    series = timeseries(rows, instances, duration) if step is not None else []
+    slo = latency_objective_ms(rows, meta)
+    series = timeseries(rows, instances, duration, slo_ms=slo) if step is not None else []
     return _rounded({
         "scenario": meta.get("scenario"),
         "simulated": bool(meta.get("simulated")),
@@ -342,6 +390,7 @@ def summarize(rows: Sequence[Row], instances: Sequence[Row], meta: Mapping[str, 
         "cold_starts": len(instances),
         "provisioned": sum(1 for i in instances if i.get("provisioned")),
         "step_at_s": step,
+        "slo_ms": slo,
         "catch_up_s": catch_up_s(series, step),
         "last_scale_out_s": last_scale_out_s(instances, step),
         "coldstart": coldstart_split(rows) if meta.get("scenario") == "coldstart" else None,

@@ -4,6 +4,7 @@
     python -m bench throughput (--target URL | --local) [--rates 0.5,1,2] [--level-seconds 30] ...
     python -m bench autoscale  (--target URL | --local) [--shape step:base=0,peak=2,at=5] [--duration 60] ...
     python -m bench compare RUN_A RUN_B
+    python -m bench report RUN                                      (recompute a run's summary from its CSVs)
     python -m bench emulator [--port 9100] [--simulate PROFILE] ...   (the emulator alone, until Ctrl-C)
     python -m bench profile RUN --out PROFILE.json                  (a run's recorded profile, for --simulate)
 
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("bench")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _floats(text: str) -> list[float]:
@@ -88,7 +90,7 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, default=Path("results"), help="where run folders go (default ./results)")
     p.add_argument("--out", type=Path, help="this run's folder (default RESULTS/<scenario>-<timestamp>)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process", choices=("poisson", "uniform"), default="poisson")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("report", help="recompute a run folder's summary and charts from its raw CSVs")
+    p.add_argument("run", type=Path)
+
     p = sub.add_parser("compare", help="two runs side by side, as ratios B/A")
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
@@ -134,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_emulator_args(p, idle_default=60.0)
     p.add_argument("--port", type=int, default=9100)
     p.add_argument("--size", type=int, default=256, help="the request size FC's initializer warms up")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--steps", type=int, default=8, help="with --simulate: the steps of the shape served")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
 
     p = sub.add_parser("profile", help="record a local run's profile for --simulate")
     p.add_argument("run", type=Path)
@@ -161,7 +167,32 @@ def _emulator_config(args: argparse.Namespace, spec) -> object:
     return cfg
 
 
+_POSITIVE = ("reps", "max_per_level", "max_requests", "level_seconds", "duration", "timeout", "idle_timeout", "size",
+             "steps", "batch_size")
+_NOT_NEGATIVE = ("warm", "settle", "idle_wait", "fc_idle")
+
+
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in _POSITIVE:
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
+            parser.error(f"--{name.replace('_', '-')}: must be > 0")
+    for name in _NOT_NEGATIVE:
+        if getattr(args, name, 0) < 0:
+            parser.error(f"--{name.replace('_', '-')}: must be >= 0")
+    if args.command == "coldstart" and getattr(args, "local", False) and args.provisioned:
+        parser.error("coldstart starts from zero instances: --provisioned must be 0")
+    if getattr(args, "simulate", None) and args.simulate.is_file():
+        from bench.scale.profile import Profile, shape_key
+        from bench.scale.scenarios import RequestSpec
+
+        try:
+            profile = Profile.load(args.simulate)
+        except (ValueError, OSError) as exc:
+            parser.error(f"--simulate: {exc}")
+        key = shape_key(RequestSpec(size=args.size, steps=args.steps, batch_size=getattr(args, "batch_size", 1)).body(0))
+        if key not in profile.generation:
+            parser.error(f"--simulate: profile {profile.name} has no samples for {key} (--size/--steps/--batch-size); "
+                         f"it has {', '.join(sorted(profile.generation))}")
     if getattr(args, "max_instances", 1) < 1 or getattr(args, "instance_concurrency", 1) < 1:
         parser.error("--max-instances and --instance-concurrency: at least 1")
     if not 0 <= getattr(args, "provisioned", 0) <= getattr(args, "max_instances", 1):
@@ -174,6 +205,28 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--target: an http(s) URL")
 
 
+def masked_argv(argv: list[str]) -> list[str]:
+    """The command line for reports: header values and secret-looking `--instance-env` values as ***."""
+    from bench.scale.emulator import masked_env
+
+    out, after = [], None
+    for arg in argv:
+        option, eq, value = arg.partition("=")
+        if after is None and eq and option in ("--header", "--instance-env"):
+            after, arg = option, value
+            prefix = option + "="
+        else:
+            prefix = ""
+        if after == "--header":
+            arg = arg.partition(":")[0] + ": ***"
+        elif after == "--instance-env":
+            key, _, val = arg.partition("=")
+            arg = f"{key}={masked_env({key: val})[key]}"
+        out.append(prefix + arg)
+        after = arg if arg in ("--header", "--instance-env") and not prefix else None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -181,11 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in masked_argv(sys.argv[1:] if argv is None else argv))
     if args.command == "compare":
         from bench.scale.report import compare
 
         sys.stdout.write(compare(args.a, args.b) + "\n")
+        return 0
+    if args.command == "report":
+        from bench.scale.report import rewrite_run
+
+        rewrite_run(args.run)
+        sys.stdout.write((args.run / "summary.md").read_text())
         return 0
     if args.command == "profile":
         return _profile(args)
@@ -215,6 +274,9 @@ def _scenario(args: argparse.Namespace, spec, command: str) -> int:
     out = args.out or scenarios.results_dir(args.results, args.command)
     with scenarios.Run(target, spec, progress=not args.no_progress) as run:
         if args.command == "coldstart":
+            if args.target and args.idle_wait == 0 and args.reps > 1:
+                log.warning("--idle-wait 0: FC keeps idle instances for minutes, so repetitions after the first "
+                            "are probably warm (the report flags them); pass --idle-wait")
             summary = scenarios.coldstart(run, reps=args.reps, warm=args.warm, idle_wait_s=args.idle_wait,
                                           out_dir=out, command=command)
         elif args.command == "throughput":

@@ -58,6 +58,14 @@ _TINY_PNG = base64.b64encode(bytes.fromhex(
     "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082")).decode()
 
 
+SECRET_WORDS = ("AUTH", "KEY", "TOKEN", "PASSWORD", "SECRET", "USERS", "CREDENTIAL")
+
+
+def masked_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with the values of names that look secret replaced by ***, for reports."""
+    return {k: ("***" if any(w in k.upper() for w in SECRET_WORDS) else v) for k, v in env.items()}
+
+
 @dataclass
 class EmulatorConfig:
     """FC's scaling knobs for one function, and how instances are made."""
@@ -113,7 +121,7 @@ class Instance:
 
     # -- slots
     def acquire(self) -> None:
-        if self.in_flight == 0:
+        if self.in_flight == 0 and self.state == READY:  # a starting instance is busy from when it is ready
             self.busy_since = time.monotonic()
         self.in_flight += 1
         self.requests += 1
@@ -126,6 +134,10 @@ class Instance:
             if self.busy_since is not None:
                 self.busy_s += now - self.busy_since
                 self.busy_since = None
+
+    def alive(self) -> bool:
+        """The instance's process (if it has one) is running."""
+        return False
 
     # -- lifecycle (subclasses)
     async def boot(self) -> None:
@@ -153,14 +165,18 @@ class Instance:
             self.state = READY
             self.ready_at = time.monotonic()
             self.idle_since = self.ready_at
+            if self.in_flight:
+                self.busy_since = self.ready_at
             events(self.name, "ready")
-        except Exception as exc:  # a start that fails must fail the requests waiting for it, not hang them
+        except BaseException as exc:  # a failed (or cancelled) start fails the requests waiting for it
             self.state = FAILED
             self.error = f"{type(exc).__name__}: {exc}"[:500]
             events(self.name, "failed", self.error)
             log.error("instance %s failed to start: %s", self.name, self.error)
-            await self.terminate()
+            await asyncio.shield(self.terminate())
             self.stopped_at = time.monotonic()
+            if not isinstance(exc, Exception):
+                raise
         finally:
             self.ready_event.set()
 
@@ -219,6 +235,9 @@ class GunicornInstance(Instance):
         env.update(self.emulator.cfg.instance_env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         return env
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def _lifecycle_headers(self) -> dict[str, str]:
         from handler import lifecycle
@@ -370,6 +389,8 @@ class Emulator:
         self.counters = {"requests": 0, "throttled": 0, "spawned": 0, "reclaimed": 0, "start_failures": 0}
         self._names = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
+        self._starts: dict[str, asyncio.Task] = {}
+        self._reaper_task: asyncio.Task | None = None
         self.session = None
         self.started = time.monotonic()
 
@@ -382,13 +403,14 @@ class Emulator:
         instance = kind(f"i{next(self._names)}", self, provisioned=provisioned)
         self.instances.append(instance)
         self.counters["spawned"] += 1
-        self._background(instance.start())
+        self._starts[instance.name] = self._background(instance.start())
         return instance
 
-    def _background(self, coro) -> None:
+    def _background(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def alive(self) -> list[Instance]:
         return [i for i in self.instances if i.state in (STARTING, READY, STOPPING)]
@@ -420,7 +442,7 @@ class Emulator:
             self.counters["throttled"] += 1
             body = json.dumps({"ErrorCode": "ResourceThrottled",
                                "ErrorMessage": f"all {self.cfg.max_instances} instances are busy"}).encode()
-            return 429, {**out_headers, "Content-Type": "application/json", "Retry-After": "1"}, body
+            return 429, {**out_headers, "Content-Type": "application/json"}, body
         arrived = time.monotonic()
         try:
             if instance.state == STARTING:
@@ -437,6 +459,10 @@ class Emulator:
                 status, resp_headers, payload = await instance.forward(method, path_qs, forward_headers, body)
             except Exception as exc:  # the instance died or timed out: FC answers 502-ish, never hangs
                 self.event(instance.name, "request failed", f"{type(exc).__name__}: {exc}"[:200])
+                if instance.state == READY and not instance.alive():
+                    instance.state = FAILED  # FC replaces a dead instance: no more requests go to it
+                    instance.stopped_at = time.monotonic()
+                    self.event(instance.name, "died")
                 body = json.dumps({"ErrorCode": "FunctionNotReachable", "ErrorMessage": type(exc).__name__}).encode()
                 return 502, {**out_headers, "Content-Type": "application/json"}, body
             resp_headers = {k: v for k, v in resp_headers.items() if k.lower() not in HOP_BY_HOP}
@@ -481,15 +507,24 @@ class Emulator:
 
     async def close(self) -> None:
         """Stop every instance (pre-stop first) and the reaper."""
-        self._reaper_task.cancel()
+        if self._reaper_task is not None:
+            self._reaper_task.cancel()
+        for instance in self.instances:  # a start in progress is not waited for: it is cancelled and killed
+            task = self._starts.get(instance.name)
+            if instance.state == STARTING and task is not None:
+                task.cancel()
         await asyncio.gather(*(t for t in list(self._tasks) if t is not self._reaper_task), return_exceptions=True)
-        await asyncio.gather(*(i.stop() for i in self.instances if i.state == READY))
+        await asyncio.gather(*(i.stop() for i in self.instances if i.state == READY), return_exceptions=True)
+        for instance in self.instances:
+            if instance.alive():
+                await instance.terminate()
         if self.session is not None:
             await self.session.close()
 
     def state(self) -> dict[str, Any]:
         cfg = asdict(self.cfg)
         cfg.update(data=str(self.cfg.data) if self.cfg.data else None, workdir=str(self.cfg.workdir or ""),
+                   instance_env=masked_env(self.cfg.instance_env),
                    simulate=self.cfg.simulate.name if self.cfg.simulate else None)
         return {"now": time.monotonic(), "started": self.started, "config": cfg, "counters": dict(self.counters),
                 "alive": len(self.alive()), "instances": [i.as_dict() for i in self.instances]}

@@ -110,6 +110,8 @@ def parse_shape(text: str, duration: float) -> Shape:
         raise ValueError(f"shape {kind} takes {', '.join(sorted(need))}; got {', '.join(sorted(params)) or 'none'}")
     if any(v < 0 for k, v in params.items() if k != "amplitude") or not 0 <= params.get("amplitude", 0) <= 1:
         raise ValueError(f"shape {kind}: rates and times must be >= 0 (amplitude 0..1)")
+    if kind == "diurnal" and params["period"] <= 0:
+        raise ValueError("shape diurnal: period must be > 0")
     if duration <= 0:
         raise ValueError("duration must be > 0")
     return Shape(kind, params, duration)

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import importlib.metadata
 import json
 import logging
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.scale.emulator import EmulatorConfig, EmulatorThread
+from bench.scale.emulator import EmulatorConfig, EmulatorThread, masked_env
 from bench.scale.load import Call, LoadConfig, Shape, arrivals, run_open_loop
 from bench.scale.profile import record, shape_key
 
@@ -106,7 +108,6 @@ class Run:
         if self._bar is not None:
             self._bar.close()
         if self.emulator is not None:
-            self.instances_at_end = self.instances()
             self.emulator.__exit__(*exc)
 
     @property
@@ -189,23 +190,39 @@ def observed_instances(rows: list[dict[str, Any]], idle_s: float) -> list[dict[s
     return out
 
 
-def _meta(scenario: str, run: Run, command: str, config: dict[str, Any]) -> dict[str, Any]:
-    import torch
+def _gpu_name() -> str | None:
+    """The first GPU's name from nvidia-smi (no CUDA context in the bench process); None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out else None
 
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-               "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+def machine() -> dict[str, Any]:
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = None
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch_version, "cuda": _gpu_name()}
+
+
+def _meta(scenario: str, run: Run, command: str, config: dict[str, Any]) -> dict[str, Any]:
+    machine_info = machine()
     emulator = None
     if run.target.emulator is not None:
         e = run.target.emulator
         emulator = {"instance_concurrency": e.instance_concurrency, "max_instances": e.max_instances,
                     "provisioned": e.provisioned, "idle_timeout_s": e.idle_timeout_s, "initialize": e.initialize,
-                    "instance_env": e.instance_env, "simulate": e.simulate.name if e.simulate else None,
+                    "instance_env": masked_env(e.instance_env), "simulate": e.simulate.name if e.simulate else None,
                     "profile_source": e.simulate.source if e.simulate else None}
     return {"scenario": scenario, "target": run.target.describe(), "simulated": run.target.simulated,
             "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
             "duration_s": round(run.now(), 3), "config": {**config, "request": run.spec.body(0),
                                                          "shape": run.spec.key, "emulator": emulator},
-            "machine": machine}
+            "machine": machine_info}
 
 
 def _finish(scenario: str, run: Run, out_dir: Path, command: str, config: dict[str, Any],
@@ -303,19 +320,24 @@ def autoscale(run: Run, *, shape: Shape, max_requests: int, process: str, seed: 
     step = shape.step_at()
     config = {"shape": shape.describe(), "duration_s": shape.duration, "max_requests": max_requests,
               "process": process, "seed": seed, "settle_s": settle_s}
-    offered = [{"level": shape.describe(), "rate_rps": round(len(times) / shape.duration, 3),
-                "duration_s": shape.duration}]
+    window = shape.duration if len(times) < max_requests or len(times) < 2 else times[-1] - start
+    offered = [{"level": shape.describe(), "rate_rps": round(len(times) / window, 3) if window > 0 else None,
+                "duration_s": round(window, 3)}]
     return _finish("autoscale", run, out_dir, command, config, offered=offered,
                    step_at_s=None if step is None else round(start + step, 3))
 
 
 def default_instance_env(cfg: EmulatorConfig, spec: RequestSpec) -> dict[str, str]:
     """What s.yaml sets for an instance, adapted to this machine: FC's initializer warms the bench's request
-    shape, the queue matches the instance concurrency, and the instances share the CPU cores."""
+    shape (and `--model`), the queue matches the instance concurrency, and the instances share the CPU cores
+    (torch's threads, OMP_NUM_THREADS)."""
     threads = max(1, (os.cpu_count() or 1) // cfg.max_instances)
-    return {"SDFUNC_WARMUP__ON_START": "false", "SDFUNC_WARMUP__SHAPES": json.dumps([f"{spec.size}x{spec.size}@2"]),
-            "SDFUNC_QUEUE__MAX_WAITING": str(max(0, cfg.instance_concurrency - 1)), "SDFUNC_THREADS": str(threads),
-            "OMP_NUM_THREADS": str(threads), "SDFUNC_METRICS": "true", "SDFUNC_REQUEST_LOG": "true"}
+    env = {"SDFUNC_WARMUP__ON_START": "false", "SDFUNC_WARMUP__SHAPES": json.dumps([f"{spec.size}x{spec.size}@2"]),
+           "SDFUNC_QUEUE__MAX_WAITING": str(max(0, cfg.instance_concurrency - 1)), "OMP_NUM_THREADS": str(threads),
+           "SDFUNC_METRICS": "true", "SDFUNC_REQUEST_LOG": "true"}
+    if spec.model:
+        env["SDFUNC_WARMUP__CHECKPOINTS"] = json.dumps([spec.model])
+    return env
 
 
 def results_dir(root: Path, scenario: str) -> Path:
