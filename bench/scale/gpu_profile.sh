@@ -20,5 +20,5 @@ fi
 common=(--local --data "$data" --size "$size" --steps "$steps" --no-progress
         --instance-env SDFUNC_DEFAULT_CHECKPOINT=realarch-sd15)
 "$py" -m bench coldstart "${common[@]}" --reps 3 --warm 20 --out "$out/coldstart"
-"$py" -m bench throughput "${common[@]}" --max-instances 1 --instance-concurrency 5 --rates 1,2,4 \
-  --level-seconds 20 --out "$out/throughput"
+"$py" -m bench throughput "${common[@]}" --max-instances 1 --provisioned 1 --instance-concurrency 5 \
+  --rates 0.5,1,1.5 --level-seconds 30 --out "$out/throughput"

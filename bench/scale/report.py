@@ -120,7 +120,7 @@ def _simulation_line(meta: Mapping[str, Any]) -> str:
 
 # --- summary.md --------------------------------------------------------------------------------------------------
 
-_PART_NAMES = {"latency_p50_ms": "latency (median)", "connect_ms": "TCP connect",
+_PART_NAMES = {"latency_p50_ms": "latency (median)", "connect_ms": "TCP connect (and TLS)",
                "platform_start_ms": "platform start", "queue_ms": "server queue", "load_ms": "model load",
                "gen_ms": "generation", "encode_ms": "encode", "server_ms": "server total",
                "other_ms": "other (latency - connect - platform - server)"}

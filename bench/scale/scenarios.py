@@ -101,6 +101,8 @@ class Run:
         if self.target.local:
             cfg = self.target.emulator
             self.emulator = EmulatorThread(cfg).__enter__()
+            if cfg.provisioned:
+                self._wait_provisioned(cfg.provisioned, cfg.start_timeout_s)
         self.origin = time.monotonic()
         return self
 
@@ -109,6 +111,19 @@ class Run:
             self._bar.close()
         if self.emulator is not None:
             self.emulator.__exit__(*exc)
+
+    def _wait_provisioned(self, count: int, timeout: float) -> None:
+        """Provisioned instances are on before the load comes: wait until they are ready."""
+        log.info("waiting for %d provisioned instance(s) to start", count)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = [i["state"] for i in self.emulator.state()["instances"] if i["provisioned"]]
+            if "failed" in states:
+                raise RuntimeError("a provisioned instance failed to start (see its server.log)")
+            if states.count("ready") >= count:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"provisioned instances not ready after {timeout:.0f} s")
 
     @property
     def url(self) -> str:
