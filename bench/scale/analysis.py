@@ -125,9 +125,9 @@ def levels(rows: Iterable[Row], meta: Mapping[str, Any]) -> list[dict[str, Any]]
     times: n requests on a schedule span n - 1 gaps; None for one request), the achieved images/s (images of ok
     rows / the level's send window: `meta["offered"]`'s `duration_s`, else the span of the intended send times;
     None for a zero window; answers that come after the window count, so a backlog is not lost),
-    `served_over_offered` (images/s
-    over offered_rps times the median images of an ok request: the baseline is the load itself, 1.0 when every
-    request is served at the rate it came) and the level's latency_stats."""
+    `served_over_offered` (the images served over the images asked for: the level's requests times the median
+    images of an ok request; the baseline is the load itself, as the arrivals really came, so 1.0 when every
+    request is served) and the level's latency_stats."""
     offered = {str(o["level"]): o.get("rate_rps") for o in meta.get("offered") or ()}
     durations = {str(o["level"]): o.get("duration_s") for o in meta.get("offered") or ()}
     groups: dict[str, list[Row]] = {}
@@ -147,10 +147,9 @@ def levels(rows: Iterable[Row], meta: Mapping[str, Any]) -> list[dict[str, Any]]
         window = durations.get(label) or schedule_span
         images_per_s = stats["images"] / window if window > 0 else None
         per_request = [int(r.get("images") or 0) for r in group if r.get("ok")]
-        offered_images = rate * float(np.median(per_request)) if rate and per_request else None
+        sent_images = len(group) * float(np.median(per_request)) if per_request else 0.0
         out.append({"level": label, "offered_rps": rate, "images_per_s": images_per_s,
-                    "served_over_offered": (images_per_s / offered_images
-                                            if images_per_s is not None and offered_images else None),
+                    "served_over_offered": stats["images"] / sent_images if sent_images else None,
                     "span_s": span, **stats})
     return out
 
