@@ -158,7 +158,7 @@ def _emulator_config(args: argparse.Namespace, spec) -> object:
     cfg = EmulatorConfig(instance_concurrency=args.instance_concurrency, max_instances=args.max_instances,
                          provisioned=args.provisioned, idle_timeout_s=args.idle_timeout,
                          initialize=not args.no_initialize, data=None if profile else args.data.resolve(),
-                         workdir=workdir(), simulate=profile, seed=args.sim_seed)
+                         workdir=None if profile else workdir(), simulate=profile, seed=args.sim_seed)
     if profile is None:
         from bench.serving_overhead import ensure_data
 

@@ -574,9 +574,10 @@ class EmulatorThread:
     def __enter__(self) -> EmulatorThread:
         self._thread.start()
         self.call(self._start())
-        log.info("FC emulator on %s (%s instances, max %d, concurrency %d, idle timeout %g s)", self.url,
+        log.info("FC emulator on %s (%s instances, max %d, concurrency %d, idle timeout %g s)%s", self.url,
                  "simulated" if self.cfg.simulate else "gunicorn", self.cfg.max_instances,
-                 self.cfg.instance_concurrency, self.cfg.idle_timeout_s)
+                 self.cfg.instance_concurrency, self.cfg.idle_timeout_s,
+                 "" if self.cfg.simulate else f"; instance logs in {self.cfg.workdir}")
         return self
 
     def __exit__(self, *exc: Any) -> None:
