@@ -10,7 +10,9 @@ Contract:
 - The connection goes to the address that was checked, never to a second resolution, so DNS rebinding cannot
   swap it; the Host header, TLS SNI and certificate verification still use the host name.
 - Redirects are followed up to `network.max_redirects`, each hop checked the same way.
-- Each connect and read waits at most `timeout_seconds`; a whole transfer ends at its deadline. Bodies above
+- The name lookup waits at most `timeout_seconds` (and not past the transfer's deadline), on a small pool of
+  resolver threads, so a slow DNS server cannot hold a request. Each connect and read waits at most
+  `timeout_seconds`; a whole transfer ends at its deadline. Bodies above
   `max_bytes` are refused from Content-Length, else when the limit is crossed.
 - Environment proxies are not used. Failures raise `FetchRefused` (policy) or `FetchFailed` (network,
   upstream): both carry a short reason that is safe to show and name no address the client did not give.
@@ -18,6 +20,7 @@ Contract:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ipaddress
 import json
@@ -53,6 +56,23 @@ METADATA_ADDRESSES: frozenset[Address] = frozenset(ipaddress.ip_address(a) for a
     "100.100.100.200",  # Alibaba Cloud
     "fd00:ec2::254",  # AWS over IPv6
 ))
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="sdfunc-dns")
+
+
+def resolve(host: str, port: int, timeout: float) -> list[tuple[Any, ...]]:
+    """`socket.getaddrinfo` for TCP, waiting at most `timeout` seconds; FetchFailed when the name does not
+    resolve in time. A lookup that hangs keeps one of the pool's threads until the system resolver gives up;
+    while all are held, lookups wait in the pool's queue, still bounded by `timeout`."""
+    future = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    try:
+        return future.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise FetchFailed(f"the host {host} did not resolve within {timeout:g} s") from None
+    except (socket.gaierror, UnicodeError, OSError):
+        raise FetchFailed(f"the host {host} does not resolve") from None
+
+
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -207,10 +227,10 @@ class Guard:
             raise FetchRefused("credentials in the URL are not accepted")
         host = parts.hostname
         port = port or (443 if scheme == "https" else 80)
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-        except (socket.gaierror, UnicodeError, OSError):
-            raise FetchFailed(f"the host {host} does not resolve") from None
+        wait = self.settings.timeout_seconds
+        if deadline is not None:
+            wait = max(0.0, min(wait, deadline - time.monotonic()))
+        infos = resolve(host, port, wait)
         if not infos:
             raise FetchFailed(f"the host {host} does not resolve")
         named = self._host_allowed(host)

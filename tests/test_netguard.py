@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 import time
 
 import pytest
@@ -69,6 +70,24 @@ def test_unresolvable_host_fails(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", nope)
     with pytest.raises(FetchFailed, match="does not resolve"):
         guard().check("http://nowhere.test/")
+
+
+def test_a_slow_name_lookup_is_bounded(monkeypatch):
+    """A DNS server that does not answer cannot hold the request past the network timeout or its deadline."""
+    release = threading.Event()
+
+    def hang(*args, **kwargs):
+        release.wait(10)
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hang)
+    try:  # "within": it gave up before the lookup ended (which would say "does not resolve")
+        with pytest.raises(FetchFailed, match="did not resolve within"):
+            guard(timeout_seconds=0.3).check("http://slow.test/")
+        with pytest.raises(FetchFailed, match="did not resolve within"):
+            guard(timeout_seconds=30).check("http://slow.test/", deadline=time.monotonic() + 0.2)
+    finally:
+        release.set()
 
 
 def test_allow_list_by_cidr_and_by_host_name(monkeypatch):
