@@ -37,7 +37,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from bench.cli import add_output_arguments, machine_line, result_header, run_benchmark  # noqa: E402
-from bench.serving_overhead import TXT2IMG, Server, ensure_data, payload  # noqa: E402
+from bench.serving_overhead import TXT2IMG, Server, _proc_stat, ensure_data, payload  # noqa: E402
 
 log = logging.getLogger("bench.soak")
 MIB = 1024 * 1024
@@ -62,11 +62,10 @@ def worker_pid(master: int) -> int | None:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
+                if _proc_stat(Path(f"/proc/{entry}/stat"))[1] == master:
+                    return int(entry)
+            except (OSError, ValueError, IndexError):
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-                return int(entry)
     return None
 
 
