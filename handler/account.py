@@ -17,7 +17,7 @@ from handler.service import Service
 
 bp = APIBlueprint("account", __name__, abp_tags=[Tag(name="records", description="Image records and usage")],
                   abp_responses={401: ErrorModel, 403: ErrorModel, 404: ErrorModel, 422: ErrorModel,
-                                 503: ErrorModel})
+                                 429: ErrorModel, 503: ErrorModel})
 
 
 def _service() -> Service:

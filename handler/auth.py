@@ -11,6 +11,12 @@ Modes (settings `auth.mode`):
 API keys live in the `consumers` table as SHA-256 hashes (they are random 256-bit strings, so an unsalted hash
 is enough); every secret is compared in constant time. Wrong or missing credentials -> 401 (with
 `WWW-Authenticate`); a disabled consumer -> 403.
+
+Failed attempts are limited per client address (`FailureLimiter`): after `auth.max_failures` wrong credentials
+within `auth.failure_window_seconds`, the address gets 429 `too_many_auth_failures` with Retry-After, its
+credentials not even checked, until the oldest of those failures leaves the window. The address is the
+connection's peer, or with `auth.trust_forwarded_for` the first X-Forwarded-For address (FC's trigger puts the
+client there); IPv6 addresses count by their /64.
 """
 
 from __future__ import annotations
@@ -20,23 +26,34 @@ import binascii
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
+import logging
+import math
 import re
 import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from flask import has_request_context, request
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from handler.db import Database, consumers, utcnow
-from handler.errors import Forbidden, InvalidRequest, Unauthorized
+from handler.errors import Forbidden, InvalidRequest, TooManyAuthFailures, Unauthorized
 from handler.settings import CONSUMER_ID_PATTERN, AuthSettings
+
+log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"  # every caller in mode none
 SERVICE = "service"  # a service-token holder that names no consumer
 RESERVED = (ANONYMOUS, SERVICE, "cli")
 KEY_PREFIX = "sdf_"
 CONSUMER_ID = re.compile(CONSUMER_ID_PATTERN)
+MAX_TRACKED_CLIENTS = 10_000  # client addresses the failure limiter remembers (least recently failed dropped)
 
 
 def hash_secret(secret: str) -> str:
@@ -55,6 +72,87 @@ def check_consumer_id(value: str, field: str = "consumer") -> str:
         raise InvalidRequest(f"{field}: a consumer id is 1-64 characters of letters, digits and . _ @ -, "
                              "starting with a letter or digit", field=field)
     return value
+
+
+def client_address(peer: str | None, forwarded_for: str | None, *, trust_forwarded_for: bool) -> str:
+    """The address failed attempts are counted by: `peer` (the connection's), or the first X-Forwarded-For
+    address when the proxy in front is trusted to set it. An IPv6 address stands for its /64 (one client
+    usually holds a whole /64); an IPv4-mapped one for its IPv4 address. Text that is no address is kept,
+    cut to 64 characters, so that it is counted on its own."""
+    value = (peer or "").strip()
+    if trust_forwarded_for and forwarded_for and forwarded_for.split(",")[0].strip():
+        value = forwarded_for.split(",")[0].strip()
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        return value[:64] or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
+
+class FailureLimiter:
+    """Failed authentication attempts per client address in a sliding window.
+
+    Once an address has `max_failures` failures within `window_seconds`, `check` refuses it (429 with
+    Retry-After) until the oldest of them leaves the window. Refused attempts are not counted, so a client
+    that keeps knocking is not locked out for longer than the window. A success resets nothing: on a shared
+    address (a NAT, a gateway) a caller with valid credentials of its own could otherwise clear the count
+    between guesses at another's. At most `max_clients` addresses are remembered, the least recently failed
+    dropped first, so memory stays bounded whatever the number of addresses. `max_failures` 0: no limit.
+    Thread-safe."""
+
+    def __init__(self, max_failures: int, window_seconds: float, *, max_clients: int = MAX_TRACKED_CLIENTS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.window_seconds = window_seconds
+        self.max_clients = max_clients
+        self.clock = clock
+        self._lock = threading.Lock()
+        # address -> times of its last `max_failures` failures, oldest first; least recently failed address first
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._failures)
+
+    def retry_after(self, client: str) -> float:
+        """Seconds until `client` may try again; 0 when it may now."""
+        if self.max_failures <= 0:
+            return 0.0
+        with self._lock:
+            times = self._failures.get(client)
+            if times is None or len(times) < self.max_failures:
+                return 0.0
+            return max(0.0, times[0] + self.window_seconds - self.clock())
+
+    def check(self, client: str) -> None:
+        """TooManyAuthFailures (429, Retry-After in whole seconds) while `client` is refused."""
+        wait = self.retry_after(client)
+        if wait > 0:
+            seconds = max(1, math.ceil(wait))
+            raise TooManyAuthFailures(f"too many failed authentication attempts from this address; retry in "
+                                      f"{seconds} s", headers={"Retry-After": str(seconds)})
+
+    def record(self, client: str) -> None:
+        """Count one failed attempt by `client`."""
+        if self.max_failures <= 0:
+            return
+        with self._lock:
+            now = self.clock()
+            times = self._failures.pop(client, None)
+            if times is None:
+                times = deque(maxlen=self.max_failures)
+                while len(self._failures) >= self.max_clients:
+                    self._failures.popitem(last=False)
+            times.append(now)
+            self._failures[client] = times
+            blocked = len(times) == self.max_failures and now - times[0] < self.window_seconds
+        if blocked:
+            log.warning("%d failed authentication attempts from %s within %g s: refused for a while",
+                        self.max_failures, client, self.window_seconds)
 
 
 @dataclass(frozen=True)
@@ -150,6 +248,7 @@ class Authenticator:
         self._users = [(user, hash_secret(f"{user}:{password}"))
                        for user, _, password in (item.partition(":") for item in settings.users)]
         self._tokens = [hash_secret(token) for token in settings.tokens]
+        self.failures = FailureLimiter(settings.max_failures, settings.failure_window_seconds)
 
     def challenge(self, *, script: bool = False) -> str:
         """The WWW-Authenticate value. A script's request (the web page's, marked `X-Requested-With:
@@ -158,15 +257,30 @@ class Authenticator:
         return f'{scheme} realm="{self.settings.realm}", charset="UTF-8"'
 
     def authenticate(self, authorization: str | None, *, script: bool = False) -> Caller:
-        """The caller, or Unauthorized (401 with the challenge) / Forbidden (403, disabled consumer)."""
+        """The caller, or Unauthorized (401 with the challenge) / Forbidden (403, disabled consumer) /
+        TooManyAuthFailures (429: the current request's client address failed too often; nothing is checked).
+        Wrong credentials count as a failure of that address; a request that sends none does not (it guesses
+        nothing). Outside a request (the CLI) nothing is counted."""
         mode = self.settings.mode
         if mode == "none":
             return Caller(ANONYMOUS, admin=True, via="none", may_name_consumer=self.settings.allow_uid)
+        client = self.current_client()
+        if client is not None:
+            self.failures.check(client)
         try:
             return self._basic(authorization) if mode == "basic" else self._token(authorization)
         except Unauthorized as exc:
+            if client is not None and (authorization or "").strip():
+                self.failures.record(client)
             exc.headers["WWW-Authenticate"] = self.challenge(script=script)
             raise
+
+    def current_client(self) -> str | None:
+        """The current request's client address (`client_address`), or None outside a request."""
+        if not has_request_context():
+            return None
+        return client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
+                              trust_forwarded_for=self.settings.trust_forwarded_for)
 
     def _unauthorized(self, message: str) -> Unauthorized:
         return Unauthorized(message, headers={"WWW-Authenticate": self.challenge()})

@@ -16,7 +16,7 @@ from handler.service import Service
 
 bp = APIBlueprint("fc", __name__, abp_tags=[Tag(name="lifecycle", description="FC lifecycle hooks, health, metrics")],
                   abp_responses={503: ErrorModel})
-_hook_errors = {401: ErrorModel, 403: ErrorModel}
+_hook_errors = {401: ErrorModel, 403: ErrorModel, 429: ErrorModel}
 
 READY_STATES = ("READY", "BUSY")
 

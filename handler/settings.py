@@ -306,6 +306,23 @@ class AuthSettings(BaseModel):
                           "service tokens and admins only. Off: uid is ignored.",
     )
     realm: str = Field("sdfunc", description="Realm in WWW-Authenticate.")
+    max_failures: int = Field(
+        10, ge=0, le=100_000, description="Failed authentication attempts (credentials sent and wrong) one client "
+                                          "address may make within `failure_window_seconds`; after that its "
+                                          "requests get 429 `too_many_auth_failures` with Retry-After, without "
+                                          "their credentials being checked, until the oldest of those failures "
+                                          "leaves the window. A success resets nothing. 0 turns the limit off.",
+    )
+    failure_window_seconds: float = Field(
+        60.0, gt=0, le=86_400, description="The sliding window (s) in which `max_failures` failed attempts block "
+                                           "a client address.",
+    )
+    trust_forwarded_for: bool = Field(
+        False, description="Count failures by the first X-Forwarded-For address instead of the connection's peer "
+                           "address. Only behind a proxy that sets that header itself (FC's HTTP trigger puts the "
+                           "client's address there): otherwise every client picks its own address. IPv6 clients "
+                           "are counted by their /64.",
+    )
 
     @field_validator("users", "tokens", "admins", mode="before")
     @classmethod
@@ -468,6 +485,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body (bytes); larger -> 413.")
     max_input_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Largest decoded input image (pixels).")
     max_prompt_chars: int = Field(20_000, ge=100, description="Longest prompt or negative prompt (characters).")
+    max_loras_per_prompt: int = Field(
+        8, ge=1, le=256, description="Most `<lora:...>` tags in one prompt (a LoRA named twice counts twice); more "
+                                     "-> 422 naming `prompt`.",
+    )
 
     auth: AuthSettings = Field(default_factory=AuthSettings, description="Authentication and consumers.")
     billing: BillingSettings = Field(default_factory=BillingSettings, description="Prices and billing units.")
