@@ -7,6 +7,7 @@ Nothing heavy happens here: no torch import, no model load. The worker warms up 
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from flask import Response, g, request
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 AUTHENTICATED_BLUEPRINTS = ("sdapi", "account", "downloads")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/lifecycle.py)
 GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
+MAX_JSON_DEPTH = 64  # A1111 bodies nest under 10 deep; pydantic's serializer gives up past ~250 (after generating)
 
 
 def create_app(settings: Settings | None = None) -> OpenAPI:
@@ -75,10 +77,16 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
                                                  script=request.headers.get("X-Requested-With") == "XMLHttpRequest")
             g.meter.consumer = g.caller.consumer
         if request.is_json:
+            if length is None and len(request.get_data(cache=True)) >= settings.max_body_bytes:
+                # chunked: werkzeug stops reading at MAX_CONTENT_LENGTH, and a cut body is no JSON
+                raise PayloadTooLarge(f"request body reaches the limit of {settings.max_body_bytes} bytes")
             try:
-                request.get_json(silent=True)  # parsed once here; the routes get Flask's cached result
+                body = request.get_json(silent=True)  # parsed once here; the routes get Flask's cached result
+                too_deep = _nested_deeper(body, MAX_JSON_DEPTH)
             except RecursionError:
-                raise InvalidRequest("body: JSON nested too deeply", field="body") from None
+                too_deep = True
+            if too_deep:
+                raise InvalidRequest(f"body: JSON nested more than {MAX_JSON_DEPTH} deep", field="body")
 
     @app.after_request
     def _tag_response(response: Response) -> Response:
@@ -125,5 +133,39 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.register_api(account.bp)
     app.register_api(downloads.bp)
     app.register_api(web.bp)
+    _document_security(app, settings.auth.mode)
     service.coldstart.app_ready()
     return app
+
+
+def _nested_deeper(value: object, limit: int) -> bool:
+    """True when `value` (parsed JSON) has objects or arrays nested more than `limit` deep (iterative: a deep
+    value must not exhaust the stack here either)."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _document_security(app: OpenAPI, mode: str) -> None:
+    """Declare in the OpenAPI document what auth `mode` asks of the routes that need credentials (the
+    AUTHENTICATED_BLUEPRINTS; none when auth is off): HTTP basic, or the `Authorization` header's token."""
+    if mode == "none":
+        return
+    scheme = ({"type": "http", "scheme": "basic"} if mode == "basic"
+              else {"type": "apiKey", "in": "header", "name": "Authorization",
+                    "description": "A service token or a consumer's key, bare or after `Bearer `."})
+    app.security_schemes = {mode: scheme}
+    guarded = {re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule.rule) for rule in app.url_map.iter_rules()
+               if rule.endpoint.split(".")[0] in AUTHENTICATED_BLUEPRINTS}
+    for path, shared in app.paths.items():
+        if path in guarded:
+            item = app.paths[path] = shared.model_copy(deep=True)  # the blueprint's objects serve every app
+            for method in ("get", "post", "put", "delete", "patch"):
+                operation = getattr(item, method, None)
+                if operation is not None:
+                    operation.security = [{mode: []}]

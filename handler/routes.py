@@ -24,6 +24,7 @@ from handler.schemas import (
     SchedulerItem,
     ScriptsList,
     SDModelItem,
+    GenerationQuery,
     TaskView,
     Txt2ImgRequest,
     UpscalerItem,
@@ -33,7 +34,7 @@ from pipelines.errors import PipelineError
 
 _tag = Tag(name="sdapi", description="AUTOMATIC1111 web UI API (v1.10.1) with PAI-EAS extensions")
 _errors: dict[Any, Any] = {401: ErrorModel, 403: ErrorModel, 404: ErrorModel, 409: ErrorModel, 413: ErrorModel,
-                           422: ErrorModel, 500: ErrorModel, 503: ErrorModel}
+                           422: ErrorModel, 429: ErrorModel, 500: ErrorModel, 503: ErrorModel}
 _null = {"description": "JSON null (A1111 returns null; clients call .json() on it)"}
 
 bp = APIBlueprint("sdapi", __name__, url_prefix="/sdapi/v1", abp_tags=[_tag], abp_responses=_errors)
@@ -61,15 +62,14 @@ def charged_consumer(body: GenerationRequest) -> str:
     return name
 
 
-def async_requested() -> bool:
+def async_requested(query: GenerationQuery) -> bool:
     """`?async=true` or `Prefer: respond-async`. Not FC's `X-Fc-Invocation-Type: Async`: FC has already
     answered that client with 202 and queued the call; it waits for this response (up to the function's
     timeout) and hands it to the configured destinations, so the function runs such a call to the end."""
-    return (request.args.get("async", "").lower() in ("1", "true", "yes")
-            or "respond-async" in request.headers.get("Prefer", "").lower())
+    return query.async_ or "respond-async" in request.headers.get("Prefer", "").lower()
 
 
-def submit(mode: str, body: GenerationRequest):
+def submit(mode: str, body: GenerationRequest, query: GenerationQuery):
     """Answer now (200 with the images), or queue a task (202, `Location: /tasks/<id>`) when asked to."""
     from handler.a1111 import eas_values
 
@@ -78,13 +78,9 @@ def submit(mode: str, body: GenerationRequest):
     if mode == "txt2img" and image_link:
         raise InvalidRequest("alwayson_scripts.image_link: txt2img takes no input image (ControlNet input is not "
                              "offered yet); use img2img", field="alwayson_scripts.image_link")
-    if not async_requested():
+    if not async_requested(query):
         return jsonify((service().txt2img if mode == "txt2img" else service().img2img)(body, consumer))
-    tag = request.args.get("task_id")
-    callback = request.args.get("callback_url")
-    for name, value, limit in (("task_id", tag, 128), ("callback_url", callback, 2048)):
-        if value is not None and not 0 < len(value) <= limit:
-            raise InvalidRequest(f"{name}: 1-{limit} characters", field=name)
+    tag, callback = query.task_id, query.callback_url
     if mode == "img2img":
         service().require_init_image(body)
     if image_link and not body.init_images:  # a refused link is a 422 now; the task fetches (and checks) it again
@@ -102,18 +98,18 @@ def submit(mode: str, body: GenerationRequest):
 
 
 @bp.post("/txt2img", responses={200: GenerationResponse, 202: TaskView})
-def txt2img(body: Txt2ImgRequest):
+def txt2img(body: Txt2ImgRequest, query: GenerationQuery):
     """Text to image. Charged for device generation time: headers `X-Billed-Duration-Ms`, `X-Charge` and
     `parameters.billing`; `Server-Timing` splits the server's time (queue, load, gen, encode, total); an `Idempotency-Key` header makes retries safe (a charged id answers 409). With
     `?async=true` or `Prefer: respond-async`: 202 and a task (`GET /tasks/<id>`);
     query `task_id` is kept as the task's tag, `callback_url` receives the result by POST."""
-    return submit("txt2img", body)
+    return submit("txt2img", body, query)
 
 
 @bp.post("/img2img", responses={200: GenerationResponse, 202: TaskView})
-def img2img(body: Img2ImgRequest):
+def img2img(body: Img2ImgRequest, query: GenerationQuery):
     """Image to image; inpainting when `mask` is given. Charged as txt2img; asynchronous as txt2img."""
-    return submit("img2img", body)
+    return submit("img2img", body, query)
 
 
 @bp.post("/png-info", responses={200: PngInfoResponse})

@@ -270,6 +270,7 @@ class CacheReport(BaseModel):
     loads: int
     evictions: int
     host_evictions: int
+    trims: int = Field(0, description="Times an out-of-memory error trimmed the device to one pipeline.")
 
 
 class HealthResponse(BaseModel):
@@ -371,6 +372,19 @@ class _TimeRange(BaseModel):
         if value is not None and since is not None and value <= since:
             raise ValueError("must be later than since")
         return value
+
+
+class GenerationQuery(BaseModel):
+    """The query of txt2img and img2img: asynchronous submission (PAI-EAS style)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    async_: bool = Field(False, alias="async", description="true: answer 202 with a task (`GET /tasks/<id>`) "
+                                                            "instead of waiting for the images; as the header "
+                                                            "`Prefer: respond-async`.")
+    task_id: str | None = Field(None, min_length=1, max_length=128, description="Kept as the task's tag.")
+    callback_url: str | None = Field(None, min_length=1, max_length=2048,
+                                     description="Receives the task's result by POST when it ends.")
 
 
 class ImagesQuery(_TimeRange):
