@@ -14,8 +14,10 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,7 +80,11 @@ class Service:
         self.settings = settings
         settings.ensure_layout()
         self.store = ModelStore(settings.checkpoints_dir, settings.vae_dir, HashCache(settings.cache_dir / "sha256.json"))
-        self.loras = LoraStore(settings.lora_dir, HashCache(settings.cache_dir / "addnet.json", compute=addnet_hash))
+        self.loras = LoraStore(
+            settings.lora_dir,
+            HashCache(settings.cache_dir / "addnet.json", compute=addnet_hash),
+            max_per_prompt=settings.max_loras_per_prompt,
+        )
         self.lora_adapters = LoraAdapters(settings.max_loaded_loras)
         self.embeddings = EmbeddingStore(settings.data_dir / "embeddings", self.store.hashes)
         self.options_store: OptionsStore = options_store or MemoryOptionsStore()
@@ -469,9 +475,10 @@ class Service:
         if height > s.max_height:
             raise InvalidRequest(f"height: at most {s.max_height}", field="height")
         if req.batch_size * req.n_iter > s.max_images:
+            field = "batch_size" if req.batch_size > s.max_images else "n_iter"  # the one that tipped it over
             raise InvalidRequest(
-                f"batch_size: batch_size x n_iter = {req.batch_size * req.n_iter} exceeds {s.max_images} images",
-                field="batch_size",
+                f"{field}: batch_size x n_iter = {req.batch_size * req.n_iter} exceeds {s.max_images} images",
+                field=field,
             )
         outputs.check_request(req, self.storage, s.outputs_dir)  # a bad save_dir is a 422 before any work
         return width, height
@@ -591,27 +598,53 @@ class Service:
     def _device_generate(self, selection: Selection, job: Any, *, owner: str | None,
                          job_id: str | None = None) -> tuple[Any, float | None, Any]:
         """Load (or find warm) the selected model and run `job` on it, with progress, the service-time average
-        and the cold start kept up to date. Device thread only. Returns (model, load seconds or None, result)."""
+        and the cold start kept up to date. Device thread only. Returns (model, load seconds or None, result).
+        Out of device memory (loading or generating), the warm cache is trimmed before the error goes on to
+        the caller (a 503 out_of_memory, not charged): `_recover_memory`."""
         from pipelines.generate import generate
 
-        model, load = self._load(selection.checkpoint, selection.vae)
-        adapters = self.lora_adapters
-        before = (adapters.loads, adapters.unloads, len(model.pipe.tokenizer))
-        adapters.apply(model.pipe, job.loras)
-        texts = [*(job.prompts or [job.prompt]), *(job.negative_prompts or [job.negative_prompt])]
-        job.embeddings = self.embeddings.prepare(model.pipe, texts)  # textual inversions the prompts name
-        if (adapters.loads, adapters.unloads, len(model.pipe.tokenizer)) != before:
-            self.cache.remeasure(model)  # adapters and embedding rows are device memory too
-        self.progress.begin(job.mode, job_count=math.ceil(len(job.seeds) / job.batch_size), sampling_steps=job.steps,
-                            owner=owner, job_id=job_id)
+        model = None
         try:
-            result = generate(model, job, progress=self.progress.step)
-        finally:
-            self.progress.end()
+            model, load = self._load(selection.checkpoint, selection.vae)
+            adapters = self.lora_adapters
+            before = (adapters.loads, adapters.unloads, len(model.pipe.tokenizer))
+            adapters.apply(model.pipe, job.loras)
+            texts = [*(job.prompts or [job.prompt]), *(job.negative_prompts or [job.negative_prompt])]
+            job.embeddings = self.embeddings.prepare(model.pipe, texts)  # textual inversions the prompts name
+            if (adapters.loads, adapters.unloads, len(model.pipe.tokenizer)) != before:
+                self.cache.remeasure(model)  # adapters and embedding rows are device memory too
+            self.progress.begin(job.mode, job_count=math.ceil(len(job.seeds) / job.batch_size),
+                                sampling_steps=job.steps, owner=owner, job_id=job_id)
+            try:
+                result = generate(model, job, progress=self.progress.step)
+            finally:
+                self.progress.end()
+        except Exception as exc:
+            if out_of_memory(exc):
+                self._recover_memory(exc, keep=model)
+            raise
         self._observe_service_time((load or 0.0) + result.generation_seconds)
         if not self.coldstart.done:
             self._first_image(result.generation_seconds)
         return model, load, result
+
+    def _recover_memory(self, exc: BaseException, keep: Any) -> None:
+        """After an out-of-memory error on the device thread: release the failed job's tensors (the frames of
+        its traceback hold its latents and activations until the error object dies, which is after the
+        response), then trim the warm cache to `keep`, the pipeline the job ran on (None when the error came
+        while loading: then every pipeline goes). Never raises: the original error is what the caller gets."""
+        traceback.clear_frames(exc.__traceback__)  # the running frame (ours) is skipped; the rest are done
+        cache = self._cache
+        try:
+            dropped = cache.trim(keep=keep) if cache is not None else 0
+        except Exception:  # best effort: the request fails with the out-of-memory error either way
+            log.exception("trimming the warm cache after running out of device memory failed")
+            return
+        report = cache.report() if cache is not None else {}
+        log.warning("out of device memory on %s: %d pipeline(s) left the device, %s kept; %d model(s) and "
+                    "%.2f GiB of weights remain there", self.device_name(), dropped,
+                    keep.entry.name if keep is not None else "none", report.get("device_models", 0),
+                    report.get("device_bytes", 0) / 2**30, extra={"fields": {"cache": report}})
 
     def _run_group(self, selection: Selection, members: list[Member]) -> None:
         """Run a batch group as one job (device thread): per-image prompts and seeds, then each member gets its
@@ -779,6 +812,15 @@ class Service:
             job.inpaint_full_res = req.inpaint_full_res
             job.inpaint_full_res_padding = req.inpaint_full_res_padding
             job.inpainting_mask_invert = bool(req.inpainting_mask_invert)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is torch's out-of-memory error (CUDA or another accelerator) or host RAM running out
+    (MemoryError); never imports torch (an error from torch means it is loaded)."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
 
 
 def _stopping_error(retry_after: int) -> NotReady:

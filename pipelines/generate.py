@@ -25,6 +25,7 @@ from PIL import Image, ImageFilter, ImageOps
 from pipelines.cache import LoadedModel, assemble_pipeline
 from pipelines.embeddings import expand_prompt
 from pipelines.errors import InvalidParameter
+from pipelines.prompts import chunked_embeds, needs_chunks
 from pipelines.samplers import ResolvedSampler, build_scheduler, set_noise_seeds
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,26 @@ def _request_pipeline(model: LoadedModel, job: ImageJob, inpaint: bool) -> Any:
     scheduler = build_scheduler(job.sampler, base.scheduler.config)
     cls = _pipeline_class(model.arch, job.mode, inpaint)
     return assemble_pipeline(cls, base.components, scheduler=scheduler)
+
+
+# torch's group norm on one value per group (a 1x1 latent deep in a small UNet, one image, no CFG batch)
+_TOO_SMALL = "Expected more than 1 value per channel"
+
+
+def _too_small(job: ImageJob) -> InvalidParameter:
+    field = "width" if job.width <= job.height else "height"
+    return InvalidParameter(f"{field}: {job.width}x{job.height} is too small for this checkpoint (its deepest layers "
+                            "would see a single value); use a larger size", field=field)
+
+
+def _one_step(strength: float, finest: int) -> tuple[int, float]:
+    """(steps, strength) for which diffusers' img2img runs exactly one step: int(steps * strength) == 1, with
+    steps at most `finest` and strength raised to 1 / finest when it is smaller (tiny values, denormals)."""
+    steps = min(math.ceil(1 / max(strength, 1 / finest)), finest)
+    strength = max(strength, 1 / steps)
+    while int(steps * strength) < 1:  # float rounding: 1/steps * steps may fall just short of 1
+        strength = math.nextafter(strength, 2.0)
+    return steps, strength
 
 
 @contextlib.contextmanager
@@ -217,8 +238,11 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
         call["strength"] = job.denoising_strength
         # diffusers runs int(steps * strength) steps; A1111 still denoises when that is 0, so take enough
         # steps for one. Strength 0 means "no change": the (resized) input comes back as it is.
+        # Only those steps run, but the schedule cannot be finer than the scheduler's training timesteps: a
+        # smaller strength denoises as the finest single step does.
         if 0 < job.denoising_strength and job.steps * job.denoising_strength < 1:
-            call["num_inference_steps"] = math.ceil(1 / job.denoising_strength)
+            call["num_inference_steps"], call["strength"] = _one_step(
+                job.denoising_strength, pipe.scheduler.config.get("num_train_timesteps", 1000))
     if model.arch == "sdxl":
         call["original_size"] = call["target_size"] = (job.height, job.width)
 
@@ -235,7 +259,10 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
             prompts, negatives = job.prompts_for(first, n)
             prompts = [expand_prompt(pipe, p, job.embeddings) for p in prompts]
             negatives = [expand_prompt(pipe, p, job.embeddings) for p in negatives]
-            if sd1_clip_skip:
+            if needs_chunks(pipe, prompts + negatives):  # past the 77-token window: A1111's 75-token chunks
+                args.pop("clip_skip", None)
+                args.update(chunked_embeds(pipe, prompts, negatives, job.clip_skip, sdxl=model.arch == "sdxl"))
+            elif sd1_clip_skip:
                 args["prompt_embeds"] = _sd1_embeds(pipe, prompts, job.clip_skip)
                 args["negative_prompt_embeds"] = _sd1_embeds(pipe, negatives, job.clip_skip)
             else:
@@ -270,7 +297,12 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
                 # DPM++ SDE draws from a Brownian tree seeded per image, not from `generator`.
                 set_noise_seeds(pipe.scheduler, [g.initial_seed() for g in run["generator"]])
                 with torch.inference_mode():
-                    batch_images.extend(pipe(**run).images)
+                    try:
+                        batch_images.extend(pipe(**run).images)
+                    except ValueError as exc:
+                        if _TOO_SMALL not in str(exc):
+                            raise
+                        raise _too_small(job) from None
             if inpaint and "padding_mask_crop" not in args:
                 # Keep unmasked pixels exactly as given (A1111 pastes the result back through the blurred mask).
                 batch_images = [Image.composite(gen, src, m) for gen, src, m in
@@ -324,7 +356,7 @@ def _one_image_runs(args: dict[str, Any], n: int) -> list[dict[str, Any]]:
         for key in ("prompt", "negative_prompt", "generator"):
             if key in run:
                 run[key] = [args[key][i]]
-        for key in ("prompt_embeds", "negative_prompt_embeds"):
+        for key in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"):
             if key in run:
                 run[key] = args[key][i : i + 1]
         run["image"], run["mask_image"] = args["image"][i], args["mask_image"][i]

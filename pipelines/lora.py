@@ -3,7 +3,8 @@ warm pipelines.
 
 - `parse_prompt` removes every extra-network tag (`<kind:args>`) from the text the encoder sees, as A1111's
   `extra_networks.parse_prompt` does; `LoraStore.resolve` turns the `lora` tags into `LoraUse`s (unknown
-  name -> ModelNotFound naming it). Other kinds (`hypernet`, ...) are not offered: a 422 naming the prompt.
+  name -> ModelNotFound naming it; more than `max_per_prompt` tags -> a 422 naming the prompt, before any file
+  is looked at). Other kinds (`hypernet`, ...) are not offered: a 422 naming the prompt.
 - `LoraStore` scans models/Lora (`.safetensors` only: pickle files can run code), lists them in A1111's shape
   and gives A1111's `Lora hashes` short hash (metadata `sshs_model_hash`, else the addnet hash's first 12 hex).
 - `LoraAdapters` loads a LoRA once per set of pipeline modules with diffusers' `load_lora_weights(...,
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra_networks.re_extra_net
 LORA_KINDS = ("lora", "lyco")  # A1111 treats <lyco:...> as a LoRA since 1.5
+MAX_PER_PROMPT = 8  # the default of settings.max_loras_per_prompt
 
 # peft warns on every second adapter of a model; several adapters per model is what this module is for.
 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
@@ -100,11 +102,13 @@ def _multipliers(args: list[str], field: str) -> tuple[float, float]:
 
 
 class LoraStore:
-    """The LoRA files under models/Lora, rescanned by `refresh()` (POST /refresh-loras). Thread-safe."""
+    """The LoRA files under models/Lora, rescanned by `refresh()` (POST /refresh-loras). A prompt may name at
+    most `max_per_prompt` of them (settings.max_loras_per_prompt). Thread-safe."""
 
-    def __init__(self, root: Path, hashes: HashCache) -> None:
+    def __init__(self, root: Path, hashes: HashCache, *, max_per_prompt: int = MAX_PER_PROMPT) -> None:
         self.root = root
         self.hashes = hashes  # computes addnet hashes
+        self.max_per_prompt = max_per_prompt
         self._lock = threading.Lock()
         self._entries: list[LoraEntry] = []
         self._by_name: dict[str, LoraEntry] = {}
@@ -159,10 +163,15 @@ class LoraStore:
         """The prompt the encoder sees (every extra-network tag removed) and the LoRAs it asks for (none when
         `apply` is false: A1111's `disable_extra_networks`). A LoRA named twice is applied once with the
         multipliers added, which is what applying it twice amounts to. Everything is checked here, before any
-        work: names, weights, and each file's hash (read once per file, then cached)."""
+        work: the number of LoRA tags (`max_per_prompt`, each tag counts), names, weights, and each file's hash
+        (read once per file, then cached)."""
         text, tags = parse_prompt(prompt)
         if not apply:
             return text, []
+        count = sum(1 for kind, _ in tags if kind in LORA_KINDS)
+        if count > self.max_per_prompt:
+            raise InvalidParameter(f"{field}: {count} LoRA tags; at most {self.max_per_prompt} per prompt",
+                                   field=field)
         merged: dict[str, LoraUse] = {}
         for kind, args in tags:
             if kind not in LORA_KINDS:

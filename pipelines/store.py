@@ -2,7 +2,9 @@
 
 `ModelStore` scans `<data>/models/Stable-diffusion` (single-file `.safetensors` and diffusers folders, in
 sub-folders too) and `<data>/models/VAE`. Clients name models; they never give paths: a name is only ever
-matched against what the scan found, so nothing a client sends can point outside the models root.
+matched against what the scan found, so nothing a client sends can point outside the models root. Nor can a
+symbolic link placed in a folder: a model whose real path (links followed) leaves the folder it was found in is
+not offered (logged), while the folder itself may be a link (a mount) and links within it are followed.
 """
 
 from __future__ import annotations
@@ -69,22 +71,29 @@ class ModelStore:
         refused: dict[str, Path] = {}
         root = self.checkpoints_dir
         if root.is_dir():
+            real_root = root.resolve()
             for path in sorted(root.rglob("*")):
                 rel = path.relative_to(root).as_posix()
                 if any(part.startswith(".") for part in path.relative_to(root).parts):
                     continue  # temp files of an atomic write, hidden folders
                 if path.is_dir() and (path / "model_index.json").is_file():
-                    checkpoints.append(CheckpointEntry(rel, path, True))
+                    is_dir = True
                 elif path.is_file() and path.suffix == ".safetensors" and not _inside_diffusers_dir(path, root):
-                    checkpoints.append(CheckpointEntry(rel, path, False))
-                elif path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES and not _inside_diffusers_dir(path, root):
-                    refused[rel] = path
+                    is_dir = False
+                else:
+                    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES and not _inside_diffusers_dir(path, root):
+                        refused[rel] = path
+                    continue
+                if not leads_outside(path, real_root, "checkpoint"):
+                    checkpoints.append(CheckpointEntry(rel, path, is_dir))
         for rel in refused:
             log.warning("checkpoint %s is a pickle file and is not offered; convert it to .safetensors", rel)
         vaes: list[VaeEntry] = []
         if self.vae_dir.is_dir():
+            real_root = self.vae_dir.resolve()
             for path in sorted(self.vae_dir.rglob("*.safetensors")):
-                vaes.append(VaeEntry(path.relative_to(self.vae_dir).as_posix(), path))
+                if not leads_outside(path, real_root, "VAE"):
+                    vaes.append(VaeEntry(path.relative_to(self.vae_dir).as_posix(), path))
         with self._lock:
             self._checkpoints, self._refused, self._vaes = checkpoints, refused, vaes
         log.info("found %d checkpoint(s), %d VAE(s)", len(checkpoints), len(vaes))
@@ -183,19 +192,34 @@ class ModelStore:
 
 def scan_safetensors(root: Path, what: str) -> list[Path]:
     """The `.safetensors` files under `root` (sub-folders too, sorted), skipping hidden files and folders (temp
-    files of atomic writes and downloads); pickle files are logged as refused (`what` names the kind)."""
+    files of atomic writes and downloads) and links that lead out of `root`; pickle files are logged as refused
+    (`what` names the kind)."""
     found: list[Path] = []
     if not root.is_dir():
         return found
+    real_root = root.resolve()
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
         if path.suffix.lower() in PICKLE_SUFFIXES:
             log.warning("%s %s is a pickle file and is not offered; convert it to .safetensors", what, rel)
-        elif path.suffix == ".safetensors":
+        elif path.suffix == ".safetensors" and not leads_outside(path, real_root, what):
             found.append(path)
     return found
+
+
+def leads_outside(path: Path, real_root: Path, what: str) -> bool:
+    """True (and logged) when `path`, its symbolic links followed, is not under `real_root` (a resolved
+    folder): a link in a models folder must not hand out a file from elsewhere on the machine."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # a link loop
+        real = None
+    if real is not None and real_root in real.parents:
+        return False
+    log.warning("%s %s is a symbolic link to outside %s and is not offered", what, path.name, real_root)
+    return True
 
 
 def format_title(name: str, sha256: str | None) -> str:

@@ -182,9 +182,9 @@ def test_oversized_init_image_is_refused_from_its_header(app, client):
 def test_image_too_thin_to_resize_and_fill_is_422(client):
     thin = Image.new("RGB", (1, 300), (10, 20, 30))
     r = client.post("/sdapi/v1/img2img", json={**BASE, "init_images": [png_b64(thin)], "resize_mode": 2,
-                                                "width": 128, "height": 8})
+                                                "width": 128, "height": 64})
     assert r.status_code == 422, r.json
     assert r.json["error"]["field"] == "init_images"
-    r = post(client, init_images=[png_b64(_init())], mask=png_b64(Image.new("L", (300, 20), 255)), resize_mode=2,
-             width=8, height=128)
+    r = post(client, init_images=[png_b64(_init())], mask=png_b64(Image.new("L", (300, 1), 255)), resize_mode=2,
+             width=64, height=128)
     assert r.status_code == 422 and r.json["error"]["field"] == "mask"

@@ -224,7 +224,7 @@ def test_checkpoint_by_override_settings_and_hash(client, service):
         ({"width": 4}, "width"),
         ({"width": 4096}, "width"),
         ({"height": 2000}, "height"),
-        ({"batch_size": 4, "n_iter": 3}, "batch_size"),
+        ({"batch_size": 4, "n_iter": 3}, "n_iter"),
         ({"sampler_name": "No Such Sampler"}, "sampler_name"),
         ({"restore_faces": True}, "restore_faces"),
         ({"script_name": "x/y/z plot"}, "script_name"),
