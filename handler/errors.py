@@ -71,6 +71,13 @@ class Busy(ServiceError):
     status, code = 429, "busy"
 
 
+class TooManyAuthFailures(ServiceError):
+    """A client address with too many failed authentication attempts (handler.auth.FailureLimiter): refused
+    without its credentials being checked until `Retry-After` seconds have passed."""
+
+    status, code = 429, "too_many_auth_failures"
+
+
 class NotReady(ServiceError):
     status, code = 503, "not_ready"
 
@@ -194,6 +201,10 @@ def register_error_handlers(app: Flask) -> None:
         if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
             log.error("out of device memory")
             return error_response(503, "out_of_memory", "out of device memory; retry with a smaller size or batch",
+                                  headers={"Retry-After": "5"})
+        if isinstance(exc, MemoryError):  # host RAM: the same answer, the cache was trimmed as for the device
+            log.error("out of host memory")
+            return error_response(503, "out_of_memory", "out of memory; retry with a smaller size or batch",
                                   headers={"Retry-After": "5"})
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal error; see the log for this request id")

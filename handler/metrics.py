@@ -165,6 +165,7 @@ class _LiveCollector(Collector):
                                 ("misses", "Requests that had to load a pipeline from disk."),
                                 ("evictions", "Pipelines that left the device (to host RAM or dropped)."),
                                 ("host_evictions", "Pipelines dropped from host RAM."),
+                                ("trims", "Out-of-memory errors after which the device kept one pipeline."),
                                 ("loads", "Checkpoint and VAE loads.")):
             yield CounterMetricFamily(f"sdfunc_pipeline_cache_{name}", help_text,
                                       value=float(getattr(stats, name)) if stats else 0.0)

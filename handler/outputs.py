@@ -134,21 +134,34 @@ def save_outputs(storage: Storage, outputs_root: Path, mode: str, *, pngs: Seque
         base = f"{mode}-images/{day}"
     else:
         base = f"{folder}/{day}" if folder else day  # save_dir "" / "." is the outputs root itself
-    saved, seen = Saved(), set()
+    saved, seen, written = Saved(), set(), []
     try:
         for i, (seed, data) in enumerate(zip(seeds, pngs)):
             suffix = f"-{i}" if seed in seen else ""
             seen.add(seed)
-            saved.images.append(storage.put(f"{base}/{stamp}-{rid}-{seed}{suffix}.png", data))
+            written.append(f"{base}/{stamp}-{rid}-{seed}{suffix}.png")
+            saved.images.append(storage.put(written[-1], data))
         if grid and len(images) > 1:
             data = png_bytes(image_grid(images), infotexts[0] if infotexts else "")
-            saved.grid = storage.put(f"{mode}-grids/{day}/grid-{stamp}-{rid}.png", data)
+            written.append(f"{mode}-grids/{day}/grid-{stamp}-{rid}.png")
+            saved.grid = storage.put(written[-1], data)
     except ValueError:  # a symlink swapped in after the check: the key would leave the root
+        _remove(storage, written)
         if folder is None:
             raise
         raise _refuse("leads outside the outputs folder") from None
     except OSError as exc:
         log.error("saving images failed: %s", exc)
+        _remove(storage, written)  # a failed request leaves none of its images behind
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise StorageUnavailable(f"the images could not be saved ({reason}); the request is not charged") from None
     return saved
+
+
+def _remove(storage: Storage, keys: Sequence[str]) -> None:
+    """Best effort: delete what a failed save wrote (the failing key too: it may be partly there)."""
+    for key in keys:
+        try:
+            storage.delete(key)
+        except (ValueError, OSError) as exc:
+            log.warning("could not remove %s after a failed save: %s", key, exc)

@@ -44,6 +44,10 @@ class Storage(Protocol):
         gone. StorageError when the backend cannot be read."""
         ...
 
+    def delete(self, key: str) -> None:
+        """Remove what `put` stored under `key` (gone already is fine). OSError/StorageError when it cannot."""
+        ...
+
 
 def check_key(key: str) -> str:
     """A storage key as given, or ValueError: relative, `/`-separated, no `.`/`..` parts, no NUL."""
@@ -142,6 +146,9 @@ class LocalStorage:
             raise
         return self.urls.url(key) if self.urls is not None else str(target)
 
+    def delete(self, key: str) -> None:
+        self.path_for(key).unlink(missing_ok=True)
+
     def key_of(self, url: str) -> str | None:
         """The key behind a URL `put` returned (or an older path form): a path inside the root, a relative
         key, or this bucket's `oss://` / signed URL. None for anything else."""
@@ -189,6 +196,14 @@ class OssStorage:
         except oss2.exceptions.OssError as exc:
             raise StorageError(_oss_failure("upload", exc)) from exc
         return self.urls.url(key)
+
+    def delete(self, key: str) -> None:
+        import oss2
+
+        try:
+            self.bucket.delete_object(self.urls.object_name(check_key(key)))  # OSS: deleting nothing succeeds
+        except oss2.exceptions.OssError as exc:
+            raise StorageError(_oss_failure("delete", exc)) from exc
 
     def _multipart(self, name: str, data: bytes) -> None:
         """resumable_upload works from a file and keeps its checkpoint beside it: both live in a private

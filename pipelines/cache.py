@@ -18,8 +18,13 @@ module is on the device while any device-tier pipeline uses it; moving a pipelin
 modules no device-tier pipeline still uses. `cachetools` caches size each item on its own (`getsizeof`), which
 cannot express that sharing, so this is a small ordered dict instead.
 
+A single-file checkpoint's header is checked (readable, every tensor inside the file) before anything is
+evicted for it: a corrupt or truncated file is a `CheckpointError` naming it, and the warm pipelines stay.
+After an out-of-memory error the caller calls `trim` to free the device for the retry.
+
 Loads are serialised by one lock, so two requests for a cold checkpoint load it once. Counters (`loads`,
-`hits`, `host_hits`, `misses`, `evictions`, `host_evictions`) are exact and are what tests use to prove warmth.
+`hits`, `host_hits`, `misses`, `evictions`, `host_evictions`, `trims`) are exact and are what tests use to
+prove warmth.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import ModelNotFound
+from pipelines import safetensors_header
+from pipelines.errors import CheckpointError, ModelNotFound
 from pipelines.store import CheckpointEntry, ModelStore, VaeEntry, format_title
 
 log = logging.getLogger(__name__)
@@ -87,7 +93,7 @@ class LoadedModel:
 class CacheStats:
     """Exact counters. `hits`: served from the device tier; `host_hits`: moved back from host RAM; `misses`:
     loaded from disk; `evictions`: pipelines that left the device (moved to host RAM or dropped);
-    `host_evictions`: pipelines dropped from host RAM."""
+    `host_evictions`: pipelines dropped from host RAM; `trims`: calls of `trim` (out-of-memory recoveries)."""
 
     loads: int = 0
     hits: int = 0
@@ -95,6 +101,7 @@ class CacheStats:
     misses: int = 0
     evictions: int = 0
     host_evictions: int = 0
+    trims: int = 0
     load_seconds: list[float] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # read_weights, copy, to_device: sums
 
@@ -171,6 +178,23 @@ def estimate_bytes(path: Path, dtype: str) -> int:
             n *= s
         total += n * size
     return total
+
+
+def check_file(entry: CheckpointEntry) -> None:
+    """CheckpointError naming the file when a single-file checkpoint is not a usable safetensors file (garbage,
+    a header past the end, a tensor outside the file: truncated), from its header alone; ModelNotFound when it
+    is gone. Folders are left to the loader."""
+    path = Path(entry.path)
+    if path.is_dir():
+        return
+    try:
+        safetensors_header.read_header(path, check_offsets=True)
+    except FileNotFoundError:
+        raise ModelNotFound(f"'{entry.name}' is no longer on the mount; refresh the model list") from None
+    except safetensors_header.HeaderError as exc:
+        raise CheckpointError(f"{entry.name}: {exc}; the file is corrupt or incomplete") from None
+    except OSError as exc:  # as the loader would say it, without the path
+        raise CheckpointError(f"{entry.name}: cannot be read ({exc.strerror or type(exc).__name__})") from None
 
 
 def compile_unet(pipe: Any, cache_dir: str) -> None:
@@ -251,7 +275,7 @@ class PipelineCache:
                 "device_models": sum(1 for t in self._tier.values() if t == DEVICE),
                 "host_models": sum(1 for t in self._tier.values() if t == HOST),
                 "hits": s.hits, "host_hits": s.host_hits, "misses": s.misses, "loads": s.loads,
-                "evictions": s.evictions, "host_evictions": s.host_evictions,
+                "evictions": s.evictions, "host_evictions": s.host_evictions, "trims": s.trims,
             }
 
     def peek(self, entry: CheckpointEntry, vae: VaeEntry | None = None) -> LoadedModel | None:
@@ -280,6 +304,7 @@ class PipelineCache:
             with self._lock:
                 self.stats.misses += 1
             if vae is None:  # make room before the load, so the device never holds more than the budget
+                check_file(entry)  # ...but evict nothing for a file that cannot load
                 self._make_room(key, estimate_bytes(entry.path, self.dtype))
             model = self._build(entry, vae)
             with self._lock:
@@ -298,6 +323,25 @@ class PipelineCache:
         if keys:
             log.info("dropped %s from the warm cache: the file was replaced", Path(path).name)
         return len(keys)
+
+    def trim(self, keep: LoadedModel | None = None) -> int:
+        """Free device memory after an out-of-memory error: evict every device-tier pipeline except `keep` (the
+        one the failed job ran on, worth keeping for the retry; None: all of them) as `_make_room` would (to host
+        RAM when the tier is on and it fits, else dropped; modules `keep` shares stay), collect garbage and
+        hand the CUDA caching allocator's unused blocks back. Device thread only (like loads). Returns how many
+        pipelines left the device; they count in `stats.evictions`, the call in `stats.trims`."""
+        with self._load_lock:
+            with self._lock:
+                victims = [k for k, m in self._items.items() if self._tier[k] == DEVICE and m is not keep]
+                self.stats.trims += 1
+            for key in victims:
+                self._evict(key)
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        return len(victims)
 
     def remeasure(self, model: LoadedModel) -> None:
         """Count the bytes of `model`'s modules again, and of every cached pipeline sharing one of them, after

@@ -193,7 +193,8 @@ def _load_error(path: Path, what: str, e: BaseException) -> CheckpointError:
         # diffusers casts UNet / VAE to the dtype after loading; a tensor missing from the file is still on
         # `meta` then and the cast fails. (Missing text-encoder tensors load silently: see _check_no_meta.)
         return IncompleteCheckpoint(f"{path.name}: a tensor the {what} needs is missing from the checkpoint")
-    return CheckpointError(f"{path.name}: cannot load {what}: {type(e).__name__}: {e}"[:500])
+    detail = str(e).replace(str(path), path.name).replace(str(path.parent), "<models>")  # no server paths
+    return CheckpointError(f"{path.name}: cannot load {what}: {type(e).__name__}: {detail}"[:500])
 
 
 def load_pipeline(

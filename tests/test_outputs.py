@@ -282,6 +282,25 @@ def test_read_only_storage_is_503_and_not_charged(fresh, monkeypatch):
     assert "Read-only file system" in r.json["error"]["message"]
 
 
+def test_a_save_failing_midway_leaves_none_of_the_requests_images(fresh, monkeypatch):
+    """Images 1 and 2 of a batch are written, the third fails (disk full): all of them are removed again."""
+    app, root = fresh
+    client = app.test_client()
+    storage = app.extensions["sdfunc"].storage
+    real, puts = storage.put, []
+
+    def full_on_third(key, data):
+        puts.append(key)
+        if len(puts) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+        return real(key, data)
+
+    monkeypatch.setattr(storage, "put", full_on_third)
+    assert_not_charged(client, txt2img(client, seed=4, batch_size=3, save_images=True))
+    assert len(puts) == 3
+    assert not list((root / "outputs").rglob("*.png"))
+
+
 def test_a_folder_that_cannot_be_made_is_503_and_not_charged(fresh):
     app, root = fresh
     client = app.test_client()

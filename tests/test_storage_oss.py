@@ -214,9 +214,12 @@ class FakeOss:
                     return self._send(200, data, {"Content-Type": "image/png", "ETag": etag(data),
                                                   "Last-Modified": formatdate(usegmt=True),
                                                   "x-oss-hash-crc64ecma": str(crc64(data))})
+                if rec.method == "DELETE":  # OSS answers 204 whether or not the object was there
+                    oss.objects.pop((bucket, key), None)
+                    return self._send(204)
                 return self._error(405, "MethodNotAllowed")
 
-            do_GET = do_PUT = do_POST = _handle
+            do_GET = do_PUT = do_POST = do_DELETE = _handle
 
         return Handler
 
@@ -345,6 +348,19 @@ def test_put_object_below_the_threshold(fake_oss):
     assert storage.read(f"oss://{BUCKET}/outputs/txt2img-images/none.png") is None  # NoSuchKey
     assert storage.read(f"oss://{BUCKET}/elsewhere/x.png") is None  # not under the prefix: never fetched
     assert [r.method for r in fake_oss.requests] == ["PUT", "GET", "GET"]
+
+
+def test_delete_removes_the_object(fake_oss):
+    """What a failed save wrote is deleted again (handler/outputs.py); deleting what is gone succeeds."""
+    storage = oss_storage(fake_oss)
+    url = storage.put("txt2img-images/2024-05-01/101010-ab12cd34-8.png", b"\x89PNG doomed")
+    storage.delete("txt2img-images/2024-05-01/101010-ab12cd34-8.png")
+    storage.delete("txt2img-images/2024-05-01/101010-ab12cd34-8.png")
+    assert storage.read(url) is None
+    deletes = fake_oss.of("DELETE")
+    assert [(r.path, r.status) for r in deletes] == [
+        (f"/{BUCKET}/outputs/txt2img-images/2024-05-01/101010-ab12cd34-8.png", 204)] * 2
+    assert all(r.headers["authorization"].startswith(f"OSS {AKID}:") for r in deletes)
 
 
 def test_multipart_upload_from_the_threshold_on(fake_oss, tmp_path, monkeypatch):
