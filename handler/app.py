@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 AUTHENTICATED_BLUEPRINTS = ("sdapi", "account", "downloads")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/lifecycle.py)
 GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
+# Answered by gunicorn before the app sees the request (an HTML body): documented so clients expect them.
+GUNICORN_REFUSALS = {
+    400: "A malformed request line or header, or headers over gunicorn's limits (gunicorn's answer)",
+    414: "A request line (path and query) over 4094 bytes (gunicorn's answer)",
+}
 MAX_JSON_DEPTH = 64  # A1111 bodies nest under 10 deep; pydantic's serializer gives up past ~250 (after generating)
 
 
@@ -133,7 +138,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.register_api(account.bp)
     app.register_api(downloads.bp)
     app.register_api(web.bp)
-    _document_security(app, settings.auth.mode)
+    _finish_document(app, settings.auth.mode)
     service.coldstart.app_ready()
     return app
 
@@ -151,21 +156,26 @@ def _nested_deeper(value: object, limit: int) -> bool:
     return False
 
 
-def _document_security(app: OpenAPI, mode: str) -> None:
-    """Declare in the OpenAPI document what auth `mode` asks of the routes that need credentials (the
-    AUTHENTICATED_BLUEPRINTS; none when auth is off): HTTP basic, or the `Authorization` header's token."""
-    if mode == "none":
-        return
-    scheme = ({"type": "http", "scheme": "basic"} if mode == "basic"
-              else {"type": "apiKey", "in": "header", "name": "Authorization",
-                    "description": "A service token or a consumer's key, bare or after `Bearer `."})
-    app.security_schemes = {mode: scheme}
-    guarded = {re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule.rule) for rule in app.url_map.iter_rules()
-               if rule.endpoint.split(".")[0] in AUTHENTICATED_BLUEPRINTS}
+def _finish_document(app: OpenAPI, mode: str) -> None:
+    """Complete the OpenAPI document: gunicorn's own refusals on every operation, and what auth `mode` asks
+    of the routes that need credentials (the AUTHENTICATED_BLUEPRINTS; nothing when auth is off): HTTP basic,
+    or the `Authorization` header's token."""
+    from flask_openapi3.models import Response as DocResponse
+
+    guarded: set[str] = set()
+    if mode != "none":
+        app.security_schemes = {mode: {"type": "http", "scheme": "basic"} if mode == "basic" else
+                                {"type": "apiKey", "in": "header", "name": "Authorization",
+                                 "description": "A service token or a consumer's key, bare or after `Bearer `."}}
+        guarded = {re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule.rule) for rule in app.url_map.iter_rules()
+                   if rule.endpoint.split(".")[0] in AUTHENTICATED_BLUEPRINTS}
     for path, shared in app.paths.items():
-        if path in guarded:
-            item = app.paths[path] = shared.model_copy(deep=True)  # the blueprint's objects serve every app
-            for method in ("get", "post", "put", "delete", "patch"):
-                operation = getattr(item, method, None)
-                if operation is not None:
-                    operation.security = [{mode: []}]
+        item = app.paths[path] = shared.model_copy(deep=True)  # the blueprints' objects serve every app
+        for method in ("get", "post", "put", "delete", "patch", "head", "options"):
+            operation = getattr(item, method, None)
+            if operation is None:
+                continue
+            for status, description in GUNICORN_REFUSALS.items():
+                operation.responses.setdefault(str(status), DocResponse(description=description))
+            if path in guarded:
+                operation.security = [{mode: []}]

@@ -245,6 +245,11 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
                 job.denoising_strength, pipe.scheduler.config.get("num_train_timesteps", 1000))
     if model.arch == "sdxl":
         call["original_size"] = call["target_size"] = (job.height, job.width)
+    # LCMScheduler picks its timesteps from `original_inference_steps` (50) and refuses more steps than that;
+    # A1111's LCM takes any step count. This request's scheduler is its own, so widen its origin schedule.
+    origin = pipe.scheduler.config.get("original_inference_steps")
+    if origin is not None and call["num_inference_steps"] > origin:
+        pipe.scheduler.register_to_config(original_inference_steps=call["num_inference_steps"])
 
     images_out: list[Image.Image] = []
     interrupted = False

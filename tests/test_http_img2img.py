@@ -188,3 +188,13 @@ def test_image_too_thin_to_resize_and_fill_is_422(client):
     r = post(client, init_images=[png_b64(_init())], mask=png_b64(Image.new("L", (300, 1), 255)), resize_mode=2,
              width=64, height=128)
     assert r.status_code == 422 and r.json["error"]["field"] == "mask"
+
+
+def test_lcm_takes_more_steps_than_its_origin_schedule(client):
+    """Found by the long fuzz run: diffusers' LCMScheduler refuses more steps than its 50 original ones (a 500;
+    img2img with a tiny strength asks for a fine schedule); A1111's LCM takes any step count."""
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a house", "steps": 60, "width": 64, "height": 64,
+                                                "sampler_name": "LCM"})
+    assert r.status_code == 200, r.json
+    assert post(client, init_images=[png_b64(_init())], sampler_name="LCM", steps=2,
+                denoising_strength=0.001).status_code == 200
