@@ -12,7 +12,9 @@ baseline of the same run: allocator and caches settle), the checks are:
 
 - RSS growth from the end of the warm-up to the end at most `--rss-bound-mib` MiB (and the growth per 1000
   requests is reported);
-- threads and file descriptors at the end no more than at the end of the warm-up;
+- threads at the end no more than at the end of the warm-up, and so for file descriptors other than sockets
+  and the records database's files; those two stay within their bounds (the clients' connections and the
+  listener; 3 files per connection of SQLAlchemy's pool of at most 15);
 - no stuck request: every request answered within its timeout, none left in flight; the server's
   `in_flight` and `queued` are 0 once the clients stop;
 - no 5xx: every answer is 200 or 429.
@@ -41,6 +43,8 @@ from bench.serving_overhead import TXT2IMG, Server, _proc_stat, ensure_data, pay
 
 log = logging.getLogger("bench.soak")
 MIB = 1024 * 1024
+DATABASE_SUFFIXES = (".sqlite3", ".sqlite3-wal", ".sqlite3-shm")  # the records database's pooled connections
+POOL_CONNECTIONS = 15  # SQLAlchemy's QueuePool: pool_size 5 + max_overflow 10 (handler/db.py keeps the defaults)
 
 
 @dataclass
@@ -74,8 +78,16 @@ def sample(pid: int) -> dict[str, float]:
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     rss_kib = int(fields["VmRSS"].split()[0])
-    return {"rss_mib": rss_kib / 1024, "threads": int(fields["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:  # closed in between
+            continue
+    sockets = sum(t.startswith("socket:") for t in targets)
+    database = sum(t.endswith(DATABASE_SUFFIXES) for t in targets)
+    return {"rss_mib": rss_kib / 1024, "threads": int(fields["Threads"]), "fds": len(targets),
+            "socket_fds": sockets, "database_fds": database, "other_fds": len(targets) - sockets - database}
 
 
 class Clients:
@@ -188,7 +200,11 @@ def summarize(cfg: BenchConfig, samples: list[dict[str, float]], clients: Client
     checks = {
         "rss_growth_within_bound": growth <= cfg.rss_bound_mib,
         "threads_not_growing": last["threads"] <= base["threads"],
-        "fds_not_growing": last["fds"] <= base["fds"],
+        # Sockets and the database's pooled connections come and go within their bounds (the clients'
+        # keep-alive connections and the listener; the pool); every other descriptor must not grow.
+        "fds_not_growing": last["other_fds"] <= base["other_fds"],
+        "sockets_bounded": max(s["socket_fds"] for s in samples) <= clients.n + 2,
+        "database_fds_bounded": max(s["database_fds"] for s in samples) <= 3 * POOL_CONNECTIONS,
         "no_stuck_request": joined and clients.in_flight == 0 and not clients.failures,
         "server_idle_after": health.get("in_flight") == 0 and health.get("queued") == 0,
         "no_5xx": five_xx == 0 and other == 0,
@@ -202,7 +218,8 @@ def summarize(cfg: BenchConfig, samples: list[dict[str, float]], clients: Client
         "rss_growth_kib_per_1000": round(growth * 1024 * 1000 / requests_after, 1),
         "threads_base": base["threads"], "threads_end": last["threads"],
         "threads_max": max(s["threads"] for s in samples),
-        "fds_base": base["fds"], "fds_end": last["fds"], "fds_max": max(s["fds"] for s in samples),
+        **{f"{kind}_{at}": value for kind in ("fds", "other_fds", "socket_fds", "database_fds")
+           for at, value in (("base", base[kind]), ("end", last[kind]), ("max", max(s[kind] for s in samples)))},
         "p50_s": round(lat[len(lat) // 2], 3) if lat else None,
         "max_s": round(lat[-1], 3) if lat else None,
         "checks": checks, "ok_all": all(checks.values()),
@@ -225,7 +242,11 @@ def markdown(result: dict[str, Any]) -> str:
              f"x{s['rss_end_over_base']} (+{s['rss_growth_mib']} MiB, {s['rss_growth_kib_per_1000']} KiB per 1000 "
              "requests) |",
              f"| threads | - | {s['threads_base']} | {s['threads_end']} | {s['threads_max']} | - |",
-             f"| open fds | - | {s['fds_base']} | {s['fds_end']} | {s['fds_max']} | - |", ""]
+             f"| open fds | - | {s['fds_base']} | {s['fds_end']} | {s['fds_max']} | - |",
+             f"| of which sockets | - | {s['socket_fds_base']} | {s['socket_fds_end']} | {s['socket_fds_max']} | - |",
+             f"| of which database files | - | {s['database_fds_base']} | {s['database_fds_end']} | "
+             f"{s['database_fds_max']} | - |",
+             f"| other fds | - | {s['other_fds_base']} | {s['other_fds_end']} | {s['other_fds_max']} | - |", ""]
     lines += [f"- {name}: {'OK' if ok else 'FAIL'}" for name, ok in s["checks"].items()]
     return "\n".join(lines) + "\n"
 

@@ -22,4 +22,8 @@ def test_short_soak_holds_its_checks(data_dir, tmp_path):
     assert summary["ok"] > 0 and summary["shed_429"] > 0  # 4 clients against 1 running + 2 waiting: some shed
     assert summary["five_xx"] == 0 and summary["requests"] == sum(result["statuses"].values())
     assert len(result["samples"]) >= 5 and all(s["rss_mib"] > 0 and s["fds"] > 0 for s in result["samples"])
+    # descriptors are told apart: the clients' sockets and the database's pooled files have bounds of their own
+    assert all(s["socket_fds"] + s["database_fds"] + s["other_fds"] == s["fds"] for s in result["samples"])
+    assert max(s["socket_fds"] for s in result["samples"]) >= 2  # the listener and at least one client
+    assert {"fds_not_growing", "sockets_bounded", "database_fds_bounded"} <= set(summary["checks"])
     assert "RSS MiB" in (tmp_path / "soak.md").read_text()
