@@ -7,6 +7,7 @@ A 500 never carries a traceback or exception text: the log line has the details,
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from flask import Flask, Response, jsonify
@@ -198,13 +199,20 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
-            log.error("out of device memory")
-            return error_response(503, "out_of_memory", "out of device memory; retry with a smaller size or batch",
-                                  headers={"Retry-After": "5"})
-        if isinstance(exc, MemoryError):  # host RAM: the same answer, the cache was trimmed as for the device
-            log.error("out of host memory")
-            return error_response(503, "out_of_memory", "out of memory; retry with a smaller size or batch",
+        if out_of_memory(exc):  # the cache was trimmed on the device thread (Service._recover_memory)
+            what = "host" if isinstance(exc, MemoryError) else "device"
+            log.error("out of %s memory", what)
+            message = "out of memory" if what == "host" else "out of device memory"
+            return error_response(503, "out_of_memory", f"{message}; retry with a smaller size or batch",
                                   headers={"Retry-After": "5"})
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal error; see the log for this request id")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is torch's out-of-memory error (CUDA or another accelerator) or host RAM running out
+    (MemoryError); never imports torch (an error from torch means it is loaded)."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -29,7 +28,7 @@ from handler.batching import Batcher, Member
 from handler.billing import Pricing
 from handler.coldstart import ColdStart
 from handler.db import Database
-from handler.errors import Busy, InvalidRequest, NotReady, Timeout
+from handler.errors import Busy, InvalidRequest, NotReady, Timeout, out_of_memory
 from handler.executor import DeviceExecutor, JobTimeout
 from handler.images import b64, decode_image
 from handler.ledger import ImageRecord, Ledger
@@ -812,15 +811,6 @@ class Service:
             job.inpaint_full_res = req.inpaint_full_res
             job.inpaint_full_res_padding = req.inpaint_full_res_padding
             job.inpainting_mask_invert = bool(req.inpainting_mask_invert)
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc` is torch's out-of-memory error (CUDA or another accelerator) or host RAM running out
-    (MemoryError); never imports torch (an error from torch means it is loaded)."""
-    if isinstance(exc, MemoryError):
-        return True
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
 
 
 def _stopping_error(retry_after: int) -> NotReady:
