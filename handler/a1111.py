@@ -152,7 +152,7 @@ def infotext_params(req: GenerationRequest, job: Any, model: Any, extras: dict[s
         "VAE": model.vae.name if model.vae else None,
         "Variation seed": None,
         "Variation seed strength": job.subseed_strength or None,
-        "Denoising strength": job.denoising_strength if job.mode == "img2img" else None,
+        "Denoising strength": job.denoising_strength if job.mode == "img2img" or job.hires is not None else None,
         "Clip skip": job.clip_skip if job.clip_skip > 1 else None,
         "RNG": "CPU",
         "Tiling": True if job.tiling else None,
@@ -169,8 +169,9 @@ def image_infotext(prompt: str, negative_prompt: str, params: dict[str, Any], se
 
 
 def info_object(req: GenerationRequest, job: Any, model: Any, result: Any, infotexts: list[str],
-                extras: dict[str, Any]) -> dict[str, Any]:
-    """A1111's `info` object (A1111-API.md section 4), keys in A1111's order."""
+                extras: dict[str, Any], index_of_first_image: int = 0) -> dict[str, Any]:
+    """A1111's `info` object (A1111-API.md section 4), keys in A1111's order; `infotexts` has the grid's
+    first when `index_of_first_image` is 1."""
     n = len(result.images)
     return {
         "prompt": req.prompt,
@@ -196,9 +197,10 @@ def info_object(req: GenerationRequest, job: Any, model: Any, result: Any, infot
         "sd_vae_hash": model.vae_sha256[:10] if model.vae_sha256 else None,
         "seed_resize_from_w": req.seed_resize_from_w,
         "seed_resize_from_h": req.seed_resize_from_h,
-        "denoising_strength": job.denoising_strength if job.mode == "img2img" else req.denoising_strength,
+        "denoising_strength": (job.denoising_strength if job.mode == "img2img" or job.hires is not None
+                               else req.denoising_strength),
         "extra_generation_params": extras,
-        "index_of_first_image": 0,
+        "index_of_first_image": index_of_first_image,
         "infotexts": infotexts,
         "styles": list(req.styles or []),
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),

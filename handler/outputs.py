@@ -114,10 +114,10 @@ def image_grid(images: Sequence[Image.Image]) -> Image.Image:
     return grid
 
 
-def wants_grid(count: int, options: dict[str, Any], do_not_save_grid: bool) -> bool:
-    """A1111 saves a grid for more than one image when the `grid_save` option is on and the request did not
-    set `do_not_save_grid`."""
-    return count > 1 and bool(options.get("grid_save", True)) and not do_not_save_grid
+def wants_grid(count: int, options: dict[str, Any]) -> bool:
+    """A1111 saves a grid for more than one image when the `grid_save` option is on. A request's own
+    `do_not_save_grid` does not count: A1111's API overwrites it with `not save_images`."""
+    return count > 1 and bool(options.get("grid_save", True))
 
 
 def save_outputs(storage: Storage, outputs_root: Path, mode: str, *, pngs: Sequence[bytes], seeds: Sequence[int],

@@ -88,10 +88,13 @@ class GenerationRequest(A1111Model):
         None, description="Per-request option overrides: sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers."
     )
     override_settings_restore_afterwards: bool = Field(True)
-    refiner_checkpoint: str | None = Field(None, max_length=1000, description="Refiner: not offered yet, must be empty.")
-    refiner_switch_at: Float | None = Field(None)
+    refiner_checkpoint: str | None = Field(
+        None, max_length=1000, description="txt2img: an SDXL checkpoint that finishes the sampling (title, name, hash or "
+        "a substring of a title); the base checkpoint must be SDXL too. Not with enable_hr.")
+    refiner_switch_at: Float | None = Field(
+        None, description="Fraction of the steps after which the refiner takes over (0 < x <= 1; 1 = never).")
     disable_extra_networks: bool = Field(False)
-    firstpass_image: str | None = Field(None, description="Hires fix first pass image; ignored (hires fix not offered yet).")
+    firstpass_image: str | None = Field(None, description="Ignored: the first pass is always generated.")
     comments: dict[str, Any] | None = Field(None)
     script_name: str | None = Field(None, max_length=200, description="Selectable script; none are installed.")
     script_args: list[Any] = Field(default_factory=list)
@@ -118,19 +121,22 @@ class GenerationRequest(A1111Model):
 class Txt2ImgRequest(GenerationRequest):
     """POST /sdapi/v1/txt2img."""
 
-    enable_hr: bool = Field(False, description="Hires fix: not offered yet, must be false.")
-    firstphase_width: Int = Field(0, ge=0)
-    firstphase_height: Int = Field(0, ge=0)
-    hr_scale: Float = Field(2.0)
-    hr_upscaler: str | None = Field(None, max_length=200)
-    hr_second_pass_steps: Int = Field(0, ge=0)
-    hr_resize_x: Int = Field(0, ge=0)
-    hr_resize_y: Int = Field(0, ge=0)
-    hr_checkpoint_name: str | None = Field(None, max_length=1000)
-    hr_sampler_name: str | None = Field(None, max_length=100)
-    hr_scheduler: str | None = Field(None, max_length=100)
-    hr_prompt: str = Field("", max_length=MAX_TEXT)
-    hr_negative_prompt: str = Field("", max_length=MAX_TEXT)
+    enable_hr: bool = Field(False, description="Hires fix: upscale the first pass and denoise it again (img2img at "
+                            "denoising_strength, 0.75 when null).")
+    firstphase_width: Int = Field(0, ge=0, description="Legacy: non-zero runs the first pass at this width and makes "
+                                  "width x height the hires target.")
+    firstphase_height: Int = Field(0, ge=0, description="Legacy, as firstphase_width.")
+    hr_scale: Float = Field(2.0, description="Hires target = first pass x hr_scale (1..8) unless hr_resize_x/y is set.")
+    hr_upscaler: str | None = Field(None, max_length=200, description="A latent upscale mode (GET /latent-upscale-modes) "
+                                    "or None, Lanczos, Nearest; null = the latent_upscale_default_mode option.")
+    hr_second_pass_steps: Int = Field(0, ge=0, description="Steps the second pass runs; 0 = steps.")
+    hr_resize_x: Int = Field(0, ge=0, description="Hires target width; 0 = from hr_resize_y's aspect ratio or hr_scale.")
+    hr_resize_y: Int = Field(0, ge=0, description="Hires target height; both set: cover the box, then crop.")
+    hr_checkpoint_name: str | None = Field(None, max_length=1000, description="Checkpoint of the second pass; null = same.")
+    hr_sampler_name: str | None = Field(None, max_length=100, description="Sampler of the second pass; null = same.")
+    hr_scheduler: str | None = Field(None, max_length=100, description="Schedule type of the second pass; null = same.")
+    hr_prompt: str = Field("", max_length=MAX_TEXT, description="Prompt of the second pass; empty = prompt.")
+    hr_negative_prompt: str = Field("", max_length=MAX_TEXT, description="Negative prompt of the second pass; empty = same.")
 
 
 class Img2ImgRequest(GenerationRequest):

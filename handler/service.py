@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from handler import a1111, lifecycle, metering, outputs
+from handler import a1111, lifecycle, metering, outputs, stages
 from handler.auth import Authenticator, Consumers
 from handler.batching import Batcher, Member
 from handler.billing import Pricing
@@ -372,10 +372,11 @@ class Service:
 
         if req.infotext:
             req = a1111.apply_infotext(req)
-        self._check_common(req)
-        self._select(req, consumer, a1111.eas_values(req.alwayson_scripts))
-        resolve_sampler(req.sampler_name, req.sampler_index, req.scheduler)
+        width, height = self._check_common(req)
+        selection = self._select(req, consumer, a1111.eas_values(req.alwayson_scripts))
+        sampler = resolve_sampler(req.sampler_name, req.sampler_index, req.scheduler)
         self.loras.resolve(req.prompt, apply=not req.disable_extra_networks)
+        self._stages(req, width, height, sampler, selection)
 
     def task_request(self, mode: str, data: dict[str, Any], task_id: str) -> GenerationRequest:
         """The stored request of a task, set to save its images to storage and tagged with the task id (which
@@ -414,8 +415,6 @@ class Service:
 
     # generation -----------------------------------------------------------------------------------------
     def txt2img(self, req: Txt2ImgRequest, consumer: str) -> dict[str, Any]:
-        if req.enable_hr:
-            raise InvalidRequest("enable_hr: hires fix is not offered yet", field="enable_hr")
         return self._generate("txt2img", req, consumer)
 
     @staticmethod
@@ -458,8 +457,9 @@ class Service:
             raise InvalidRequest("restore_faces: face restoration is not offered", field="restore_faces")
         if req.script_name:
             raise InvalidRequest(f"script_name: script '{req.script_name}' is not installed", field="script_name")
-        if req.refiner_checkpoint:
-            raise InvalidRequest("refiner_checkpoint: the refiner is not offered yet", field="refiner_checkpoint")
+        if not isinstance(req, Txt2ImgRequest) and stages.other_checkpoint(self.store, req.refiner_checkpoint,
+                                                                        "refiner_checkpoint") is not None:
+            raise InvalidRequest("refiner_checkpoint: the refiner is offered for txt2img", field="refiner_checkpoint")
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             if getattr(req, name) not in (-1, 0):
                 raise InvalidRequest(f"{name}: seed resize is not offered", field=name)
@@ -468,7 +468,8 @@ class Service:
                 raise InvalidRequest(f"{name}: longer than {s.max_prompt_chars} characters", field=name)
         if req.steps > s.max_steps:
             raise InvalidRequest(f"steps: at most {s.max_steps}", field="steps")
-        width, height = req.width // 8 * 8, req.height // 8 * 8
+        width, height = stages.first_pass_size(req) if isinstance(req, Txt2ImgRequest) else (req.width, req.height)
+        width, height = width // 8 * 8, height // 8 * 8
         if width > s.max_width:
             raise InvalidRequest(f"width: at most {s.max_width}", field="width")
         if height > s.max_height:
@@ -612,20 +613,37 @@ class Service:
             job.embeddings = self.embeddings.prepare(model.pipe, texts)  # textual inversions the prompts name
             if (adapters.loads, adapters.unloads, len(model.pipe.tokenizer)) != before:
                 self.cache.remeasure(model)  # adapters and embedding rows are device memory too
-            self.progress.begin(job.mode, job_count=math.ceil(len(job.seeds) / job.batch_size),
+            batches = math.ceil(len(job.seeds) / job.batch_size)
+            self.progress.begin(job.mode, job_count=batches * 2 if job.staged else batches,
                                 sampling_steps=job.steps, owner=owner, job_id=job_id)
             try:
-                result = generate(model, job, progress=self.progress.step)
+                result = generate(model, job, progress=self.progress.step, load_model=self._second_model(job))
             finally:
                 self.progress.end()
         except Exception as exc:
             if out_of_memory(exc):
                 self._recover_memory(exc, keep=model)
             raise
+        if result.load_seconds:
+            load = (load or 0.0) + result.load_seconds
         self._observe_service_time((load or 0.0) + result.generation_seconds)
         if not self.coldstart.done:
             self._first_image(result.generation_seconds)
         return model, load, result
+
+    def _second_model(self, job: Any) -> Any:
+        """The loader a staged job uses for its hires checkpoint or refiner (device thread): the model from
+        the warm cache (same memory budget; it may evict the first one, whose pass is done), its load
+        seconds, and the job's textual inversions loaded into it."""
+        def load(entry: CheckpointEntry) -> tuple[Any, float, list[Any]]:
+            model, seconds = self._load(entry, None)
+            texts = [*(job.prompts or [job.prompt]), *(job.negative_prompts or [job.negative_prompt])]
+            if job.hires is not None:
+                texts += [job.hires.prompt, job.hires.negative_prompt]
+            embeddings = self.embeddings.prepare(model.pipe, texts)
+            self.cache.remeasure(model)
+            return model, seconds or 0.0, embeddings
+        return load
 
     def _recover_memory(self, exc: BaseException, keep: Any) -> None:
         """After an out-of-memory error on the device thread: release the failed job's tensors (the frames of
@@ -733,7 +751,23 @@ class Service:
         )
         if isinstance(req, Img2ImgRequest):
             self._img2img_inputs(req, job, selection.options)
+        job.hires, job.refiner = self._stages(req, width, height, sampler, selection)
+        if job.hires is not None:
+            job.denoising_strength = job.hires.denoising_strength
         return job, selection
+
+    def _stages(self, req: GenerationRequest, width: int, height: int, sampler: Any,
+                selection: Selection) -> tuple[Any, Any]:
+        """The hires plan and the refiner plan of a txt2img request (None, None otherwise); 422 / 404 for
+        fields that cannot be honoured."""
+        if not isinstance(req, Txt2ImgRequest):
+            return None, None
+        hires = None
+        if req.enable_hr:
+            hr_prompt, _ = self.loras.resolve(req.hr_prompt or req.prompt, apply=False)
+            hires = stages.hires_plan(req, width, height, sampler, self.store, selection.options,
+                                      self.settings.max_width, self.settings.max_height, hr_prompt)
+        return hires, stages.refiner_plan(req, self.store, selection.checkpoint)
 
     def _respond(self, mode: str, req: GenerationRequest, job: Any, model: Any, result: Any,
                  eas: dict[str, Any], options: dict[str, Any]) -> Outcome:
@@ -741,6 +775,8 @@ class Service:
         from pipelines.infotext import png_bytes
 
         extras = a1111.extra_params(req, job)
+        if isinstance(req, Txt2ImgRequest):
+            extras.update(stages.infotext_keys(req, job.hires, job.refiner, job.sampler, self.store))
         if job.loras:
             extras["Lora hashes"] = self.loras.hashes_infotext(job.loras)
         used = self.embeddings.mentioned([job.prompt, job.negative_prompt], encoder_dims(model.pipe))
@@ -755,12 +791,12 @@ class Service:
             infotexts.append(text)
             pngs.append(png_bytes(image, text))
         saved: list[str] = []
+        options = {**options, **(req.override_settings or {})}  # the caller's options, this request's overrides
         if req.save_images or eas.get("save_dir"):  # PAI-EAS: a save_dir means save there
-            options = {**options, **(req.override_settings or {})}  # the caller's options, this request's overrides
             saved = outputs.save_outputs(
                 self.storage, self.settings.outputs_dir, mode, pngs=pngs, seeds=result.seeds, images=result.images,
                 infotexts=infotexts, save_dir=eas.get("save_dir"),
-                grid=outputs.wants_grid(len(pngs), options, req.do_not_save_grid)).images
+                grid=outputs.wants_grid(len(pngs), options)).images
         parameters = req.model_dump(mode="json")
         if isinstance(req, Img2ImgRequest) and not req.include_init_images:
             parameters["init_images"] = None
@@ -769,7 +805,13 @@ class Service:
             parameters.update(id_task=eas.get("id_task"), status="finished", image_url=",".join(saved),
                               seed=str(result.seeds[0]) if result.seeds else "", error_msg="",
                               total_time=round(result.generation_seconds, 3))
-        info = a1111.info_object(req, job, model, result, infotexts, extras)
+        # A1111 puts a grid first when the request saves images, there are two or more and `return_grid` is on
+        # (the API overwrites `do_not_save_grid` with `not save_images`); its infotext is the first image's.
+        grid = req.save_images and len(pngs) > 1 and bool(options.get("return_grid", True))
+        if grid:
+            pngs.insert(0, png_bytes(outputs.image_grid(result.images), infotexts[0]))
+            infotexts.insert(0, infotexts[0])
+        info = a1111.info_object(req, job, model, result, infotexts, extras, index_of_first_image=int(grid))
         log.info("%s: %d image(s) %dx%d, %d steps, %.3f s generating", mode, len(pngs), job.width, job.height,
                  job.steps, result.generation_seconds)
         # "Save to DataBase": per request, else the setting; a client that sends an Idempotency-Key expects a
@@ -782,7 +824,7 @@ class Service:
                                size=f"{job.width}x{job.height}", model_hash=params.get("Model hash"),
                                model=params.get("Model"), image_base64=data if keep else None,
                                image_url=saved[i] if i < len(saved) else None)
-                   for i, (seed, data) in enumerate(zip(result.seeds, encoded))]
+                   for i, (seed, data) in enumerate(zip(result.seeds, encoded[int(grid):]))]
         response = {
             "images": encoded if req.send_images else [],
             "parameters": parameters,

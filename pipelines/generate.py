@@ -25,6 +25,7 @@ from PIL import Image, ImageFilter, ImageOps
 from pipelines.cache import LoadedModel, assemble_pipeline
 from pipelines.embeddings import expand_prompt
 from pipelines.errors import InvalidParameter
+from pipelines.hires import HiresPlan, RefinerPlan, second_pass_steps, upscale_image, upscale_latents
 from pipelines.prompts import chunked_embeds, needs_chunks
 from pipelines.samplers import ResolvedSampler, build_scheduler, set_noise_seeds
 
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 _RESIZE_MODES = {0: "default", 1: "crop", 2: "fill", 3: "default"}
 
 ProgressFn = Callable[[int, int, int], bool]  # (step done, steps of this batch, batch index) -> keep going?
+# Loads a second checkpoint (hires checkpoint, refiner) on the device thread: (model, load seconds, the
+# textual-inversion entries it holds for the job's prompts).
+LoadModelFn = Callable[[Any], tuple[LoadedModel, float, list[Any]]]
 
 
 @dataclass
@@ -73,6 +77,14 @@ class ImageJob:
     loras: list[Any] = field(default_factory=list)
     # Textual-inversion embeddings (pipelines.embeddings entries) the device thread loaded for these prompts.
     embeddings: list[Any] = field(default_factory=list)
+    # txt2img only: a second stage after the first pass (pipelines.hires); at most one of the two.
+    hires: HiresPlan | None = None
+    refiner: RefinerPlan | None = None
+
+    @property
+    def staged(self) -> bool:
+        """True when the first pass hands its result to a hires pass or a refiner."""
+        return self.mode == "txt2img" and (self.hires is not None or self.refiner is not None)
 
     def prompts_for(self, first: int, n: int) -> tuple[list[str], list[str]]:
         """The prompts and negative prompts of images first..first+n."""
@@ -88,6 +100,7 @@ class GenerationResult:
     subseeds: list[int]
     generation_seconds: float  # time spent in the pipelines (what a consumer is billed for)
     interrupted: bool = False
+    load_seconds: float = 0.0  # loading a hires checkpoint or refiner between the passes (not billed)
 
 
 def _pipeline_class(arch: str, mode: str, inpaint: bool) -> type:
@@ -206,9 +219,12 @@ def _prepare_inpaint(job: ImageJob, image: Image.Image, mask: Image.Image, seed:
     return image, mask
 
 
-def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = None) -> GenerationResult:
+def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = None,
+             load_model: LoadModelFn | None = None) -> GenerationResult:
     """Run `job` on `model`; images come back in seed order. Raises InvalidParameter for requests the
-    model cannot serve (checked before any work, so nothing is half done)."""
+    model cannot serve (checked before any work, so nothing is half done). A staged job (hires fix, refiner)
+    runs every first pass, then loads its second checkpoint with `load_model` if it names one, then every
+    second pass; the load time is reported apart (`load_seconds`), not as generation time."""
     inpaint = job.mode == "img2img" and job.mask is not None
     if job.mode == "img2img" and not job.init_images:
         raise InvalidParameter("init_images: at least one image is required", field="init_images")
@@ -245,11 +261,12 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
                 job.denoising_strength, pipe.scheduler.config.get("num_train_timesteps", 1000))
     if model.arch == "sdxl":
         call["original_size"] = call["target_size"] = (job.height, job.width)
-    # LCMScheduler picks its timesteps from `original_inference_steps` (50) and refuses more steps than that;
-    # A1111's LCM takes any step count. This request's scheduler is its own, so widen its origin schedule.
-    origin = pipe.scheduler.config.get("original_inference_steps")
-    if origin is not None and call["num_inference_steps"] > origin:
-        pipe.scheduler.register_to_config(original_inference_steps=call["num_inference_steps"])
+    _widen_lcm(pipe, call["num_inference_steps"])
+    if job.staged:
+        if job.refiner is not None:
+            call["denoising_end"], call["output_type"] = job.refiner.switch_at, "latent"
+        elif job.hires is not None and job.hires.latent:
+            call["output_type"] = "latent"
 
     images_out: list[Image.Image] = []
     interrupted = False
@@ -261,18 +278,7 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
             subseeds = job.subseeds[first : first + job.batch_size]
             n = len(seeds)
             args = dict(call)
-            prompts, negatives = job.prompts_for(first, n)
-            prompts = [expand_prompt(pipe, p, job.embeddings) for p in prompts]
-            negatives = [expand_prompt(pipe, p, job.embeddings) for p in negatives]
-            if needs_chunks(pipe, prompts + negatives):  # past the 77-token window: A1111's 75-token chunks
-                args.pop("clip_skip", None)
-                args.update(chunked_embeds(pipe, prompts, negatives, job.clip_skip, sdxl=model.arch == "sdxl"))
-            elif sd1_clip_skip:
-                args["prompt_embeds"] = _sd1_embeds(pipe, prompts, job.clip_skip)
-                args["negative_prompt_embeds"] = _sd1_embeds(pipe, negatives, job.clip_skip)
-            else:
-                args["prompt"] = prompts
-                args["negative_prompt"] = negatives
+            _prompt_args(pipe, model.arch, job, *job.prompts_for(first, n), args)
             args["generator"] = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             if job.mode == "txt2img":
                 shape = (latent_channels, job.height // scale, job.width // scale)
@@ -315,12 +321,139 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
             images_out.extend(batch_images)
             if interrupted:
                 break
+    load_seconds = 0.0
+    if job.staged and interrupted:  # A1111 returns the first pass when stopped before the second
+        images_out = _decoded(pipe, images_out)
+    elif job.staged:
+        images_out, load_seconds, interrupted = _second_stage(model, job, images_out, progress, load_model)
     if torch.cuda.is_available() and str(pipe.unet.device).startswith("cuda"):
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - load_seconds
     done = len(images_out)
     return GenerationResult(images=images_out, seeds=job.seeds[:done], subseeds=job.subseeds[:done],
-                            generation_seconds=seconds, interrupted=interrupted)
+                            generation_seconds=seconds, interrupted=interrupted, load_seconds=load_seconds)
+
+
+def _widen_lcm(pipe: Any, steps: int) -> None:
+    """LCMScheduler picks its timesteps from `original_inference_steps` (50) and refuses more steps than that;
+    A1111's LCM takes any step count. The request's scheduler is its own, so widen its origin schedule."""
+    origin = pipe.scheduler.config.get("original_inference_steps")
+    if origin is not None and steps > origin:
+        pipe.scheduler.register_to_config(original_inference_steps=steps)
+
+
+def _decoded(pipe: Any, outputs: list[Any]) -> list[Image.Image]:
+    """First-pass outputs as images: latents (C, h, w) are decoded with `pipe`'s VAE, images pass through."""
+    if not outputs or isinstance(outputs[0], Image.Image):
+        return outputs
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)  # SDXL's VAE overflows in fp16
+    dtype = torch.float32 if upcast else vae.dtype
+    images: list[Image.Image] = []
+    with torch.inference_mode():
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            for latent in outputs:
+                latent = latent.unsqueeze(0).to(device=vae.device, dtype=dtype)
+                decoded = vae.decode(latent / vae.config.scaling_factor, return_dict=False)[0]
+                images.extend(pipe.image_processor.postprocess(decoded, output_type="pil"))
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
+    return images
+
+
+def _second_stage(model: LoadedModel, job: ImageJob, firsts: list[Any], progress: ProgressFn | None,
+                  load_model: LoadModelFn | None) -> tuple[list[Image.Image], float, bool]:
+    """The hires pass or the refiner over every first-pass output (latents or images), batch by batch, on
+    the second checkpoint if the job names one. Returns (images, load seconds, interrupted)."""
+    plan = job.hires if job.hires is not None else job.refiner
+    second, load_seconds, embeddings = model, 0.0, job.embeddings
+    if plan.checkpoint is not None and plan.checkpoint.path != model.entry.path:
+        if load_model is None:
+            raise RuntimeError("a second checkpoint is needed but no loader was given")
+        second, load_seconds, embeddings = load_model(plan.checkpoint)
+    sampler = job.hires.sampler if job.hires is not None else job.sampler
+    cls = _pipeline_class(second.arch, "img2img", inpaint=False)
+    pipe = assemble_pipeline(cls, second.pipe.components,
+                             scheduler=build_scheduler(sampler, second.pipe.scheduler.config))
+    stage_job = job if embeddings is job.embeddings else _with_embeddings(job, embeddings)
+    batches = math.ceil(len(firsts) / job.batch_size)
+    images: list[Image.Image] = []
+    interrupted = False
+    with _tiling([pipe.unet, pipe.vae], job.tiling and second is not model):
+        for batch_no, first in enumerate(range(0, len(firsts), job.batch_size)):
+            items = firsts[first: first + job.batch_size]
+            seeds = job.seeds[first: first + len(items)]
+            args: dict[str, Any] = {"guidance_scale": job.cfg_scale, "output_type": "pil"}
+            if job.eta is not None and sampler is job.sampler:
+                args["eta"] = job.eta
+            if job.clip_skip > 1 and second.arch == "sdxl":
+                args["clip_skip"] = job.clip_skip - 1
+            if job.hires is not None:
+                hires = job.hires
+                if hires.latent:
+                    image: Any = upscale_latents(torch.stack(items), hires)
+                else:
+                    image = [upscale_image(im, hires) for im in items]
+                if hires.denoising_strength == 0:  # nothing to denoise: the upscaled first pass is the result
+                    images.extend(_decoded(pipe, list(image)) if hires.latent else image)
+                    continue
+                args["num_inference_steps"], args["strength"] = second_pass_steps(hires.steps, hires.denoising_strength)
+                prompts, negatives = [hires.prompt] * len(items), [hires.negative_prompt] * len(items)
+                width, height = hires.width, hires.height
+            else:
+                image = torch.stack(items)
+                args["num_inference_steps"], args["denoising_start"] = job.steps, job.refiner.switch_at
+                prompts, negatives = job.prompts_for(first, len(items))
+                width, height = job.width, job.height
+            args["image"] = image
+            if second.arch == "sdxl":
+                args["original_size"] = args["target_size"] = (height, width)
+            _widen_lcm(pipe, args["num_inference_steps"])
+            _prompt_args(pipe, second.arch, stage_job, prompts, negatives, args)
+            args["generator"] = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            step_total = job.hires.steps if job.hires is not None else job.steps - int(job.steps * job.refiner.switch_at)
+
+            def on_step(p: Any, step: int, timestep: Any, kwargs: dict, job_no: int = batches + batch_no,
+                        step_total: int = step_total) -> dict:
+                nonlocal interrupted
+                if progress is not None and not progress(step + 1, step_total, job_no):
+                    interrupted = True
+                    p._interrupt = True
+                return kwargs
+
+            args["callback_on_step_end"] = on_step
+            set_noise_seeds(pipe.scheduler, seeds)
+            with torch.inference_mode():
+                images.extend(pipe(**args).images)
+            if interrupted:
+                break
+    return images, load_seconds, interrupted
+
+
+def _with_embeddings(job: ImageJob, embeddings: list[Any]) -> ImageJob:
+    import dataclasses
+
+    return dataclasses.replace(job, embeddings=embeddings)
+
+
+def _prompt_args(pipe: Any, arch: str, job: ImageJob, prompts: list[str], negatives: list[str],
+                 args: dict[str, Any]) -> None:
+    """Put the prompts of one batch into `args`: as text where diffusers encodes them as A1111 does, else as
+    embeddings (attention weights, BREAK, prompts past the 77-token window, SD 1.x clip skip)."""
+    prompts = [expand_prompt(pipe, p, job.embeddings) for p in prompts]
+    negatives = [expand_prompt(pipe, p, job.embeddings) for p in negatives]
+    if needs_chunks(pipe, prompts + negatives):
+        args.pop("clip_skip", None)
+        args.update(chunked_embeds(pipe, prompts, negatives, job.clip_skip, sdxl=arch == "sdxl"))
+    elif job.clip_skip > 1 and arch != "sdxl":
+        args["prompt_embeds"] = _sd1_embeds(pipe, prompts, job.clip_skip)
+        args["negative_prompt_embeds"] = _sd1_embeds(pipe, negatives, job.clip_skip)
+    else:
+        args["prompt"] = prompts
+        args["negative_prompt"] = negatives
 
 
 def _image_inputs(pipe: Any, job: ImageJob, first: int, seeds: list[int], args: dict[str, Any]) -> list[Image.Image]:

@@ -48,6 +48,8 @@ LIMITS = {"max_width": 128, "max_height": 128, "max_steps": 2, "max_images": 4, 
 # A loopback URL, which the network guard refuses: the fuzzer must never make the server reach out.
 REFUSED_URL = "https://127.0.0.1:9/fuzz.safetensors"
 REFUSED_CALLBACK = "http://127.0.0.1:9/callback"
+LATENT_UPSCALERS = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                    "Latent (nearest)", "Latent (nearest-exact)"]
 GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")  # a full queue answers these 429
 
 
@@ -154,10 +156,21 @@ def deployment_document(url: str, auth: tuple[str, str] | None = None) -> dict[s
             "sampler_name": _nullable({"enum": sampler_names}),
             "sampler_index": {"enum": sampler_names},
             "scheduler": _nullable({"enum": scheduler_names}),
-            "enable_hr": {"enum": [False]},  # hires fix, face restoration, scripts, refiner, seed resize:
-            "restore_faces": {"enum": [False, None]},  # not offered
+            # hires fix and refiner: within the size and step caps, on the listed names
+            "hr_scale": {"type": "number", "minimum": 1, "maximum": 2},
+            "hr_resize_x": {"type": "integer", "minimum": 0, "maximum": LIMITS["max_width"]},
+            "hr_resize_y": {"type": "integer", "minimum": 0, "maximum": LIMITS["max_height"]},
+            "firstphase_width": {"type": "integer", "minimum": 0, "maximum": LIMITS["max_width"]},
+            "firstphase_height": {"type": "integer", "minimum": 0, "maximum": LIMITS["max_height"]},
+            "hr_second_pass_steps": {"type": "integer", "minimum": 0, "maximum": LIMITS["max_steps"]},
+            "hr_upscaler": _nullable({"enum": [*LATENT_UPSCALERS, "None", "Lanczos", "Nearest"]}),
+            "hr_checkpoint_name": _nullable({"enum": checkpoint_names}),
+            "hr_sampler_name": _nullable({"enum": sampler_names}),
+            "hr_scheduler": _nullable({"enum": scheduler_names}),
+            "refiner_checkpoint": _nullable({"enum": ["", *checkpoint_names]}),
+            "refiner_switch_at": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+            "restore_faces": {"enum": [False, None]},  # face restoration, scripts, seed resize: not offered
             "script_name": {"enum": [None, ""]},
-            "refiner_checkpoint": {"enum": [None, ""]},
             "seed_resize_from_w": {"enum": [-1, 0]},
             "seed_resize_from_h": {"enum": [-1, 0]},
             "override_settings": _nullable({"type": "object", "properties": settings, "additionalProperties": False}),

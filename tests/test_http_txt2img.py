@@ -230,7 +230,7 @@ def test_checkpoint_by_override_settings_and_hash(client, service):
         ({"script_name": "x/y/z plot"}, "script_name"),
         ({"alwayson_scripts": {"controlnet": {"args": [{"enabled": True}]}}}, "alwayson_scripts.controlnet"),
         ({"cfg_scale": -1}, "cfg_scale"),
-        ({"enable_hr": True}, "enable_hr"),
+        ({"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, "hr_upscaler"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, "override_settings.CLIP_stop_at_last_layers"),
     ],
 )

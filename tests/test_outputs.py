@@ -9,6 +9,7 @@ import contextlib
 import datetime as dt
 import errno
 import io
+import json
 import os
 import re
 import subprocess
@@ -72,14 +73,15 @@ def today() -> str:
 
 # Layout and names --------------------------------------------------------------------------------------------
 def test_save_images_layout_and_names(client, root):
-    r = txt2img(client, seed=100, batch_size=2, save_images=True, do_not_save_grid=True, **eas())
+    r = txt2img(client, seed=100, batch_size=2, save_images=True, **eas())
     paths = saved_paths(r)
     outputs = (root / "outputs").resolve()
     assert [p.parent for p in paths] == [outputs / "txt2img-images" / today()] * 2
     names = [NAME.match(p.name) for p in paths]
     assert all(names) and [int(m["seed"]) for m in names] == [100, 101]
     assert names[0]["id"] == names[1]["id"]  # one id per request
-    for path, image in zip(paths, r.json["images"]):
+    assert json.loads(r.json["info"])["index_of_first_image"] == 1  # the grid comes first
+    for path, image in zip(paths, r.json["images"][1:]):
         assert path.read_bytes() == base64.b64decode(image)
     # Another request gets another id.
     again = saved_paths(txt2img(client, seed=100, save_images=True, **eas()))
@@ -228,10 +230,9 @@ def test_grid_saved_for_several_images(client, root):
     assert str(grid) not in r.json["parameters"]["image_url"]  # image_url lists the images only
 
 
-def test_no_grid_for_one_image_do_not_save_grid_or_grid_save_off(client, root):
+def test_no_grid_for_one_image_or_grid_save_off(client, root):
     before = grids(root)
     assert txt2img(client, seed=21, save_images=True).status_code == 200
-    assert txt2img(client, seed=22, batch_size=2, save_images=True, do_not_save_grid=True).status_code == 200
     assert client.post("/sdapi/v1/options", json={"grid_save": False}).status_code == 200
     assert txt2img(client, seed=23, batch_size=2, save_images=True).status_code == 200
     assert txt2img(client, seed=24, batch_size=2).status_code == 200  # not saving at all
@@ -242,6 +243,14 @@ def test_no_grid_for_one_image_do_not_save_grid_or_grid_save_off(client, root):
     [grid] = grids(root) - before
     with Image.open(grid) as im:
         assert im.size == (128, 128)  # 3 images: 2 rows x 2 columns
+
+
+def test_do_not_save_grid_is_overwritten_by_save_images(client, root):
+    """A1111's API sets `do_not_save_grid = not save_images`, whatever the request said."""
+    before = grids(root)
+    r = txt2img(client, seed=26, batch_size=2, save_images=True, do_not_save_grid=True)
+    assert r.status_code == 200 and len(grids(root) - before) == 1
+    assert json.loads(r.json["info"])["index_of_first_image"] == 1 and len(r.json["images"]) == 3
 
 
 # A storage that refuses writes -------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""A txt2img request's second stage (hires fix or refiner): its fields checked and turned into a plan
+(pipelines.hires), and the infotext keys A1111 writes for it, in A1111's order.
+
+Every refusal is a 422 naming the field (404 for an unknown checkpoint) before any device work; A1111 answers
+most of these with a 500.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from handler.errors import InvalidRequest
+from handler.schemas import Txt2ImgRequest
+from pipelines.errors import ModelNotFound
+from pipelines.hires import IMAGE_UPSCALERS, LATENT_MODES, HiresPlan, RefinerPlan, target_size
+from pipelines.samplers import ResolvedSampler, resolve_sampler
+from pipelines.store import CheckpointEntry, ModelStore
+
+DEFAULT_HR_DENOISING = 0.75  # txt2img's own default (A1111's API model leaves it null, which fails there)
+SAME_CHECKPOINT = ("", "Use same checkpoint", "None")  # the UI's words for "no other checkpoint"
+
+
+def first_pass_size(req: Txt2ImgRequest) -> tuple[int, int]:
+    """The first pass's requested size: `firstphase_width/height` when set (legacy: then width x height is the
+    hires target), else width x height."""
+    if req.enable_hr and (req.firstphase_width or req.firstphase_height):
+        return req.firstphase_width or req.width, req.firstphase_height or req.height
+    return req.width, req.height
+
+
+def hires_plan(req: Txt2ImgRequest, width: int, height: int, sampler: ResolvedSampler, store: ModelStore,
+               options: dict[str, Any], max_width: int, max_height: int, prompt: str) -> HiresPlan:
+    """The hires pass of `req` for a first pass of width x height (already floored to multiples of 8).
+    `prompt` is the hires prompt without its LoRA tags (those of the first pass stay active)."""
+    upscaler = req.hr_upscaler if req.hr_upscaler is not None else str(options.get("latent_upscale_default_mode", "Latent"))
+    if upscaler not in LATENT_MODES and upscaler not in IMAGE_UPSCALERS:
+        offered = ", ".join([*LATENT_MODES, *IMAGE_UPSCALERS])
+        raise InvalidRequest(f"hr_upscaler: '{upscaler}' is not offered (offered: {offered}; model upscalers such as "
+                             "ESRGAN need weights that are not installed)", field="hr_upscaler")
+    if req.firstphase_width or req.firstphase_height:
+        up_w, up_h, final_w, final_h = target_size(width, height, 1.0, req.width, req.height)
+        size_field = "width"
+    else:
+        if not req.hr_resize_x and not req.hr_resize_y and not 1.0 <= req.hr_scale <= 8.0:
+            raise InvalidRequest("hr_scale: must be between 1 and 8", field="hr_scale")
+        up_w, up_h, final_w, final_h = target_size(width, height, req.hr_scale, req.hr_resize_x, req.hr_resize_y)
+        size_field = "hr_resize_x" if req.hr_resize_x or req.hr_resize_y else "hr_scale"
+    if up_w > max_width or up_h > max_height:
+        raise InvalidRequest(f"{size_field}: the hires size {up_w}x{up_h} exceeds the {max_width}x{max_height} limit",
+                             field=size_field)
+    if final_w < 8 or final_h < 8:
+        raise InvalidRequest(f"{size_field}: the hires size {final_w}x{final_h} is too small", field=size_field)
+    strength = DEFAULT_HR_DENOISING if req.denoising_strength is None else req.denoising_strength
+    hr_sampler = sampler
+    if req.hr_sampler_name or req.hr_scheduler:
+        hr_sampler = _resolve(req.hr_sampler_name or req.sampler_name, req.sampler_index,
+                              req.hr_scheduler or req.scheduler, "hr_sampler_name" if req.hr_sampler_name else "hr_scheduler")
+    return HiresPlan(
+        upscale_width=up_w, upscale_height=up_h, width=final_w, height=final_h, upscaler=upscaler,
+        steps=req.hr_second_pass_steps or req.steps, denoising_strength=strength, sampler=hr_sampler,
+        prompt=prompt, negative_prompt=req.hr_negative_prompt or req.negative_prompt,
+        checkpoint=other_checkpoint(store, req.hr_checkpoint_name, "hr_checkpoint_name"))
+
+
+def refiner_plan(req: Txt2ImgRequest, store: ModelStore, base: CheckpointEntry) -> RefinerPlan | None:
+    """The refiner of `req`, or None when it names none or `refiner_switch_at` is 1 (A1111 never switches).
+    Both checkpoints must be SDXL: the switch uses the SDXL pipelines' `denoising_end` / `denoising_start`."""
+    entry = other_checkpoint(store, req.refiner_checkpoint, "refiner_checkpoint")
+    if entry is None:
+        return None
+    switch = req.refiner_switch_at
+    if switch is None or not 0.0 < switch <= 1.0:
+        raise InvalidRequest("refiner_switch_at: a fraction of the steps above 0 and at most 1 is required with "
+                             "refiner_checkpoint", field="refiner_switch_at")
+    if switch == 1.0:
+        return None
+    if req.enable_hr:
+        raise InvalidRequest("refiner_checkpoint: the refiner together with hires fix is not offered; use one "
+                             "of them", field="refiner_checkpoint")
+    for field, checked in (("sd_model_checkpoint", base), ("refiner_checkpoint", entry)):
+        if checkpoint_arch(checked) != "sdxl":
+            raise InvalidRequest(f"refiner_checkpoint: the refiner switch is offered for SDXL checkpoints; "
+                                 f"{checked.name} ({field}) is not SDXL", field="refiner_checkpoint")
+    return RefinerPlan(checkpoint=entry, switch_at=switch)
+
+
+def other_checkpoint(store: ModelStore, name: str | None, field: str) -> CheckpointEntry | None:
+    """The checkpoint `name` designates (any form `find_checkpoint` takes, else the first title containing it,
+    as A1111's `get_closet_checkpoint_match`), None for none; unknown -> 404 naming `field`."""
+    if name is None or name.strip() in SAME_CHECKPOINT:
+        return None
+    try:
+        return store.find_checkpoint(name, field=field)
+    except ModelNotFound:
+        wanted = name.strip()
+        for entry in sorted(store.checkpoints, key=lambda e: e.name):
+            if wanted in store.title(entry):
+                return entry
+        raise ModelNotFound(f"{field}: checkpoint '{wanted}' not found under models/Stable-diffusion",
+                            field=field) from None
+
+
+def checkpoint_arch(entry: CheckpointEntry) -> str:
+    """"sd1" or "sdxl", read from the file's header or the folder's model_index.json (no loading)."""
+    from pipelines.loading import config_dir_for
+
+    if entry.is_dir:
+        index = json.loads((entry.path / "model_index.json").read_text())
+        return "sdxl" if "XL" in str(index.get("_class_name", "")) else "sd1"
+    return config_dir_for(entry.path)[0].value
+
+
+def infotext_keys(req: Txt2ImgRequest, plan: HiresPlan | None, refiner: RefinerPlan | None, sampler: ResolvedSampler,
+                  store: ModelStore) -> dict[str, Any]:
+    """The extra infotext keys of the second stage, in the order A1111 adds them."""
+    keys: dict[str, Any] = {}
+    if plan is not None:
+        if plan.checkpoint is not None:
+            keys["Hires checkpoint"] = _short_title(store, plan.checkpoint)
+        if req.hr_sampler_name is not None and plan.sampler.sampler.name != sampler.sampler.name:
+            keys["Hires sampler"] = plan.sampler.sampler.name
+        if req.hr_scheduler is not None and plan.sampler.schedule_label != sampler.schedule_label:
+            keys["Hires schedule type"] = plan.sampler.schedule_label
+        if req.hr_prompt and req.hr_prompt != req.prompt:
+            keys["Hires prompt"] = req.hr_prompt
+        if req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt:
+            keys["Hires negative prompt"] = req.hr_negative_prompt
+        if req.hr_resize_x or req.hr_resize_y:
+            keys["Hires resize"] = f"{req.hr_resize_x}x{req.hr_resize_y}"
+        elif not (req.firstphase_width or req.firstphase_height):
+            keys["Hires upscale"] = req.hr_scale
+        if req.hr_second_pass_steps:
+            keys["Hires steps"] = req.hr_second_pass_steps
+        if req.hr_upscaler is not None:
+            keys["Hires upscaler"] = req.hr_upscaler
+    if refiner is not None:
+        keys["Refiner"] = _short_title(store, refiner.checkpoint)
+        keys["Refiner switch at"] = refiner.switch_at
+    return keys
+
+
+def _short_title(store: ModelStore, entry: CheckpointEntry) -> str:
+    """A1111's `short_title`: the file stem and the 10-hex short hash."""
+    sha = store.sha256(entry)
+    return f"{entry.stem} [{sha[:10]}]" if sha else entry.stem
+
+
+def _resolve(name: str | None, index: str | None, scheduler: str | None, field: str) -> ResolvedSampler:
+    from pipelines.errors import UnknownSampler
+
+    try:
+        return resolve_sampler(name, index, scheduler)
+    except UnknownSampler as exc:
+        raise InvalidRequest(exc.message.replace("sampler_name", field, 1), field=field) from None
