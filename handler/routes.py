@@ -16,6 +16,7 @@ from handler.schemas import (
     Img2ImgRequest,
     NameItem,
     OptionsUpdate,
+    PromptStyleItem,
     PngInfoRequest,
     PngInfoResponse,
     ProgressQuery,
@@ -178,6 +179,14 @@ def latent_upscale_modes():
 def scripts():
     """Installed scripts (none yet)."""
     return jsonify({"txt2img": [], "img2img": []})
+
+
+@bp.get("/prompt-styles", responses={200: {"content": {"application/json": {"schema": {
+    "type": "array", "items": PromptStyleItem.model_json_schema()}}}, "description": "Prompt styles"}})
+def prompt_styles():
+    """The styles of <data>/styles.csv (A1111's format), in file order; [] when there is none."""
+    return jsonify([{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                    for s in service().styles.styles()])
 
 
 @bp.get("/embeddings", responses={200: EmbeddingsList})

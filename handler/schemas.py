@@ -58,7 +58,7 @@ class GenerationRequest(A1111Model):
 
     prompt: str = Field("", max_length=MAX_TEXT, description="Positive prompt.")
     negative_prompt: str = Field("", max_length=MAX_TEXT, description="Negative prompt.")
-    styles: list[str] | None = Field(None, description="Style names (styles.csv). No styles are installed: ignored.")
+    styles: list[str] | None = Field(None, max_length=32, description="Style names from <data>/styles.csv (GET /prompt-styles), applied in order.")
     seed: Int = Field(-1, ge=-(2**31), le=2**32 - 1, description="-1 or null = random in 0..4294967293; image i gets seed + i.")
     subseed: Int = Field(-1, ge=-(2**31), le=2**32 - 1, description="Variation seed; -1 or null = random.")
     subseed_strength: Float = Field(0.0, ge=0.0, le=1.0, description="Variation strength; 0 = off.")
@@ -214,6 +214,12 @@ class UpscalerItem(BaseModel):
 
 class NameItem(BaseModel):
     name: str
+
+
+class PromptStyleItem(BaseModel):
+    name: str
+    prompt: str
+    negative_prompt: str
 
 
 class ScriptsList(BaseModel):

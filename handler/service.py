@@ -42,6 +42,7 @@ from handler.storage import make_storage
 from handler.tasks import TaskRunner, TaskStore, check_callback_url, public_view
 from pipelines.errors import ModelNotFound
 from pipelines.hashing import HashCache, addnet_hash
+from pipelines.styles import StyleStore
 from pipelines.embeddings import EmbeddingStore, encoder_dims
 from pipelines.lora import LoraAdapters, LoraStore
 from pipelines.store import CheckpointEntry, ModelStore, VaeEntry, format_title
@@ -86,6 +87,7 @@ class Service:
         )
         self.lora_adapters = LoraAdapters(settings.max_loaded_loras)
         self.embeddings = EmbeddingStore(settings.data_dir / "embeddings", self.store.hashes)
+        self.styles = StyleStore(settings.data_dir / "styles.csv")
         self.options_store: OptionsStore = options_store or MemoryOptionsStore()
         self.storage = make_storage(settings)
         self.progress = Progress()
@@ -372,6 +374,7 @@ class Service:
 
         if req.infotext:
             req = a1111.apply_infotext(req)
+        req = self._styled(req)
         width, height = self._check_common(req)
         selection = self._select(req, consumer, a1111.eas_values(req.alwayson_scripts))
         sampler = resolve_sampler(req.sampler_name, req.sampler_index, req.scheduler)
@@ -547,6 +550,7 @@ class Service:
             self.device.run(self.coldstart.import_runtime)
         if req.infotext:
             req = a1111.apply_infotext(req)
+        sent, req = req, self._styled(req)
         eas = a1111.eas_values(req.alwayson_scripts)
         job, selection = self._build_job(mode, req, consumer, eas)
         if meter is not None:
@@ -587,7 +591,7 @@ class Service:
                 meter.queue_wait_seconds = timings.get("queue_wait")
                 meter.model_load_seconds = timings.get("model_load")
         encode_started = time.perf_counter()
-        outcome = self._respond(mode, req, job, model, result, eas, selection.options)
+        outcome = self._respond(mode, req, job, model, result, eas, selection.options, sent)
         timings["encode"] = time.perf_counter() - encode_started
         if meter is not None:
             meter.generation_seconds = result.generation_seconds
@@ -769,9 +773,26 @@ class Service:
                                       self.settings.max_width, self.settings.max_height, hr_prompt)
         return hires, stages.refiner_plan(req, self.store, selection.checkpoint)
 
+    def _styled(self, req: GenerationRequest) -> GenerationRequest:
+        """`req` with its `styles` applied to the prompts (hires prompts too, when given), as A1111 does
+        before anything else; 422 naming `styles.<i>` for an unknown style."""
+        if not req.styles:
+            return req
+        update: dict[str, Any] = {}
+        update["prompt"], update["negative_prompt"] = self.styles.apply(req.prompt, req.negative_prompt, req.styles)
+        if isinstance(req, Txt2ImgRequest) and (req.hr_prompt or req.hr_negative_prompt):
+            hr, hr_negative = self.styles.apply(req.hr_prompt or req.prompt, req.hr_negative_prompt or req.negative_prompt,
+                                                req.styles)
+            update["hr_prompt"] = hr if req.hr_prompt else ""
+            update["hr_negative_prompt"] = hr_negative if req.hr_negative_prompt else ""
+        return req.model_copy(update=update)
+
     def _respond(self, mode: str, req: GenerationRequest, job: Any, model: Any, result: Any,
-                 eas: dict[str, Any], options: dict[str, Any]) -> Outcome:
-        """PNGs with their infotexts, optional saving, the A1111 response body and the image records."""
+                 eas: dict[str, Any], options: dict[str, Any], sent: GenerationRequest | None = None) -> Outcome:
+        """PNGs with their infotexts, optional saving, the A1111 response body and the image records. `req`
+        has its styles applied (the infotexts' prompts); `sent` is the request as sent, which `parameters`
+        echoes (A1111's `info.prompt` too)."""
+        sent = sent or req
         from pipelines.infotext import png_bytes
 
         extras = a1111.extra_params(req, job)
@@ -797,7 +818,7 @@ class Service:
                 self.storage, self.settings.outputs_dir, mode, pngs=pngs, seeds=result.seeds, images=result.images,
                 infotexts=infotexts, save_dir=eas.get("save_dir"),
                 grid=outputs.wants_grid(len(pngs), options)).images
-        parameters = req.model_dump(mode="json")
+        parameters = sent.model_dump(mode="json")
         if isinstance(req, Img2ImgRequest) and not req.include_init_images:
             parameters["init_images"] = None
             parameters["mask"] = None
@@ -812,6 +833,7 @@ class Service:
             pngs.insert(0, png_bytes(outputs.image_grid(result.images), infotexts[0]))
             infotexts.insert(0, infotexts[0])
         info = a1111.info_object(req, job, model, result, infotexts, extras, index_of_first_image=int(grid))
+        info["prompt"], info["negative_prompt"] = sent.prompt, sent.negative_prompt
         log.info("%s: %d image(s) %dx%d, %d steps, %.3f s generating", mode, len(pngs), job.width, job.height,
                  job.steps, result.generation_seconds)
         # "Save to DataBase": per request, else the setting; a client that sends an Idempotency-Key expects a
