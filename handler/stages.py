@@ -56,11 +56,13 @@ def hires_plan(req: Txt2ImgRequest, width: int, height: int, sampler: ResolvedSa
     if req.hr_sampler_name or req.hr_scheduler:
         hr_sampler = _resolve(req.hr_sampler_name or req.sampler_name, req.sampler_index,
                               req.hr_scheduler or req.scheduler, "hr_sampler_name" if req.hr_sampler_name else "hr_scheduler")
+    checkpoint = other_checkpoint(store, req.hr_checkpoint_name, "hr_checkpoint_name")
+    if checkpoint is not None:
+        checkpoint_arch(checkpoint, "hr_checkpoint_name")  # a file no pipeline loads is refused now, not after pass 1
     return HiresPlan(
         upscale_width=up_w, upscale_height=up_h, width=final_w, height=final_h, upscaler=upscaler,
         steps=req.hr_second_pass_steps or req.steps, denoising_strength=strength, sampler=hr_sampler,
-        prompt=prompt, negative_prompt=req.hr_negative_prompt or req.negative_prompt,
-        checkpoint=other_checkpoint(store, req.hr_checkpoint_name, "hr_checkpoint_name"))
+        prompt=prompt, negative_prompt=req.hr_negative_prompt or req.negative_prompt, checkpoint=checkpoint)
 
 
 def refiner_plan(req: Txt2ImgRequest, store: ModelStore, base: CheckpointEntry) -> RefinerPlan | None:
@@ -79,7 +81,7 @@ def refiner_plan(req: Txt2ImgRequest, store: ModelStore, base: CheckpointEntry) 
         raise InvalidRequest("refiner_checkpoint: the refiner together with hires fix is not offered; use one "
                              "of them", field="refiner_checkpoint")
     for field, checked in (("sd_model_checkpoint", base), ("refiner_checkpoint", entry)):
-        if checkpoint_arch(checked) != "sdxl":
+        if checkpoint_arch(checked, "refiner_checkpoint") != "sdxl":
             raise InvalidRequest(f"refiner_checkpoint: the refiner switch is offered for SDXL checkpoints; "
                                  f"{checked.name} ({field}) is not SDXL", field="refiner_checkpoint")
     return RefinerPlan(checkpoint=entry, switch_at=switch)
@@ -101,14 +103,20 @@ def other_checkpoint(store: ModelStore, name: str | None, field: str) -> Checkpo
                             field=field) from None
 
 
-def checkpoint_arch(entry: CheckpointEntry) -> str:
-    """"sd1" or "sdxl", read from the file's header or the folder's model_index.json (no loading)."""
+def checkpoint_arch(entry: CheckpointEntry, field: str) -> str:
+    """"sd1" or "sdxl", read from the file's header or the folder's model_index.json (no loading). A file of
+    another architecture (SD 2.x, the SDXL refiner's own one-encoder layout) or an unreadable one is a 422
+    naming `field`."""
+    from pipelines.errors import CheckpointError
     from pipelines.loading import config_dir_for
 
-    if entry.is_dir:
-        index = json.loads((entry.path / "model_index.json").read_text())
-        return "sdxl" if "XL" in str(index.get("_class_name", "")) else "sd1"
-    return config_dir_for(entry.path)[0].value
+    try:
+        if entry.is_dir:
+            index = json.loads((entry.path / "model_index.json").read_text())
+            return "sdxl" if "XL" in str(index.get("_class_name", "")) else "sd1"
+        return config_dir_for(entry.path)[0].value
+    except (CheckpointError, OSError, ValueError) as exc:
+        raise InvalidRequest(f"{field}: {getattr(exc, 'message', None) or exc}", field=field) from None
 
 
 def infotext_keys(req: Txt2ImgRequest, plan: HiresPlan | None, refiner: RefinerPlan | None, sampler: ResolvedSampler,

@@ -7,6 +7,8 @@ import json
 import os
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from tests.conftest import close_apps, decode_png, linked_data_root, make_settings
 
@@ -21,6 +23,9 @@ def root(data_dir, tmp_path_factory):
     models = root / "models" / "Stable-diffusion"
     os.link(models / "demo-sdxl.safetensors", models / "refiner-xl.safetensors")
     os.link(models / "demo-sd15.safetensors", models / "other-sd15.safetensors")
+    # the official refiner's own layout (one OpenCLIP encoder as embedders.0): not a loadable architecture yet
+    save_file({"conditioner.embedders.0.model.text_projection": torch.zeros(2, 2),
+               "model.diffusion_model.out.0.weight": torch.zeros(2)}, models / "refiner-arch.safetensors")
     return root
 
 
@@ -148,6 +153,7 @@ def test_hires_second_pass_on_another_checkpoint(client, app):
     ({"width": 640, "height": 64}, 422, "hr_scale"),  # 1280 > the 1024 limit of the test settings
     ({"hr_resize_x": 2048}, 422, "hr_resize_x"),
     ({"hr_checkpoint_name": "no-such-model"}, 404, "hr_checkpoint_name"),
+    ({"hr_checkpoint_name": "refiner-arch"}, 422, "hr_checkpoint_name"),
     ({"hr_sampler_name": "No Such Sampler"}, 422, "hr_sampler_name"),
 ])
 def test_hires_refusals_name_the_field(client, fields, status, field):
@@ -181,6 +187,7 @@ def test_refiner_switches_to_a_second_sdxl_checkpoint(client, app):
     ({"refiner_checkpoint": "refiner-xl", "refiner_switch_at": 0.5}, 422, "refiner_checkpoint"),  # SD 1.5 base
     ({"refiner_checkpoint": "no-such", "refiner_switch_at": 0.5, **XL}, 404, "refiner_checkpoint"),
     ({"refiner_checkpoint": "refiner-xl", **XL}, 422, "refiner_switch_at"),
+    ({"refiner_checkpoint": "refiner-arch", "refiner_switch_at": 0.5, **XL}, 422, "refiner_checkpoint"),
     ({"refiner_checkpoint": "refiner-xl", "refiner_switch_at": 0.5, "enable_hr": True, **XL}, 422, "refiner_checkpoint"),
 ])
 def test_refiner_refusals_name_the_field(client, fields, status, field):
