@@ -1,67 +1,178 @@
-"""Prompts longer than the text encoder's window, encoded as A1111 encodes them.
+"""Prompts encoded as A1111 encodes them: attention syntax, `BREAK`, and prompts past CLIP's 77-token window.
 
-CLIP sees 77 tokens: BOS, 75 of the prompt, EOS. diffusers cuts a longer prompt there; A1111
-(modules/sd_hijack_clip.py) does not:
+A1111 (modules/prompt_parser.py, sd_hijack_clip.py, sd_emphasis.py) does this with its "Original" emphasis,
+the default:
 
-- the prompt's tokens are split into chunks of 75; when a chunk fills up and a comma lies within the last 20
-  tokens (`comma_padding_backtrack`, 20 by default), the words after that comma move to the next chunk;
-- each chunk becomes BOS + tokens + EOS, padded to 77 (with EOS for SD 1.x, with the tokenizer's pad token
-  after the first EOS for SDXL's OpenCLIP encoder), and is encoded on its own;
-- the encodings are concatenated along the sequence (2 chunks: 154 positions);
-- every prompt of a batch gets the same number of chunks (empty chunks appended), and the negative prompts are
-  padded the same way (A1111's `pad_cond_uncond`): classifier-free guidance needs one shape for both;
-- SDXL's pooled embedding is the first chunk's.
+- `parse_prompt_attention` splits a prompt into (text, weight) fragments: `(a)` x1.1, `[a]` x1/1.1, `(a:1.3)`
+  x1.3, nesting multiplies, `\\(` `\\)` `\\[` `\\]` `\\\\` are literal (a lone backslash is dropped), brackets
+  left open weight the rest of the prompt, a stray closing bracket is text, the upper-case word `BREAK` becomes
+  the marker `("BREAK", -1.0)`, and neighbours of equal weight merge. Being A1111's list, its quirks come
+  along: a `BREAK` inside brackets gets weighted, stops being the marker, and is encoded as the word "break".
+- each fragment is tokenized on its own and every token carries its fragment's weight; the tokens are cut into
+  chunks of 75: when a chunk fills up and a comma lies within its last 20 tokens (`comma_padding_backtrack`),
+  the words after that comma move to the next chunk; a `BREAK` ends the chunk where it stands;
+- each chunk becomes BOS + tokens + EOS, padded to 77 (with EOS for SD 1.x and SDXL's CLIP-L, with the
+  tokenizer's pad token after the first EOS for SDXL's OpenCLIP encoder; BOS, EOS and padding weigh 1.0),
+  and is encoded on its own; then emphasis: `z * weight` per position, rescaled so the chunk's mean over
+  all positions and channels is what it was before weighting. SDXL does this per encoder; its pooled
+  embedding is the first chunk's, unweighted;
+- a prompt's chunk encodings are concatenated along the sequence (2 chunks: 154 positions). Shorter prompts of
+  a batch repeat their last position up to the longest (A1111's `reconstruct_multicond_batch`), and the side
+  with fewer chunks, prompts or negative prompts, gets the encoding of an empty prompt appended per missing
+  chunk (A1111's `pad_cond_uncond`): the pipeline's classifier-free guidance needs one shape for both.
 
-Prompts within the window are not handled here: the pipeline's own encoding gives the same result for them.
-Attention syntax (`(word:1.2)`, `BREAK`) is not parsed; that is the prompt-parity work.
+A prompt without this syntax that fits the window is left to the pipeline's own encoding, which gives the same
+result (`needs_chunks` says which). The `compel` library is not used: its syntax differs (`word++`,
+`(word)1.3`), and it has neither A1111's mean-restoring emphasis nor `BREAK` and the comma backtrack.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from pipelines.errors import InvalidParameter
+
 CHUNK = 75  # prompt tokens per chunk: 77 positions less BOS and EOS
 COMMA_BACKTRACK = 20  # A1111's `comma_padding_backtrack` default
+ROUND = 1.1  # `(text)`
+SQUARE = 1 / 1.1  # `[text]`: a multiplication by this constant, as A1111 does, so weights match to the bit
+BREAK = ("BREAK", -1.0)  # A1111's chunk-break marker in the parsed list
+
+Fragment = tuple[str, float]
+Token = tuple[int, float]  # a token id and its weight
+
+# A1111's tokens, in its order: escapes (a backslash before anything else escapes nothing), openers,
+# `:weight)`, closers, plain text, a lone colon.
+_ATTENTION = re.compile(r"""
+\\\(|\\\)|\\\[|\\]|\\\\|\\|
+\(|\[|
+:([+-]?[.\d]+)\)|
+\)|]|
+[^\\()\[\]:]+|
+:
+""", re.VERBOSE)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
+_SYNTAX = re.compile(r"[()\[\]\\]|BREAK")  # text without these parses to itself, weight 1.0
+
+
+def parse_prompt_attention(text: str) -> list[Fragment]:
+    """`text` as A1111's (text, weight) fragments, `BREAK` as the `BREAK` marker; never empty (`""` gives
+    `[("", 1.0)]`). A weight that is not a number, such as `(a:1.2.3)`, raises ValueError (A1111 fails there
+    too)."""
+    parts: list[list[Any]] = []  # [text, weight]; weights change in place as brackets close
+    rounds: list[int] = []  # where each open `(` started in `parts`
+    squares: list[int] = []
+
+    def scale(start: int, by: float) -> None:
+        for part in parts[start:]:
+            part[1] *= by
+
+    for match in _ATTENTION.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            parts.append([token[1:], 1.0])
+        elif token == "(":
+            rounds.append(len(parts))
+        elif token == "[":
+            squares.append(len(parts))
+        elif weight is not None and rounds:
+            scale(rounds.pop(), _number(weight))
+        elif token == ")" and rounds:
+            scale(rounds.pop(), ROUND)
+        elif token == "]" and squares:
+            scale(squares.pop(), SQUARE)
+        else:
+            for i, piece in enumerate(_BREAK.split(token)):
+                if i:
+                    parts.append(list(BREAK))
+                parts.append([piece, 1.0])
+    for start in rounds:  # unbalanced: the multiplier reaches the end of the prompt
+        scale(start, ROUND)
+    for start in squares:
+        scale(start, SQUARE)
+    merged: list[list[Any]] = []
+    for part in parts or [["", 1.0]]:
+        if merged and merged[-1][1] == part[1]:
+            merged[-1][0] += part[0]
+        else:
+            merged.append(part)
+    return [(t, w) for t, w in merged]
+
+
+def uses_attention(text: str) -> bool:
+    """True when `text` holds attention syntax or `BREAK` that changes it: anything but one fragment equal to
+    `text` with weight 1.0 (so `(a:1.0)`, which must lose its brackets, counts; a malformed weight counts)."""
+    if not _SYNTAX.search(text):
+        return False
+    try:
+        return parse_prompt_attention(text) != [(text, 1.0)]
+    except ValueError:
+        return True
 
 
 def needs_chunks(pipe: Any, texts: list[str]) -> bool:
-    """True when any of `texts` has more than 75 tokens for one of `pipe`'s tokenizers."""
+    """True when any of `texts` needs `chunked_embeds`: it uses attention syntax or `BREAK`, or has more than
+    75 tokens for one of `pipe`'s tokenizers. False means the pipeline's own encoding equals A1111's."""
+    if any(uses_attention(text) for text in texts):
+        return True
     return any(len(ids) > CHUNK for tokenizer in _tokenizers(pipe) for ids in _token_ids(tokenizer, texts))
 
 
 def chunked_embeds(pipe: Any, prompts: list[str], negatives: list[str], clip_skip: int, sdxl: bool) -> dict[str, Any]:
     """Pipeline arguments (`prompt_embeds`, `negative_prompt_embeds`, and SDXL's pooled pair) encoding `prompts`
-    and `negatives` in 75-token chunks. `clip_skip` is A1111's (1 = the last layer; SDXL counts from its
-    penultimate layer, as A1111 and diffusers do)."""
-    texts = prompts + negatives
-    per_tokenizer = [[_chunks(ids, _comma_id(tokenizer)) for ids in _token_ids(tokenizer, texts)]
-                     for tokenizer in _tokenizers(pipe)]
-    count = max(len(chunks) for all_chunks in per_tokenizer for chunks in all_chunks)
-    hidden, pooled = [], None
+    and `negatives` as A1111 does: attention weights, `BREAK`, 75-token chunks, both sides padded to one length.
+    `clip_skip` is A1111's (1 = the last layer; SDXL counts from its penultimate layer, as diffusers does).
+    A malformed attention weight is an InvalidParameter naming `prompt` or `negative_prompt`."""
+    texts = list(dict.fromkeys(prompts + negatives))  # each distinct text is encoded once
+    fragments = {text: _parse(text, "prompt") for text in dict.fromkeys(prompts)}
+    fragments.update({text: _parse(text, "negative_prompt") for text in negatives if text not in fragments})
     encoders = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else [pipe.text_encoder]
-    for tokenizer, encoder, all_chunks in zip(_tokenizers(pipe), encoders, per_tokenizer):
-        rows = [_window(tokenizer, chunks[i] if i < len(chunks) else [])
-                for chunks in all_chunks for i in range(count)]
-        ids = torch.tensor(rows, dtype=torch.long, device=encoder.device)
-        with torch.inference_mode():
-            out = encoder(ids, output_hidden_states=True)
-            if sdxl:
-                states = out.hidden_states[-(clip_skip + 1)]
-                if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds, one per window
-                    pooled = out[0].reshape(len(texts), count, -1)[:, 0]
-            else:
-                norm = getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
-                states = norm(out.hidden_states[-clip_skip])
-        hidden.append(states.reshape(len(texts), count * states.shape[1], states.shape[2]))
-    embeds = torch.cat(hidden, dim=-1).to(dtype=pipe.unet.dtype)
-    n = len(prompts)
-    args: dict[str, Any] = {"prompt_embeds": embeds[:n], "negative_prompt_embeds": embeds[n:]}
+    tokenizers = _tokenizers(pipe)[: len(encoders)]
+    per_tokenizer = [[_chunks(_weighted_tokens(tokenizer, fragments[text]), _comma_id(tokenizer)) for text in texts]
+                     for tokenizer in tokenizers]
+    counts = [max(len(chunks[i]) for chunks in per_tokenizer) for i in range(len(texts))]
+    firsts = [sum(counts[:i]) for i in range(len(texts))]  # each text's first window
+    hidden, empty, pooled = [], [], None
+    for tokenizer, encoder, all_chunks in zip(tokenizers, encoders, per_tokenizer):
+        windows = [_window(tokenizer, chunks[k] if k < len(chunks) else [])
+                   for chunks, count in zip(all_chunks, counts) for k in range(count)]
+        windows.append(_window(tokenizer, []))  # the empty prompt, for padding
+        states, text_embeds = _encode(encoder, windows, clip_skip, sdxl)
+        if text_embeds is not None:
+            pooled = text_embeds[firsts]
+        hidden.append(list(states[:-1].split(counts)))
+        empty.append(states[-1])
+    per_text = {text: torch.cat([parts[i].flatten(0, 1) for parts in hidden], dim=-1) for i, text in enumerate(texts)}
+    empty_chunk = torch.cat(empty, dim=-1)
+    sides = [_side([per_text[t] for t in prompts]), _side([per_text[t] for t in negatives])]
+    length = max(side.shape[1] for side in sides)
+    sides = [_pad(side, empty_chunk, length) for side in sides]
+    dtype = pipe.unet.dtype
+    args: dict[str, Any] = {"prompt_embeds": sides[0].to(dtype=dtype),
+                            "negative_prompt_embeds": sides[1].to(dtype=dtype)}
     if sdxl:
-        pooled = pooled.to(dtype=pipe.unet.dtype)
-        args["pooled_prompt_embeds"], args["negative_pooled_prompt_embeds"] = pooled[:n], pooled[n:]
+        index = {text: i for i, text in enumerate(texts)}
+        args["pooled_prompt_embeds"] = pooled[[index[t] for t in prompts]].to(dtype=dtype)
+        args["negative_pooled_prompt_embeds"] = pooled[[index[t] for t in negatives]].to(dtype=dtype)
     return args
+
+
+def _number(weight: str) -> float:
+    try:
+        return float(weight)
+    except ValueError:
+        raise ValueError(f"attention weight '{weight}' is not a number") from None
+
+
+def _parse(text: str, field: str) -> list[Fragment]:
+    try:
+        return parse_prompt_attention(text)
+    except ValueError as e:
+        raise InvalidParameter(f"{field}: {e}", field=field) from None
 
 
 def _tokenizers(pipe: Any) -> list[Any]:
@@ -76,19 +187,34 @@ def _comma_id(tokenizer: Any) -> int | None:
     return tokenizer.get_vocab().get(",</w>")
 
 
-def _chunks(ids: list[int], comma: int | None) -> list[list[int]]:
-    """`ids` split into chunks of at most 75, breaking after a comma near a chunk's end (A1111's rule).
-    An empty prompt is one empty chunk."""
-    chunks: list[list[int]] = []
-    chunk: list[int] = []
+def _weighted_tokens(tokenizer: Any, fragments: list[Fragment]) -> list[Token | None]:
+    """Each fragment tokenized on its own (as A1111 does: `a(b)` is two words), its tokens carrying its
+    weight; None where a `BREAK` marker stands."""
+    tokens: list[Token | None] = []
+    for (text, weight), ids in zip(fragments, _token_ids(tokenizer, [text for text, _ in fragments])):
+        if (text, weight) == BREAK:
+            tokens.append(None)
+        else:
+            tokens.extend((token, weight) for token in ids)
+    return tokens
+
+
+def _chunks(tokens: Sequence[Token | None], comma: int | None) -> list[list[Token]]:
+    """`tokens` split into chunks of at most 75, breaking after a comma near a chunk's end and at each None
+    (`BREAK`), by A1111's rules. An empty prompt is one empty chunk; a trailing `BREAK` adds none."""
+    chunks: list[list[Token]] = []
+    chunk: list[Token] = []
     last_comma = -1
-    for token in ids:
-        if token == comma:
+    for token in tokens:
+        if token is None:
+            chunks.append(chunk)
+            chunk, last_comma = [], -1
+            continue
+        if token[0] == comma:
             last_comma = len(chunk)
         elif len(chunk) == CHUNK and last_comma != -1 and len(chunk) - last_comma <= COMMA_BACKTRACK:
-            chunk, moved = chunk[: last_comma + 1], chunk[last_comma + 1 :]
-            chunks.append(chunk)
-            chunk, last_comma = moved, -1
+            chunks.append(chunk[: last_comma + 1])
+            chunk, last_comma = chunk[last_comma + 1 :], -1
         if len(chunk) == CHUNK:
             chunks.append(chunk)
             chunk, last_comma = [], -1
@@ -98,7 +224,53 @@ def _chunks(ids: list[int], comma: int | None) -> list[list[int]]:
     return chunks
 
 
-def _window(tokenizer: Any, chunk: list[int]) -> list[int]:
-    """BOS + chunk + EOS, padded to 77 with the tokenizer's pad token (EOS for SD 1.x's tokenizer)."""
+def _window(tokenizer: Any, chunk: list[Token]) -> tuple[list[int], list[float]]:
+    """BOS + chunk + EOS, padded to 77 with the tokenizer's pad token (EOS for SD 1.x's tokenizer), and the
+    weights of those 77 positions."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return [tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id] + [pad] * (CHUNK - len(chunk))
+    ids = [tokenizer.bos_token_id, *(token for token, _ in chunk), tokenizer.eos_token_id]
+    ids += [pad] * (CHUNK - len(chunk))
+    weights = [1.0, *(weight for _, weight in chunk)] + [1.0] * (CHUNK + 1 - len(chunk))
+    return ids, weights
+
+
+def _encode(encoder: Any, windows: list[tuple[list[int], list[float]]], clip_skip: int,
+            sdxl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states [windows, 77, width] with emphasis applied, and the projected text embeddings [windows,
+    width] where `encoder` has a projection (SDXL's second)."""
+    ids = torch.tensor([w[0] for w in windows], dtype=torch.long, device=encoder.device)
+    weights = torch.tensor([w[1] for w in windows], dtype=torch.float32, device=encoder.device)
+    text_embeds = None
+    with torch.inference_mode():
+        out = encoder(ids, output_hidden_states=True)
+        if sdxl:
+            states = out.hidden_states[-(clip_skip + 1)]
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds, one per window, never weighted
+                text_embeds = out[0]
+        else:
+            norm = getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
+            states = norm(out.hidden_states[-clip_skip])
+        weighted = (weights != 1.0).any(dim=1)
+        if weighted.any():  # unweighted windows stay bit-exact (the rescale would multiply by mean/mean)
+            z = states[weighted].float()
+            before = z.mean(dim=(1, 2), keepdim=True)
+            z = z * weights[weighted].unsqueeze(-1)
+            z = z * (before / z.mean(dim=(1, 2), keepdim=True))
+            states = states.clone()
+            states[weighted] = z.to(states.dtype)
+    return states, text_embeds
+
+
+def _side(rows: list[torch.Tensor]) -> torch.Tensor:
+    """One side's [positions, width] encodings as a batch, the shorter ones repeating their last position."""
+    length = max(row.shape[0] for row in rows)
+    return torch.stack([torch.cat([row, row[-1:].expand(length - row.shape[0], -1)]) for row in rows])
+
+
+def _pad(side: torch.Tensor, empty_chunk: torch.Tensor, length: int) -> torch.Tensor:
+    """`side` [batch, positions, width] with the empty prompt's chunk appended up to `length` positions."""
+    missing = (length - side.shape[1]) // empty_chunk.shape[0]
+    if not missing:
+        return side
+    pad = empty_chunk.repeat(missing, 1).unsqueeze(0).expand(side.shape[0], -1, -1)
+    return torch.cat([side, pad], dim=1)

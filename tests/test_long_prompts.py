@@ -26,19 +26,24 @@ def _sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
+def _id_chunks(ids: list[int], comma: int | None) -> list[list[int]]:
+    """`_chunks` on unweighted ids, as ids."""
+    return [[token for token, _ in chunk] for chunk in _chunks([(token, 1.0) for token in ids], comma)]
+
+
 def test_chunks_are_75_tokens_and_break_after_a_nearby_comma():
     comma = 99
-    assert _chunks([], comma) == [[]]
-    assert _chunks(list(range(75)), comma) == [list(range(75))]
-    assert [len(c) for c in _chunks(list(range(160)), None)] == [75, 75, 10]
+    assert _id_chunks([], comma) == [[]]
+    assert _id_chunks(list(range(75)), comma) == [list(range(75))]
+    assert [len(c) for c in _id_chunks(list(range(160)), None)] == [75, 75, 10]
     # a comma at position 60: the chunk ends after it and the 14 words after it start the next chunk
     ids = list(range(60)) + [comma] + list(range(100, 130))
-    chunks = _chunks(ids, comma)
+    chunks = _id_chunks(ids, comma)
     assert chunks[0] == list(range(60)) + [comma]
     assert chunks[1] == list(range(100, 130))
     # a comma further back than 20 tokens is not used
     ids = list(range(40)) + [comma] + list(range(100, 150))
-    assert [len(c) for c in _chunks(ids, comma)] == [75, 16]
+    assert [len(c) for c in _id_chunks(ids, comma)] == [75, 16]
 
 
 def test_one_chunk_encodes_as_the_pipeline_does(pipe):
