@@ -42,6 +42,7 @@ from handler.storage import make_storage
 from handler.tasks import TaskRunner, TaskStore, check_callback_url, public_view
 from pipelines.errors import ModelNotFound
 from pipelines.hashing import HashCache, addnet_hash
+from pipelines.prompts import parse_prompt_attention
 from pipelines.styles import StyleStore
 from pipelines.embeddings import EmbeddingStore, encoder_dims
 from pipelines.lora import LoraAdapters, LoraStore
@@ -466,9 +467,17 @@ class Service:
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             if getattr(req, name) not in (-1, 0):
                 raise InvalidRequest(f"{name}: seed resize is not offered", field=name)
-        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+        texts = [("prompt", req.prompt), ("negative_prompt", req.negative_prompt)]
+        if isinstance(req, Txt2ImgRequest) and req.enable_hr:
+            texts += [("hr_prompt", req.hr_prompt), ("hr_negative_prompt", req.hr_negative_prompt)]
+        for name, text in texts:
             if len(text) > s.max_prompt_chars:
                 raise InvalidRequest(f"{name}: longer than {s.max_prompt_chars} characters", field=name)
+            try:
+                parse_prompt_attention(text)
+            except ValueError:  # `(word:1.2.3)`: A1111 fails there too; the message never quotes the prompt
+                raise InvalidRequest(f"{name}: an attention weight such as (word:1.2) is not a number",
+                                     field=name) from None
         if req.steps > s.max_steps:
             raise InvalidRequest(f"steps: at most {s.max_steps}", field="steps")
         width, height = stages.first_pass_size(req) if isinstance(req, Txt2ImgRequest) else (req.width, req.height)

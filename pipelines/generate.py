@@ -454,6 +454,27 @@ def _prompt_args(pipe: Any, arch: str, job: ImageJob, prompts: list[str], negati
     else:
         args["prompt"] = prompts
         args["negative_prompt"] = negatives
+    if arch == "sdxl" and not any(negatives):
+        _zero_negatives(pipe, args)
+
+
+def _zero_negatives(pipe: Any, args: dict[str, Any]) -> None:
+    """SDXL with every negative prompt empty: A1111 zeroes the negative text conditioning (embeddings and
+    pooled), as diffusers' `force_zeros_for_empty_prompt` does for a negative prompt of None."""
+    if "prompt_embeds" in args:
+        for key in ("negative_prompt_embeds", "negative_pooled_prompt_embeds"):
+            if key in args:
+                args[key] = torch.zeros_like(args[key])
+        return
+    if pipe.config.get("force_zeros_for_empty_prompt", False):
+        args["negative_prompt"] = None
+        return
+    encoded = pipe.encode_prompt(prompt=args.pop("prompt"), device=pipe.unet.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=True, negative_prompt=args.pop("negative_prompt"),
+                                 clip_skip=args.pop("clip_skip", None))
+    embeds, negative, pooled, negative_pooled = encoded
+    args.update(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(negative),
+                pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=torch.zeros_like(negative_pooled))
 
 
 def _image_inputs(pipe: Any, job: ImageJob, first: int, seeds: list[int], args: dict[str, Any]) -> list[Image.Image]:
@@ -492,7 +513,7 @@ def _one_image_runs(args: dict[str, Any], n: int) -> list[dict[str, Any]]:
     for i in range(n):
         run = dict(args)
         for key in ("prompt", "negative_prompt", "generator"):
-            if key in run:
+            if run.get(key) is not None:
                 run[key] = [args[key][i]]
         for key in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"):
             if key in run:

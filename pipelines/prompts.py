@@ -255,7 +255,11 @@ def _encode(encoder: Any, windows: list[tuple[list[int], list[float]]], clip_ski
             z = states[weighted].float()
             before = z.mean(dim=(1, 2), keepdim=True)
             z = z * weights[weighted].unsqueeze(-1)
-            z = z * (before / z.mean(dim=(1, 2), keepdim=True))
+            ratio = before / z.mean(dim=(1, 2), keepdim=True)
+            # A chunk whose mean is ~0 (random-weight encoders such as the demo's; never a trained CLIP) would be
+            # scaled by ~1/0: there the weighted values are kept as they are instead of becoming inf or NaN.
+            sane = torch.isfinite(ratio) & (ratio > 0.1) & (ratio < 10.0)
+            z = torch.where(sane, z * ratio, z)
             states = states.clone()
             states[weighted] = z.to(states.dtype)
     return states, text_embeds
