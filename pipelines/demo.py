@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -196,3 +197,67 @@ def write_demo_lora(path: Path, kind: str = "demo-sd15", *, fmt: str = "kohya", 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"ss_network_dim": str(rank), **(metadata or {})})
     return path
+
+
+DEMO_CONTROLNET_CONFIG: dict[str, str] = {"demo-sd15": "controlnet-demo-sd15", "demo-sdxl": "controlnet-demo-sdxl"}
+DEMO_CONTROLNET_STEM: dict[str, str] = {"demo-sd15": "demo-controlnet-sd15", "demo-sdxl": "demo-controlnet-sdxl"}
+_CONTROLNET_OWN = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+
+
+def build_demo_controlnet(kind: str = "demo-sd15", seed: int = 0) -> torch.nn.Module:
+    """A tiny ControlNetModel for the demo model `kind`, shaped by `configs/controlnet-demo-*`.
+
+    Its UNet half starts from the demo UNet's weights (as a trained ControlNet does); the hint encoder and the
+    output convolutions, which diffusers initialises to zero (a ControlNet that changes nothing), get seeded
+    random weights so that the control image visibly steers the image. Deterministic for a seed;
+    float16-representable like the demo models.
+    """
+    if kind not in DEMO_CONTROLNET_CONFIG:
+        raise ValueError(f"unknown demo model {kind!r}; expected one of {sorted(DEMO_CONTROLNET_CONFIG)}")
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(DEMO_SEED)  # the same UNet weights build_demo_pipeline(kind) gets
+    unet = _round_to_file_dtype(_build_unet(CONFIG_ROOT / DEMO_MODELS[kind]))
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_config(
+        ControlNetModel.load_config(str(CONFIG_ROOT / DEMO_CONTROLNET_CONFIG[kind])))
+    own = unet.state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in controlnet.named_parameters():
+            if name.startswith(_CONTROLNET_OWN):
+                fan_in = param[0].numel() if param.ndim > 1 else param.shape[0]
+                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(fan_in))
+            else:
+                param.copy_(own[name])
+    return _round_to_file_dtype(controlnet)
+
+
+def write_demo_controlnet(path: Path, kind: str = "demo-sd15", seed: int = 0) -> Path:
+    """Write `build_demo_controlnet(kind, seed)` to `path` as one float16 `.safetensors` file in the layout
+    A1111 users have: SD 1.5 in the original LDM layout (`control_model.input_blocks...`, `zero_convs`,
+    `input_hint_block`, `middle_block_out`), SDXL in the diffusers layout (as the diffusers_xl_* files are),
+    with metadata {"sdfunc_config": <config folder>}. Atomic (temp + rename); same bytes for the same input."""
+    from pipelines.controlnet import controlnet_to_ldm
+
+    controlnet = build_demo_controlnet(kind, seed)
+    state = controlnet.state_dict()
+    tensors = controlnet_to_ldm(state, controlnet.config) if kind == "demo-sd15" else dict(state)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path, [layout_of(tensors, FILE_DTYPE)], [tensors],
+                      {METADATA_CONFIG_KEY: DEMO_CONTROLNET_CONFIG[kind]})
+    logger.info("wrote demo ControlNet %s (%d bytes)", path.name, path.stat().st_size)
+    return path
+
+
+def write_demo_controlnets(controlnet_dir: Path, *, kinds: Iterable[str] = ("demo-sd15", "demo-sdxl"),
+                           force: bool = False) -> list[Path]:
+    """`<data>/models/ControlNet/demo-controlnet-sd15.safetensors` (and -sdxl), kept if present unless `force`."""
+    paths = []
+    for kind in kinds:
+        path = Path(controlnet_dir) / f"{DEMO_CONTROLNET_STEM[kind]}.safetensors"
+        if not path.exists() or force:
+            write_demo_controlnet(path, kind)
+        paths.append(path)
+    return paths
