@@ -13,6 +13,7 @@ from handler.errors import InvalidRequest
 from handler.schemas import GenerationRequest
 
 EAS_KEYS = ("sd_model_checkpoint", "sd_vae", "save_dir", "image_link", "id_task", "uid", "save_to_db")
+SCRIPTS = ("controlnet",)  # always-on scripts sdfunc implements (keys matched case-insensitively, as A1111 does)
 _FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 SEED_RANGE = 4294967294  # A1111: random.randrange(4294967294)
 VERSION_TAG = f"sdfunc-{__version__}"
@@ -47,6 +48,8 @@ def eas_values(scripts: dict[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in scripts.items():
         field = f"alwayson_scripts.{key}"
+        if key.lower() in SCRIPTS:  # a script sdfunc runs: its args are read by its own parser
+            continue
         if key not in EAS_KEYS:
             if isinstance(value, dict) and value.get("args") in (None, []):
                 continue
@@ -71,6 +74,20 @@ def eas_values(scripts: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequest("alwayson_scripts.image_link: an http or https URL of at most 2048 characters "
                              "is required", field="alwayson_scripts.image_link")
     return values
+
+
+def script_args(scripts: dict[str, Any], name: str) -> tuple[str, list[Any]] | None:
+    """(field, args) of the always-on script `name` in `alwayson_scripts` (any letter case), None when the
+    request does not use it; `args` must be a list (422 naming the field)."""
+    for key, value in scripts.items():
+        if key.lower() != name:
+            continue
+        field = f"alwayson_scripts.{key}.args"
+        args = value.get("args") if isinstance(value, dict) else None
+        if not isinstance(args, list):
+            raise InvalidRequest(f"{field}: a list of units is required", field=field)
+        return field, args
+    return None
 
 
 # Infotext keys -> request fields and how to read their text (A1111 fills the fields a request did not set).

@@ -13,7 +13,7 @@ import time
 from flask import Response, g, request
 from flask_openapi3 import Info, OpenAPI
 
-from handler import __version__, account, downloads, fc, metering, routes, web
+from handler import __version__, account, controlnet_api, downloads, fc, metering, routes, web
 from handler.billing import decimal_text
 from handler.errors import (
     ErrorModel,
@@ -29,7 +29,7 @@ from handler.settings import Settings
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-AUTHENTICATED_BLUEPRINTS = ("sdapi", "account", "downloads")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/lifecycle.py)
+AUTHENTICATED_BLUEPRINTS = ("sdapi", "controlnet", "account", "downloads")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/lifecycle.py)
 GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 # Answered by gunicorn before the app sees the request (an HTML body): documented so clients expect them.
 GUNICORN_REFUSALS = {
@@ -134,6 +134,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
 
     register_error_handlers(app)
     app.register_api(routes.bp)
+    app.register_api(controlnet_api.bp)
     app.register_api(fc.bp)
     app.register_api(account.bp)
     app.register_api(downloads.bp)

@@ -45,15 +45,28 @@ def ensure_models(settings, *, force: bool = False) -> list[Path]:
 
     settings.ensure_layout()
     store = ModelStore(settings.checkpoints_dir, settings.vae_dir, HashCache(None))
-    if store.checkpoints and not force:
-        return []
-    from pipelines.demo import write_demo_models
+    paths: list[Path] = []
+    if not store.checkpoints or force:
+        from pipelines.demo import write_demo_models
 
-    log.info("building the tiny demo checkpoints in %s (random weights, no download)", settings.checkpoints_dir)
-    paths = write_demo_models(settings.checkpoints_dir, force=force)
+        log.info("building the tiny demo checkpoints in %s (random weights, no download)", settings.checkpoints_dir)
+        paths = write_demo_models(settings.checkpoints_dir, force=force)
+    paths += _demo_controlnets(settings, force=force)
     for path in paths:
         log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return paths
+
+
+def _demo_controlnets(settings, *, force: bool) -> list[Path]:
+    """The tiny demo ControlNets, for the demo checkpoints, when the ControlNet folder holds no model."""
+    folder = settings.models_dir / "ControlNet"
+    if not (settings.checkpoints_dir / "demo-sd15.safetensors").is_file():
+        return []
+    if not force and any(folder.glob("*.safetensors")):
+        return []
+    from pipelines.demo import write_demo_controlnets
+
+    return write_demo_controlnets(folder, force=force)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -39,10 +39,12 @@ MAX_SAVE_DIR_CHARS = 1024
 
 @dataclass
 class Saved:
-    """What one request wrote: the images' URLs (in image order) and the grid's, if one was made."""
+    """What one request wrote: the images' URLs (in image order), the grid's if one was made, and the ControlNet
+    detected maps' (PAI-EAS `image_mask_url`)."""
 
     images: list[str] = field(default_factory=list)
     grid: str | None = None
+    maps: list[str] = field(default_factory=list)
 
 
 def _refuse(reason: str) -> InvalidRequest:
@@ -122,9 +124,10 @@ def wants_grid(count: int, options: dict[str, Any]) -> bool:
 
 def save_outputs(storage: Storage, outputs_root: Path, mode: str, *, pngs: Sequence[bytes], seeds: Sequence[int],
                  images: Sequence[Image.Image], infotexts: Sequence[str], save_dir: str | None,
-                 grid: bool) -> Saved:
-    """Write a request's PNGs (and its grid when `grid`) and return their URLs. StorageUnavailable (503)
-    when the storage refuses a write."""
+                 grid: bool, maps: Sequence[bytes] = ()) -> Saved:
+    """Write a request's PNGs (its grid when `grid`, its ControlNet detected maps next to the images as
+    `<time>-<id>-controlnet-<i>.png`) and return their URLs. StorageUnavailable (503) when the storage refuses
+    a write."""
     from pipelines.infotext import png_bytes
 
     folder = check_save_dir(save_dir, storage, outputs_root)
@@ -145,6 +148,9 @@ def save_outputs(storage: Storage, outputs_root: Path, mode: str, *, pngs: Seque
             data = png_bytes(image_grid(images), infotexts[0] if infotexts else "")
             written.append(f"{mode}-grids/{day}/grid-{stamp}-{rid}.png")
             saved.grid = storage.put(written[-1], data)
+        for i, data in enumerate(maps):
+            written.append(f"{base}/{stamp}-{rid}-controlnet-{i}.png")
+            saved.maps.append(storage.put(written[-1], data))
     except ValueError:  # a symlink swapped in after the check: the key would leave the root
         _remove(storage, written)
         if folder is None:

@@ -77,8 +77,8 @@ def submit(mode: str, body: GenerationRequest, query: GenerationQuery):
     consumer = charged_consumer(body)
     image_link = eas_values(body.alwayson_scripts).get("image_link")
     if mode == "txt2img" and image_link:
-        raise InvalidRequest("alwayson_scripts.image_link: txt2img takes no input image (ControlNet input is not "
-                             "offered yet); use img2img", field="alwayson_scripts.image_link")
+        raise InvalidRequest("alwayson_scripts.image_link: txt2img takes no input image; use img2img, or give "
+                             "a ControlNet unit its own image_link", field="alwayson_scripts.image_link")
     if not async_requested(query):
         return jsonify((service().txt2img if mode == "txt2img" else service().img2img)(body, consumer))
     tag, callback = query.task_id, query.callback_url
@@ -177,8 +177,8 @@ def latent_upscale_modes():
 
 @bp.get("/scripts", responses={200: ScriptsList})
 def scripts():
-    """Installed scripts (none yet)."""
-    return jsonify({"txt2img": [], "img2img": []})
+    """Installed scripts: the always-on ControlNet (alwayson_scripts.controlnet)."""
+    return jsonify({"txt2img": ["controlnet"], "img2img": ["controlnet"]})
 
 
 @bp.get("/prompt-styles", responses={200: {"content": {"application/json": {"schema": {

@@ -102,7 +102,11 @@ class GenerationRequest(A1111Model):
     save_images: bool = Field(False, description="Write the images under <data>/outputs.")
     alwayson_scripts: dict[str, Any] = Field(
         default_factory=dict,
-        description="Always-on scripts, and the PAI-EAS keys sd_model_checkpoint, sd_vae, save_dir, image_link, id_task, uid.",
+        description="Always-on scripts, and the PAI-EAS keys sd_model_checkpoint, sd_vae, save_dir, image_link, id_task, "
+        "uid. `controlnet: {\"args\": [unit, ...]}` takes sd-webui-controlnet units (up to 4): image (base64) or "
+        "image_link, mask, module (GET /controlnet/module_list), model (GET /controlnet/model_list), weight, "
+        "resize_mode, processor_res, threshold_a, threshold_b, guidance_start, guidance_end, control_mode, "
+        "pixel_perfect, hr_option, save_detected_map, enabled.",
     )
     force_task_id: str | None = Field(None, max_length=200)
     infotext: str | None = Field(None, max_length=MAX_TEXT, description="An infotext; fields the request does not set are taken from it.")

@@ -8,6 +8,7 @@ Nothing heavy happens in the constructor: torch and diffusers load on first use 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -30,7 +31,7 @@ from handler.coldstart import ColdStart
 from handler.db import Database
 from handler.errors import Busy, InvalidRequest, NotReady, Timeout, out_of_memory
 from handler.executor import DeviceExecutor, JobTimeout
-from handler.images import b64, decode_image
+from handler.images import b64, decode_image, read_image
 from handler.ledger import ImageRecord, Ledger
 from handler.logs import flush_logs
 from handler.metrics import Metrics
@@ -43,6 +44,7 @@ from handler.tasks import TaskRunner, TaskStore, check_callback_url, public_view
 from pipelines.errors import ModelNotFound
 from pipelines.hashing import HashCache, addnet_hash
 from pipelines.prompts import parse_prompt_attention
+from pipelines.controlnet import ControlNetStore
 from pipelines.styles import StyleStore
 from pipelines.embeddings import EmbeddingStore, encoder_dims
 from pipelines.lora import LoraAdapters, LoraStore
@@ -58,6 +60,9 @@ class Outcome:
     response: dict[str, Any]
     records: list[ImageRecord]
     generation_seconds: float
+
+
+CONTROLNET_CACHE = 2  # ControlNet models kept loaded (A1111's control_net_model_cache_size default)
 
 
 @dataclass
@@ -89,6 +94,8 @@ class Service:
         self.lora_adapters = LoraAdapters(settings.max_loaded_loras)
         self.embeddings = EmbeddingStore(settings.data_dir / "embeddings", self.store.hashes)
         self.styles = StyleStore(settings.data_dir / "styles.csv")
+        self.controlnets = ControlNetStore(settings.models_dir / "ControlNet")
+        self._controlnet_models: collections.OrderedDict[tuple[str, str, str], Any] = collections.OrderedDict()
         self.options_store: OptionsStore = options_store or MemoryOptionsStore()
         self.storage = make_storage(settings)
         self.progress = Progress()
@@ -380,7 +387,8 @@ class Service:
         selection = self._select(req, consumer, a1111.eas_values(req.alwayson_scripts))
         sampler = resolve_sampler(req.sampler_name, req.sampler_index, req.scheduler)
         self.loras.resolve(req.prompt, apply=not req.disable_extra_networks)
-        self._stages(req, width, height, sampler, selection)
+        hires, refiner = self._stages(req, width, height, sampler, selection)
+        self._control_units(req, selection, hires, refiner)
 
     def task_request(self, mode: str, data: dict[str, Any], task_id: str) -> GenerationRequest:
         """The stored request of a task, set to save its images to storage and tagged with the task id (which
@@ -439,16 +447,19 @@ class Service:
         return self._generate("img2img", req, consumer)
 
     def _fetch_image_link(self, req: Img2ImgRequest) -> str:
-        """PAI-EAS `image_link`: the init image by URL (handler.netguard: public addresses only unless
-        allow-listed, pinned connection, size and time limits), as base64 for the usual decoding and limits."""
+        """PAI-EAS `image_link`: the init image by URL, as base64 for the usual decoding and limits."""
+        return self._fetch_link(a1111.eas_values(req.alwayson_scripts)["image_link"], "alwayson_scripts.image_link")
+
+    def _fetch_link(self, url: str, field: str) -> str:
+        """An image by URL (handler.netguard: public addresses only unless allow-listed, pinned connection, size
+        and time limits), as base64; a bad link or image is a 422 naming `field`."""
         import base64
 
         from handler.netguard import FetchError, Guard
 
-        net, field = self.settings.network, "alwayson_scripts.image_link"
+        net = self.settings.network
         try:
-            raw = Guard(net).get_bytes(a1111.eas_values(req.alwayson_scripts)["image_link"],
-                                       max_bytes=net.max_image_bytes, deadline_seconds=net.fetch_deadline_seconds)
+            raw = Guard(net).get_bytes(url, max_bytes=net.max_image_bytes, deadline_seconds=net.fetch_deadline_seconds)
         except FetchError as exc:
             raise exc.for_field(field) from None
         data = base64.b64encode(raw).decode("ascii")
@@ -624,6 +635,8 @@ class Service:
             adapters.apply(model.pipe, job.loras)
             texts = [*(job.prompts or [job.prompt]), *(job.negative_prompts or [job.negative_prompt])]
             job.embeddings = self.embeddings.prepare(model.pipe, texts)  # textual inversions the prompts name
+            for control in job.controls:
+                control.model = self._controlnet_model(control.entry, model)
             if (adapters.loads, adapters.unloads, len(model.pipe.tokenizer)) != before:
                 self.cache.remeasure(model)  # adapters and embedding rows are device memory too
             batches = math.ceil(len(job.seeds) / job.batch_size)
@@ -767,7 +780,81 @@ class Service:
         job.hires, job.refiner = self._stages(req, width, height, sampler, selection)
         if job.hires is not None:
             job.denoising_strength = job.hires.denoising_strength
+        job.controls = self._controls(req, job, selection)
         return job, selection
+
+    def _control_units(self, req: GenerationRequest, selection: Selection, hires: Any,
+                       refiner: Any) -> list[tuple[Any, Any]]:
+        """The ControlNet units of `req` with their model entries: parsed, models found (404) and matched to
+        the checkpoint's architecture (422), all before any device work."""
+        from pipelines import controlnet
+
+        found = controlnet.controlnet_script_args(req.alwayson_scripts)
+        if found is None:
+            return []
+        prefix, value = found
+        units = controlnet.parse_units(value, prefix, img2img=isinstance(req, Img2ImgRequest))
+        if not units:
+            return []
+        if refiner is not None:
+            raise InvalidRequest("refiner_checkpoint: the refiner together with ControlNet is not offered",
+                                 field="refiner_checkpoint")
+        archs = [stages.checkpoint_arch(selection.checkpoint, "sd_model_checkpoint")]
+        if hires is not None and hires.checkpoint is not None:
+            archs.append(stages.checkpoint_arch(hires.checkpoint, "hr_checkpoint_name"))
+        out = []
+        for unit in units:
+            entry = self.controlnets.find(unit.model, unit.field("model"))
+            for arch in archs:
+                controlnet.check_compatible(self.controlnets.spec(entry, unit.field("model")), arch,
+                                            unit.field("model"), entry.title)
+            out.append((unit, entry))
+        return out
+
+    def _controls(self, req: GenerationRequest, job: Any, selection: Selection) -> list[Any]:
+        """The job's ControlNet units with their detected maps (computed here, on the request's thread: no device
+        time): the unit's image (base64, PAI-EAS `image_link`, or img2img's init image), its mask."""
+        from pipelines import controlnet
+        from pipelines.generate import Control
+
+        controls = []
+        limit = self.settings.max_input_pixels
+        for unit, entry in self._control_units(req, selection, job.hires, job.refiner):
+            resize_mode = None
+            if unit.use_init_image:
+                image = job.init_images[0]
+                resize_mode = controlnet.resize_mode_from_value(job.resize_mode)
+            elif unit.image_link:
+                image = decode_image(self._fetch_link(unit.image_link, unit.field("image_link")),
+                                     field=unit.field("image_link"), max_pixels=limit)
+            else:
+                image = read_image(unit.image, field=unit.image_field, max_pixels=limit)
+            mask = read_image(unit.mask, field=unit.mask_field, max_pixels=limit) if unit.mask else None
+            detected = controlnet.preprocess(unit, image, job.width, job.height, mask=mask, resize_mode=resize_mode)
+            hr_map = None
+            if job.hires is not None:
+                hr_map = controlnet.preprocess(unit, image, job.hires.width, job.hires.height, mask=mask,
+                                               resize_mode=resize_mode)
+            controls.append(Control(unit=unit, entry=entry, map=detected, hr_map=hr_map))
+        return controls
+
+    def _controlnet_model(self, entry: Any, model: Any) -> Any:
+        """The ControlNet model of `entry` on `model`'s device and dtype (device thread): the last two used stay
+        loaded, as A1111's ControlNet cache keeps them."""
+        from pipelines import controlnet
+
+        unet = model.pipe.unet
+        key = (str(entry.path), str(unet.device), str(unet.dtype))
+        cached = self._controlnet_models.pop(key, None)
+        if cached is None:
+            started = time.perf_counter()
+            cached = controlnet.load_controlnet(entry, dtype=unet.dtype, device=str(unet.device),
+                                                spec=self.controlnets.spec(entry))
+            log.info("ControlNet %s loaded in %.2f s", entry.title, time.perf_counter() - started)
+        self._controlnet_models[key] = cached
+        while len(self._controlnet_models) > CONTROLNET_CACHE:
+            self._controlnet_models.popitem(last=False)
+        return cached
 
     def _stages(self, req: GenerationRequest, width: int, height: int, sampler: Any,
                 selection: Selection) -> tuple[Any, Any]:
@@ -807,6 +894,13 @@ class Service:
         extras = a1111.extra_params(req, job)
         if isinstance(req, Txt2ImgRequest):
             extras.update(stages.infotext_keys(req, job.hires, job.refiner, job.sampler, self.store))
+        if job.controls:
+            from pipelines.controlnet import infotext_params
+
+            extras.update(infotext_params([c.unit for c in job.controls]))
+        # The extension appends each unit's detected map to the images (not to the infotexts), unless the unit
+        # says `save_detected_map: false`; a saving request stores them (PAI-EAS `image_mask_url`).
+        map_pngs = [png_bytes(c.map, "") for c in job.controls if c.unit.save_detected_map]
         if job.loras:
             extras["Lora hashes"] = self.loras.hashes_infotext(job.loras)
         used = self.embeddings.mentioned([job.prompt, job.negative_prompt], encoder_dims(model.pipe))
@@ -820,13 +914,14 @@ class Service:
                                         subseed if req.subseed_strength else None)
             infotexts.append(text)
             pngs.append(png_bytes(image, text))
-        saved: list[str] = []
+        saved, saved_maps = [], []
         options = {**options, **(req.override_settings or {})}  # the caller's options, this request's overrides
         if req.save_images or eas.get("save_dir"):  # PAI-EAS: a save_dir means save there
-            saved = outputs.save_outputs(
+            written = outputs.save_outputs(
                 self.storage, self.settings.outputs_dir, mode, pngs=pngs, seeds=result.seeds, images=result.images,
                 infotexts=infotexts, save_dir=eas.get("save_dir"),
-                grid=outputs.wants_grid(len(pngs), options)).images
+                grid=outputs.wants_grid(len(pngs), options), maps=map_pngs)
+            saved, saved_maps = written.images, written.maps
         parameters = sent.model_dump(mode="json")
         if isinstance(req, Img2ImgRequest) and not req.include_init_images:
             parameters["init_images"] = None
@@ -835,6 +930,8 @@ class Service:
             parameters.update(id_task=eas.get("id_task"), status="finished", image_url=",".join(saved),
                               seed=str(result.seeds[0]) if result.seeds else "", error_msg="",
                               total_time=round(result.generation_seconds, 3))
+            if saved_maps:
+                parameters["image_mask_url"] = ",".join(saved_maps)
         # A1111 puts a grid first when the request saves images, there are two or more and `return_grid` is on
         # (the API overwrites `do_not_save_grid` with `not save_images`); its infotext is the first image's.
         grid = req.save_images and len(pngs) > 1 and bool(options.get("return_grid", True))
@@ -857,7 +954,7 @@ class Service:
                                image_url=saved[i] if i < len(saved) else None)
                    for i, (seed, data) in enumerate(zip(result.seeds, encoded[int(grid):]))]
         response = {
-            "images": encoded if req.send_images else [],
+            "images": [*encoded, *(b64(data) for data in map_pngs)] if req.send_images else [],
             "parameters": parameters,
             "info": json.dumps(info, ensure_ascii=False),
         }

@@ -80,6 +80,8 @@ class ImageJob:
     # txt2img only: a second stage after the first pass (pipelines.hires); at most one of the two.
     hires: HiresPlan | None = None
     refiner: RefinerPlan | None = None
+    # ControlNet units with their detected maps (handler side) and models (device thread).
+    controls: list[Control] = field(default_factory=list)
 
     @property
     def staged(self) -> bool:
@@ -91,6 +93,19 @@ class ImageJob:
         if self.prompts is None or self.negative_prompts is None:
             return [self.prompt] * n, [self.negative_prompt] * n
         return self.prompts[first:first + n], self.negative_prompts[first:first + n]
+
+
+@dataclass
+class Control:
+    """One ControlNet unit of a job: the parsed unit (pipelines.controlnet.ControlUnit), its model entry, its
+    detected map at the first pass's size and, with hires fix, at the second pass's; `model` is the loaded
+    ControlNetModel, set on the device thread."""
+
+    unit: Any
+    entry: Any
+    map: Image.Image
+    hr_map: Image.Image | None = None
+    model: Any = None
 
 
 @dataclass
@@ -118,10 +133,36 @@ def _pipeline_class(arch: str, mode: str, inpaint: bool) -> type:
 def import_pipeline_classes() -> None:
     """Import every pipeline class a request can use (diffusers imports them lazily, at a cost of seconds), so
     that the import is paid at warm-up and not inside the first request or model load."""
+    from pipelines import controlnet
+
     for arch in ("sd1", "sdxl"):
         for mode in ("txt2img", "img2img"):
             _pipeline_class(arch, mode, inpaint=False)
+            controlnet.pipeline_class(arch, mode, inpaint=False)
         _pipeline_class(arch, "img2img", inpaint=True)
+        controlnet.pipeline_class(arch, "img2img", inpaint=True)
+
+
+def _with_controls(pipe: Any, arch: str, mode: str, inpaint: bool, controls: list[Control], call: dict[str, Any],
+                   *, hires_pass: bool | None) -> Any:
+    """`pipe` as the ControlNet pipeline of the same kind (same components and scheduler), with the units'
+    arguments added to `call`; `pipe` itself when there are no units."""
+    if not controls:
+        return pipe
+    from pipelines import controlnet
+
+    steps = call["num_inference_steps"]
+    if "strength" in call:  # img2img runs int(steps * strength) of them
+        steps = min(int(steps * call["strength"]), steps)
+    maps = [c.hr_map if hires_pass else c.map for c in controls]
+    kwargs = controlnet.call_kwargs([c.model for c in controls], maps, [c.unit for c in controls],
+                                    "img2img" if mode == "img2img" or hires_pass else "txt2img",
+                                    guidance_scale=call["guidance_scale"], steps=steps, hires_pass=hires_pass)
+    cls = controlnet.pipeline_class(arch, mode, inpaint)
+    components = {k: v for k, v in pipe.components.items() if k != "controlnet"}
+    controlled = assemble_pipeline(cls, components, scheduler=pipe.scheduler, controlnet=kwargs.pop("controlnet"))
+    call.update(kwargs)
+    return controlled
 
 
 def _request_pipeline(model: LoadedModel, job: ImageJob, inpaint: bool) -> Any:
@@ -262,6 +303,8 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
     if model.arch == "sdxl":
         call["original_size"] = call["target_size"] = (job.height, job.width)
     _widen_lcm(pipe, call["num_inference_steps"])
+    pipe = _with_controls(pipe, model.arch, job.mode, inpaint, job.controls, call,
+                          hires_pass=False if job.hires is not None else None)
     if job.staged:
         if job.refiner is not None:
             call["denoising_end"], call["output_type"] = job.refiner.switch_at, "latent"
@@ -412,7 +455,11 @@ def _second_stage(model: LoadedModel, job: ImageJob, firsts: list[Any], progress
             if second.arch == "sdxl":
                 args["original_size"] = args["target_size"] = (height, width)
             _widen_lcm(pipe, args["num_inference_steps"])
-            _prompt_args(pipe, second.arch, stage_job, prompts, negatives, args)
+            if job.controls:
+                run_pipe = _with_controls(pipe, second.arch, "img2img", False, job.controls, args, hires_pass=True)
+            else:
+                run_pipe = pipe
+            _prompt_args(run_pipe, second.arch, stage_job, prompts, negatives, args)
             args["generator"] = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             step_total = job.hires.steps if job.hires is not None else job.steps - int(job.steps * job.refiner.switch_at)
 
@@ -425,9 +472,9 @@ def _second_stage(model: LoadedModel, job: ImageJob, firsts: list[Any], progress
                 return kwargs
 
             args["callback_on_step_end"] = on_step
-            set_noise_seeds(pipe.scheduler, seeds)
+            set_noise_seeds(run_pipe.scheduler, seeds)
             with torch.inference_mode():
-                images.extend(pipe(**args).images)
+                images.extend(run_pipe(**args).images)
             if interrupted:
                 break
     return images, load_seconds, interrupted

@@ -32,7 +32,7 @@ def test_samplers_and_schedulers(client):
 
 
 @pytest.mark.parametrize("path, expect", [
-    ("/sdapi/v1/scripts", {"txt2img": [], "img2img": []}),
+    ("/sdapi/v1/scripts", {"txt2img": ["controlnet"], "img2img": ["controlnet"]}),
     ("/sdapi/v1/embeddings", {"loaded": {}, "skipped": {}}),
 ])
 def test_simple_getters(client, path, expect):
