@@ -76,20 +76,6 @@ def eas_values(scripts: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def script_args(scripts: dict[str, Any], name: str) -> tuple[str, list[Any]] | None:
-    """(field, args) of the always-on script `name` in `alwayson_scripts` (any letter case), None when the
-    request does not use it; `args` must be a list (422 naming the field)."""
-    for key, value in scripts.items():
-        if key.lower() != name:
-            continue
-        field = f"alwayson_scripts.{key}.args"
-        args = value.get("args") if isinstance(value, dict) else None
-        if not isinstance(args, list):
-            raise InvalidRequest(f"{field}: a list of units is required", field=field)
-        return field, args
-    return None
-
-
 # Infotext keys -> request fields and how to read their text (A1111 fills the fields a request did not set).
 _INFOTEXT_FIELDS: tuple[tuple[str, str, type], ...] = (
     ("Prompt", "prompt", str), ("Negative prompt", "negative_prompt", str), ("Steps", "steps", int),
