@@ -43,8 +43,6 @@ from handler.storage import make_storage
 from handler.tasks import TaskRunner, TaskStore, check_callback_url, public_view
 from pipelines.errors import ModelNotFound
 from pipelines.hashing import HashCache, addnet_hash
-from pipelines.prompts import parse_prompt_attention
-from pipelines.controlnet import ControlNetStore
 from pipelines.styles import StyleStore
 from pipelines.embeddings import EmbeddingStore, encoder_dims
 from pipelines.lora import LoraAdapters, LoraStore
@@ -94,7 +92,7 @@ class Service:
         self.lora_adapters = LoraAdapters(settings.max_loaded_loras)
         self.embeddings = EmbeddingStore(settings.data_dir / "embeddings", self.store.hashes)
         self.styles = StyleStore(settings.data_dir / "styles.csv")
-        self.controlnets = ControlNetStore(settings.models_dir / "ControlNet")
+        self._controlnets: Any = None
         self._controlnet_models: collections.OrderedDict[tuple[str, str, str], Any] = collections.OrderedDict()
         self.options_store: OptionsStore = options_store or MemoryOptionsStore()
         self.storage = make_storage(settings)
@@ -337,6 +335,7 @@ class Service:
             return 0
         count = len(cache.loaded())
         cache.clear()
+        self._controlnet_models.clear()
         if cache.device.startswith("cuda"):
             import torch
 
@@ -380,6 +379,8 @@ class Service:
         """The checks a generation makes before any device work: limits, models, sampler, EAS keys."""
         from pipelines.samplers import resolve_sampler
 
+        if not self.coldstart.imported:  # the heavy imports, timed, on the device thread like all torch work
+            self.device.run(self.coldstart.import_runtime)
         if req.infotext:
             req = a1111.apply_infotext(req)
         req = self._styled(req)
@@ -481,6 +482,8 @@ class Service:
         texts = [("prompt", req.prompt), ("negative_prompt", req.negative_prompt)]
         if isinstance(req, Txt2ImgRequest) and req.enable_hr:
             texts += [("hr_prompt", req.hr_prompt), ("hr_negative_prompt", req.hr_negative_prompt)]
+        from pipelines.prompts import parse_prompt_attention
+
         for name, text in texts:
             if len(text) > s.max_prompt_chars:
                 raise InvalidRequest(f"{name}: longer than {s.max_prompt_chars} characters", field=name)
@@ -493,6 +496,11 @@ class Service:
             raise InvalidRequest(f"steps: at most {s.max_steps}", field="steps")
         width, height = stages.first_pass_size(req) if isinstance(req, Txt2ImgRequest) else (req.width, req.height)
         width, height = width // 8 * 8, height // 8 * 8
+        for name, size in (("firstphase_width", width), ("firstphase_height", height)):
+            if size < 8:  # only the legacy first-pass fields can get here (width and height are at least 8)
+                raise InvalidRequest(f"{name}: at least 8", field=name)
+        if isinstance(req, Txt2ImgRequest) and req.enable_hr and req.hr_second_pass_steps > s.max_steps:
+            raise InvalidRequest(f"hr_second_pass_steps: at most {s.max_steps}", field="hr_second_pass_steps")
         if width > s.max_width:
             raise InvalidRequest(f"width: at most {s.max_width}", field="width")
         if height > s.max_height:
@@ -634,6 +642,8 @@ class Service:
             before = (adapters.loads, adapters.unloads, len(model.pipe.tokenizer))
             adapters.apply(model.pipe, job.loras)
             texts = [*(job.prompts or [job.prompt]), *(job.negative_prompts or [job.negative_prompt])]
+            if job.hires is not None:
+                texts += [job.hires.prompt, job.hires.negative_prompt]
             job.embeddings = self.embeddings.prepare(model.pipe, texts)  # textual inversions the prompts name
             for control in job.controls:
                 control.model = self._controlnet_model(control.entry, model)
@@ -663,6 +673,7 @@ class Service:
         seconds, and the job's textual inversions loaded into it."""
         def load(entry: CheckpointEntry) -> tuple[Any, float, list[Any]]:
             model, seconds = self._load(entry, None)
+            self.lora_adapters.apply(model.pipe, job.loras)  # the request's LoRAs, and no one else's, as in A1111
             texts = [*(job.prompts or [job.prompt]), *(job.negative_prompts or [job.negative_prompt])]
             if job.hires is not None:
                 texts += [job.hires.prompt, job.hires.negative_prompt]
@@ -677,6 +688,7 @@ class Service:
         response), then trim the warm cache to `keep`, the pipeline the job ran on (None when the error came
         while loading: then every pipeline goes). Never raises: the original error is what the caller gets."""
         traceback.clear_frames(exc.__traceback__)  # the running frame (ours) is skipped; the rest are done
+        self._controlnet_models.clear()
         cache = self._cache
         try:
             dropped = cache.trim(keep=keep) if cache is not None else 0
@@ -783,6 +795,16 @@ class Service:
         job.controls = self._controls(req, job, selection)
         return job, selection
 
+    @property
+    def controlnets(self) -> Any:
+        """The ControlNet models folder (pipelines.controlnet.ControlNetStore), made on first use: the module
+        brings torch, which health checks and app start never import."""
+        if self._controlnets is None:
+            from pipelines.controlnet import ControlNetStore
+
+            self._controlnets = ControlNetStore(self.settings.models_dir / "ControlNet")
+        return self._controlnets
+
     def _control_units(self, req: GenerationRequest, selection: Selection, hires: Any,
                        refiner: Any) -> list[tuple[Any, Any]]:
         """The ControlNet units of `req` with their model entries: parsed, models found (404) and matched to
@@ -814,6 +836,8 @@ class Service:
     def _controls(self, req: GenerationRequest, job: Any, selection: Selection) -> list[Any]:
         """The job's ControlNet units with their detected maps (computed here, on the request's thread: no device
         time): the unit's image (base64, PAI-EAS `image_link`, or img2img's init image), its mask."""
+        from PIL import Image
+
         from pipelines import controlnet
         from pipelines.generate import Control
 
@@ -830,12 +854,14 @@ class Service:
             else:
                 image = read_image(unit.image, field=unit.image_field, max_pixels=limit)
             mask = read_image(unit.mask, field=unit.mask_field, max_pixels=limit) if unit.mask else None
-            detected = controlnet.preprocess(unit, image, job.width, job.height, mask=mask, resize_mode=resize_mode)
-            hr_map = None
-            if job.hires is not None:
-                hr_map = controlnet.preprocess(unit, image, job.hires.width, job.hires.height, mask=mask,
-                                               resize_mode=resize_mode)
-            controls.append(Control(unit=unit, entry=entry, map=detected, hr_map=hr_map))
+            mode = resize_mode or unit.resize_mode
+            detected = controlnet.detect(unit, image, job.width, job.height, mask=mask, resize_mode=mode)
+
+            def fitted(width: int, height: int) -> Image.Image:  # the one detection, fitted to a pass's size
+                return Image.fromarray(controlnet.fit_map(detected, mode, width // 8 * 8, height // 8 * 8), "RGB")
+
+            hr_map = fitted(job.hires.width, job.hires.height) if job.hires is not None else None
+            controls.append(Control(unit=unit, entry=entry, map=fitted(job.width, job.height), hr_map=hr_map))
         return controls
 
     def _controlnet_model(self, entry: Any, model: Any) -> Any:
@@ -886,21 +912,23 @@ class Service:
     def _respond(self, mode: str, req: GenerationRequest, job: Any, model: Any, result: Any,
                  eas: dict[str, Any], options: dict[str, Any], sent: GenerationRequest | None = None) -> Outcome:
         """PNGs with their infotexts, optional saving, the A1111 response body and the image records. `req`
-        has its styles applied (the infotexts' prompts); `sent` is the request as sent, which `parameters`
-        echoes (A1111's `info.prompt` too)."""
+        has its styles applied (the infotexts' and `info`'s prompts, as A1111's `Processed` has them); `sent` is
+        the request as sent, which `parameters` echoes."""
         sent = sent or req
         from pipelines.infotext import png_bytes
 
         extras = a1111.extra_params(req, job)
-        if isinstance(req, Txt2ImgRequest):
-            extras.update(stages.infotext_keys(req, job.hires, job.refiner, job.sampler, self.store))
-        if job.controls:
+        if job.controls:  # scripts add their keys before the hires ones (A1111 runs them before `p.init`)
             from pipelines.controlnet import infotext_params
 
             extras.update(infotext_params([c.unit for c in job.controls]))
-        # The extension appends each unit's detected map to the images (not to the infotexts), unless the unit
-        # says `save_detected_map: false`; a saving request stores them (PAI-EAS `image_mask_url`).
-        map_pngs = [png_bytes(c.map, "") for c in job.controls if c.unit.save_detected_map]
+        if isinstance(req, Txt2ImgRequest):
+            extras.update(stages.infotext_keys(req, job.hires, job.refiner, job.sampler, self.store))
+        # The extension appends each unit's detected map to the images (not to the infotexts; with hires fix the
+        # second pass's map, then the first's), unless the unit says `save_detected_map: false`; a saving request
+        # stores them (PAI-EAS `image_mask_url`).
+        map_pngs = [png_bytes(m, "") for c in job.controls if c.unit.save_detected_map
+                    for m in ((c.hr_map, c.map) if c.hr_map is not None else (c.map,))]
         if job.loras:
             extras["Lora hashes"] = self.loras.hashes_infotext(job.loras)
         used = self.embeddings.mentioned([job.prompt, job.negative_prompt], encoder_dims(model.pipe))
@@ -939,7 +967,6 @@ class Service:
             pngs.insert(0, png_bytes(outputs.image_grid(result.images), infotexts[0]))
             infotexts.insert(0, infotexts[0])
         info = a1111.info_object(req, job, model, result, infotexts, extras, index_of_first_image=int(grid))
-        info["prompt"], info["negative_prompt"] = sent.prompt, sent.negative_prompt
         log.info("%s: %d image(s) %dx%d, %d steps, %.3f s generating", mode, len(pngs), job.width, job.height,
                  job.steps, result.generation_seconds)
         # "Save to DataBase": per request, else the setting; a client that sends an Idempotency-Key expects a

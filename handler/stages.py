@@ -8,22 +8,24 @@ most of these with a 500.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from handler.errors import InvalidRequest
 from handler.schemas import Txt2ImgRequest
 from pipelines.errors import ModelNotFound
 from pipelines.hires import IMAGE_UPSCALERS, LATENT_MODES, HiresPlan, RefinerPlan, target_size
-from pipelines.samplers import ResolvedSampler, resolve_sampler
 from pipelines.store import CheckpointEntry, ModelStore
+
+if TYPE_CHECKING:
+    from pipelines.samplers import ResolvedSampler
 
 DEFAULT_HR_DENOISING = 0.75  # txt2img's own default (A1111's API model leaves it null, which fails there)
 SAME_CHECKPOINT = ("", "Use same checkpoint", "None")  # the UI's words for "no other checkpoint"
 
 
 def first_pass_size(req: Txt2ImgRequest) -> tuple[int, int]:
-    """The first pass's requested size: `firstphase_width/height` when set (legacy: then width x height is the
-    hires target), else width x height."""
+    """The first pass's requested size: `firstphase_width/height` when set (legacy fields; A1111 1.10 then still
+    takes the hires target from hr_scale or hr_resize_x/y), else width x height."""
     if req.enable_hr and (req.firstphase_width or req.firstphase_height):
         return req.firstphase_width or req.width, req.firstphase_height or req.height
     return req.width, req.height
@@ -38,14 +40,10 @@ def hires_plan(req: Txt2ImgRequest, width: int, height: int, sampler: ResolvedSa
         offered = ", ".join([*LATENT_MODES, *IMAGE_UPSCALERS])
         raise InvalidRequest(f"hr_upscaler: '{upscaler}' is not offered (offered: {offered}; model upscalers such as "
                              "ESRGAN need weights that are not installed)", field="hr_upscaler")
-    if req.firstphase_width or req.firstphase_height:
-        up_w, up_h, final_w, final_h = target_size(width, height, 1.0, req.width, req.height)
-        size_field = "width"
-    else:
-        if not req.hr_resize_x and not req.hr_resize_y and not 1.0 <= req.hr_scale <= 8.0:
-            raise InvalidRequest("hr_scale: must be between 1 and 8", field="hr_scale")
-        up_w, up_h, final_w, final_h = target_size(width, height, req.hr_scale, req.hr_resize_x, req.hr_resize_y)
-        size_field = "hr_resize_x" if req.hr_resize_x or req.hr_resize_y else "hr_scale"
+    if not req.hr_resize_x and not req.hr_resize_y and not 1.0 <= req.hr_scale <= 8.0:
+        raise InvalidRequest("hr_scale: must be between 1 and 8", field="hr_scale")
+    up_w, up_h, final_w, final_h = target_size(width, height, req.hr_scale, req.hr_resize_x, req.hr_resize_y)
+    size_field = "hr_resize_x" if req.hr_resize_x or req.hr_resize_y else "hr_scale"
     if up_w > max_width or up_h > max_height:
         raise InvalidRequest(f"{size_field}: the hires size {up_w}x{up_h} exceeds the {max_width}x{max_height} limit",
                              field=size_field)
@@ -128,15 +126,15 @@ def infotext_keys(req: Txt2ImgRequest, plan: HiresPlan | None, refiner: RefinerP
             keys["Hires checkpoint"] = _short_title(store, plan.checkpoint)
         if req.hr_sampler_name is not None and plan.sampler.sampler.name != sampler.sampler.name:
             keys["Hires sampler"] = plan.sampler.sampler.name
-        if req.hr_scheduler is not None and plan.sampler.schedule_label != sampler.schedule_label:
-            keys["Hires schedule type"] = plan.sampler.schedule_label
         if req.hr_prompt and req.hr_prompt != req.prompt:
             keys["Hires prompt"] = req.hr_prompt
         if req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt:
             keys["Hires negative prompt"] = req.hr_negative_prompt
+        if req.hr_scheduler is not None and plan.sampler.schedule_label != sampler.schedule_label:
+            keys["Hires schedule type"] = plan.sampler.schedule_label
         if req.hr_resize_x or req.hr_resize_y:
             keys["Hires resize"] = f"{req.hr_resize_x}x{req.hr_resize_y}"
-        elif not (req.firstphase_width or req.firstphase_height):
+        else:
             keys["Hires upscale"] = req.hr_scale
         if req.hr_second_pass_steps:
             keys["Hires steps"] = req.hr_second_pass_steps
@@ -156,6 +154,7 @@ def _short_title(store: ModelStore, entry: CheckpointEntry) -> str:
 
 def _resolve(name: str | None, index: str | None, scheduler: str | None, field: str) -> ResolvedSampler:
     from pipelines.errors import UnknownSampler
+    from pipelines.samplers import resolve_sampler
 
     try:
         return resolve_sampler(name, index, scheduler)

@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 SCRIPT_NAME = "controlnet"  # alwayson_scripts key, matched case-insensitively as A1111 matches script titles
 FIELD_PREFIX = "alwayson_scripts.controlnet"
 MAX_UNITS = 4  # enabled units per request
+MAX_DETECT_PIXELS = 4096 * 4096  # a preprocessor's input after its resize to processor_res
 API_VERSION = 3  # GET /controlnet/version of the extension's API
 LDM_PREFIX = "control_model."
 REAL_CONFIG: dict[Arch, str] = {Arch.SD1: "controlnet-sd15", Arch.SDXL: "controlnet-sdxl"}
@@ -133,6 +134,8 @@ class Slider:
 
     def bound(self, value: float) -> float:
         """The extension's bound check: outside [minimum, maximum] (so -1 too) means the default."""
+        if not math.isfinite(value):  # NaN compares false both ways: it would pass as in range
+            return self.value
         return self.value if value < self.minimum or value > self.maximum else value
 
     def api_json(self) -> dict[str, Any]:
@@ -193,6 +196,9 @@ def resize_image_with_pad(img: np.ndarray, resolution: float) -> tuple[np.ndarra
     img = _hwc3(img)
     h_raw, w_raw, _ = img.shape
     k = float(resolution) / float(min(h_raw, w_raw))
+    if h_raw * w_raw * k * k > MAX_DETECT_PIXELS:  # a 1 x 16384 strip at 512 would be 512 x 8M pixels
+        raise InvalidParameter(f"a {w_raw}x{h_raw} image scaled to a shortest side of {int(resolution)} exceeds "
+                               f"{MAX_DETECT_PIXELS} pixels; crop it or lower processor_res")
     interpolation = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
     h_target, w_target = int(np.round(float(h_raw) * k)), int(np.round(float(w_raw) * k))
     img = cv2.resize(img, (w_target, h_target), interpolation=interpolation)
@@ -252,7 +258,8 @@ def _pre_tile_resample(img: np.ndarray, res: float, a: float, b: float) -> np.nd
     if a < 1.1:
         return img
     h, w, _ = img.shape
-    return cv2.resize(img, (int(float(w) / float(a)), int(float(h) / float(a))), interpolation=cv2.INTER_AREA)
+    size = (max(1, int(float(w) / float(a))), max(1, int(float(h) / float(a))))  # at least a pixel per side
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
 
 
 def _pre_lineart_standard(img: np.ndarray, res: float, a: float, b: float) -> np.ndarray:
@@ -677,7 +684,11 @@ def detect(unit: ControlUnit, image: Image.Image, width: int, height: int, *, ma
         if not ((alpha <= 5).all() or (alpha >= 250).all()):
             arr = _hwc3(np.ascontiguousarray(alpha))
     resolution = effective_resolution(unit, arr.shape[:2], width, height, resize_mode or unit.resize_mode)
-    detected = unit.preprocessor.run(np.ascontiguousarray(arr), resolution, unit.threshold_a, unit.threshold_b)
+    try:
+        detected = unit.preprocessor.run(np.ascontiguousarray(arr), resolution, unit.threshold_a, unit.threshold_b)
+    except InvalidParameter as exc:
+        field = unit.image_field or unit.field("image")
+        raise InvalidParameter(f"{field}: {exc.message}", field=field) from None
     return _hwc3(np.ascontiguousarray(detected))
 
 
@@ -697,8 +708,11 @@ def detect_map(module: str, image: Image.Image, *, processor_res: float = -1, th
     """One preprocessor on one image at its own resolution (the extension's `POST /controlnet/detect`)."""
     pre = find_preprocessor(module, field)
     arr = _hwc3(_to_array(image))
-    out = pre.run(arr, pre.resolution.bound(processor_res), pre.slider_1.bound(threshold_a),
-                  pre.slider_2.bound(threshold_b))
+    try:
+        out = pre.run(arr, pre.resolution.bound(processor_res), pre.slider_1.bound(threshold_a),
+                      pre.slider_2.bound(threshold_b))
+    except InvalidParameter as exc:
+        raise InvalidParameter(f"controlnet_input_images: {exc.message}", field="controlnet_input_images") from None
     return Image.fromarray(_hwc3(np.ascontiguousarray(out)), "RGB")
 
 

@@ -425,7 +425,7 @@ def _second_stage(model: LoadedModel, job: ImageJob, firsts: list[Any], progress
     batches = math.ceil(len(firsts) / job.batch_size)
     images: list[Image.Image] = []
     interrupted = False
-    with _tiling([pipe.unet, pipe.vae], job.tiling and second is not model):
+    with _tiling([pipe.unet, pipe.vae], job.tiling):
         for batch_no, first in enumerate(range(0, len(firsts), job.batch_size)):
             items = firsts[first: first + job.batch_size]
             seeds = job.seeds[first: first + len(items)]
@@ -443,7 +443,8 @@ def _second_stage(model: LoadedModel, job: ImageJob, firsts: list[Any], progress
                 if hires.denoising_strength == 0:  # nothing to denoise: the upscaled first pass is the result
                     images.extend(_decoded(pipe, list(image)) if hires.latent else image)
                     continue
-                args["num_inference_steps"], args["strength"] = second_pass_steps(hires.steps, hires.denoising_strength)
+                args["num_inference_steps"], args["strength"] = second_pass_steps(
+                    hires.steps, hires.denoising_strength, pipe.scheduler.config.get("num_train_timesteps", 1000))
                 prompts, negatives = [hires.prompt] * len(items), [hires.negative_prompt] * len(items)
                 width, height = hires.width, hires.height
             else:

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 
-from pipelines.samplers import ResolvedSampler
+if TYPE_CHECKING:  # the request side plans without importing torch or diffusers (the device thread does that)
+    import torch
+
+    from pipelines.samplers import ResolvedSampler
 
 # A1111 `shared.latent_upscale_modes`: name -> (torch interpolate mode, antialias)
 LATENT_MODES: dict[str, tuple[str, bool]] = {
@@ -97,6 +99,8 @@ def target_size(width: int, height: int, scale: float, resize_x: int, resize_y: 
 
 def upscale_latents(latents: torch.Tensor, plan: HiresPlan) -> torch.Tensor:
     """First-pass latents (N, C, h, w) at the hires size, then cropped as A1111 crops (`truncate_x/y`)."""
+    import torch
+
     mode, antialias = LATENT_MODES[plan.upscaler]
     size = (plan.upscale_height // LATENT_FACTOR, plan.upscale_width // LATENT_FACTOR)
     out = torch.nn.functional.interpolate(latents.float(), size=size, mode=mode, antialias=antialias).to(latents.dtype)
@@ -118,10 +122,12 @@ def _crop(latents: torch.Tensor, plan: HiresPlan) -> torch.Tensor:
     return latents[:, :, cut_y // 2: latents.shape[2] - (cut_y + 1) // 2, cut_x // 2: latents.shape[3] - (cut_x + 1) // 2]
 
 
-def second_pass_steps(steps: int, strength: float) -> tuple[int, float]:
+def second_pass_steps(steps: int, strength: float, finest: int = 1000) -> tuple[int, float]:
     """(num_inference_steps, strength) for which diffusers' img2img runs exactly `steps` steps over a schedule
-    of `int(steps / min(strength, 0.999))` steps, as A1111's second pass does. `strength` must be > 0."""
-    total = max(steps, int(steps / min(strength, 0.999)))
+    of `int(steps / min(strength, 0.999))` steps, as A1111's second pass does; the schedule is at most `finest`
+    steps long (the scheduler's training timesteps; a smaller strength denoises as the finest schedule does).
+    `strength` must be > 0 and `steps` at most `finest`."""
+    total = min(finest, max(steps, int(steps / min(strength, 0.999))))
     adjusted = steps / total
     while int(total * adjusted) < steps:  # float rounding: steps/total * total may fall just short
         adjusted = math.nextafter(adjusted, 2.0)

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import InvalidParameter
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the parser must not pull it into a request thread
+    import torch
 
 CHUNK = 75  # prompt tokens per chunk: 77 positions less BOS and EOS
 COMMA_BACKTRACK = 20  # A1111's `comma_padding_backtrack` default
@@ -127,6 +128,8 @@ def chunked_embeds(pipe: Any, prompts: list[str], negatives: list[str], clip_ski
     and `negatives` as A1111 does: attention weights, `BREAK`, 75-token chunks, both sides padded to one length.
     `clip_skip` is A1111's (1 = the last layer; SDXL counts from its penultimate layer, as diffusers does).
     A malformed attention weight is an InvalidParameter naming `prompt` or `negative_prompt`."""
+    import torch
+
     texts = list(dict.fromkeys(prompts + negatives))  # each distinct text is encoded once
     fragments = {text: _parse(text, "prompt") for text in dict.fromkeys(prompts)}
     fragments.update({text: _parse(text, "negative_prompt") for text in negatives if text not in fragments})
@@ -238,6 +241,8 @@ def _encode(encoder: Any, windows: list[tuple[list[int], list[float]]], clip_ski
             sdxl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states [windows, 77, width] with emphasis applied, and the projected text embeddings [windows,
     width] where `encoder` has a projection (SDXL's second)."""
+    import torch
+
     ids = torch.tensor([w[0] for w in windows], dtype=torch.long, device=encoder.device)
     weights = torch.tensor([w[1] for w in windows], dtype=torch.float32, device=encoder.device)
     text_embeds = None
@@ -267,12 +272,16 @@ def _encode(encoder: Any, windows: list[tuple[list[int], list[float]]], clip_ski
 
 def _side(rows: list[torch.Tensor]) -> torch.Tensor:
     """One side's [positions, width] encodings as a batch, the shorter ones repeating their last position."""
+    import torch
+
     length = max(row.shape[0] for row in rows)
     return torch.stack([torch.cat([row, row[-1:].expand(length - row.shape[0], -1)]) for row in rows])
 
 
 def _pad(side: torch.Tensor, empty_chunk: torch.Tensor, length: int) -> torch.Tensor:
     """`side` [batch, positions, width] with the empty prompt's chunk appended up to `length` positions."""
+    import torch
+
     missing = (length - side.shape[1]) // empty_chunk.shape[0]
     if not missing:
         return side

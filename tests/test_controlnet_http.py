@@ -139,7 +139,8 @@ def test_sdxl_controlnet_and_hires_fix(client):
     hr, info = post(client, enable_hr=True, **cn(unit()))
     assert hr.status_code == 200, hr.json
     assert decode_png(hr.json["images"][0]).size == (128, 128)
-    assert decode_png(hr.json["images"][1]).size == (64, 64)  # the first pass's map
+    # the extension appends the second pass's map, then the first pass's
+    assert [decode_png(b).size for b in hr.json["images"][1:]] == [(128, 128), (64, 64)]
 
 
 def test_saving_returns_image_mask_url(client, root):
@@ -172,3 +173,16 @@ def test_unit_image_link_goes_through_the_network_guard(client):
     r, _ = post(client, **cn(unit(image=None, image_link="http://127.0.0.1:9/edges.png")))
     assert r.status_code == 422
     assert r.json["error"]["field"] == "alwayson_scripts.controlnet.args.0.image_link"
+
+
+def test_preprocessor_edge_inputs(client):
+    nan = client.post("/controlnet/detect", data='{"controlnet_module": "canny", "controlnet_input_images": ["%s"], '
+                      '"controlnet_threshold_a": NaN, "controlnet_processor_res": NaN}' % IMAGE,
+                      content_type="application/json")
+    assert nan.status_code in (200, 422), nan.json  # NaN means the default, as out-of-range values do
+    tiny = client.post("/controlnet/detect", json={"controlnet_module": "tile_resample", "controlnet_threshold_a": 8,
+                                                   "controlnet_input_images": [_png(Image.new("RGB", (4, 4)))]})
+    assert tiny.status_code == 200 and decode_png(tiny.json["images"][0]).size == (1, 1)
+    strip = _png(Image.new("RGB", (4000, 1), "white"))
+    r, _ = post(client, **cn(unit(image=strip, processor_res=512)))
+    assert r.status_code == 422 and r.json["error"]["field"] == "alwayson_scripts.controlnet.args.0.image"

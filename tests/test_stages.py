@@ -65,13 +65,20 @@ def test_target_size_follows_a1111():
     assert target_size(512, 768, 2.0, 1024, 1024) == (1024, 1536, 1024, 1024)
 
 
-@pytest.mark.parametrize("steps,strength", [(1, 0.01), (3, 0.5), (20, 0.7), (20, 0.75), (7, 1.0), (150, 0.999)])
+@pytest.mark.parametrize("steps,strength", [(1, 0.01), (3, 0.5), (20, 0.7), (20, 0.75), (7, 1.0), (150, 0.999),
+                                            (20, 0.01), (150, 1e-300)])
 def test_second_pass_runs_exactly_the_requested_steps(steps, strength):
     from pipelines.hires import second_pass_steps
 
-    total, adjusted = second_pass_steps(steps, strength)
-    assert total == max(steps, int(steps / min(strength, 0.999)))  # A1111's schedule length
+    total, adjusted = second_pass_steps(steps, strength, finest=1000)
+    # A1111's schedule length, within the scheduler's 1000 training timesteps
+    assert total == min(1000, max(steps, int(steps / min(strength, 0.999))))
     assert min(int(total * adjusted), total) == steps  # what diffusers' img2img runs
+
+
+def test_hires_tiny_strength_on_a_fine_grained_scheduler(client):
+    r, _ = post(client, enable_hr=True, sampler_name="DDIM", steps=20, denoising_strength=0.01)
+    assert r.status_code == 200, r.json
 
 
 def test_hires_latent_doubles_the_size_and_writes_a1111s_keys(client, service_of):
@@ -108,9 +115,11 @@ def test_hires_resize_box_and_legacy_firstphase(client):
     assert "Hires resize: 96x80" in params_line(info) and "Hires upscale" not in params_line(info)
     r, info = post(client, enable_hr=True, hr_resize_x=128)
     assert decode_png(r.json["images"][0]).size == (128, 128)
-    # firstphase_width/height: the first pass runs there and width x height is the target
-    r, info = post(client, enable_hr=True, width=128, height=96, firstphase_width=64, firstphase_height=48)
-    assert decode_png(r.json["images"][0]).size == (128, 96) and (info["width"], info["height"]) == (64, 48)
+    # legacy firstphase_width/height: the first pass runs there; A1111 1.10 still takes the target from hr_scale
+    r, info = post(client, enable_hr=True, width=256, height=256, firstphase_width=64, firstphase_height=48,
+                   hr_scale=1.5)
+    assert decode_png(r.json["images"][0]).size == (96, 72) and (info["width"], info["height"]) == (64, 48)
+    assert "Hires upscale: 1.5" in params_line(info)
 
 
 def test_hires_strength_zero_returns_the_upscaled_first_pass(client):
@@ -153,6 +162,8 @@ def test_hires_second_pass_on_another_checkpoint(client, app):
     ({"width": 640, "height": 64}, 422, "hr_scale"),  # 1280 > the 1024 limit of the test settings
     ({"hr_resize_x": 2048}, 422, "hr_resize_x"),
     ({"hr_checkpoint_name": "no-such-model"}, 404, "hr_checkpoint_name"),
+    ({"firstphase_width": 4}, 422, "firstphase_width"),
+    ({"hr_second_pass_steps": 10000}, 422, "hr_second_pass_steps"),
     ({"hr_checkpoint_name": "refiner-arch"}, 422, "hr_checkpoint_name"),
     ({"hr_sampler_name": "No Such Sampler"}, 422, "hr_sampler_name"),
 ])

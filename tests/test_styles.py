@@ -74,7 +74,8 @@ def test_styles_apply_to_the_generation_and_its_infotext(client):
     info = json.loads(styled.json["info"])
     assert info["infotexts"][0].startswith("cinematic still of a red house, film grain\nNegative prompt: cartoon, drawing\n")
     assert info["all_prompts"] == ["cinematic still of a red house, film grain"]
-    assert info["prompt"] == "a red house" and info["styles"] == ["Cinematic"]  # as A1111's Processed has them
+    # A1111's Processed: prompt is all_prompts[0], styled
+    assert info["prompt"] == "cinematic still of a red house, film grain" and info["styles"] == ["Cinematic"]
     assert styled.json["parameters"]["prompt"] == "a red house"  # the echo is the request as sent
 
 
