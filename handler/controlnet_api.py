@@ -15,8 +15,8 @@ from handler.errors import ErrorModel
 from handler.images import b64, read_image
 
 _tag = Tag(name="controlnet", description="sd-webui-controlnet's API: models, preprocessors, detection")
-_errors: dict[Any, Any] = {401: ErrorModel, 403: ErrorModel, 413: ErrorModel, 422: ErrorModel, 500: ErrorModel,
-                           503: ErrorModel}
+_errors: dict[Any, Any] = {401: ErrorModel, 403: ErrorModel, 413: ErrorModel, 422: ErrorModel, 429: ErrorModel,
+                           500: ErrorModel, 503: ErrorModel}
 bp = APIBlueprint("controlnet", __name__, url_prefix="/controlnet", abp_tags=[_tag], abp_responses=_errors)
 
 MAX_DETECT_IMAGES = 4
