@@ -528,6 +528,7 @@ class Service:
         field = "alwayson_scripts.sd_model_checkpoint" if eas.get("sd_model_checkpoint") else "override_settings.sd_model_checkpoint"
         checkpoint = (self.store.find_checkpoint(ckpt_name, field=field) if ckpt_name
                       else self._checkpoint_or_default(options["sd_model_checkpoint"]))
+        stages.check_not_refiner(checkpoint, field if ckpt_name else "sd_model_checkpoint")
         vae_name = eas.get("sd_vae") or overrides.get("sd_vae") or options.get("sd_vae")
         vae_field = "alwayson_scripts.sd_vae" if eas.get("sd_vae") else "override_settings.sd_vae"
         vae = self.store.find_vae(vae_name, field=vae_field) if vae_name else None
@@ -673,6 +674,10 @@ class Service:
         seconds, and the job's textual inversions loaded into it."""
         def load(entry: CheckpointEntry) -> tuple[Any, float, list[Any]]:
             model, seconds = self._load(entry, None)
+            if getattr(model.pipe, "text_encoder", None) is None:  # the refiner's own layout: no LoRA, no TI fit it
+                self.lora_adapters.apply(model.pipe, [])
+                self.cache.remeasure(model)
+                return model, seconds or 0.0, []
             self.lora_adapters.apply(model.pipe, job.loras)  # the request's LoRAs, and no one else's, as in A1111
             texts = [*(job.prompts or [job.prompt]), *(job.negative_prompts or [job.negative_prompt])]
             if job.hires is not None:

@@ -117,6 +117,24 @@ def checkpoint_arch(entry: CheckpointEntry, field: str) -> str:
         raise InvalidRequest(f"{field}: {getattr(exc, 'message', None) or exc}", field=field) from None
 
 
+def check_not_refiner(entry: CheckpointEntry, field: str) -> None:
+    """A checkpoint in the SDXL refiner's own layout only finishes another model's sampling: as the request's
+    model it is a 422 naming `field` (it has no first text encoder and no txt2img pipeline)."""
+    from pipelines.errors import CheckpointError
+    from pipelines.loading import REFINER_CLASS, config_dir_for, refiner_config
+
+    try:
+        if entry.is_dir:
+            refiner = json.loads((entry.path / "model_index.json").read_text()).get("_class_name") == REFINER_CLASS
+        else:
+            refiner = refiner_config(config_dir_for(entry.path)[1])
+    except (CheckpointError, OSError, ValueError):
+        return  # unreadable or another architecture: the loader's own error says so
+    if refiner:
+        raise InvalidRequest(f"{field}: {entry.name} is an SDXL refiner; use it as refiner_checkpoint (or "
+                             "hr_checkpoint_name) with an SDXL model", field=field)
+
+
 def infotext_keys(req: Txt2ImgRequest, plan: HiresPlan | None, refiner: RefinerPlan | None, sampler: ResolvedSampler,
                   store: ModelStore) -> dict[str, Any]:
     """The extra infotext keys of the second stage, in the order A1111 adds them."""

@@ -261,3 +261,43 @@ def write_demo_controlnets(controlnet_dir: Path, *, kinds: Iterable[str] = ("dem
             write_demo_controlnet(path, kind)
         paths.append(path)
     return paths
+
+
+DEMO_REFINER = "demo-sdxl-refiner"  # the config folder, and the file's stem
+
+
+def build_demo_refiner(seed: int = DEMO_SEED + 7) -> DiffusionPipeline:
+    """A tiny random-weight SDXL refiner (StableDiffusionXLImg2ImgPipeline in the refiner's layout: no first
+    text encoder, OpenCLIP only, a UNet conditioned on an aesthetic score), deterministic per seed."""
+    import diffusers
+
+    folder = CONFIG_ROOT / DEMO_REFINER
+    index = json.loads((folder / "model_index.json").read_text())
+    torch.manual_seed(seed)
+    unet = _round_to_file_dtype(_build_unet(folder))
+    vae = _build_vae(folder, seed)
+    torch.manual_seed(seed)
+    text_encoder_2 = _round_to_file_dtype(_build_text_encoder(folder, "text_encoder_2"))
+    sched_cls = getattr(diffusers, index["scheduler"][1])
+    scheduler = sched_cls.from_config(sched_cls.load_config(str(folder / "scheduler")))
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
+        tokenizer_2=tokenizers_for(Arch.SDXL)["tokenizer_2"], unet=unet, scheduler=scheduler,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_demo_refiner(models_dir: Path, *, force: bool = False) -> Path:
+    """`<models_dir>/demo-sdxl-refiner.safetensors`: the tiny refiner in the refiner's single-file layout (OpenCLIP
+    as `conditioner.embedders.0.model.`), with `sdfunc_config` metadata; kept if present unless `force`."""
+    from pipelines.ldm_layout import openclip_text_to_ldm, unet_to_ldm
+
+    path = Path(models_dir) / f"{DEMO_REFINER}.safetensors"
+    if path.exists() and not force:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pipe = build_demo_refiner()
+    tensors = {**unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config), **vae_to_ldm(pipe.vae.state_dict()),
+               **openclip_text_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.0.model.")}
+    return write_safetensors(path, [layout_of(tensors, FILE_DTYPE)], [tensors], {METADATA_CONFIG_KEY: DEMO_REFINER})

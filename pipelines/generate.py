@@ -419,8 +419,9 @@ def _second_stage(model: LoadedModel, job: ImageJob, firsts: list[Any], progress
         second, load_seconds, embeddings = load_model(plan.checkpoint)
     sampler = job.hires.sampler if job.hires is not None else job.sampler
     cls = _pipeline_class(second.arch, "img2img", inpaint=False)
-    pipe = assemble_pipeline(cls, second.pipe.components,
-                             scheduler=build_scheduler(sampler, second.pipe.scheduler.config))
+    config = {key: second.pipe.config[key] for key in ("requires_aesthetics_score",) if key in second.pipe.config}
+    pipe = assemble_pipeline(cls, second.pipe.components,  # a refiner's aesthetic-score conditioning kept
+                             scheduler=build_scheduler(sampler, second.pipe.scheduler.config), **config)
     stage_job = job if embeddings is job.embeddings else _with_embeddings(job, embeddings)
     batches = math.ceil(len(firsts) / job.batch_size)
     images: list[Image.Image] = []

@@ -68,6 +68,11 @@ class Arch(str, enum.Enum):
 REAL_CONFIG: dict[Arch, str] = {Arch.SD1: "sd15", Arch.SDXL: "sdxl"}
 _PIPELINE_CLASS: dict[Arch, str] = {Arch.SD1: "StableDiffusionPipeline", Arch.SDXL: "StableDiffusionXLPipeline"}
 _CLASS_TO_ARCH: dict[str, Arch] = {v: k for k, v in _PIPELINE_CLASS.items()}
+# The SDXL refiner's own layout: one text encoder (OpenCLIP bigG as `conditioner.embedders.0.model.`), a UNet
+# conditioned on an aesthetic score; it is SDXL to every check here, but loads as an img2img pipeline only.
+REFINER_CLASS = "StableDiffusionXLImg2ImgPipeline"
+REFINER_CONFIG = "sdxl-refiner"
+_CLASS_TO_ARCH[REFINER_CLASS] = Arch.SDXL
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -89,15 +94,20 @@ def read_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str,
 
 
 def detect_arch(keys: Iterable[str]) -> Arch:
-    """`conditioner.embedders.1.` => SDXL, `cond_stage_model.transformer.` => SD1; else UnsupportedArchitecture."""
-    sd1 = False
+    """`conditioner.embedders.1.` => SDXL, `cond_stage_model.transformer.` => SD1, the SDXL refiner's layout
+    (`is_refiner`) => SDXL; else UnsupportedArchitecture."""
+    sd1 = refiner = False
     for key in keys:
         if key.startswith("conditioner.embedders.1."):
             return Arch.SDXL
         if key.startswith("cond_stage_model.transformer."):
             sd1 = True
+        if key.startswith("conditioner.embedders.0.model."):
+            refiner = True
     if sd1:
         return Arch.SD1
+    if refiner:
+        return Arch.SDXL
     raise UnsupportedArchitecture("checkpoint matches neither SD 1.x nor SDXL (SD 2.x, refiner, Flux... unsupported)")
 
 
@@ -128,6 +138,19 @@ def _config_name(arch: Arch, metadata: dict[str, str], path: Path) -> str:
     return REAL_CONFIG[arch]
 
 
+def is_refiner(keys: Iterable[str]) -> bool:
+    """True for the SDXL refiner's layout: OpenCLIP as the first (and only) text embedder."""
+    keys = list(keys)
+    return (any(k.startswith("conditioner.embedders.0.model.") for k in keys)
+            and not any(k.startswith("conditioner.embedders.1.") for k in keys))
+
+
+def refiner_config(config_dir: Path) -> bool:
+    """True when a shipped config folder describes a refiner (an img2img-only pipeline)."""
+    index = Path(config_dir) / "model_index.json"
+    return index.is_file() and json.loads(index.read_text()).get("_class_name") == REFINER_CLASS
+
+
 def config_dir_for(path: Path) -> tuple[Arch, Path]:
     """Which shipped config folder loads this single file (metadata `sdfunc_config` wins if shipped)."""
     path = Path(path)
@@ -136,7 +159,10 @@ def config_dir_for(path: Path) -> tuple[Arch, Path]:
         arch = detect_arch(tensors)
     except UnsupportedArchitecture as e:
         raise UnsupportedArchitecture(f"{path.name}: {e.message}") from None
-    return arch, CONFIG_ROOT / _config_name(arch, metadata, path)
+    name = _config_name(arch, metadata, path)
+    if is_refiner(tensors) and not refiner_config(CONFIG_ROOT / name):
+        name = REFINER_CONFIG
+    return arch, CONFIG_ROOT / name
 
 
 def is_diffusers_dir(path: Path) -> bool:
@@ -237,6 +263,12 @@ def load_pipeline(
                 timings["copy"] = time.perf_counter() - started
             started = time.perf_counter()
         cls = _pipeline_class(arch)
+        tokenizers = tokenizers_for(arch)
+        if refiner_config(config_dir):  # no first text encoder: its tokenizer must not be there either
+            import diffusers
+
+            cls = getattr(diffusers, REFINER_CLASS)
+            tokenizers = {"tokenizer": None, "text_encoder": None, "tokenizer_2": tokenizers["tokenizer_2"]}
         logger.info("loading %s as %s with config %s", path.name, cls.__name__, config_dir.name)
         try:
             pipe = cls.from_single_file(
@@ -246,7 +278,7 @@ def load_pipeline(
                 local_files_only=True,
                 disable_mmap=disable_mmap,
                 **({"device": device} if direct_to_device else {}),
-                **tokenizers_for(arch),
+                **tokenizers,
                 **_pipeline_kwargs(arch),
             )
         except _LOAD_ERRORS as e:

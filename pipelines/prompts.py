@@ -133,8 +133,10 @@ def chunked_embeds(pipe: Any, prompts: list[str], negatives: list[str], clip_ski
     texts = list(dict.fromkeys(prompts + negatives))  # each distinct text is encoded once
     fragments = {text: _parse(text, "prompt") for text in dict.fromkeys(prompts)}
     fragments.update({text: _parse(text, "negative_prompt") for text in negatives if text not in fragments})
-    encoders = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else [pipe.text_encoder]
-    tokenizers = _tokenizers(pipe)[: len(encoders)]
+    pairs = [(tok, enc) for tok, enc in ((pipe.tokenizer, pipe.text_encoder),
+                                         (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None)))
+             if tok is not None and enc is not None][: 2 if sdxl else 1]  # the SDXL refiner has OpenCLIP only
+    tokenizers, encoders = [tok for tok, _ in pairs], [enc for _, enc in pairs]
     per_tokenizer = [[_chunks(_weighted_tokens(tokenizer, fragments[text]), _comma_id(tokenizer)) for text in texts]
                      for tokenizer in tokenizers]
     counts = [max(len(chunks[i]) for chunks in per_tokenizer) for i in range(len(texts))]

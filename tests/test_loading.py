@@ -28,6 +28,7 @@ from pipelines.errors import (
 )
 from pipelines.ldm_layout import pipeline_to_ldm, save_single_file
 from pipelines.loading import (
+    is_refiner,
     CONFIG_ROOT,
     Arch,
     config_dir_for,
@@ -61,8 +62,10 @@ def test_detect_arch():
     assert detect_arch(["conditioner.embedders.0.transformer.a", "conditioner.embedders.1.model.b"]) is Arch.SDXL
     with pytest.raises(UnsupportedArchitecture):
         detect_arch(["cond_stage_model.model.token_embedding.weight"])  # SD 2.x
-    with pytest.raises(UnsupportedArchitecture):
-        detect_arch(["conditioner.embedders.0.model.text_projection"])  # SDXL refiner
+    # the SDXL refiner's own layout (OpenCLIP only, as embedders.0) is SDXL; is_refiner tells it apart
+    assert detect_arch(["conditioner.embedders.0.model.text_projection"]) is Arch.SDXL
+    assert is_refiner(["conditioner.embedders.0.model.text_projection", "model.diffusion_model.x"])
+    assert not is_refiner(["conditioner.embedders.0.transformer.a", "conditioner.embedders.1.model.b"])
     with pytest.raises(UnsupportedArchitecture):
         detect_arch([])
 

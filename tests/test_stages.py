@@ -23,9 +23,13 @@ def root(data_dir, tmp_path_factory):
     models = root / "models" / "Stable-diffusion"
     os.link(models / "demo-sdxl.safetensors", models / "refiner-xl.safetensors")
     os.link(models / "demo-sd15.safetensors", models / "other-sd15.safetensors")
-    # the official refiner's own layout (one OpenCLIP encoder as embedders.0): not a loadable architecture yet
-    save_file({"conditioner.embedders.0.model.text_projection": torch.zeros(2, 2),
-               "model.diffusion_model.out.0.weight": torch.zeros(2)}, models / "refiner-arch.safetensors")
+    # the refiner's own layout (OpenCLIP only, as embedders.0; aesthetic-score UNet), tiny
+    from pipelines.demo import write_demo_refiner
+
+    write_demo_refiner(models)
+    # a file whose header says SD 2.x: no pipeline loads it
+    save_file({"cond_stage_model.model.token_embedding.weight": torch.zeros(2, 2),
+               "model.diffusion_model.out.0.weight": torch.zeros(2)}, models / "sd2-arch.safetensors")
     return root
 
 
@@ -164,7 +168,7 @@ def test_hires_second_pass_on_another_checkpoint(client, app):
     ({"hr_checkpoint_name": "no-such-model"}, 404, "hr_checkpoint_name"),
     ({"firstphase_width": 4}, 422, "firstphase_width"),
     ({"hr_second_pass_steps": 10000}, 422, "hr_second_pass_steps"),
-    ({"hr_checkpoint_name": "refiner-arch"}, 422, "hr_checkpoint_name"),
+    ({"hr_checkpoint_name": "sd2-arch"}, 422, "hr_checkpoint_name"),
     ({"hr_sampler_name": "No Such Sampler"}, 422, "hr_sampler_name"),
 ])
 def test_hires_refusals_name_the_field(client, fields, status, field):
@@ -194,11 +198,33 @@ def test_refiner_switches_to_a_second_sdxl_checkpoint(client, app):
     assert np.abs(refined - base).mean() < 1.0
 
 
+def test_refiner_in_the_refiners_own_layout(client, app):
+    """The SDXL refiner's layout (sd_xl_refiner_1.0's: OpenCLIP only, aesthetic score), loaded by the real loader
+    from the single-file layout, finishes the base's schedule."""
+    import numpy as np
+
+    plain, _ = post(client, steps=4, **XL)
+    r, info = post(client, steps=4, refiner_checkpoint="demo-sdxl-refiner", refiner_switch_at=0.5, **XL)
+    assert r.status_code == 200, r.json
+    service = app.extensions["sdfunc"]
+    refiner = service.cache.peek(service.store.find_checkpoint("demo-sdxl-refiner"))
+    assert refiner is not None and refiner.pipe.text_encoder is None and refiner.pipe.config.requires_aesthetics_score
+    assert "Refiner: demo-sdxl-refiner [" in params_line(info)
+    refined = np.asarray(decode_png(r.json["images"][0]), dtype=np.float32)
+    base = np.asarray(decode_png(plain.json["images"][0]), dtype=np.float32)
+    assert refined.shape == base.shape and np.abs(refined - base).mean() > 1.0  # other weights finished it
+    # weighted and long prompts take A1111's encoding on the refiner's single encoder too
+    r, _ = post(client, steps=4, prompt="a (red:1.3) house BREAK sky", negative_prompt="",
+                refiner_checkpoint="demo-sdxl-refiner", refiner_switch_at=0.5, **XL)
+    assert r.status_code == 200, r.json
+
+
 @pytest.mark.parametrize("fields,status,field", [
     ({"refiner_checkpoint": "refiner-xl", "refiner_switch_at": 0.5}, 422, "refiner_checkpoint"),  # SD 1.5 base
     ({"refiner_checkpoint": "no-such", "refiner_switch_at": 0.5, **XL}, 404, "refiner_checkpoint"),
     ({"refiner_checkpoint": "refiner-xl", **XL}, 422, "refiner_switch_at"),
-    ({"refiner_checkpoint": "refiner-arch", "refiner_switch_at": 0.5, **XL}, 422, "refiner_checkpoint"),
+    ({"refiner_checkpoint": "sd2-arch", "refiner_switch_at": 0.5, **XL}, 422, "refiner_checkpoint"),
+    ({"override_settings": {"sd_model_checkpoint": "demo-sdxl-refiner"}}, 422, "override_settings.sd_model_checkpoint"),
     ({"refiner_checkpoint": "refiner-xl", "refiner_switch_at": 0.5, "enable_hr": True, **XL}, 422, "refiner_checkpoint"),
 ])
 def test_refiner_refusals_name_the_field(client, fields, status, field):
