@@ -331,17 +331,8 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
                 args["latents"] = torch.stack(noise).to(device=pipe.unet.device, dtype=pipe.unet.dtype)
             else:
                 sized = _image_inputs(pipe, job, first, seeds, args)
-            step_total = _effective_steps(job)
-
-            def on_step(p: Any, step: int, timestep: Any, kwargs: dict, step_total: int = step_total,
-                        batch_no: int = batch_no) -> dict:
-                nonlocal interrupted
-                if progress is not None and not progress(step + 1, step_total, batch_no):
-                    interrupted = True
-                    p._interrupt = True
-                return kwargs
-
-            args["callback_on_step_end"] = on_step
+            steps = _Steps(progress, _effective_steps(job), batch_no)
+            args["callback_on_step_end"] = steps
             # diffusers crops "only masked" inpainting for one PIL image at a time.
             runs = _one_image_runs(args, n) if "padding_mask_crop" in args else [args]
             batch_images: list[Image.Image] = []
@@ -362,7 +353,8 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
                 batch_images = [Image.composite(gen, src, m) for gen, src, m in
                                 zip(batch_images, sized, args["mask_image"])]
             images_out.extend(batch_images)
-            if interrupted:
+            if steps.interrupted:
+                interrupted = True
                 break
     load_seconds = 0.0
     if job.staged and interrupted:  # A1111 returns the first pass when stopped before the second
@@ -375,6 +367,21 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
     done = len(images_out)
     return GenerationResult(images=images_out, seeds=job.seeds[:done], subseeds=job.subseeds[:done],
                             generation_seconds=seconds, interrupted=interrupted, load_seconds=load_seconds)
+
+
+class _Steps:
+    """diffusers' `callback_on_step_end` for one pipeline call: reports each step to `progress` as step i of
+    `total` in job `job_no`, and stops the call after the current step when `progress` says so."""
+
+    def __init__(self, progress: ProgressFn | None, total: int, job_no: int) -> None:
+        self.progress, self.total, self.job_no = progress, total, job_no
+        self.interrupted = False
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+        if self.progress is not None and not self.progress(step + 1, self.total, self.job_no):
+            self.interrupted = True
+            pipe._interrupt = True
+        return kwargs
 
 
 def _widen_lcm(pipe: Any, steps: int) -> None:
@@ -464,20 +471,13 @@ def _second_stage(model: LoadedModel, job: ImageJob, firsts: list[Any], progress
             _prompt_args(run_pipe, second.arch, stage_job, prompts, negatives, args)
             args["generator"] = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             step_total = job.hires.steps if job.hires is not None else job.steps - int(job.steps * job.refiner.switch_at)
-
-            def on_step(p: Any, step: int, timestep: Any, kwargs: dict, job_no: int = batches + batch_no,
-                        step_total: int = step_total) -> dict:
-                nonlocal interrupted
-                if progress is not None and not progress(step + 1, step_total, job_no):
-                    interrupted = True
-                    p._interrupt = True
-                return kwargs
-
-            args["callback_on_step_end"] = on_step
+            steps = _Steps(progress, step_total, batches + batch_no)
+            args["callback_on_step_end"] = steps
             set_noise_seeds(run_pipe.scheduler, seeds)
             with torch.inference_mode():
                 images.extend(run_pipe(**args).images)
-            if interrupted:
+            if steps.interrupted:
+                interrupted = True
                 break
     return images, load_seconds, interrupted
 
