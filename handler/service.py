@@ -642,10 +642,7 @@ class Service:
             adapters = self.lora_adapters
             before = (adapters.loads, adapters.unloads, len(model.pipe.tokenizer))
             adapters.apply(model.pipe, job.loras)
-            texts = [*(job.prompts or [job.prompt]), *(job.negative_prompts or [job.negative_prompt])]
-            if job.hires is not None:
-                texts += [job.hires.prompt, job.hires.negative_prompt]
-            job.embeddings = self.embeddings.prepare(model.pipe, texts)  # textual inversions the prompts name
+            job.embeddings = self.embeddings.prepare(model.pipe, _job_texts(job))  # textual inversions they name
             for control in job.controls:
                 control.model = self._controlnet_model(control.entry, model)
             if (adapters.loads, adapters.unloads, len(model.pipe.tokenizer)) != before:
@@ -679,10 +676,7 @@ class Service:
                 self.cache.remeasure(model)
                 return model, seconds or 0.0, []
             self.lora_adapters.apply(model.pipe, job.loras)  # the request's LoRAs, and no one else's, as in A1111
-            texts = [*(job.prompts or [job.prompt]), *(job.negative_prompts or [job.negative_prompt])]
-            if job.hires is not None:
-                texts += [job.hires.prompt, job.hires.negative_prompt]
-            embeddings = self.embeddings.prepare(model.pipe, texts)
+            embeddings = self.embeddings.prepare(model.pipe, _job_texts(job))
             self.cache.remeasure(model)
             return model, seconds or 0.0, embeddings
         return load
@@ -1013,6 +1007,14 @@ class Service:
             job.inpaint_full_res = req.inpaint_full_res
             job.inpaint_full_res_padding = req.inpaint_full_res_padding
             job.inpainting_mask_invert = bool(req.inpainting_mask_invert)
+
+
+def _job_texts(job: Any) -> list[str]:
+    """Every prompt a job encodes: its (per-image) prompts and negative prompts, and the hires pass's."""
+    texts = [*(job.prompts or [job.prompt]), *(job.negative_prompts or [job.negative_prompt])]
+    if job.hires is not None:
+        texts += [job.hires.prompt, job.hires.negative_prompt]
+    return texts
 
 
 def _stopping_error(retry_after: int) -> NotReady:

@@ -7,7 +7,9 @@ most of these with a 500.
 
 from __future__ import annotations
 
+import functools
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from handler.errors import InvalidRequest
@@ -102,32 +104,42 @@ def other_checkpoint(store: ModelStore, name: str | None, field: str) -> Checkpo
 
 
 def checkpoint_arch(entry: CheckpointEntry, field: str) -> str:
-    """"sd1" or "sdxl", read from the file's header or the folder's model_index.json (no loading). A file of
-    another architecture (SD 2.x, the SDXL refiner's own one-encoder layout) or an unreadable one is a 422
-    naming `field`."""
+    """"sd1" or "sdxl" (the SDXL refiner's layout too), read from the file's header or the folder's
+    model_index.json (no loading). A file of another architecture (SD 2.x) or an unreadable one is a 422 naming
+    `field`."""
     from pipelines.errors import CheckpointError
-    from pipelines.loading import config_dir_for
 
     try:
-        if entry.is_dir:
-            index = json.loads((entry.path / "model_index.json").read_text())
-            return "sdxl" if "XL" in str(index.get("_class_name", "")) else "sd1"
-        return config_dir_for(entry.path)[0].value
+        return _kind(entry)[0]
     except (CheckpointError, OSError, ValueError) as exc:
         raise InvalidRequest(f"{field}: {getattr(exc, 'message', None) or exc}", field=field) from None
+
+
+def _kind(entry: CheckpointEntry) -> tuple[str, bool]:
+    """(architecture, is a refiner) of a checkpoint; the header is read once per file version."""
+    index = entry.path / "model_index.json" if entry.is_dir else entry.path
+    stat = index.stat()
+    return _read_kind(str(entry.path), entry.is_dir, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_kind(path: str, is_dir: bool, mtime_ns: int, size: int) -> tuple[str, bool]:
+    from pipelines.loading import REFINER_CLASS, config_dir_for, refiner_config
+
+    if is_dir:
+        name = str(json.loads((Path(path) / "model_index.json").read_text()).get("_class_name", ""))
+        return ("sdxl" if "XL" in name else "sd1"), name == REFINER_CLASS
+    arch, config = config_dir_for(Path(path))
+    return arch.value, refiner_config(config)
 
 
 def check_not_refiner(entry: CheckpointEntry, field: str) -> None:
     """A checkpoint in the SDXL refiner's own layout only finishes another model's sampling: as the request's
     model it is a 422 naming `field` (it has no first text encoder and no txt2img pipeline)."""
     from pipelines.errors import CheckpointError
-    from pipelines.loading import REFINER_CLASS, config_dir_for, refiner_config
 
     try:
-        if entry.is_dir:
-            refiner = json.loads((entry.path / "model_index.json").read_text()).get("_class_name") == REFINER_CLASS
-        else:
-            refiner = refiner_config(config_dir_for(entry.path)[1])
+        refiner = _kind(entry)[1]
     except (CheckpointError, OSError, ValueError):
         return  # unreadable or another architecture: the loader's own error says so
     if refiner:
