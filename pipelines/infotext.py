@@ -203,69 +203,27 @@ def _restore_old_hires_fix(res: dict[str, Any]) -> None:
     res["Hires resize-1"], res["Hires resize-2"] = width, height
 
 
-# Tokens of A1111's prompt attention syntax: `\(` escapes, `(`/`[` open, `:1.2)` closes with a weight,
-# `)`/`]` close, runs of other text, and a stray colon.
-_ATTENTION_TOKEN_RE = re.compile(
-    r"""\\[()\[\]\\]          # escaped bracket or backslash
-      | \\                    # a lone backslash
-      | [(\[]                 # opening bracket
-      | :\s*([+-]?[.\d]+)\s*\)  # explicit weight closing a round bracket
-      | [)\]]                 # closing bracket
-      | [^\\()\[\]:]+         # plain text
-      | :                     # a colon that is not a weight""",
-    re.VERBOSE,
-)
-_BREAK_RE = re.compile(r"\s*\bBREAK\b\s*", re.S)
-
-
-def _attention_weights(prompt: str) -> list[tuple[str, float]]:
-    """Chunks of `prompt` with their attention weights, computed as A1111's prompt parser does.
-
-    `(x)` multiplies by 1.1, `[x]` by 1/1.1, `(x:w)` by w; unclosed brackets apply to the end. `BREAK`
-    chunks carry a negative weight so callers can tell them apart.
-    """
-    chunks: list[list[Any]] = []
-    open_round: list[int] = []
-    open_square: list[int] = []
-
-    def scale_from(start: int, factor: float) -> None:
-        for chunk in chunks[start:]:
-            chunk[1] *= factor
-
-    for match in _ATTENTION_TOKEN_RE.finditer(prompt):
-        token, weight = match.group(0), match.group(1)
-        if token.startswith("\\"):
-            chunks.append([token[1:], 1.0])
-        elif token == "(":
-            open_round.append(len(chunks))
-        elif token == "[":
-            open_square.append(len(chunks))
-        elif weight is not None and open_round:
-            try:
-                factor = float(weight)
-            except ValueError:  # e.g. "(x:.)": A1111 would fail; treat as a plain close
-                factor = 1.1
-            scale_from(open_round.pop(), factor)
-        elif token == ")" and open_round:
-            scale_from(open_round.pop(), 1.1)
-        elif token == "]" and open_square:
-            scale_from(open_square.pop(), 1 / 1.1)
-        else:
-            for i, part in enumerate(_BREAK_RE.split(token)):
-                if i > 0:
-                    chunks.append(["BREAK", -1.0])
-                chunks.append([part, 1.0])
-
-    for start in open_round:
-        scale_from(start, 1.1)
-    for start in open_square:
-        scale_from(start, 1 / 1.1)
-    return [(text, w) for text, w in chunks] or [("", 1.0)]
-
-
 def uses_emphasis(prompt: str) -> bool:
-    """True when `prompt` gives any text an attention weight other than 1.0 (A1111's `Emphasis` rule)."""
-    return any(w != 1.0 for text, w in _attention_weights(prompt) if text != "BREAK")
+    """True when `prompt` gives any text an attention weight other than 1.0 (A1111's `Emphasis` rule), by the
+    same parser the generation uses (pipelines.prompts)."""
+    from pipelines.prompts import parse_prompt_attention
+
+    try:
+        fragments = parse_prompt_attention(prompt)
+    except ValueError:  # a weight that is not a number, "(x:1.2.3)": A1111 fails; read as a plain close (1.1)
+        fragments = parse_prompt_attention(_WEIGHT_CLOSE.sub(_plain_close_if_malformed, prompt))
+    return any(w != 1.0 for text, w in fragments if text != "BREAK")
+
+
+_WEIGHT_CLOSE = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
+
+
+def _plain_close_if_malformed(match: re.Match[str]) -> str:
+    try:
+        float(match.group(1))
+    except ValueError:
+        return ")"
+    return match.group(0)
 
 
 def _parse_version(text: Any) -> _pkg_version.Version | None:
