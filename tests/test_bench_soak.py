@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_short_soak_holds_its_checks(data_dir, tmp_path):
     out = tmp_path / "soak.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.soak", "--data", str(data_dir), "--minutes", "0.25", "--warmup-minutes", "0.1",
+        [sys.executable, "-m", "bench.soak", "--data", str(data_dir), "--minutes", "0.35", "--warmup-minutes", "0.2",
          "--sample-seconds", "1.5", "--max-waiting", "2", "--out", str(out), "--markdown", str(tmp_path / "soak.md")],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
