@@ -103,7 +103,7 @@ def ensure_models(data: Path, models: tuple[str, ...]) -> dict[str, Path]:
     paths = {m: folder / f"{m}.safetensors" for m in models}
     missing = [m for m, p in paths.items() if not p.exists()]
     if missing:
-        from pipelines.demo import DEMO_MODELS, write_demo_models
+        from pipelines.builders.demo import DEMO_MODELS, write_demo_models
 
         unknown = [m for m in missing if m not in DEMO_MODELS]
         if unknown:

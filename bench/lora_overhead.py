@@ -4,7 +4,7 @@
                                   [--threads T] [--shuffle-seed 0] [--out FILE.json] [--markdown FILE]
 
 Method. One in-process app (`create_app`, records off, request log off) on a temporary data folder with the
-demo checkpoints and random-weight LoRAs written by `pipelines.demo.write_demo_lora` (kohya format, UNet and
+demo checkpoints and random-weight LoRAs written by `pipelines.builders.demo.write_demo_lora` (kohya format, UNet and
 text encoders, rank 4). Per architecture, four kinds of request, each a txt2img through `app.test_client()`
 (Euler, `--steps`, `--size` square, CFG 7, fixed seed), timed with `perf_counter`, in an order shuffled per
 round (seeded):
@@ -53,7 +53,7 @@ class BenchConfig:
 
 
 def _data(root: Path) -> Path:
-    from pipelines.demo import write_demo_lora, write_demo_models
+    from pipelines.builders.demo import write_demo_lora, write_demo_models
 
     write_demo_models(root / "models" / "Stable-diffusion")
     for arch, kind in CHECKPOINTS.items():

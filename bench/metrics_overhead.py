@@ -82,7 +82,7 @@ log = logging.getLogger("bench.metrics_overhead")
 TARGET_PCT = 2.0  # metrics + request log, percent of the request latency
 SERVERS = ("on", "off")
 OFF_ENV = (("SDFUNC_METRICS", "false"), ("SDFUNC_REQUEST_LOG", "false"))
-REQUEST_LOGGER = "sdfunc.request"  # handler.metering's request log
+REQUEST_LOGGER = "sdfunc.request"  # handler.records.metering's request log
 BOOTSTRAP_RESAMPLES = 2000
 MAX_OUTLIER_SHARE = 0.1  # blocks of one server and size beyond x DISTURBED_SPREAD of their median: unstable above
 
@@ -335,7 +335,7 @@ def quiet_app_loggers() -> Iterator[None]:
 
 def _micro_on_app(cfg: BenchConfig, app: Any) -> dict[str, Any]:
     """`micro_timings` on a built app."""
-    from handler import metering
+    from handler.records import metering
     from handler.logs import set_request_id
 
     service = app.extensions["sdfunc"]

@@ -170,7 +170,7 @@ def switch_cost(cfg: BenchConfig, store: Any, device: str, dtype: str) -> dict[s
 def mount_file(cfg: BenchConfig, ckpt_dir: Path, data: Path) -> Path:
     if cfg.mount_model == REALARCH:
         from pipelines.loading import Arch
-        from pipelines.realarch import write_real_arch_checkpoint
+        from pipelines.builders.realarch import write_real_arch_checkpoint
 
         path = data / "mount" / f"{REALARCH}.safetensors"
         if not path.exists():
@@ -245,7 +245,7 @@ def slow_mount(cfg: BenchConfig, path: Path, device: str, dtype: str, work: Path
 def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
     import torch
 
-    from pipelines.demo import DEMO_MODELS, write_demo_models
+    from pipelines.builders.demo import DEMO_MODELS, write_demo_models
     from pipelines.hashing import HashCache
     from pipelines.store import ModelStore
 

@@ -16,7 +16,7 @@ Method. In-process apps from `create_app(Settings(...))`, one per config, all on
 | config | settings |
 |---|---|
 | `off` (baseline) | `record_requests=False`: no ledger, no image records, no database |
-| `sqlite` | a fresh SQLite file in the run's temp folder (WAL, synchronous=FULL: handler.db's defaults) |
+| `sqlite` | a fresh SQLite file in the run's temp folder (WAL, synchronous=FULL: handler.records.db's defaults) |
 | `sqlite+b64` | the same with `save_images_to_db=True` (each PNG's base64 in `generated_images`) |
 | `mariadb` | a fresh database on a MariaDB server the benchmark starts (bench/mariadb.py), over TCP to 127.0.0.1 |
 | `mariadb+b64` | the same with `save_images_to_db=True` (a second fresh database) |
@@ -412,7 +412,7 @@ def count_rows(c: Config, prefix: str) -> dict[str, int]:
     """This run's rows in a config's database, read with plain SQL through its engine."""
     from sqlalchemy import func, select
 
-    from handler.db import generated_images, ledger
+    from handler.records.db import generated_images, ledger
 
     db = c.app.extensions["sdfunc"].db
     mine = f"{prefix}-{c.name}-%"
@@ -490,7 +490,7 @@ def _redact(url: str | None) -> str | None:
     """A database URL with its password hidden (results and commands are published)."""
     if url is None:
         return None
-    from handler.db import redact
+    from handler.records.db import redact
 
     return redact(url)
 

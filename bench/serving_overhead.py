@@ -451,8 +451,8 @@ def stage_timings(cfg: BenchConfig, model: Any, client: Any, size: int) -> dict[
     import diffusers
     from flask import json as flask_json
 
-    from handler.images import b64
-    from handler.schemas import Txt2ImgRequest
+    from handler.contract.images import b64
+    from handler.contract.schemas import Txt2ImgRequest
     from pipelines.cache import assemble_pipeline
     from pipelines.infotext import png_bytes
     from pipelines.samplers import build_scheduler, resolve_sampler

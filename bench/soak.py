@@ -44,7 +44,7 @@ from bench.serving_overhead import TXT2IMG, Server, _proc_stat, ensure_data, pay
 log = logging.getLogger("bench.soak")
 MIB = 1024 * 1024
 DATABASE_SUFFIXES = (".sqlite3", ".sqlite3-wal", ".sqlite3-shm")  # the records database's pooled connections
-POOL_CONNECTIONS = 15  # SQLAlchemy's QueuePool: pool_size 5 + max_overflow 10 (handler/db.py keeps the defaults)
+POOL_CONNECTIONS = 15  # SQLAlchemy's QueuePool: pool_size 5 + max_overflow 10 (handler/records/db.py keeps the defaults)
 
 
 @dataclass

@@ -13,8 +13,15 @@ import time
 from flask import Response, g, request
 from flask_openapi3 import Info, OpenAPI
 
-from handler import __version__, account, controlnet_api, downloads, fc, metering, routes, web
-from handler.billing import decimal_text
+from handler import __version__
+from handler.api import account
+from handler.api import controlnet as controlnet_api
+from handler.api import downloads
+from handler.api import lifecycle as fc
+from handler.records import metering
+from handler.api import sdapi as routes
+from handler.api import web
+from handler.records.billing import decimal_text
 from handler.errors import (
     ErrorModel,
     InvalidRequest,
@@ -23,13 +30,13 @@ from handler.errors import (
     validation_error_response,
 )
 from handler.logs import REQUEST_ID_HEADER, configure_logging, set_request_id
-from handler.service import Service
+from handler.runtime.service import Service
 from handler.settings import Settings
 
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-AUTHENTICATED_BLUEPRINTS = ("sdapi", "controlnet", "account", "downloads")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/lifecycle.py)
+AUTHENTICATED_BLUEPRINTS = ("sdapi", "controlnet", "account", "downloads")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/security/lifecycle_key.py)
 GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 # Answered by gunicorn before the app sees the request (an HTML body): documented so clients expect them.
 GUNICORN_REFUSALS = {
@@ -99,6 +106,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         response.headers["X-Instance-Id"] = service.instance_id
         meter: metering.RequestMeter | None = g.pop("meter", None)
         if meter is not None:
+            meter.error = g.pop("error_code", meter.error)
             response.headers["X-Cold-Start"] = "true" if meter.cold_start else "false"
             meter.status = response.status_code
             if meter.route in GENERATION_ROUTES:

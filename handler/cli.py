@@ -47,7 +47,7 @@ def ensure_models(settings, *, force: bool = False) -> list[Path]:
     store = ModelStore(settings.checkpoints_dir, settings.vae_dir, HashCache(None))
     paths: list[Path] = []
     if not store.checkpoints or force:
-        from pipelines.demo import write_demo_models
+        from pipelines.builders.demo import write_demo_models
 
         log.info("building the tiny demo checkpoints in %s (random weights, no download)", settings.checkpoints_dir)
         paths = write_demo_models(settings.checkpoints_dir, force=force)
@@ -64,7 +64,7 @@ def _demo_controlnets(settings, *, force: bool) -> list[Path]:
         return []
     if not force and any(folder.glob("*.safetensors")):
         return []
-    from pipelines.demo import write_demo_controlnets
+    from pipelines.builders.demo import write_demo_controlnets
 
     return write_demo_controlnets(folder, force=force)
 
@@ -98,7 +98,7 @@ def cmd_hook(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    from handler import lifecycle
+    from handler.security import lifecycle_key as lifecycle
 
     _apply_overrides(args)
     settings = _settings()
@@ -140,10 +140,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _apply_overrides(args)
     from pydantic import ValidationError
 
-    from handler import metering
+    from handler.records import metering
     from handler.errors import ServiceError
-    from handler.schemas import Txt2ImgRequest
-    from handler.service import Service
+    from handler.contract.schemas import Txt2ImgRequest
+    from handler.runtime.service import Service
     from pipelines.errors import PipelineError
 
     settings = _settings()
@@ -176,7 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _records():
     """The service's records objects for the settings, or None (logged) when records are turned off."""
-    from handler.service import Service
+    from handler.runtime.service import Service
 
     service = Service(_settings())
     if service.ledger is None:
@@ -226,7 +226,7 @@ def cmd_consumers(args: argparse.Namespace) -> int:
 
 
 def _when(text: str | None) -> dt.datetime | None:
-    from handler.schemas import utc_naive
+    from handler.contract.schemas import utc_naive
 
     return utc_naive(dt.datetime.fromisoformat(text)) if text else None
 
@@ -278,11 +278,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    """Schema migrations of the records database (Alembic, handler/migrations)."""
+    """Schema migrations of the records database (Alembic, handler/records/migrations)."""
     _apply_overrides(args)
     from sqlalchemy.exc import SQLAlchemyError
 
-    from handler.db import Database, redact
+    from handler.records.db import Database, redact
 
     db = Database(_settings().resolved_database_url)
     try:
@@ -298,7 +298,7 @@ def _db_action(action: str, revision: str, db) -> int:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from handler.db import current_revision, metadata, migrate, redact
+    from handler.records.db import current_revision, metadata, migrate, redact
 
     if action == "upgrade":
         migrate(db.engine, revision)

@@ -10,11 +10,10 @@ import logging
 import sys
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, jsonify
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from handler import metering
 from handler.logs import current_request_id
 from pipelines import errors as pe
 
@@ -59,7 +58,7 @@ class NotFound(ServiceError):
 
 
 class Conflict(ServiceError):
-    """A request id that was already charged, or is being generated right now (handler.ledger)."""
+    """A request id that was already charged, or is being generated right now (handler.records.ledger)."""
 
     status, code = 409, "duplicate_request"
 
@@ -73,7 +72,7 @@ class Busy(ServiceError):
 
 
 class TooManyAuthFailures(ServiceError):
-    """A client address with too many failed authentication attempts (handler.auth.FailureLimiter): refused
+    """A client address with too many failed authentication attempts (handler.security.auth.FailureLimiter): refused
     without its credentials being checked until `Retry-After` seconds have passed."""
 
     status, code = 429, "too_many_auth_failures"
@@ -90,14 +89,14 @@ class Timeout(NotReady):
 
 
 class DatabaseUnavailable(NotReady):
-    """The records database cannot be reached: the request is not charged (handler.db)."""
+    """The records database cannot be reached: the request is not charged (handler.records.db)."""
 
     code = "database_unavailable"
 
 
 class StorageUnavailable(NotReady):
     """Saved images could not be written or read back (disk full, read-only mount, OSS error): a generation
-    that fails this way is not charged (handler.outputs)."""
+    that fails this way is not charged (handler.storage.outputs)."""
 
     code = "storage_unavailable"
 
@@ -129,9 +128,7 @@ def error_response(status: int, code: str, message: str, *, field: str | None = 
                    details: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None) -> Response:
     """Render one error in the single JSON shape."""
     body: dict[str, Any] = {"code": code, "message": message, "request_id": current_request_id()}
-    meter = metering.current()
-    if meter is not None:
-        meter.error = code
+    g.error_code = code  # the app's after_request puts it on the request's meter (ledger, request log)
     if field is not None:
         body["field"] = field
     if details:

@@ -8,7 +8,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggingface_hub
 
-from handler.coldstart import STARTED_AT_ENV, process_start_time  # noqa: E402
+from handler.runtime.coldstart import STARTED_AT_ENV, process_start_time  # noqa: E402
 from handler.settings import Settings  # noqa: E402
 
 # The workers measure their cold start from the server's start (this master process), not from their fork.

@@ -78,4 +78,4 @@ def configure_logging(level: str = "INFO", as_json: bool = True) -> None:
     )
     root.addHandler(handler)
     root.setLevel(level.upper())
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines name plugins; handler.db logs upgrades
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines name plugins; handler.records.db logs upgrades

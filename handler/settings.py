@@ -97,7 +97,7 @@ class WarmupSettings(BaseModel):
 
 
 class QueueSettings(BaseModel):
-    """How many generation requests one instance takes at once, and how long one may take (handler/service.py)."""
+    """How many generation requests one instance takes at once, and how long one may take (handler/runtime/service.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -112,7 +112,7 @@ class QueueSettings(BaseModel):
 
 
 class BatchSettings(BaseModel):
-    """Dynamic batching (handler/batching.py): compatible txt2img requests that wait together run as one batch."""
+    """Dynamic batching (handler/runtime/batching.py): compatible txt2img requests that wait together run as one batch."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -190,7 +190,7 @@ class CacheSettings(BaseModel):
 
 
 class TaskSettings(BaseModel):
-    """Asynchronous generation tasks (handler/tasks.py): `?async=true` or `Prefer: respond-async` answer 202
+    """Asynchronous generation tasks (handler/runtime/tasks.py): `?async=true` or `Prefer: respond-async` answer 202
     with a task id; `GET /tasks/<id>` gives the result. (FC's own async invocations run to the end: FC queues
     them and delivers the response to its destinations.)"""
 
@@ -216,7 +216,7 @@ class TaskSettings(BaseModel):
 
 class NetworkSettings(BaseModel):
     """Outbound HTTP(S) the function makes for clients: img2img `image_link`, model downloads, task callbacks
-    (handler/netguard.py). Hosts that resolve to loopback, private, link-local, CGNAT, multicast, reserved or
+    (handler/security/netguard.py). Hosts that resolve to loopback, private, link-local, CGNAT, multicast, reserved or
     metadata addresses are refused unless allow-listed here."""
 
     model_config = ConfigDict(extra="forbid")
@@ -264,7 +264,7 @@ class NetworkSettings(BaseModel):
 
 
 class DownloadSettings(BaseModel):
-    """`POST /models/download` (handler/downloads.py): model files fetched into the models folder."""
+    """`POST /models/download` (handler/api/downloads.py): model files fetched into the models folder."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -281,7 +281,7 @@ class DownloadSettings(BaseModel):
 
 
 class AuthSettings(BaseModel):
-    """Who may call the function and as which consumer (handler/auth.py)."""
+    """Who may call the function and as which consumer (handler/security/auth.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -350,7 +350,7 @@ class AuthSettings(BaseModel):
 
 
 class BillingSettings(BaseModel):
-    """How generation time becomes a charge (handler/billing.py)."""
+    """How generation time becomes a charge (handler/records/billing.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -412,7 +412,7 @@ class OssSettings(BaseModel):
 
 
 class StorageSettings(BaseModel):
-    """Where saved images go and which URL `parameters.image_url` gives for them (handler/storage.py)."""
+    """Where saved images go and which URL `parameters.image_url` gives for them (handler/storage/backends.py)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -417,7 +417,7 @@ class PipelineCache:
 
     def _evict(self, key: Key) -> None:
         """Take `key` off the device: to host RAM when the tier is on and it fits there, else drop it. Runs on
-        the one thread that also generates (handler/executor.py), so no pipeline is in use while it moves."""
+        the one thread that also generates (handler/runtime/executor.py), so no pipeline is in use while it moves."""
         with self._lock:
             model = self._items[key]
             self._tier[key] = HOST  # provisionally: the modules other device-tier pipelines use stay put

@@ -56,7 +56,7 @@ from pipelines.errors import (
     UnsupportedArchitecture,
 )
 from pipelines.hashing import legacy_model_hash
-from pipelines.ldm_layout import unet_key_to_ldm
+from pipelines.builders.ldm_layout import unet_key_to_ldm
 from pipelines.loading import CONFIG_ROOT, METADATA_CONFIG_KEY, Arch, _check_no_meta
 from pipelines.store import PICKLE_SUFFIXES, leads_outside
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from pipelines.cache import LoadedModel, assemble_pipeline
-from pipelines.embeddings import expand_prompt
+from pipelines.adapters.embeddings import expand_prompt
 from pipelines.errors import InvalidParameter
 from pipelines.hires import HiresPlan, RefinerPlan, second_pass_steps, upscale_image, upscale_latents
 from pipelines.prompts import chunked_embeds, needs_chunks
@@ -69,13 +69,13 @@ class ImageJob:
     inpaint_full_res: bool = True
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: bool = False
-    # Per-image prompts, one per seed, when requests are batched together (handler/batching.py); else None.
+    # Per-image prompts, one per seed, when requests are batched together (handler/runtime/batching.py); else None.
     prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
-    # LoRAs (pipelines.lora.LoraUse) the device thread activates before running the job; `prompt` is already
+    # LoRAs (pipelines.adapters.lora.LoraUse) the device thread activates before running the job; `prompt` is already
     # free of their tags.
     loras: list[Any] = field(default_factory=list)
-    # Textual-inversion embeddings (pipelines.embeddings entries) the device thread loaded for these prompts.
+    # Textual-inversion embeddings (pipelines.adapters.embeddings entries) the device thread loaded for these prompts.
     embeddings: list[Any] = field(default_factory=list)
     # txt2img only: a second stage after the first pass (pipelines.hires); at most one of the two.
     hires: HiresPlan | None = None

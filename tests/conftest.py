@@ -19,7 +19,7 @@ from PIL import Image
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A data root in the A1111 layout holding demo-sd15 and demo-sdxl, built by the real builder."""
-    from pipelines.demo import write_demo_models
+    from pipelines.builders.demo import write_demo_models
 
     root = tmp_path_factory.mktemp("data")
     write_demo_models(root / "models" / "Stable-diffusion")
@@ -60,7 +60,7 @@ def service(app):
 @pytest.fixture
 def client(app, service):
     """A test client; options the test sets are forgotten afterwards."""
-    from handler.options import MemoryOptionsStore
+    from handler.contract.options import MemoryOptionsStore
 
     yield app.test_client()
     service.options_store = MemoryOptionsStore()

@@ -1,4 +1,4 @@
-"""A real HTTP(S) server on a loopback address for tests of outbound fetches (handler/netguard.py).
+"""A real HTTP(S) server on a loopback address for tests of outbound fetches (handler/security/netguard.py).
 
 Routes map a path (percent-decoded) to `(status, headers, body)` or to a function `(handler) -> None` that
 answers itself (to stall, trickle or close mid-body). Every request's path and headers are kept in `requests`."""

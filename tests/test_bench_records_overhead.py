@@ -19,7 +19,7 @@ from bench.records_overhead import (
     redact_args,
     run,
 )
-from handler.db import generated_images, ledger
+from handler.records.db import generated_images, ledger
 
 ROUNDS, WARMUP, BATCH = 3, 1, 2
 

@@ -4,7 +4,7 @@ from decimal import Decimal
 
 import pytest
 
-from handler.billing import Pricing, decimal_text, nanos
+from handler.records.billing import Pricing, decimal_text, nanos
 from handler.settings import BillingSettings
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipelines.cache import PipelineCache, estimate_bytes
-from pipelines.demo import write_demo_vae
+from pipelines.builders.demo import write_demo_vae
 from pipelines.hashing import HashCache
 from pipelines.loading import clean_local_copies, load_pipeline, local_copy
 from pipelines.store import ModelStore

@@ -45,7 +45,7 @@ def cn(*units):
 
 @pytest.fixture(scope="module")
 def root(data_dir, tmp_path_factory):
-    from pipelines.demo import write_demo_controlnets
+    from pipelines.builders.demo import write_demo_controlnets
 
     root = linked_data_root(data_dir, tmp_path_factory.mktemp("controlnet"))
     write_demo_controlnets(root / "models" / "ControlNet")

@@ -274,7 +274,7 @@ def test_a_transparent_input_is_composited_over_white():
 
 @pytest.fixture(scope="module")
 def demo_files(tmp_path_factory):
-    from pipelines.demo import write_demo_controlnets
+    from pipelines.builders.demo import write_demo_controlnets
 
     folder = tmp_path_factory.mktemp("ControlNet")
     return dict(zip(("demo-sd15", "demo-sdxl"), write_demo_controlnets(folder)))
@@ -282,7 +282,7 @@ def demo_files(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["demo-sd15", "demo-sdxl"])
 def test_demo_controlnet_round_trips_exactly(demo_files, kind):
-    from pipelines.demo import build_demo_controlnet
+    from pipelines.builders.demo import build_demo_controlnet
 
     tensors, metadata = read_header(demo_files[kind])
     assert metadata == {"sdfunc_config": f"controlnet-{kind}"}
@@ -393,7 +393,7 @@ def test_check_compatible_names_the_model_field(demo_files):
 
 @pytest.fixture(scope="module")
 def store_root(demo_files, tmp_path_factory):
-    from pipelines.demo import build_demo_controlnet
+    from pipelines.builders.demo import build_demo_controlnet
 
     root = tmp_path_factory.mktemp("models") / "ControlNet"
     (root / "sd15").mkdir(parents=True)
@@ -455,14 +455,14 @@ def test_store_loads_a_diffusers_folder_and_knows_each_arch(store_root):
 
 @pytest.fixture(scope="module")
 def sd15(demo_files):
-    from pipelines.demo import build_demo_pipeline
+    from pipelines.builders.demo import build_demo_pipeline
 
     return build_demo_pipeline("demo-sd15"), cn.load_controlnet(demo_files["demo-sd15"])
 
 
 @pytest.fixture(scope="module")
 def sdxl(demo_files):
-    from pipelines.demo import build_demo_pipeline
+    from pipelines.builders.demo import build_demo_pipeline
 
     return build_demo_pipeline("demo-sdxl"), cn.load_controlnet(demo_files["demo-sdxl"])
 
@@ -588,7 +588,7 @@ def test_detect_then_fit_is_preprocess():
 
 
 def test_demo_controlnet_is_deterministic(tmp_path):
-    from pipelines.demo import write_demo_controlnet
+    from pipelines.builders.demo import write_demo_controlnet
 
     a = write_demo_controlnet(tmp_path / "a.safetensors", "demo-sd15", seed=5)
     b = write_demo_controlnet(tmp_path / "b.safetensors", "demo-sd15", seed=5)

@@ -15,7 +15,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, func, select, text
 
-from handler.db import generated_images, ledger
+from handler.records.db import generated_images, ledger
 from tests.serving import ServeProcess
 
 BODY = {"prompt": "kill test", "steps": 3, "width": 64, "height": 64, "batch_size": 2, "seed": 11,

@@ -1,4 +1,4 @@
-"""Textual-inversion embeddings (pipelines/embeddings.py): scanning and A1111's listing, finding names in
+"""Textual-inversion embeddings (pipelines/adapters/embeddings.py): scanning and A1111's listing, finding names in
 prompts, loading into the tiny demo pipelines' text encoders, prompt expansion and `TI hashes`.
 
 The demo text encoders are 32 wide (SD 1.5 and SDXL's first) and 64 wide (SDXL's second), so the embedding files
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipelines.embeddings import (
+from pipelines.adapters.embeddings import (
     EmbeddingStore,
     encoder_dims,
     ensure_loaded,
@@ -49,14 +49,14 @@ def own_tokenizers(pipe):
 
 @pytest.fixture(scope="module")
 def sd15():
-    from pipelines.demo import build_demo_pipeline
+    from pipelines.builders.demo import build_demo_pipeline
 
     return own_tokenizers(build_demo_pipeline("demo-sd15"))
 
 
 @pytest.fixture(scope="module")
 def sdxl():
-    from pipelines.demo import build_demo_pipeline
+    from pipelines.builders.demo import build_demo_pipeline
 
     return own_tokenizers(build_demo_pipeline("demo-sdxl"))
 
@@ -87,7 +87,7 @@ def test_scan_reads_layouts_from_headers_and_lists_as_a1111(tmp_path, caplog):
     write(tmp_path, "lora_by_mistake", {"a.weight": vec(4, 32), "b.weight": vec(32, 4)})
     (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
     (tmp_path / "empty.safetensors").write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="pipelines.embeddings"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.adapters.embeddings"):
         store = EmbeddingStore(tmp_path, HashCache(None))
 
     assert {e.name for e in store.entries} == {"two", "flat", "a1111", "nested", "xl", "real15", "realxl", "sd2"}
@@ -117,7 +117,7 @@ def test_pickle_files_are_refused_and_listed_nowhere(tmp_path, caplog):
     write(tmp_path, "good", {"emb_params": vec(1, 32)})
     for name in ("evil.pt", "evil2.bin", "evil3.ckpt"):
         (tmp_path / name).write_bytes(b"\x80\x04not really a pickle")
-    with caplog.at_level(logging.WARNING, logger="pipelines.embeddings"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.adapters.embeddings"):
         store = EmbeddingStore(tmp_path, HashCache(None))
     body = store.listing(SD1)
     assert list(body["loaded"]) == ["good"] and body["skipped"] == {}
@@ -250,7 +250,7 @@ def test_sdxl_embeddings_load_into_both_encoders(sdxl, store_at):
 
 
 def test_loading_twice_is_a_no_op_and_a_shared_tokenizer_serves_several_encoders(sd15, store_at):
-    from pipelines.demo import build_demo_pipeline
+    from pipelines.builders.demo import build_demo_pipeline
 
     store = store_at(twice={"emb_params": vec(2, 32, seed=6)})
     entries = store.prepare(sd15, ["twice"])
@@ -271,7 +271,7 @@ def test_loading_twice_is_a_no_op_and_a_shared_tokenizer_serves_several_encoders
 
 def test_encoders_grow_to_the_tokenizer_even_without_embeddings(sd15, store_at):
     """Tokens another pipeline added to the shared tokenizer must never index past this encoder's table."""
-    from pipelines.demo import build_demo_pipeline
+    from pipelines.builders.demo import build_demo_pipeline
 
     store_at(grow={"emb_params": vec(1, 32)}).prepare(sd15, ["grow"])
     other = build_demo_pipeline("demo-sd15")
@@ -349,7 +349,7 @@ def test_ti_hashes_are_the_file_sha256_short(tmp_path):
                                 pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]),
 ])
 def test_vectors_take_the_encoders_dtype_and_device(store_at, device):
-    from pipelines.demo import build_demo_pipeline
+    from pipelines.builders.demo import build_demo_pipeline
 
     pipe = own_tokenizers(build_demo_pipeline("demo-sdxl")).to(device=device, dtype=torch.float16)
     clip_l, clip_g = vec(1, 32, seed=10), vec(1, 64, seed=11)

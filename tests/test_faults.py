@@ -24,7 +24,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, func, select
 
-from handler.db import generated_images, ledger
+from handler.records.db import generated_images, ledger
 from tests.conftest import REQUIRE_MYSQL, TINY, close_apps, linked_data_root, make_settings, wait_for
 from tests.serving import ServeProcess, metric, metric_samples
 
@@ -130,7 +130,7 @@ def test_out_of_memory_while_generating_trims_the_cache_and_charges_nothing(root
 
     monkeypatch.setattr(pipelines.generate, "generate", oom_once)
     monkeypatch.setattr(cache, "trim", watched_trim)
-    with caplog.at_level("WARNING", logger="handler.service"):
+    with caplog.at_level("WARNING", logger="handler.runtime.service"):
         r = txt2img(client, "oom", "demo-sd15", save_images=True)
     assert_not_charged(r, 503, "out_of_memory")
     assert r.headers["Retry-After"] and "GiB" not in r.get_json()["error"]["message"]
@@ -208,7 +208,7 @@ def test_trim_parks_the_others_in_host_ram_and_keeps_what_the_kept_pipeline_shar
     """`PipelineCache.trim` with the host tier on (forced on CPU, moves recorded instead of made): every other
     pipeline goes to host RAM, and of the kept pipeline's base checkpoint only what it does not share moves."""
     from pipelines.cache import PipelineCache
-    from pipelines.demo import write_demo_vae
+    from pipelines.builders.demo import write_demo_vae
     from pipelines.hashing import HashCache
     from pipelines.store import ModelStore
 

@@ -169,7 +169,7 @@ def test_a_consumer_cannot_read_another_consumers_images_usage_or_tasks(make_app
 def test_the_database_holds_no_plaintext_key(make_app, db_url):
     from sqlalchemy import MetaData, select
 
-    from handler.auth import hash_secret
+    from handler.security.auth import hash_secret
 
     app = make_app(auth=TOKENS)
     service = app.extensions["sdfunc"]
@@ -201,7 +201,7 @@ def test_the_database_holds_no_plaintext_key(make_app, db_url):
 def test_secrets_are_compared_in_constant_time(make_app, monkeypatch):
     """Every user, token and key check goes through hmac.compare_digest, and every configured entry is
     compared (the time does not tell which one matched)."""
-    from handler import auth
+    from handler.security import auth
 
     calls: list[tuple] = []
     real = hmac.compare_digest
@@ -333,7 +333,7 @@ def test_forwarded_for_is_used_only_when_trusted(make_app):
 
 
 def test_client_address():
-    from handler.auth import client_address
+    from handler.security.auth import client_address
 
     assert client_address("10.1.2.3", "198.51.100.1", trust_forwarded_for=False) == "10.1.2.3"
     assert client_address("10.1.2.3", " 198.51.100.1 , 10.0.0.9", trust_forwarded_for=True) == "198.51.100.1"
@@ -348,7 +348,7 @@ def test_client_address():
 
 
 def test_the_limiter_is_bounded_and_thread_safe():
-    from handler.auth import FailureLimiter
+    from handler.security.auth import FailureLimiter
     from handler.errors import TooManyAuthFailures
 
     clock = Clock()

@@ -34,7 +34,7 @@ IMG = {**TINY, "denoising_strength": 0.5}
 def root(data_dir, tmp_path_factory) -> Path:
     """A data root with LoRAs, a VAE and embeddings, and in each models folder a symbolic link to a real model
     file outside the data root (`escape`), and one to a file inside its folder (`alias`)."""
-    from pipelines.demo import write_demo_lora, write_demo_vae
+    from pipelines.builders.demo import write_demo_lora, write_demo_vae
 
     base = tmp_path_factory.mktemp("hardening")
     root = linked_data_root(data_dir, base / "data")
@@ -323,7 +323,7 @@ def test_up_to_max_loras_per_prompt_and_disabled_tags_are_accepted(client):
 def test_max_loras_per_prompt_default_bounds_a_prompt(data_dir):
     from handler.settings import Settings
     from pipelines.hashing import HashCache
-    from pipelines.lora import LoraStore
+    from pipelines.adapters.lora import LoraStore
 
     assert Settings.model_fields["max_loras_per_prompt"].default == 8
     with pytest.raises(ValueError):

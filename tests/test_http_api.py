@@ -226,7 +226,7 @@ def test_all_device_work_runs_on_one_thread(app, client, monkeypatch):
     import threading
 
     import pipelines.generate
-    from handler.executor import THREAD_NAME
+    from handler.runtime.executor import THREAD_NAME
 
     names = []
     real = pipelines.generate.generate

@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read once, when huggingface_hub 
 import pytest
 import torch
 
-from pipelines.demo import DEMO_MODELS, build_demo_pipeline
-from pipelines.ldm_layout import (
+from pipelines.builders.demo import DEMO_MODELS, build_demo_pipeline
+from pipelines.builders.ldm_layout import (
     SD1_CLIP_PREFIX,
     SDXL_OPENCLIP_PREFIX,
     clip_text_to_ldm,
@@ -24,7 +24,7 @@ from pipelines.ldm_layout import (
     vae_to_ldm,
 )
 from pipelines.loading import CONFIG_ROOT, load_pipeline, read_header
-from pipelines.realarch import _build
+from pipelines.builders.realarch import _build
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 import requests
 
-from handler import lifecycle
+from handler.security import lifecycle_key as lifecycle
 from tests.conftest import basic, make_settings
 from tests.serving import ServeProcess
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.demo import (
+from pipelines.builders.demo import (
     DEMO_MODELS,
     build_demo_pipeline,
     build_demo_vae,
@@ -26,7 +26,7 @@ from pipelines.errors import (
     PickleCheckpointRefused,
     UnsupportedArchitecture,
 )
-from pipelines.ldm_layout import pipeline_to_ldm, save_single_file
+from pipelines.builders.ldm_layout import pipeline_to_ldm, save_single_file
 from pipelines.loading import (
     is_refiner,
     CONFIG_ROOT,
@@ -220,7 +220,7 @@ def test_external_vae_round_trip(tmp_path):
 @pytest.mark.slow
 def test_real_sd15_architecture_loads_and_generates(tmp_path):
     """~2.1 GB fp16 random-weight SD 1.5 file; loaded in float32 on CPU (peak RSS ~6.7 GiB)."""
-    from pipelines.realarch import write_real_arch_checkpoint
+    from pipelines.builders.realarch import write_real_arch_checkpoint
 
     path = write_real_arch_checkpoint(tmp_path / "real-sd15.safetensors", Arch.SD1, dtype=torch.float16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["real-sd15.safetensors"]

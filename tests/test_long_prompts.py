@@ -17,7 +17,7 @@ LONG = "a red house " * 30  # 90 tokens
 
 @pytest.fixture(scope="module", params=["demo-sd15", "demo-sdxl"])
 def pipe(request):
-    from pipelines.demo import build_demo_pipeline
+    from pipelines.builders.demo import build_demo_pipeline
 
     return build_demo_pipeline(request.param)
 

@@ -1,7 +1,7 @@
 """LoRA through the HTTP API: `<lora:name:weight>` tags, GET /loras, adapters on the warm pipelines.
 
 The LoRA files are random-weight LoRAs for the tiny demo models, written in the kohya (A1111 / civitai) and
-diffusers key formats by `pipelines.demo.write_demo_lora`.
+diffusers key formats by `pipelines.builders.demo.write_demo_lora`.
 """
 
 import base64
@@ -19,7 +19,7 @@ BASE = {"prompt": "a red house", "steps": 2, "width": 64, "height": 64, "seed": 
 @pytest.fixture(scope="module")
 def lora_data(data_dir, tmp_path_factory):
     """A data root with the demo checkpoints (hard links) and LoRAs for them."""
-    from pipelines.demo import write_demo_lora
+    from pipelines.builders.demo import write_demo_lora
 
     root = linked_data_root(data_dir, tmp_path_factory.mktemp("lora-data"))
     loras = root / "models" / "Lora"

@@ -1,4 +1,4 @@
-"""The outbound fetch guard (handler/netguard.py) against real loopback HTTP(S) servers: every refused address
+"""The outbound fetch guard (handler/security/netguard.py) against real loopback HTTP(S) servers: every refused address
 class, allow-lists, redirects, limits, timeouts, and a connection pinned to the address that was checked."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 import pytest
 from loopback import LoopbackServer, resolving, self_signed
 
-from handler.netguard import FetchFailed, FetchRefused, Guard, address_problem
+from handler.security.netguard import FetchFailed, FetchRefused, Guard, address_problem
 from handler.settings import NetworkSettings
 
 
@@ -260,7 +260,7 @@ def test_https_verifies_the_host_name_on_the_pinned_address(monkeypatch, tmp_pat
 
 def test_task_callback_urls_use_the_guard():
     from handler.errors import InvalidRequest
-    from handler.tasks import check_callback_url
+    from handler.runtime.tasks import check_callback_url
 
     url = "http://127.0.0.1:9/done"
     with pytest.raises(InvalidRequest) as err:

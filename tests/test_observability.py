@@ -288,9 +288,9 @@ def test_request_log_has_every_field_and_no_prompt(data_dir, caplog):
 
 
 def test_request_log_in_json_carries_the_fields_at_top_level(data_dir):
-    from handler.billing import Pricing
+    from handler.records.billing import Pricing
     from handler.logs import JsonFormatter
-    from handler.metering import RequestMeter, request_log
+    from handler.records.metering import RequestMeter, request_log
     from handler.settings import BillingSettings
 
     meter = RequestMeter(request_id="r1", instance_id="i1", method="POST", route="/x", cold_start=False,
@@ -301,7 +301,7 @@ def test_request_log_in_json_carries_the_fields_at_top_level(data_dir):
     handler.emit = captured.append  # type: ignore[method-assign]
     request_log.addHandler(handler)
     try:
-        from handler.metering import log_request
+        from handler.records.metering import log_request
 
         log_request(meter, with_prompts=False)
         log_request(meter, with_prompts=True)

@@ -1,4 +1,4 @@
-"""Saved images (handler/outputs.py): the A1111 / PAI-EAS outputs layout, `alwayson_scripts.save_dir`, grids,
+"""Saved images (handler/storage/outputs.py): the A1111 / PAI-EAS outputs layout, `alwayson_scripts.save_dir`, grids,
 `parameters.image_url`, and a storage that refuses writes (503, not charged). Each app here has its own data
 root (the demo models linked in), so the files a test finds are its own."""
 
@@ -48,7 +48,7 @@ def app(root):
 
 @pytest.fixture
 def client(app):
-    from handler.options import MemoryOptionsStore
+    from handler.contract.options import MemoryOptionsStore
 
     yield app.test_client()
     app.extensions["sdfunc"].options_store = MemoryOptionsStore()
@@ -184,8 +184,8 @@ def outside_dir(tmp_path: Path) -> Path:
 
 def test_check_save_dir_unit(tmp_path):
     from handler.errors import InvalidRequest
-    from handler.outputs import check_save_dir
-    from handler.storage import LocalStorage
+    from handler.storage.outputs import check_save_dir
+    from handler.storage.backends import LocalStorage
 
     outputs = tmp_path / "outputs"
     outputs.mkdir()
@@ -203,7 +203,7 @@ def test_check_save_dir_unit(tmp_path):
 @pytest.mark.parametrize("n, shape", [(1, (1, 1)), (2, (1, 2)), (3, (2, 2)), (4, (2, 2)), (5, (2, 3)), (6, (2, 3)),
                                       (7, (3, 3)), (8, (3, 3)), (9, (3, 3)), (10, (3, 4)), (12, (3, 4)), (16, (4, 4))])
 def test_grid_shape_is_a1111s(n, shape):
-    from handler.outputs import grid_shape
+    from handler.storage.outputs import grid_shape
 
     assert grid_shape(n) == shape
 

@@ -125,7 +125,7 @@ def test_break_ends_the_chunk_and_weights_are_carried():
 
 @pytest.fixture(scope="module", params=["demo-sd15", "demo-sdxl"])
 def pipe(request):
-    from pipelines.demo import build_demo_pipeline
+    from pipelines.builders.demo import build_demo_pipeline
 
     return build_demo_pipeline(request.param)
 

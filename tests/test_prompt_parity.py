@@ -10,7 +10,7 @@ SMALL = {"prompt": "a red house", "steps": 2, "width": 64, "height": 64, "seed":
 
 @pytest.fixture(scope="module")
 def sdxl():
-    from pipelines.demo import build_demo_pipeline
+    from pipelines.builders.demo import build_demo_pipeline
 
     return build_demo_pipeline("demo-sdxl")
 
@@ -62,7 +62,7 @@ def test_malformed_weight_is_a_422_naming_the_field(client, fields, field):
 
 def test_weighted_prompts_on_a_near_zero_mean_encoder_stay_finite():
     """The demo SD 1.5 encoder's outputs average ~0: A1111's mean restore would divide by ~0 there."""
-    from pipelines.demo import build_demo_pipeline
+    from pipelines.builders.demo import build_demo_pipeline
     from pipelines.prompts import chunked_embeds
 
     pipe = build_demo_pipeline("demo-sd15")

@@ -11,7 +11,7 @@ from decimal import Decimal
 from sqlalchemy import create_engine, func, select
 
 from conftest import TINY, basic, decode_png
-from handler.db import generated_images, ledger, metadata
+from handler.records.db import generated_images, ledger, metadata
 
 PRICE = {"prices": {"cpu": "0.0025"}, "currency": "CNY"}
 
@@ -223,7 +223,7 @@ def test_schema_comes_from_the_migrations(make_app, db_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from handler.db import current_revision, migrate
+    from handler.records.db import current_revision, migrate
 
     app = make_app()
     client = app.test_client()
@@ -353,7 +353,7 @@ def test_an_upgrade_keeps_the_rows_written_before_it(db_url):
     """A database made by revision 0001 (with a charge in it) upgrades to the latest without losing it."""
     from sqlalchemy import insert
 
-    from handler.db import Database, current_revision, migrate, utcnow
+    from handler.records.db import Database, current_revision, migrate, utcnow
 
     db = Database(db_url)
     try:

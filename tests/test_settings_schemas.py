@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from handler.schemas import Img2ImgRequest, Txt2ImgRequest
+from handler.contract.schemas import Img2ImgRequest, Txt2ImgRequest
 from handler.settings import Settings
 
 

@@ -1,4 +1,4 @@
-"""Hires fix, the SDXL refiner and grids in the response (pipelines/hires.py, handler/stages.py), through the
+"""Hires fix, the SDXL refiner and grids in the response (pipelines/hires.py, handler/runtime/stages.py), through the
 app on the demo checkpoints, with the numbers A1111 computes."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def root(data_dir, tmp_path_factory):
     os.link(models / "demo-sdxl.safetensors", models / "refiner-xl.safetensors")
     os.link(models / "demo-sd15.safetensors", models / "other-sd15.safetensors")
     # the refiner's own layout (OpenCLIP only, as embedders.0; aesthetic-score UNet), tiny
-    from pipelines.demo import write_demo_refiner
+    from pipelines.builders.demo import write_demo_refiner
 
     write_demo_refiner(models)
     # a file whose header says SD 2.x: no pipeline loads it

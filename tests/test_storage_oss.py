@@ -1,4 +1,4 @@
-"""OSS storage (handler/storage.py): signed URLs checked offline, uploads and reads through oss2 against a local
+"""OSS storage (handler/storage/backends.py): signed URLs checked offline, uploads and reads through oss2 against a local
 stand-in for OSS, and a txt2img through the app configured for OSS.
 
 `FakeOss` below is a STAND-IN FOR OSS, not OSS: a small HTTP server on 127.0.0.1 (port 0) that speaks the part
@@ -258,7 +258,7 @@ def oss_settings(**values):
 
 def oss_storage(fake: FakeOss, style: str = "oss", prefix: str = "outputs", **values):
     from handler.settings import Settings
-    from handler.storage import make_storage
+    from handler.storage.backends import make_storage
 
     settings = Settings(data_dir=Path("/nonexistent-data"), storage={
         "kind": "oss", "url": style, "oss": {"endpoint": fake.endpoint, "bucket": BUCKET, "prefix": prefix, **values}})
@@ -267,7 +267,7 @@ def oss_storage(fake: FakeOss, style: str = "oss", prefix: str = "outputs", **va
 
 # Signed URLs, offline ---------------------------------------------------------------------------------------
 def test_signed_url_is_oss_v1_signed(oss_env):
-    from handler.storage import OssUrls, oss_bucket
+    from handler.storage.backends import OssUrls, oss_bucket
 
     bucket = oss_bucket(oss_settings(endpoint="https://oss-cn-hangzhou.aliyuncs.com", bucket="my-bkt"))
     urls = OssUrls("my-bkt", "sd/outputs", "signed", bucket=bucket, sign_expiry_seconds=600)
@@ -292,7 +292,7 @@ def test_signed_url_is_oss_v1_signed(oss_env):
 
 
 def test_signed_url_with_sts_token_signs_the_token(oss_env, monkeypatch):
-    from handler.storage import OssUrls, oss_bucket
+    from handler.storage.backends import OssUrls, oss_bucket
 
     monkeypatch.setenv("OSS_SESSION_TOKEN", TOKEN)
     bucket = oss_bucket(oss_settings(endpoint="https://oss-cn-shanghai.aliyuncs.com", bucket="my-bkt"))
@@ -307,7 +307,7 @@ def test_oss_url_form_and_settings_validation(oss_env):
     from pydantic import ValidationError
 
     from handler.settings import Settings
-    from handler.storage import LocalStorage, make_storage
+    from handler.storage.backends import LocalStorage, make_storage
 
     settings = Settings(data_dir=Path("/nonexistent-data"), storage={"url": "oss", "oss": {"bucket": BUCKET,
                                                                                             "prefix": "/a/b/"}})
@@ -323,7 +323,7 @@ def test_oss_url_form_and_settings_validation(oss_env):
 
 def test_missing_credentials_fail_at_start(monkeypatch):
     from handler.settings import Settings
-    from handler.storage import make_storage
+    from handler.storage.backends import make_storage
 
     monkeypatch.delenv("OSS_ACCESS_KEY_ID", raising=False)
     monkeypatch.delenv("OSS_ACCESS_KEY_SECRET", raising=False)
@@ -351,7 +351,7 @@ def test_put_object_below_the_threshold(fake_oss):
 
 
 def test_delete_removes_the_object(fake_oss):
-    """What a failed save wrote is deleted again (handler/outputs.py); deleting what is gone succeeds."""
+    """What a failed save wrote is deleted again (handler/storage/outputs.py); deleting what is gone succeeds."""
     storage = oss_storage(fake_oss)
     url = storage.put("txt2img-images/2024-05-01/101010-ab12cd34-8.png", b"\x89PNG doomed")
     storage.delete("txt2img-images/2024-05-01/101010-ab12cd34-8.png")
@@ -389,7 +389,7 @@ def test_multipart_upload_from_the_threshold_on(fake_oss, tmp_path, monkeypatch)
 
 
 def test_a_refused_upload_is_a_storage_error(fake_oss):
-    from handler.storage import StorageError
+    from handler.storage.backends import StorageError
 
     fake_oss.secret = "not-the-secret"  # every signature now fails: 403 SignatureDoesNotMatch
     storage = oss_storage(fake_oss)
@@ -501,7 +501,7 @@ def test_mounted_outputs_with_signed_urls(tmp_path, fake_oss):
     """Kind local with url signed: the file is written into the (mounted) folder and named by a signed URL of
     the bucket, which the stand-in serves once the object is there, and which reads back from the folder."""
     from handler.settings import Settings
-    from handler.storage import LocalStorage, make_storage
+    from handler.storage.backends import LocalStorage, make_storage
 
     storage = make_storage(Settings(data_dir=tmp_path, storage={"url": "signed", "oss": {
         "endpoint": fake_oss.endpoint, "bucket": BUCKET, "prefix": "mnt", "sign_expiry_seconds": 30}}))
@@ -521,7 +521,7 @@ def test_mounted_outputs_with_signed_urls(tmp_path, fake_oss):
 def test_credentials_come_from_oss_variables_else_from_fc_role_variables(monkeypatch):
     """On FC the function role's temporary credentials are in ALIBABA_CLOUD_*; oss2's own OSS_* names win."""
     from handler.settings import OssSettings
-    from handler.storage import oss_bucket
+    from handler.storage.backends import oss_bucket
 
     for name in ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)

@@ -19,7 +19,7 @@ BASE = {"prompt": "a red house", "steps": 2, "width": 64, "height": 64, "seed": 
 @pytest.fixture(scope="module")
 def vae_app(data_dir, tmp_path_factory):
     from handler.app import create_app
-    from pipelines.demo import write_demo_vae
+    from pipelines.builders.demo import write_demo_vae
 
     root = linked_data_root(data_dir, tmp_path_factory.mktemp("vae-data"))
     write_demo_vae(root / "models" / "VAE")

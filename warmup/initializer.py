@@ -3,40 +3,49 @@ per configured shape, so that the first real request finds the weights on the de
 allocator, the caches and the response path (PNG, infotext, base64) already warm.
 
 The service calls `warm_up` from `POST /initialize` or at worker start, with its own `load` (a device job)
-and `generate` (a txt2img through the request path, built by `warmup_request`).
+and `generate` (a txt2img through the request path). This package knows nothing of HTTP or of the handler:
+it depends on the pipelines package and on the narrow `Shape` interface below.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
-from handler.schemas import Txt2ImgRequest
-from handler.settings import WarmupShape
 from pipelines.cache import LoadedModel
 from pipelines.store import CheckpointEntry
 
 log = logging.getLogger(__name__)
 
 
-def shapes_for(arch: str, shapes: Iterable[WarmupShape]) -> list[WarmupShape]:
+class Shape(Protocol):
+    """One warm-up generation: a size, a step count, and the architecture it is for (None: every one)."""
+
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def arch(self) -> str | None: ...
+
+
+S = TypeVar("S", bound=Shape)
+
+
+def shapes_for(arch: str, shapes: Iterable[S]) -> list[S]:
     """The shapes that apply to a checkpoint of architecture `arch` ("sd1" or "sdxl")."""
     return [shape for shape in shapes if shape.arch in (None, arch)]
 
 
-def warmup_request(entry: CheckpointEntry, shape: WarmupShape) -> Txt2ImgRequest:
-    """The txt2img request that warms `entry` at `shape`: Euler, fixed seed, nothing saved."""
-    return Txt2ImgRequest(prompt="warm-up", seed=0, steps=shape.steps, width=shape.width, height=shape.height,
-                          sampler_name="Euler", override_settings={"sd_model_checkpoint": entry.name})
-
-
 def warm_up(
     entries: list[CheckpointEntry],
-    shapes: list[WarmupShape],
+    shapes: Sequence[S],
     load: Callable[[CheckpointEntry], LoadedModel],
-    generate: Callable[[CheckpointEntry, WarmupShape], float],
+    generate: Callable[[CheckpointEntry, S], float],
 ) -> list[dict[str, Any]]:
     """Load each of `entries`, then `generate` each shape that applies to its architecture (it returns the
     device seconds). Returns one record per checkpoint."""

@@ -10,7 +10,7 @@ exercised on one machine. It does what FC does for one function with an HTTP tri
 - `provisioned` instances are started at once and never reclaimed. Other instances idle for `idle_timeout_s`
   are reclaimed: `GET /pre-stop` first, then SIGTERM.
 - Before an instance's first request: `POST /initialize` (FC's initializer), with the instance's lifecycle key
-  (`handler.lifecycle`) so it works with auth on.
+  (`handler.security.lifecycle_key`) so it works with auth on.
 - Every request gets an `x-fc-request-id`; the response says which instance served it
   (`X-Fc-Emulator-Instance`) and, when it had to wait for an instance to start, for how long
   (`X-Fc-Emulator-Start-Ms`).
@@ -240,7 +240,7 @@ class GunicornInstance(Instance):
         return self.proc is not None and self.proc.poll() is None
 
     def _lifecycle_headers(self) -> dict[str, str]:
-        from handler import lifecycle
+        from handler.security import lifecycle_key as lifecycle
 
         key = lifecycle.read_key(lifecycle.key_file(self.port))
         return {lifecycle.HEADER: key} if key else {}

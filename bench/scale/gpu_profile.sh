@@ -15,7 +15,7 @@ ckpt="$data/models/Stable-diffusion/realarch-sd15.safetensors"
 if [ ! -f "$ckpt" ]; then
   mkdir -p "$(dirname "$ckpt")"
   "$py" -c "import sys; from pathlib import Path; from pipelines.loading import Arch; \
-from pipelines.realarch import write_real_arch_checkpoint; write_real_arch_checkpoint(Path(sys.argv[1]), Arch.SD1)" "$ckpt"
+from pipelines.builders.realarch import write_real_arch_checkpoint; write_real_arch_checkpoint(Path(sys.argv[1]), Arch.SD1)" "$ckpt"
 fi
 common=(--local --data "$data" --size "$size" --steps "$steps" --no-progress
         --instance-env SDFUNC_DEFAULT_CHECKPOINT=realarch-sd15)

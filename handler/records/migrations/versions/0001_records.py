@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-23
 
-The column types are written out here (not imported from handler.db) so that this revision stays what it was
+The column types are written out here (not imported from handler.records.db) so that this revision stays what it was
 when later revisions change the tables.
 """
 

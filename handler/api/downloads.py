@@ -2,7 +2,7 @@
 `GET /models/download/<id>` reports it. Admins only when authentication is on.
 
 Contract:
-- Sources: https URLs (http with `downloads.allow_http`), fetched through handler.netguard (addresses
+- Sources: https URLs (http with `downloads.allow_http`), fetched through handler.security.netguard (addresses
   checked, connection pinned, redirects re-checked), or `oss://bucket/key` through oss2 with the environment's
   credentials.
 - The type names the folder: CHECKPOINT models/Stable-diffusion, LORA models/Lora, VAE models/VAE,
@@ -50,7 +50,7 @@ from handler.errors import (
     InvalidRequest,
     NotFound,
 )
-from handler.netguard import CHUNK, FetchError, FetchFailed, Guard, pump
+from handler.security.netguard import CHUNK, FetchError, FetchFailed, Guard, pump
 from handler.settings import Settings
 from pipelines.safetensors_header import HeaderError, read_header
 
@@ -401,7 +401,7 @@ class Downloads:
     def _fetch_oss(self, source: str, sink: _Hashing, progress: Callable[[int, int | None], None]) -> None:
         import oss2
 
-        from handler.storage import oss_bucket
+        from handler.storage.backends import oss_bucket
 
         limits = self.settings.downloads
         parts = urlsplit(source)

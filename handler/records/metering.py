@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import Any
 
-from handler.billing import Charge, decimal_text
+from handler.records.billing import Charge, decimal_text
 
 request_log = logging.getLogger("sdfunc.request")
 
@@ -66,7 +66,7 @@ class RequestMeter:
 
     @property
     def billed_ms(self) -> int:
-        """The billed time of a successful generation (handler.billing); 0 otherwise."""
+        """The billed time of a successful generation (handler.records.billing); 0 otherwise."""
         if not self.succeeded or self.charge is None:
             return 0
         return self.charge.billed_ms

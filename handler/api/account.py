@@ -11,9 +11,9 @@ from flask import Response, current_app, g, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 
 from handler.errors import ErrorModel, Forbidden, NotFound, StorageUnavailable
-from handler.ledger import Ledger
-from handler.schemas import AccountInfo, ImageList, TaskPath, TaskView, ImagePath, ImagesQuery, UsageQuery, UsageResponse
-from handler.service import Service
+from handler.records.ledger import Ledger
+from handler.contract.schemas import AccountInfo, ImageList, TaskPath, TaskView, ImagePath, ImagesQuery, UsageQuery, UsageResponse
+from handler.runtime.service import Service
 
 bp = APIBlueprint("account", __name__, abp_tags=[Tag(name="records", description="Image records and usage")],
                   abp_responses={401: ErrorModel, 403: ErrorModel, 404: ErrorModel, 422: ErrorModel,
@@ -90,7 +90,7 @@ def _image_bytes(record: dict[str, Any]) -> bytes | None:
 @bp.get("/tasks/<task_id>", responses={200: TaskView})
 def get_task(path: TaskPath):
     """An asynchronous task: its status and, when done, its result. Another consumer's task is a 404."""
-    from handler.tasks import public_view
+    from handler.runtime.tasks import public_view
 
     store = _service().tasks
     if store is None:

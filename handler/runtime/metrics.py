@@ -31,11 +31,11 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from handler.coldstart import PHASES
+from handler.runtime.coldstart import PHASES
 
 if TYPE_CHECKING:
-    from handler.metering import RequestMeter
-    from handler.service import Service
+    from handler.records.metering import RequestMeter
+    from handler.runtime.service import Service
 
 disable_created_metrics()  # no `_created` series: they double the text and nobody graphs them
 
@@ -149,7 +149,7 @@ class _LiveCollector(Collector):
 
         report = svc.coldstart.report()
         phases = GaugeMetricFamily("sdfunc_cold_start_phase_seconds",
-                                   "This process's cold start, by phase (see handler/coldstart.py).", labels=["phase"])
+                                   "This process's cold start, by phase (see handler/runtime/coldstart.py).", labels=["phase"])
         for name in PHASES:
             if name in report["phases"]:
                 phases.add_metric([name], report["phases"][name])

@@ -26,10 +26,10 @@ from typing import Any
 
 from PIL import Image
 
-from handler import a1111
+from handler.contract import a1111
 from handler.errors import InvalidRequest, StorageUnavailable
-from handler.schemas import GenerationRequest
-from handler.storage import LocalStorage, Storage
+from handler.contract.schemas import GenerationRequest
+from handler.storage.backends import LocalStorage, Storage
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from flask import has_request_context, request
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from handler.db import Database, consumers, utcnow
+from handler.records.db import Database, consumers, utcnow
 from handler.errors import Forbidden, InvalidRequest, TooManyAuthFailures, Unauthorized
 from handler.settings import CONSUMER_ID_PATTERN, AuthSettings
 

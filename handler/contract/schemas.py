@@ -334,7 +334,7 @@ class PreStopResponse(BaseModel):
     released_models: int
 
 
-# Records and billing (handler/account.py) -----------------------------------------------------------------
+# Records and billing (handler/api/account.py) -----------------------------------------------------------------
 def utc_naive(value: Any) -> Any:
     """Times without a zone are UTC; every time is compared as naive UTC, as the database stores it."""
     if isinstance(value, dt.datetime) and value.tzinfo is not None:

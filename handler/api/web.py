@@ -1,4 +1,4 @@
-"""The web page at `/`: one static page (handler/static) over the function's own API; `GET /web/config`
+"""The web page at `/`: one static page (handler/api/static) over the function's own API; `GET /web/config`
 tells it how to log in. Both are open: the page holds no data, every call it makes is authenticated."""
 
 from __future__ import annotations

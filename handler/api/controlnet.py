@@ -12,7 +12,7 @@ from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
 from handler.errors import ErrorModel
-from handler.images import b64, read_image
+from handler.contract.images import b64, read_image
 
 _tag = Tag(name="controlnet", description="sd-webui-controlnet's API: models, preprocessors, detection")
 _errors: dict[Any, Any] = {401: ErrorModel, 403: ErrorModel, 413: ErrorModel, 422: ErrorModel, 429: ErrorModel,

@@ -2,7 +2,7 @@
 
 SQLAlchemy 2 Core. The embedded default is an SQLite file under the data root (WAL, synchronous=FULL, foreign
 keys on); production uses MySQL / MariaDB (RDS, PyMySQL) or PostgreSQL by URL. The schema is created and
-upgraded by the Alembic migrations in handler/migrations, once per process, on first use (`ready()`), under a
+upgraded by the Alembic migrations in handler/records/migrations, once per process, on first use (`ready()`), under a
 database lock on MySQL and PostgreSQL so that instances starting together do not race. Any failure to reach
 the database surfaces as `DatabaseUnavailable` (503): the caller is not charged.
 
@@ -11,7 +11,7 @@ Tables:
 - `ledger`: one row per (consumer, request id): what ran, billed time, price, amount (integer nano-units),
   status succeeded | failed, timestamps. Unique, so a retried request id is never charged twice.
 - `generated_images`: one row per image, the RDS plugin's columns plus request id, consumer, image_url.
-- `tasks`: asynchronous generations (handler/tasks.py): request, status, result, and the heartbeat that tells
+- `tasks`: asynchronous generations (handler/runtime/tasks.py): request, status, result, and the heartbeat that tells
   a live worker's task from a dead one's.
 """
 
@@ -279,7 +279,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def alembic_config(connection: Connection | None = None) -> Any:
-    """An Alembic config for handler/migrations, bound to `connection` when given."""
+    """An Alembic config for handler/records/migrations, bound to `connection` when given."""
     from alembic.config import Config
 
     cfg = Config()

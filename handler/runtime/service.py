@@ -23,29 +23,33 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from handler import a1111, lifecycle, metering, outputs, stages
-from handler.auth import Authenticator, Consumers
-from handler.batching import Batcher, Member
-from handler.billing import Pricing
-from handler.coldstart import ColdStart
-from handler.db import Database
+from handler.contract import a1111
+from handler.security import lifecycle_key as lifecycle
+from handler.records import metering
+from handler.storage import outputs
+from handler.runtime import stages
+from handler.security.auth import Authenticator, Consumers
+from handler.runtime.batching import Batcher, Member
+from handler.records.billing import Pricing
+from handler.runtime.coldstart import ColdStart
+from handler.records.db import Database
 from handler.errors import Busy, InvalidRequest, NotReady, Timeout, out_of_memory
-from handler.executor import DeviceExecutor, JobTimeout
-from handler.images import b64, decode_image, read_image
-from handler.ledger import ImageRecord, Ledger
+from handler.runtime.executor import DeviceExecutor, JobTimeout
+from handler.contract.images import b64, decode_image, read_image
+from handler.records.ledger import ImageRecord, Ledger
 from handler.logs import flush_logs
-from handler.metrics import Metrics
-from handler.options import DEFAULT_OPTIONS, MemoryOptionsStore, OptionsStore, check_option_value
-from handler.progress import Progress
-from handler.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
-from handler.settings import Settings
-from handler.storage import make_storage
-from handler.tasks import TaskRunner, TaskStore, check_callback_url, public_view
+from handler.runtime.metrics import Metrics
+from handler.contract.options import DEFAULT_OPTIONS, MemoryOptionsStore, OptionsStore, check_option_value
+from handler.runtime.progress import Progress
+from handler.contract.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
+from handler.settings import Settings, WarmupShape
+from handler.storage.backends import make_storage
+from handler.runtime.tasks import TaskRunner, TaskStore, check_callback_url, public_view
 from pipelines.errors import ModelNotFound
 from pipelines.hashing import HashCache, addnet_hash
 from pipelines.styles import StyleStore
-from pipelines.embeddings import EmbeddingStore, encoder_dims
-from pipelines.lora import LoraAdapters, LoraStore
+from pipelines.adapters.embeddings import EmbeddingStore, encoder_dims
+from pipelines.adapters.lora import LoraAdapters, LoraStore
 from pipelines.store import CheckpointEntry, ModelStore, VaeEntry, format_title
 
 log = logging.getLogger(__name__)
@@ -108,7 +112,7 @@ class Service:
         self.ledger = Ledger(self.db, settings.billing.currency) if self.db is not None else None
         self.consumers = Consumers(self.db) if self.db is not None else None
         self.auth = Authenticator(settings.auth, self.consumers)
-        # With auth on, the lifecycle hooks need this key (or an admin): handler/lifecycle.py.
+        # With auth on, the lifecycle hooks need this key (or an admin): handler/security/lifecycle_key.py.
         self.lifecycle_key = (lifecycle.create_key(lifecycle.key_file(settings.port))
                               if settings.auth.mode != "none" else None)
         self.tasks = TaskStore(self.db) if self.db is not None else None
@@ -283,13 +287,13 @@ class Service:
     def _warm(self, entries: list[CheckpointEntry]) -> list[dict[str, Any]]:
         """Each warm-up generation is a real txt2img through the request path (validation, device job, PNG,
         infotext, base64), minus HTTP and metering: the first real request finds all of it warm."""
-        from warmup.initializer import warm_up, warmup_request
+        from warmup.initializer import warm_up
 
         def load(entry: CheckpointEntry) -> Any:
             return self.device.run(self._load, entry)[0]
 
         def generate(entry: CheckpointEntry, shape: Any) -> float:
-            return self._run_generation("txt2img", warmup_request(entry, shape), "", None).generation_seconds
+            return self._run_generation("txt2img", _warmup_request(entry, shape), "", None).generation_seconds
 
         return warm_up(entries, self.settings.warmup.shapes, load, generate)
 
@@ -354,7 +358,7 @@ class Service:
     # asynchronous tasks ---------------------------------------------------------------------------------
     def submit_task(self, mode: str, req: GenerationRequest, consumer: str, *, tag: str | None,
                     callback_url: str | None) -> tuple[dict[str, Any], bool]:
-        """Queue `req` as a task (handler.tasks); returns its public view and whether it is new (the same
+        """Queue `req` as a task (handler.runtime.tasks); returns its public view and whether it is new (the same
         request id from the same consumer returns the existing task)."""
         if self.tasks is None or self.task_runner is None:
             raise InvalidRequest("async: tasks need the records database (SDFUNC_RECORD_REQUESTS=true)", field="async")
@@ -452,11 +456,11 @@ class Service:
         return self._fetch_link(a1111.eas_values(req.alwayson_scripts)["image_link"], "alwayson_scripts.image_link")
 
     def _fetch_link(self, url: str, field: str) -> str:
-        """An image by URL (handler.netguard: public addresses only unless allow-listed, pinned connection, size
+        """An image by URL (handler.security.netguard: public addresses only unless allow-listed, pinned connection, size
         and time limits), as base64; a bad link or image is a 422 naming `field`."""
         import base64
 
-        from handler.netguard import FetchError, Guard
+        from handler.security.netguard import FetchError, Guard
 
         net = self.settings.network
         try:
@@ -537,7 +541,7 @@ class Service:
 
     def _generate(self, mode: str, req: GenerationRequest, consumer: str) -> dict[str, Any]:
         """Admit a generation request (not while stopping; not during warm-up when told not to wait), run it,
-        and fill the request's meter (handler.metering) with what it ran and where the time went."""
+        and fill the request's meter (handler.records.metering) with what it ran and where the time went."""
         meter = metering.current()
         if meter is not None:
             meter.mode, meter.consumer = mode, consumer or None
@@ -558,7 +562,7 @@ class Service:
 
     def _charge(self, outcome: Outcome, meter: metering.RequestMeter) -> dict[str, Any]:
         """Price the generation, put the charge in `parameters.billing`, and commit the ledger row with its
-        image records before the response goes out (handler.ledger)."""
+        image records before the response goes out (handler.records.ledger)."""
         charge = self.pricing.charge(outcome.generation_seconds, len(outcome.records), self.device_type())
         meter.charge = charge
         outcome.response["parameters"]["billing"] = {"request_id": meter.request_key, "consumer": meter.consumer,
@@ -702,7 +706,7 @@ class Service:
 
     def _run_group(self, selection: Selection, members: list[Member]) -> None:
         """Run a batch group as one job (device thread): per-image prompts and seeds, then each member gets its
-        images and a share of the device time by image count (handler.batching)."""
+        images and a share of the device time by image count (handler.runtime.batching)."""
         import dataclasses
 
         from pipelines.generate import GenerationResult
@@ -1019,3 +1023,9 @@ def _job_texts(job: Any) -> list[str]:
 
 def _stopping_error(retry_after: int) -> NotReady:
     return NotReady("the function is stopping; retry on another instance", headers={"Retry-After": str(retry_after)})
+
+
+def _warmup_request(entry: CheckpointEntry, shape: WarmupShape) -> Txt2ImgRequest:
+    """The txt2img request that warms `entry` at `shape`: Euler, fixed seed, nothing saved."""
+    return Txt2ImgRequest(prompt="warm-up", seed=0, steps=shape.steps, width=shape.width, height=shape.height,
+                          sampler_name="Euler", override_settings={"sd_model_checkpoint": entry.name})

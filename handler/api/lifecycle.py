@@ -9,10 +9,11 @@ import time
 from flask import Response, current_app, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 
-from handler import __version__, lifecycle
+from handler import __version__
+from handler.security import lifecycle_key as lifecycle
 from handler.errors import ErrorModel, Forbidden, NotFound, NotReady
-from handler.schemas import HealthResponse, InitializeResponse, PreStopResponse
-from handler.service import Service
+from handler.contract.schemas import HealthResponse, InitializeResponse, PreStopResponse
+from handler.runtime.service import Service
 
 bp = APIBlueprint("fc", __name__, abp_tags=[Tag(name="lifecycle", description="FC lifecycle hooks, health, metrics")],
                   abp_responses={503: ErrorModel})

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.ldm_layout import component_to_ldm, layout_of, write_safetensors
+from pipelines.builders.ldm_layout import component_to_ldm, layout_of, write_safetensors
 from pipelines.loading import CONFIG_ROOT, METADATA_CONFIG_KEY, REAL_CONFIG, Arch
 
 logger = logging.getLogger(__name__)

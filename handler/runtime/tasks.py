@@ -13,7 +13,7 @@ Contract:
 - With a `callback_url`, the result is POSTed there when the task ends (retried with backoff); the URL must not
   point at loopback, private, link-local or metadata addresses unless `tasks.callback_allow_private` or
   `network.allow_hosts` allows it; it is checked at submission and at every try, and the POST goes to the
-  address that was checked (handler.netguard).
+  address that was checked (handler.security.netguard).
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from handler import metering
-from handler.db import Database, iso_utc, tasks, utcnow
+from handler.records import metering
+from handler.records.db import Database, iso_utc, tasks, utcnow
 from handler.errors import Busy, ServiceError
-from handler.netguard import FetchError, Guard
+from handler.security.netguard import FetchError, Guard
 from handler.settings import NetworkSettings, TaskSettings
 
 if TYPE_CHECKING:
-    from handler.service import Service
+    from handler.runtime.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class TaskRunner:
             self._callback(task_id, task["callback_url"], result or {})
 
     def _callback(self, task_id: str, url: str, result: dict[str, Any]) -> None:
-        # Each try resolves and checks the host again and connects to the address it checked (handler.netguard),
+        # Each try resolves and checks the host again and connects to the address it checked (handler.security.netguard),
         # so a name that turns private after submission is refused, and DNS rebinding cannot redirect the POST.
         guard = Guard(self.service.settings.network, allow_private=self.settings.callback_allow_private)
         delay = 1.0

@@ -8,8 +8,8 @@ from flask import current_app, g, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 
 from handler.errors import ErrorModel, Forbidden, InvalidRequest, ServiceError
-from handler.images import read_image
-from handler.schemas import (
+from handler.contract.images import read_image
+from handler.contract.schemas import (
     EmbeddingsList,
     GenerationRequest,
     GenerationResponse,
@@ -30,7 +30,7 @@ from handler.schemas import (
     Txt2ImgRequest,
     UpscalerItem,
 )
-from handler.service import Service
+from handler.runtime.service import Service
 from pipelines.errors import PipelineError
 
 _tag = Tag(name="sdapi", description="AUTOMATIC1111 web UI API (v1.10.1) with PAI-EAS extensions")
@@ -49,13 +49,13 @@ def service() -> Service:
 
 
 def consumer() -> str:
-    """The caller's consumer id (handler.auth): options are per consumer."""
+    """The caller's consumer id (handler.security.auth): options are per consumer."""
     return g.caller.consumer
 
 
 def charged_consumer(body: GenerationRequest) -> str:
     """The consumer a generation is charged to: the caller, or `alwayson_scripts.uid` where allowed."""
-    from handler.a1111 import eas_values
+    from handler.contract.a1111 import eas_values
 
     uid = eas_values(body.alwayson_scripts).get("uid")
     name = service().auth.consumer_for(g.caller, uid)
@@ -72,7 +72,7 @@ def async_requested(query: GenerationQuery) -> bool:
 
 def submit(mode: str, body: GenerationRequest, query: GenerationQuery):
     """Answer now (200 with the images), or queue a task (202, `Location: /tasks/<id>`) when asked to."""
-    from handler.a1111 import eas_values
+    from handler.contract.a1111 import eas_values
 
     consumer = charged_consumer(body)
     image_link = eas_values(body.alwayson_scripts).get("image_link")
@@ -85,7 +85,7 @@ def submit(mode: str, body: GenerationRequest, query: GenerationQuery):
     if mode == "img2img":
         service().require_init_image(body)
     if image_link and not body.init_images:  # a refused link is a 422 now; the task fetches (and checks) it again
-        from handler.netguard import FetchError, Guard
+        from handler.security.netguard import FetchError, Guard
 
         try:
             Guard(service().settings.network).check(image_link)
@@ -193,7 +193,7 @@ def prompt_styles():
 def embeddings():
     """Textual-inversion embeddings under <data>/embeddings: `loaded` are those that fit the caller's current
     checkpoint when it is warm (else every SD 1.x or SDXL one), `skipped` the rest."""
-    from pipelines.embeddings import encoder_dims
+    from pipelines.adapters.embeddings import encoder_dims
 
     svc = service()
     dims = None

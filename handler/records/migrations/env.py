@@ -1,9 +1,9 @@
-"""Alembic environment for the records database: run with a connection handed in by handler.db.migrate
+"""Alembic environment for the records database: run with a connection handed in by handler.records.db.migrate
 (`config.attributes["connection"]`), or offline (`--sql`) from a URL for review by a DBA."""
 
 from alembic import context
 
-from handler.db import metadata
+from handler.records.db import metadata
 
 config = context.config
 connection = config.attributes.get("connection")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from handler.executor import DeviceExecutor, JobTimeout
+from handler.runtime.executor import DeviceExecutor, JobTimeout
 from handler.settings import BatchSettings
 
 

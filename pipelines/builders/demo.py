@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipelines.ldm_layout import component_to_ldm, layout_of, pipeline_components, vae_to_ldm, write_safetensors
+from pipelines.builders.ldm_layout import component_to_ldm, layout_of, pipeline_components, vae_to_ldm, write_safetensors
 from pipelines.loading import CONFIG_ROOT, METADATA_CONFIG_KEY, Arch, shipped_configs, tokenizers_for
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ def build_demo_refiner(seed: int = DEMO_SEED + 7) -> DiffusionPipeline:
 def write_demo_refiner(models_dir: Path, *, force: bool = False) -> Path:
     """`<models_dir>/demo-sdxl-refiner.safetensors`: the tiny refiner in the refiner's single-file layout (OpenCLIP
     as `conditioner.embedders.0.model.`), with `sdfunc_config` metadata; kept if present unless `force`."""
-    from pipelines.ldm_layout import openclip_text_to_ldm, unet_to_ldm
+    from pipelines.builders.ldm_layout import openclip_text_to_ldm, unet_to_ldm
 
     path = Path(models_dir) / f"{DEMO_REFINER}.safetensors"
     if path.exists() and not force:

@@ -1,0 +1,2 @@
+"""Adapters applied on a warm pipeline per request: LoRA and textual-inversion embeddings.
+"""
