@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 EXTRAS="[test]" . scripts/venv.sh
 bash scripts/test-services.sh  # MariaDB for the records tests (apt-get as root; SDFUNC_REQUIRE_MYSQL=1: must be there)
 .venv/bin/python -m pip check
+.venv/bin/ruff check .        # lint ([tool.ruff] in pyproject.toml)
+.venv/bin/lint-imports        # the one-way arrows between rooms ([tool.importlinter] in pyproject.toml)
 exec .venv/bin/python -m pytest "$@"
