@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     configure_logging(settings.log_level, settings.log_json)
     app = OpenAPI(
         __name__,
+        static_folder="api/static",  # the web page (handler/api/web.py) at /static
         info=Info(title="sdfunc", version=__version__,
                   description="Serverless Stable Diffusion: the AUTOMATIC1111 API on diffusers."),
         security_schemes={},

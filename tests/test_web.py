@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-STATIC = Path(__file__).resolve().parents[1] / "handler" / "static"
+STATIC = Path(__file__).resolve().parents[1] / "handler" / "api" / "static"
 
 
 def test_page_is_served_with_a_strict_policy(client):
