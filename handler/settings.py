@@ -192,7 +192,9 @@ class CacheSettings(BaseModel):
 class TaskSettings(BaseModel):
     """Asynchronous generation tasks (handler/runtime/tasks.py): `?async=true` or `Prefer: respond-async` answer 202
     with a task id; `GET /tasks/<id>` gives the result. (FC's own async invocations run to the end: FC queues
-    them and delivers the response to its destinations.)"""
+    them and delivers the response to its destinations.) While the instance is full of synchronous requests
+    (429 `busy`), a task waits and tries again for at most `queue.timeout_seconds`, then fails with `timeout`
+    (not charged)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -264,7 +266,7 @@ class NetworkSettings(BaseModel):
 
 
 class DownloadSettings(BaseModel):
-    """`POST /models/download` (handler/api/downloads.py): model files fetched into the models folder."""
+    """`POST /models/download` (handler/runtime/downloads.py): model files fetched into the models folder."""
 
     model_config = ConfigDict(extra="forbid")
 

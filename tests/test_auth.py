@@ -4,7 +4,7 @@ Consumers live in the records database, so these run on SQLite and MariaDB too."
 import pytest
 
 from conftest import TINY, basic
-from handler.security.auth import Consumers
+from handler.records.consumers import Consumers
 from handler.errors import InvalidRequest
 
 

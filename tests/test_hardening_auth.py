@@ -169,7 +169,7 @@ def test_a_consumer_cannot_read_another_consumers_images_usage_or_tasks(make_app
 def test_the_database_holds_no_plaintext_key(make_app, db_url):
     from sqlalchemy import MetaData, select
 
-    from handler.security.auth import hash_secret
+    from handler.records.consumers import hash_secret
 
     app = make_app(auth=TOKENS)
     service = app.extensions["sdfunc"]

@@ -159,3 +159,58 @@ def test_a_task_whose_worker_dies_is_run_again_then_failed(tmp_path, data_dir):
         assert view["result"]["parameters"]["image_url"]
     finally:
         server.stop()
+
+
+def test_a_task_that_finds_the_instance_busy_gives_up_at_the_queue_timeout(tmp_path):
+    """A task waits while the instance answers Busy (full of synchronous requests), but not forever: after
+    `queue.timeout_seconds` it fails with 503 `timeout`, and its ledger row is a failure with a zero charge."""
+    from types import SimpleNamespace
+
+    from handler.contract.schemas import Txt2ImgRequest
+    from handler.errors import Busy
+    from handler.records.db import Database
+    from handler.records.ledger import Ledger
+    from handler.records.tasks import TaskStore
+    from handler.runtime.tasks import TaskRunner
+    from handler.settings import Settings
+
+    db = Database(f"sqlite:///{tmp_path / 'records.db'}")
+
+    class AlwaysBusy:
+        """The TaskHost a runner needs, whose generations are always refused as Busy."""
+
+        def __init__(self) -> None:
+            self.settings = Settings(data_dir=tmp_path, queue={"timeout_seconds": 1.0})
+            self.instance_id = "busy-host"
+            self.coldstart = SimpleNamespace(done=True)
+            self.ledger = Ledger(db, "CNY")
+            self.tries = 0
+
+        def task_request(self, mode: str, data: dict, task_id: str) -> Txt2ImgRequest:
+            return Txt2ImgRequest.model_validate(data)
+
+        def txt2img(self, req: Txt2ImgRequest, consumer: str) -> dict:
+            self.tries += 1
+            raise Busy("the instance is busy", headers={"Retry-After": "0.05"})
+
+        img2img = txt2img
+
+    host, store = AlwaysBusy(), TaskStore(db)
+    runner = TaskRunner(host, store, host.settings.tasks)
+    task, _ = store.create(consumer="anonymous", request_id="busy-1", mode="txt2img", tag=None,
+                           request_json=json.dumps(TINY), callback_url=None, runner=runner.runner_id)
+    try:
+        runner.submit(task["id"])
+        wait_for(lambda: store.get(task["id"], consumer=None)["status"] in ("succeeded", "failed"), timeout=60,
+                 what="the task to end")
+    finally:
+        runner.stop()
+    row = store.get(task["id"], consumer=None)
+    result = json.loads(row["result_json"])
+    assert row["status"] == "failed" and result["status"] == "failed"
+    assert "stayed busy" in row["error"] and "queue.timeout_seconds" in row["error"] and "not charged" in row["error"]
+    assert result["error_msg"] == row["error"] and host.tries >= 2  # it waited its turn and tried again
+    [billed] = host.ledger.ledger_rows()
+    assert billed["request_id"] == "busy-1" and billed["status"] == "failed"
+    assert (billed["http_status"], billed["error"]) == (503, "timeout")
+    assert billed["amount_nanos"] == 0 and billed["billed_ms"] == 0

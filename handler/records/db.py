@@ -11,8 +11,8 @@ Tables:
 - `ledger`: one row per (consumer, request id): what ran, billed time, price, amount (integer nano-units),
   status succeeded | failed, timestamps. Unique, so a retried request id is never charged twice.
 - `generated_images`: one row per image, the RDS plugin's columns plus request id, consumer, image_url.
-- `tasks`: asynchronous generations (handler/runtime/tasks.py): request, status, result, and the heartbeat that tells
-  a live worker's task from a dead one's.
+- `tasks`: asynchronous generations (handler/records/tasks.py; run by handler/runtime/tasks.py): request, status,
+  result, and the heartbeat that tells a live worker's task from a dead one's.
 """
 
 from __future__ import annotations

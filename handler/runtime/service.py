@@ -28,7 +28,8 @@ from handler.security import lifecycle_key as lifecycle
 from handler.records import metering
 from handler.storage import outputs
 from handler.runtime import stages
-from handler.security.auth import Authenticator, Consumers
+from handler.security.auth import Authenticator
+from handler.records.consumers import Consumers
 from handler.runtime.batching import Batcher, Member
 from handler.records.billing import Pricing
 from handler.runtime.coldstart import ColdStart
@@ -44,7 +45,8 @@ from handler.runtime.progress import Progress
 from handler.contract.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 from handler.settings import Settings, WarmupShape
 from handler.storage.backends import make_storage
-from handler.runtime.tasks import TaskRunner, TaskStore, check_callback_url, public_view
+from handler.runtime.tasks import TaskRunner, check_callback_url, public_view
+from handler.records.tasks import TaskStore
 from pipelines.errors import ModelNotFound
 from pipelines.hashing import HashCache, addnet_hash
 from pipelines.styles import StyleStore

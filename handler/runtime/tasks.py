@@ -1,45 +1,84 @@
 """Asynchronous generation tasks: submit now (202 + task id), fetch the result later from any instance.
 
 Contract:
-- A task is a row in the records database (`tasks`): the validated request, its status (queued -> running ->
-  succeeded | failed), the EAS-shaped result (`parameters.image_url`, `seed`, `status`, `error_msg`,
+- A task is a row in the records database (handler.records.tasks): the validated request, its status (queued ->
+  running -> succeeded | failed), the EAS-shaped result (`parameters.image_url`, `seed`, `status`, `error_msg`,
   `total_time`) and its images in storage, never in the database row or the queue.
 - Submitting is idempotent per (consumer, request id): the same Idempotency-Key returns the same task.
 - The worker that accepted a task runs it on its own runner thread through the normal generation path (bounded
   queue, batching, billing: one ledger row per task, charged like a synchronous request).
+- While the instance is full of synchronous requests (429 `busy`), a task waits its Retry-After and tries again,
+  for at most `queue.timeout_seconds` (the longest a generation request may wait and run); then it fails with
+  503 `timeout` and is not charged.
 - Every `heartbeat_seconds` a worker marks its queued and running tasks alive. Any instance finds tasks not
   marked for `stale_seconds` (their worker died) and runs them again until they have had `max_delivery` runs,
   then marks them failed. So no task stays "running" forever.
-- With a `callback_url`, the result is POSTed there when the task ends (retried with backoff); the URL must not
-  point at loopback, private, link-local or metadata addresses unless `tasks.callback_allow_private` or
-  `network.allow_hosts` allows it; it is checked at submission and at every try, and the POST goes to the
-  address that was checked (handler.security.netguard).
+- With a `callback_url`, the result is POSTed there when the task ends (`callback_attempts` tries, 1 s, 2 s,
+  4 s... apart); the URL must not point at loopback, private, link-local or metadata addresses unless
+  `tasks.callback_allow_private` or `network.allow_hosts` allows it; it is checked at submission and at every
+  try, and the POST goes to the address that was checked (handler.security.netguard).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import queue
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from sqlalchemy import and_, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    retry_if_result,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
+from handler.contract.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
+from handler.errors import Busy, ServiceError, Timeout
 from handler.records import metering
-from handler.records.db import Database, iso_utc, tasks, utcnow
-from handler.errors import Busy, ServiceError
+from handler.records.db import iso_utc
+from handler.records.ledger import Ledger
+from handler.records.tasks import TaskStore
 from handler.security.netguard import FetchError, Guard
-from handler.settings import NetworkSettings, TaskSettings
-
-if TYPE_CHECKING:
-    from handler.runtime.service import Service
+from handler.settings import NetworkSettings, Settings, TaskSettings
 
 log = logging.getLogger(__name__)
+
+
+class ColdStartState(Protocol):
+    """Whether this process's cold start is over (a task's meter records whether it ran during it)."""
+
+    @property
+    def done(self) -> bool: ...
+
+
+class TaskHost(Protocol):
+    """What a `TaskRunner` uses of the service that runs its tasks (handler.runtime.service.Service)."""
+
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def coldstart(self) -> ColdStartState: ...
+
+    @property
+    def ledger(self) -> Ledger | None: ...
+
+    @property
+    def settings(self) -> Settings: ...  # `network` (callbacks) and `queue.timeout_seconds` (the Busy wait)
+
+    def task_request(self, mode: str, data: dict[str, Any], task_id: str) -> GenerationRequest: ...
+
+    def txt2img(self, req: Txt2ImgRequest, consumer: str) -> dict[str, Any]: ...
+
+    def img2img(self, req: Img2ImgRequest, consumer: str) -> dict[str, Any]: ...
 
 
 def check_callback_url(url: str, *, allow_private: bool, network: NetworkSettings) -> str:
@@ -52,84 +91,11 @@ def check_callback_url(url: str, *, allow_private: bool, network: NetworkSetting
     return url
 
 
-class TaskStore:
-    """The `tasks` table."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def create(self, *, consumer: str, request_id: str, mode: str, tag: str | None, request_json: str,
-               callback_url: str | None, runner: str) -> tuple[dict[str, Any], bool]:
-        """Insert a queued task; the existing one (and False) when this consumer already submitted this id."""
-        now = utcnow()
-        row = {"id": uuid.uuid4().hex, "consumer": consumer, "request_id": request_id, "mode": mode, "tag": tag,
-               "status": "queued", "request_json": request_json, "callback_url": callback_url, "deliveries": 0,
-               "runner": runner, "created_at": now, "heartbeat_at": now}
-        try:
-            with self.db.begin() as conn:
-                conn.execute(insert(tasks).values(**row))
-            return row, True
-        except IntegrityError:
-            with self.db.connect() as conn:
-                found = conn.execute(select(tasks).where(tasks.c.consumer == consumer,
-                                                         tasks.c.request_id == request_id)).one()
-            return dict(found._mapping), False
-
-    def get(self, task_id: str, *, consumer: str | None) -> dict[str, Any] | None:
-        where = [tasks.c.id == task_id] + ([tasks.c.consumer == consumer] if consumer is not None else [])
-        with self.db.connect() as conn:
-            row = conn.execute(select(tasks).where(*where)).first()
-        return dict(row._mapping) if row is not None else None
-
-    def start(self, task_id: str, runner: str) -> dict[str, Any] | None:
-        """Mark a queued task running for `runner` (one more delivery); None if it is not queued for it."""
-        now = utcnow()
-        with self.db.begin() as conn:
-            done = conn.execute(update(tasks).where(
-                tasks.c.id == task_id, tasks.c.status == "queued", tasks.c.runner == runner,
-            ).values(status="running", started_at=now, heartbeat_at=now, deliveries=tasks.c.deliveries + 1)).rowcount
-        return self.get(task_id, consumer=None) if done == 1 else None
-
-    def finish(self, task_id: str, runner: str, *, status: str, result: dict[str, Any] | None,
-               error: str | None) -> bool:
-        """Record the outcome; False if the task was taken from this runner meanwhile (it was thought dead)."""
-        with self.db.begin() as conn:
-            return conn.execute(update(tasks).where(
-                tasks.c.id == task_id, tasks.c.runner == runner, tasks.c.status == "running",
-            ).values(status=status, finished_at=utcnow(), heartbeat_at=utcnow(), error=error,
-                     result_json=json.dumps(result, ensure_ascii=False) if result is not None else None)).rowcount == 1
-
-    def set_callback_status(self, task_id: str, status: str) -> None:
-        with self.db.begin() as conn:
-            conn.execute(update(tasks).where(tasks.c.id == task_id).values(callback_status=status[:64]))
-
-    def heartbeat(self, runner: str) -> None:
-        with self.db.begin() as conn:
-            conn.execute(update(tasks).where(tasks.c.runner == runner, tasks.c.status.in_(("queued", "running")))
-                         .values(heartbeat_at=utcnow()))
-
-    def reap(self, runner: str, *, stale_seconds: float, max_delivery: int) -> list[str]:
-        """Take over the tasks of dead workers: re-queue those with runs left (for `runner`, returned), fail the
-        rest."""
-        cutoff = utcnow() - dt.timedelta(seconds=stale_seconds)
-        stale = and_(tasks.c.status.in_(("queued", "running")), tasks.c.heartbeat_at < cutoff)
-        with self.db.begin() as conn:
-            conn.execute(update(tasks).where(stale, tasks.c.status == "running", tasks.c.deliveries >= max_delivery)
-                         .values(status="failed", finished_at=utcnow(),
-                                 error="the worker running this task stopped; it was not charged"))
-            ids = [r.id for r in conn.execute(select(tasks.c.id).where(
-                stale, or_(tasks.c.status == "queued", tasks.c.deliveries < max_delivery)))]
-            if ids:
-                conn.execute(update(tasks).where(tasks.c.id.in_(ids), stale).values(
-                    status="queued", runner=runner, heartbeat_at=utcnow()))
-        return ids
-
-
 class TaskRunner:
     """One thread per worker that runs this worker's tasks in submission order, and one that keeps them alive
     and adopts dead workers' tasks. Started on first use."""
 
-    def __init__(self, service: Service, store: TaskStore, settings: TaskSettings) -> None:
+    def __init__(self, service: TaskHost, store: TaskStore, settings: TaskSettings) -> None:
         self.service = service
         self.store = store
         self.settings = settings
@@ -196,13 +162,8 @@ class TaskRunner:
         error: str | None = None
         try:
             body = service.task_request(task["mode"], json.loads(task["request_json"]), task_id)
-            while True:
-                try:
-                    response = (service.txt2img if task["mode"] == "txt2img" else service.img2img)(
-                        body, task["consumer"])
-                    break
-                except Busy as exc:  # the instance is full of synchronous requests: wait our turn
-                    time.sleep(float(exc.headers.get("Retry-After", "1")))
+            generate = service.txt2img if task["mode"] == "txt2img" else service.img2img
+            response = self._when_admitted(lambda: generate(body, task["consumer"]))
             meter.status = 200
             result = {"task_id": task_id, "tag": task["tag"], "status": "succeeded",
                       "parameters": response["parameters"], "info": response["info"],
@@ -233,24 +194,41 @@ class TaskRunner:
         if task["callback_url"]:
             self._callback(task_id, task["callback_url"], result or {})
 
+    def _when_admitted(self, generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """`generate()`, tried again while the instance answers Busy (full of synchronous requests: the task
+        waits its turn, Retry-After each time, the last wait cut to the deadline), for at most
+        `queue.timeout_seconds` in all; then Timeout (503 `timeout`: the task fails and is not charged)."""
+        limit = self.service.settings.queue.timeout_seconds
+
+        def retry_after(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome is not None else None  # a Busy: only it is retried
+            asked = float(exc.headers.get("Retry-After", "1")) if isinstance(exc, Busy) else 1.0
+            return max(0.0, min(asked, limit - (state.seconds_since_start or 0.0)))
+
+        def gave_up(state: RetryCallState) -> dict[str, Any]:
+            raise Timeout(f"the instance stayed busy with other requests for {limit:g} s (queue.timeout_seconds): "
+                          "the task did not run and was not charged")
+
+        return Retrying(retry=retry_if_exception_type(Busy), wait=retry_after, stop=stop_after_delay(limit),
+                        retry_error_callback=gave_up)(generate)
+
     def _callback(self, task_id: str, url: str, result: dict[str, Any]) -> None:
         # Each try resolves and checks the host again and connects to the address it checked (handler.security.netguard),
         # so a name that turns private after submission is refused, and DNS rebinding cannot redirect the POST.
         guard = Guard(self.service.settings.network, allow_private=self.settings.callback_allow_private)
-        delay = 1.0
-        outcome = "failed"
-        for attempt in range(1, self.settings.callback_attempts + 1):
+
+        def post() -> str:
             try:
                 status = guard.post_json(url, result, timeout=self.settings.callback_timeout_seconds)
-                if status < 300:
-                    outcome = f"delivered ({status})"
-                    break
-                outcome = f"refused ({status})"
             except FetchError as exc:
-                outcome = f"failed ({exc.reason})"
-            if attempt < self.settings.callback_attempts:
-                time.sleep(delay)
-                delay *= 2
+                return f"failed ({exc.reason})"
+            return f"delivered ({status})" if status < 300 else f"refused ({status})"
+
+        # Tries 1 s, 2 s, 4 s... apart until one is delivered; after the last try its outcome is kept.
+        outcome = Retrying(retry=retry_if_result(lambda outcome: not outcome.startswith("delivered")),
+                           stop=stop_after_attempt(self.settings.callback_attempts),
+                           wait=wait_exponential(multiplier=1, exp_base=2),
+                           retry_error_callback=lambda state: state.outcome.result())(post)
         log.info("task %s callback %s", task_id, outcome)
         try:
             self.store.set_callback_status(task_id, outcome)
@@ -268,4 +246,3 @@ def public_view(task: dict[str, Any]) -> dict[str, Any]:
     if task.get("result_json"):
         view["result"] = json.loads(task["result_json"])
     return view
-

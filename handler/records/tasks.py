@@ -1,0 +1,101 @@
+"""The `tasks` table: asynchronous generations as database rows (running them is handler.runtime.tasks).
+
+Contract:
+- A task row holds the validated request, its status (queued -> running -> succeeded | failed), the runner that
+  owns it, its deliveries (runs so far), its heartbeat, the EAS-shaped result and the callback's outcome; its
+  images are in storage, never in the row.
+- `create` is idempotent per (consumer, request id): the second submission gets the first one's row.
+- Every state change is one conditional UPDATE on (id, runner, status), so a runner that was thought dead and
+  whose task was adopted by another cannot overwrite the adopter's outcome.
+- `reap` adopts the queued and running tasks whose heartbeat is older than `stale_seconds`: re-queued for the
+  caller while they have runs left, failed (not charged) once they have had `max_delivery` runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from typing import Any
+
+from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from handler.records.db import Database, tasks, utcnow
+
+
+class TaskStore:
+    """The `tasks` table. Thread-safe (every call is its own connection or transaction); database failures
+    surface as `DatabaseUnavailable` (handler.records.db)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def create(self, *, consumer: str, request_id: str, mode: str, tag: str | None, request_json: str,
+               callback_url: str | None, runner: str) -> tuple[dict[str, Any], bool]:
+        """Insert a queued task; the existing one (and False) when this consumer already submitted this id."""
+        now = utcnow()
+        row = {"id": uuid.uuid4().hex, "consumer": consumer, "request_id": request_id, "mode": mode, "tag": tag,
+               "status": "queued", "request_json": request_json, "callback_url": callback_url, "deliveries": 0,
+               "runner": runner, "created_at": now, "heartbeat_at": now}
+        try:
+            with self.db.begin() as conn:
+                conn.execute(insert(tasks).values(**row))
+            return row, True
+        except IntegrityError:
+            with self.db.connect() as conn:
+                found = conn.execute(select(tasks).where(tasks.c.consumer == consumer,
+                                                         tasks.c.request_id == request_id)).one()
+            return dict(found._mapping), False
+
+    def get(self, task_id: str, *, consumer: str | None) -> dict[str, Any] | None:
+        """The task's row (only if it is `consumer`'s, unless None), or None."""
+        where = [tasks.c.id == task_id] + ([tasks.c.consumer == consumer] if consumer is not None else [])
+        with self.db.connect() as conn:
+            row = conn.execute(select(tasks).where(*where)).first()
+        return dict(row._mapping) if row is not None else None
+
+    def start(self, task_id: str, runner: str) -> dict[str, Any] | None:
+        """Mark a queued task running for `runner` (one more delivery); None if it is not queued for it."""
+        now = utcnow()
+        with self.db.begin() as conn:
+            done = conn.execute(update(tasks).where(
+                tasks.c.id == task_id, tasks.c.status == "queued", tasks.c.runner == runner,
+            ).values(status="running", started_at=now, heartbeat_at=now, deliveries=tasks.c.deliveries + 1)).rowcount
+        return self.get(task_id, consumer=None) if done == 1 else None
+
+    def finish(self, task_id: str, runner: str, *, status: str, result: dict[str, Any] | None,
+               error: str | None) -> bool:
+        """Record the outcome; False if the task was taken from this runner meanwhile (it was thought dead)."""
+        with self.db.begin() as conn:
+            return conn.execute(update(tasks).where(
+                tasks.c.id == task_id, tasks.c.runner == runner, tasks.c.status == "running",
+            ).values(status=status, finished_at=utcnow(), heartbeat_at=utcnow(), error=error,
+                     result_json=json.dumps(result, ensure_ascii=False) if result is not None else None)).rowcount == 1
+
+    def set_callback_status(self, task_id: str, status: str) -> None:
+        """Keep the callback's outcome (cut to the column's 64 characters)."""
+        with self.db.begin() as conn:
+            conn.execute(update(tasks).where(tasks.c.id == task_id).values(callback_status=status[:64]))
+
+    def heartbeat(self, runner: str) -> None:
+        """Mark `runner`'s queued and running tasks alive."""
+        with self.db.begin() as conn:
+            conn.execute(update(tasks).where(tasks.c.runner == runner, tasks.c.status.in_(("queued", "running")))
+                         .values(heartbeat_at=utcnow()))
+
+    def reap(self, runner: str, *, stale_seconds: float, max_delivery: int) -> list[str]:
+        """Take over the tasks of dead workers: re-queue those with runs left (for `runner`, returned), fail the
+        rest."""
+        cutoff = utcnow() - dt.timedelta(seconds=stale_seconds)
+        stale = and_(tasks.c.status.in_(("queued", "running")), tasks.c.heartbeat_at < cutoff)
+        with self.db.begin() as conn:
+            conn.execute(update(tasks).where(stale, tasks.c.status == "running", tasks.c.deliveries >= max_delivery)
+                         .values(status="failed", finished_at=utcnow(),
+                                 error="the worker running this task stopped; it was not charged"))
+            ids = [r.id for r in conn.execute(select(tasks.c.id).where(
+                stale, or_(tasks.c.status == "queued", tasks.c.deliveries < max_delivery)))]
+            if ids:
+                conn.execute(update(tasks).where(tasks.c.id.in_(ids), stale).values(
+                    status="queued", runner=runner, heartbeat_at=utcnow()))
+        return ids
