@@ -33,23 +33,20 @@ this process), so "cold" means a new process, not a cold disk.
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggingface_hub
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from bench.cli import add_output_arguments, machine_line, parse_server_env, result_header, run_benchmark  # noqa: E402
-from bench.serving_overhead import (  # noqa: E402
+from bench.cli import add_output_arguments, machine_line, parse_server_env, result_header, run_benchmark
+from bench.serving_overhead import (
     CFG_SCALE,
     DISTURBED_SPREAD,
     PROMPT,

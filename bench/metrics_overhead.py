@@ -41,28 +41,25 @@ or FAIL), 1 when a check failed.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import gc
+import json
+import logging
 import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, fields as dataclass_fields
+from pathlib import Path
+from typing import Any, NamedTuple
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggingface_hub
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from contextlib import ExitStack, contextmanager  # noqa: E402
-from dataclasses import dataclass, fields as dataclass_fields  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, NamedTuple  # noqa: E402
-
-from bench.cli import add_output_arguments, machine_line, parse_server_env, result_header, run_benchmark  # noqa: E402
-from bench.serving_overhead import (  # noqa: E402
+from bench.cli import add_output_arguments, machine_line, parse_server_env, result_header, run_benchmark
+from bench.serving_overhead import (
     CFG_SCALE,
     DISTURBED_SPREAD,
     MODEL,

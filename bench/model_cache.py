@@ -25,14 +25,11 @@ with and without a sequential copy to local disk first.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggingface_hub
-
 import argparse
 import gc
 import logging
 import math
+import os
 import resource
 import shutil
 import statistics

@@ -72,30 +72,27 @@ configs, 1000 timed requests of about 40 ms) take about a minute on 2 idle CPU c
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import gc
+import logging
 import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggingface_hub
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import gc  # noqa: E402
-import logging  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from contextlib import ExitStack  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from decimal import Decimal  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from bench.cli import add_output_arguments, machine_line, result_header, run_benchmark  # noqa: E402
-from bench.metrics_overhead import quiet_app_loggers  # noqa: E402
-from bench.serving_overhead import (  # noqa: E402
+from bench.cli import add_output_arguments, machine_line, result_header, run_benchmark
+from bench.metrics_overhead import quiet_app_loggers
+from bench.serving_overhead import (
     CFG_SCALE,
     DISTURBED_SPREAD,
     MODEL,

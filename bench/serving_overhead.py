@@ -39,29 +39,26 @@ Every figure is also given as a ratio to a baseline from the same run (served/di
 
 from __future__ import annotations
 
+import argparse
+import base64
+import io
+import json
+import logging
 import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggingface_hub
-
-import argparse  # noqa: E402
-import base64  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from contextlib import ExitStack, contextmanager  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from bench.cli import (  # noqa: E402
+from bench.cli import (
     add_output_arguments,
     machine_line,
     parse_server_env,
@@ -151,8 +148,7 @@ def ensure_data(data: Path) -> Path:
     path = checkpoints / f"{MODEL}.safetensors"
     if not path.exists():
         log.info("writing the demo checkpoints into %s", checkpoints)
-        subprocess.run([sys.executable, "-m", "handler.cli", "demo-models", "--data", str(data)], check=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        subprocess.run([sys.executable, "-m", "handler.cli", "demo-models", "--data", str(data)], check=True)
     return path
 
 
@@ -180,7 +176,7 @@ class Server:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SDFUNC_")}
         env.update(
-            HOME=str(self.workdir), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(self.threads),
+            HOME=str(self.workdir), OMP_NUM_THREADS=str(self.threads),
             SDFUNC_WARMUP__ON_START="true" if self.warmup else "false", SDFUNC_LOG_JSON="true",
             SDFUNC_DEFAULT_CHECKPOINT=MODEL,
         )

@@ -24,22 +24,19 @@ The exit status is 1 when a check fails. Progress goes to stderr, the Markdown t
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from bench.cli import add_output_arguments, machine_line, result_header, run_benchmark  # noqa: E402
-from bench.serving_overhead import TXT2IMG, Server, _proc_stat, ensure_data, payload  # noqa: E402
+from bench.cli import add_output_arguments, machine_line, result_header, run_benchmark
+from bench.serving_overhead import TXT2IMG, Server, _proc_stat, ensure_data, payload
 
 log = logging.getLogger("bench.soak")
 MIB = 1024 * 1024

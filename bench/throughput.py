@@ -43,29 +43,26 @@ time beyond the wall time), else 0: no throughput target is set, the figures are
 
 from __future__ import annotations
 
+import argparse
+import base64
+import io
+import json
+import logging
 import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggingface_hub
-
-import argparse  # noqa: E402
-import base64  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from contextlib import ExitStack  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from bench.cli import add_output_arguments, machine_line, parse_server_env, result_header, run_benchmark  # noqa: E402
-from bench.cold_start import OTHERS_MAX, _cpu_snapshot, _others_share  # noqa: E402
-from bench.metrics_overhead import Shape, _parse_shapes, _summary  # noqa: E402
-from bench.serving_overhead import (  # noqa: E402
+from bench.cli import add_output_arguments, machine_line, parse_server_env, result_header, run_benchmark
+from bench.cold_start import OTHERS_MAX, _cpu_snapshot, _others_share
+from bench.metrics_overhead import Shape, _parse_shapes, _summary
+from bench.serving_overhead import (
     CFG_SCALE,
     DISTURBED_SPREAD,
     MODEL,

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggingface_hub
+import pipelines  # noqa: F401  # first: turns hub access off (pipelines.offline) before huggingface_hub is imported
 
 log = logging.getLogger("sdfunc")
 

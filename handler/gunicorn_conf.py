@@ -6,10 +6,9 @@ loads by itself. Settings come from the one settings object (SDFUNC_* environmen
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import huggingface_hub
-
-from handler.runtime.coldstart import STARTED_AT_ENV, process_start_time  # noqa: E402
-from handler.settings import Settings  # noqa: E402
+import pipelines  # noqa: F401  # first: turns hub access off (pipelines.offline) before huggingface_hub is imported
+from handler.runtime.coldstart import STARTED_AT_ENV, process_start_time
+from handler.settings import Settings
 
 # The workers measure their cold start from the server's start (this master process), not from their fork.
 os.environ.setdefault(STARTED_AT_ENV, repr(process_start_time()))
@@ -24,7 +23,7 @@ threads = _settings.http_threads
 timeout = _settings.timeout
 graceful_timeout = 120
 keepalive = 5
-preload_app = False  # loading or inference in the master before fork hangs the worker (DESIGN.md)
+preload_app = False  # loading or inference in the master before fork hangs the worker
 control_socket_disable = True  # a second server would silently take over the first one's socket
 # No gunicorn access log: the function writes one request log line itself (timings, cold start, billing),
 # or none when the operator turns it off (SDFUNC_REQUEST_LOG=false).

@@ -54,6 +54,8 @@ CPU_FALLBACK_BYTES = 8 * 1024**3  # device budget on CPU when the machine's memo
 def assemble_pipeline(cls: type, components: dict[str, Any], **replace: Any) -> Any:
     """A new pipeline object of `cls` over existing components (no weights copied), with `replace` swapped in.
     Components `cls` does not take are dropped; no safety checker and no watermarker, as at load time."""
+    # Not diffusers' AutoPipelineFor*.from_pipe: it copies the source's registered config (a refiner's force_zeros /
+    # aesthetic score) and leaves the watermarker on its default; DiffusionPipeline.from_pipe also casts to float32.
     import inspect
 
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}

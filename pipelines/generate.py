@@ -97,7 +97,7 @@ class ImageJob:
 
 @dataclass
 class Control:
-    """One ControlNet unit of a job: the parsed unit (pipelines.controlnet.ControlUnit), its model entry, its
+    """One ControlNet unit of a job: the parsed unit (pipelines.controlnet.units.ControlUnit), its model entry, its
     detected map at the first pass's size and, with hires fix, at the second pass's; `model` is the loaded
     ControlNetModel, set on the device thread."""
 
@@ -133,14 +133,14 @@ def _pipeline_class(arch: str, mode: str, inpaint: bool) -> type:
 def import_pipeline_classes() -> None:
     """Import every pipeline class a request can use (diffusers imports them lazily, at a cost of seconds), so
     that the import is paid at warm-up and not inside the first request or model load."""
-    from pipelines import controlnet
+    from pipelines.controlnet.stack import pipeline_class
 
     for arch in ("sd1", "sdxl"):
         for mode in ("txt2img", "img2img"):
             _pipeline_class(arch, mode, inpaint=False)
-            controlnet.pipeline_class(arch, mode, inpaint=False)
+            pipeline_class(arch, mode, inpaint=False)
         _pipeline_class(arch, "img2img", inpaint=True)
-        controlnet.pipeline_class(arch, "img2img", inpaint=True)
+        pipeline_class(arch, "img2img", inpaint=True)
 
 
 def _with_controls(pipe: Any, arch: str, mode: str, inpaint: bool, controls: list[Control], call: dict[str, Any],
@@ -149,16 +149,16 @@ def _with_controls(pipe: Any, arch: str, mode: str, inpaint: bool, controls: lis
     arguments added to `call`; `pipe` itself when there are no units."""
     if not controls:
         return pipe
-    from pipelines import controlnet
+    from pipelines.controlnet.stack import call_kwargs, pipeline_class
 
     steps = call["num_inference_steps"]
     if "strength" in call:  # img2img runs int(steps * strength) of them
         steps = min(int(steps * call["strength"]), steps)
     maps = [c.hr_map if hires_pass else c.map for c in controls]
-    kwargs = controlnet.call_kwargs([c.model for c in controls], maps, [c.unit for c in controls],
-                                    "img2img" if mode == "img2img" or hires_pass else "txt2img",
-                                    guidance_scale=call["guidance_scale"], steps=steps, hires_pass=hires_pass)
-    cls = controlnet.pipeline_class(arch, mode, inpaint)
+    kwargs = call_kwargs([c.model for c in controls], maps, [c.unit for c in controls],
+                         "img2img" if mode == "img2img" or hires_pass else "txt2img",
+                         guidance_scale=call["guidance_scale"], steps=steps, hires_pass=hires_pass)
+    cls = pipeline_class(arch, mode, inpaint)
     components = {k: v for k, v in pipe.components.items() if k != "controlnet"}
     controlled = assemble_pipeline(cls, components, scheduler=pipe.scheduler, controlnet=kwargs.pop("controlnet"))
     call.update(kwargs)

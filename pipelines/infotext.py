@@ -1,6 +1,6 @@
 """A1111 infotext: writing it, parsing it, and carrying it in image files.
 
-Contract (A1111-API.md sections 5 and 6, A1111 v1.10.1 behaviour):
+Contract (A1111 v1.10.1 behaviour):
 
 * `build_infotext()` writes `<prompt>[\\nNegative prompt: <neg>]\\n<Key: value, ...>`: fixed-order keys first,
   then extras in insertion order, then `Version`, then `User`; `None` values are left out; values containing
@@ -67,7 +67,7 @@ INFOTEXT_FIXED_ORDER: tuple[str, ...] = (
     "RNG",
     "Tiling",
 )
-"""Keys that always sit at these positions (A1111-API.md section 5); `Version` and `User` come last."""
+"""Keys that always sit at these positions, in A1111's order; `Version` and `User` come last."""
 
 _TRAILING_KEYS: tuple[str, ...] = ("Version", "User")
 _FIXED_SET = frozenset(INFOTEXT_FIXED_ORDER)
@@ -255,7 +255,7 @@ def _add_backcompat(res: dict[str, Any]) -> None:
 
 
 def parse_infotext(text: str | None) -> dict[str, Any]:
-    """Parse an infotext as A1111's png-info does (A1111-API.md section 6).
+    """Parse an infotext as A1111's png-info does (`POST /sdapi/v1/png-info`, `parameters`).
 
     Parsed values are strings (quoted ones JSON-unquoted; `WxH` split into `<key>-1` / `<key>-2`; a pair
     with an empty value is skipped). `Prompt` and `Negative prompt` are always present. A1111's defaults
@@ -380,7 +380,7 @@ def _novelai_infotext(image: Image.Image, items: Mapping[str, Any]) -> str | Non
 
 
 def read_image_info(image: Image.Image) -> tuple[str, dict]:
-    """(info, items) for png-info (A1111-API.md section 6).
+    """(info, items) for png-info (`POST /sdapi/v1/png-info`).
 
     `info`: the `parameters` text chunk; an EXIF UserComment (JPEG/WEBP) replaces it when present and
     non-empty; else a GIF comment; "" when there is none. NovelAI PNGs are converted as A1111 does.

@@ -13,7 +13,7 @@ while the source's size and mtime match; `local_copy`), because mapping a file o
 in page by page, one round trip each; `direct_to_device` passes `device=` to diffusers so that the UNet and
 VAE weights go from the file straight to the device instead of through a full model in CPU memory first.
 
-The process must run with `HF_HUB_OFFLINE=1` set before diffusers / huggingface_hub are first imported.
+Hub access is off for the whole process (`pipelines.offline`, applied when `pipelines` is first imported).
 
 Refused: pickle files (`.ckpt`, `.pt`, `.bin`, `.pth`), architectures other than SD 1.x and SDXL, and files
 whose loading leaves any parameter on the `meta` device (a missing tensor loads silently and makes NaN
@@ -170,11 +170,23 @@ def is_diffusers_dir(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "model_index.json").is_file()
 
 
+# The one shipped tokenizer: CLIP ViT-L/14's BPE vocabulary (openai/clip-vit-large-patch14), which SD 1.x and
+# both SDXL text encoders use. The pipelines' own tokenizer folders differ from it only in these options: SDXL's
+# were saved with `clean_up_tokenization_spaces` (it affects decoding only), and SDXL's second tokenizer (for
+# OpenCLIP ViT-bigG) pads with "!" (id 0) where the others pad with the end token.
+TOKENIZER_CONFIG = "clip-tokenizer"
+_TOKENIZER_OPTIONS: dict[tuple[Arch, str], dict[str, Any]] = {
+    (Arch.SD1, "tokenizer"): {},
+    (Arch.SDXL, "tokenizer"): {"clean_up_tokenization_spaces": True},
+    (Arch.SDXL, "tokenizer_2"): {"clean_up_tokenization_spaces": True, "pad_token": "!"},
+}
+
+
 @functools.lru_cache(maxsize=None)
 def _tokenizer(arch: Arch, subfolder: str) -> Any:
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(CONFIG_ROOT / REAL_CONFIG[arch] / subfolder))
+    return CLIPTokenizer.from_pretrained(str(CONFIG_ROOT / TOKENIZER_CONFIG), **_TOKENIZER_OPTIONS[(arch, subfolder)])
 
 
 def tokenizers_for(arch: Arch) -> dict[str, Any]:
@@ -196,8 +208,9 @@ def _pipeline_class(arch: Arch) -> Any:
     return getattr(diffusers, _PIPELINE_CLASS[arch])
 
 
-def _check_no_meta(components: dict[str, Any], path: Path) -> None:
-    """Refuse a model with any parameter or buffer still on `meta` (its tensor was missing in the file)."""
+def check_no_meta(components: dict[str, Any], path: Path) -> None:
+    """Raise IncompleteCheckpoint naming `path` when any module in `components` has a parameter or buffer still
+    on `meta`: its tensor was missing from the file, which diffusers loads silently and which makes NaN images."""
     for comp_name, module in components.items():
         if not isinstance(module, torch.nn.Module):
             continue
@@ -206,18 +219,22 @@ def _check_no_meta(components: dict[str, Any], path: Path) -> None:
                 raise IncompleteCheckpoint(f"{path.name}: {comp_name}.{name} is missing from the checkpoint")
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
+    """Whether `e` is running out of host or device memory, which is no fault of the file: loaders re-raise it
+    untouched instead of mapping it with `load_error`."""
     return isinstance(e, (MemoryError, torch.OutOfMemoryError))
 
 
-_LOAD_ERRORS = (KeyError, ValueError, RuntimeError, OSError, NotImplementedError)
+# What diffusers' loaders raise for a file they reject (catch these, re-raise OOM, map the rest with load_error)
+LOAD_ERRORS = (KeyError, ValueError, RuntimeError, OSError, NotImplementedError)
 
 
-def _load_error(path: Path, what: str, e: BaseException) -> CheckpointError:
-    """Map an exception from diffusers' loader to our error tree (the caller re-raises OOM untouched)."""
+def load_error(path: Path, what: str, e: BaseException) -> CheckpointError:
+    """Map an exception from diffusers' loader for `what` ("VAE", "ControlNet" ...) to our error tree, with no
+    server paths in the message (the caller re-raises OOM untouched)."""
     if isinstance(e, NotImplementedError) and "meta tensor" in str(e):
         # diffusers casts UNet / VAE to the dtype after loading; a tensor missing from the file is still on
-        # `meta` then and the cast fails. (Missing text-encoder tensors load silently: see _check_no_meta.)
+        # `meta` then and the cast fails. (Missing text-encoder tensors load silently: see check_no_meta.)
         return IncompleteCheckpoint(f"{path.name}: a tensor the {what} needs is missing from the checkpoint")
     detail = str(e).replace(str(path), path.name).replace(str(path.parent), "<models>")  # no server paths
     return CheckpointError(f"{path.name}: cannot load {what}: {type(e).__name__}: {detail}"[:500])
@@ -281,11 +298,11 @@ def load_pipeline(
                 **tokenizers,
                 **_pipeline_kwargs(arch),
             )
-        except _LOAD_ERRORS as e:
-            if _is_oom(e):
+        except LOAD_ERRORS as e:
+            if is_oom(e):
                 raise
-            raise _load_error(path, f"{arch.value} pipeline", e) from e
-    _check_no_meta(pipe.components, path)
+            raise load_error(path, f"{arch.value} pipeline", e) from e
+    check_no_meta(pipe.components, path)
     pipe.set_progress_bar_config(disable=True)
     read = time.perf_counter()
     pipe = pipe.to(device)
@@ -396,10 +413,10 @@ def _load_diffusers_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Arch]:
     logger.info("loading diffusers folder %s as %s", path.name, cls.__name__)
     try:
         pipe = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True, **_pipeline_kwargs(arch))
-    except _LOAD_ERRORS as e:
-        if _is_oom(e):
+    except LOAD_ERRORS as e:
+        if is_oom(e):
             raise
-        raise _load_error(path, "diffusers folder", e) from e
+        raise load_error(path, "diffusers folder", e) from e
     return pipe, arch
 
 
@@ -451,9 +468,9 @@ def load_vae(
             disable_mmap=disable_mmap,
             **overrides,
         )
-    except _LOAD_ERRORS as e:
-        if _is_oom(e):
+    except LOAD_ERRORS as e:
+        if is_oom(e):
             raise
-        raise _load_error(path, "VAE", e) from e
-    _check_no_meta({"vae": vae}, path)
+        raise load_error(path, "VAE", e) from e
+    check_no_meta({"vae": vae}, path)
     return vae.to(device)

@@ -1,6 +1,6 @@
 """A1111 samplers and schedule types, and the diffusers scheduler each one maps to.
 
-Contract (A1111-API.md sections 2 and 11):
+Contract (A1111 v1.10.1 behaviour, except where said):
 
 * `SAMPLERS` / `SCHEDULERS` hold A1111 v1.10.1's 20 samplers and 12 schedule types, in its order;
   `sampler_list()` / `scheduler_list()` are exactly the JSON of `GET /sdapi/v1/samplers` and `/schedulers`.
@@ -84,7 +84,7 @@ def _sampler(name: str, aliases: tuple[str, ...], *, scheduler: str | None = Non
 
 
 # A1111 v1.10.1 modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py, sd_samplers_lcm.py, in list order.
-# Option order is A1111's (it matters for byte-identical JSON): see the table in A1111-API.md section 2.
+# Option order is A1111's (it matters for byte-identical JSON of `GET /sdapi/v1/samplers`).
 SAMPLERS: tuple[Sampler, ...] = (
     _sampler("DPM++ 2M", ("k_dpmpp_2m",), scheduler="karras"),
     _sampler("DPM++ SDE", ("k_dpmpp_sde",), scheduler="karras", flags=("second_order", "brownian_noise")),
@@ -356,7 +356,7 @@ def _lookup_scheduler(value: str | None) -> Scheduler:
 
 def resolve_sampler(sampler_name: str | None, sampler_index: str | None = None,
                     scheduler: str | None = None) -> ResolvedSampler:
-    """Resolve a request's `sampler_name` / `sampler_index` / `scheduler` (A1111-API.md sections 2 and 11).
+    """Resolve a request's `sampler_name` / `sampler_index` / `scheduler` as A1111 v1.10.1 does, plus aliases.
 
     `sampler_name`, else `sampler_index`, else "Euler". The scheduler is looked up by name, label or alias
     (unknown -> Automatic). A `" <schedule label, name or alias>"` suffix on the sampler string is cut off

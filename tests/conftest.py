@@ -1,12 +1,11 @@
 """Shared fixtures: one data folder with the tiny demo checkpoints, one app built by the factory."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
+import pipelines  # noqa: F401  # first: turns hub access off (pipelines.offline) before huggingface_hub is imported
 
 import base64
 import contextlib
 import io
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator

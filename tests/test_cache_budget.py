@@ -1,12 +1,9 @@
 """The warm cache's byte budget and host tier (pipelines/cache.py), and loading from a local copy
 (pipelines/loading.py): tiny demo checkpoints, CPU, exact counters."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read once, when huggingface_hub is first imported
-
 import builtins
 import logging
+import os
 import shutil
 import time
 from pathlib import Path

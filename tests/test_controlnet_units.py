@@ -1,12 +1,9 @@
 """ControlNet building blocks: sd-webui-controlnet's unit fields, its weight-free preprocessors, the models folder,
 offline loading of A1111-layout files, and the diffusers pipelines driven by the demo ControlNets."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
-
 import base64
 import json
+import os
 import re
 from pathlib import Path
 
@@ -17,7 +14,41 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from pipelines import controlnet as cn
+from pipelines.controlnet.detectmap import (
+    detect,
+    detect_map,
+    effective_resolution,
+    fit_map,
+    pixel_perfect_resolution,
+    preprocess,
+)
+from pipelines.controlnet.loading import (
+    REAL_CONFIG,
+    ControlNetSpec,
+    _config_arch,
+    arch_of,
+    check_compatible,
+    inspect_controlnet,
+    load_controlnet,
+)
+from pipelines.controlnet.preprocessors import PREPROCESSORS, module_list
+from pipelines.controlnet.stack import (
+    SOFT_LAYER_FACTORS,
+    call_kwargs,
+    controlnet_stack,
+    is_stack,
+    layer_factors,
+    pipeline_class,
+)
+from pipelines.controlnet.store import ControlNetStore
+from pipelines.controlnet.units import (
+    ControlMode,
+    HiResFixOption,
+    ResizeMode,
+    controlnet_script_args,
+    infotext_params,
+    parse_units,
+)
 from pipelines.errors import (
     CheckpointError,
     InvalidParameter,
@@ -36,7 +67,7 @@ def unit(**fields):
 
 
 def parse(*units, img2img=False):
-    return cn.parse_units({"args": list(units)}, img2img=img2img)
+    return parse_units({"args": list(units)}, img2img=img2img)
 
 
 def refused(*units, img2img=False) -> InvalidParameter:
@@ -58,24 +89,24 @@ def shapes_image(size=(96, 64)) -> Image.Image:
 def test_defaults_are_the_extensions():
     (u,) = parse({"image": IMG, "model": "m"})
     assert (u.module, u.weight, u.resize_mode, u.control_mode, u.hr_option) == (
-        "none", 1.0, cn.ResizeMode.CROP_AND_RESIZE, cn.ControlMode.BALANCED, cn.HiResFixOption.BOTH)
+        "none", 1.0, ResizeMode.CROP_AND_RESIZE, ControlMode.BALANCED, HiResFixOption.BOTH)
     assert (u.guidance_start, u.guidance_end, u.pixel_perfect, u.processor_res) == (0.0, 1.0, False, 512)
     assert u.field("weight") == f"{PREFIX}.args.0.weight" and u.image == IMG and not u.use_init_image
 
 
 @pytest.mark.parametrize("value, expected", [
-    ("Just Resize", cn.ResizeMode.JUST_RESIZE), (0, cn.ResizeMode.JUST_RESIZE), ("1", cn.ResizeMode.CROP_AND_RESIZE),
-    ("Crop and Resize", cn.ResizeMode.CROP_AND_RESIZE), (2, cn.ResizeMode.RESIZE_AND_FILL),
-    ("Inner Fit (Scale to Fit)", cn.ResizeMode.CROP_AND_RESIZE), ("Envelope (Outer Fit)", cn.ResizeMode.RESIZE_AND_FILL),
-    (3, cn.ResizeMode.JUST_RESIZE), ("resize and fill", cn.ResizeMode.RESIZE_AND_FILL),
+    ("Just Resize", ResizeMode.JUST_RESIZE), (0, ResizeMode.JUST_RESIZE), ("1", ResizeMode.CROP_AND_RESIZE),
+    ("Crop and Resize", ResizeMode.CROP_AND_RESIZE), (2, ResizeMode.RESIZE_AND_FILL),
+    ("Inner Fit (Scale to Fit)", ResizeMode.CROP_AND_RESIZE), ("Envelope (Outer Fit)", ResizeMode.RESIZE_AND_FILL),
+    (3, ResizeMode.JUST_RESIZE), ("resize and fill", ResizeMode.RESIZE_AND_FILL),
 ])
 def test_resize_mode_by_name_alias_or_number(value, expected):
     assert parse(unit(resize_mode=value))[0].resize_mode is expected
 
 
 @pytest.mark.parametrize("value, expected", [
-    ("Balanced", cn.ControlMode.BALANCED), (1, cn.ControlMode.PROMPT), ("My prompt is more important", cn.ControlMode.PROMPT),
-    (2, cn.ControlMode.CONTROL), ("ControlNet is more important", cn.ControlMode.CONTROL),
+    ("Balanced", ControlMode.BALANCED), (1, ControlMode.PROMPT), ("My prompt is more important", ControlMode.PROMPT),
+    (2, ControlMode.CONTROL), ("ControlNet is more important", ControlMode.CONTROL),
 ])
 def test_control_mode_by_name_or_number(value, expected):
     assert parse(unit(control_mode=value))[0].control_mode is expected
@@ -100,7 +131,7 @@ def test_each_bad_field_is_named_with_its_unit_index(fields, name):
 def test_disabled_units_and_non_objects_are_skipped_and_indexes_kept():
     units = parse(unit(enabled=False), None, "junk", unit(weight=0.5), unit(enabled="false"), unit(weight=1.5))
     assert [(u.index, u.weight) for u in units] == [(3, 0.5), (5, 1.5)]
-    assert cn.parse_units(None) == [] and cn.parse_units({"args": []}) == [] and cn.parse_units({}) == []
+    assert parse_units(None) == [] and parse_units({"args": []}) == [] and parse_units({}) == []
 
 
 def test_at_most_four_enabled_units():
@@ -123,7 +154,7 @@ def test_webuiapi_unit_payload_is_accepted():
                                       control_mode=2, pixel_perfect=True).to_dict()
     (u,) = parse(payload)
     assert (u.module, u.resize_mode, u.control_mode, u.threshold_a, u.pixel_perfect, u.mask) == (
-        "canny", cn.ResizeMode.RESIZE_AND_FILL, cn.ControlMode.CONTROL, 64, True, None)
+        "canny", ResizeMode.RESIZE_AND_FILL, ControlMode.CONTROL, 64, True, None)
     assert base64.b64decode(u.image)[:4] == b"\x89PNG"
 
 
@@ -135,7 +166,7 @@ def test_module_names_labels_case_and_the_refused_ones():
     assert "not offered" in err.message and "weights" in err.message and "canny" in err.message
     assert "reference_only" in refused(unit(module="reference_only")).message
     err = refused(unit(module="frobnicate"))
-    assert err.field == f"{PREFIX}.args.0.module" and ", ".join(cn.PREPROCESSORS) in err.message
+    assert err.field == f"{PREFIX}.args.0.module" and ", ".join(PREPROCESSORS) in err.message
 
 
 def test_image_sources():
@@ -166,32 +197,32 @@ def test_legacy_guidance_and_lowvram_aliases():
 
 
 def test_script_key_matches_ignoring_case():
-    assert cn.controlnet_script_args({"ControlNet": {"args": []}}) == ("alwayson_scripts.ControlNet", {"args": []})
-    assert cn.controlnet_script_args({"sd_model_checkpoint": "x"}) is None
-    prefix, value = cn.controlnet_script_args({"ControlNet": {"args": [unit(weight=9)]}})
+    assert controlnet_script_args({"ControlNet": {"args": []}}) == ("alwayson_scripts.ControlNet", {"args": []})
+    assert controlnet_script_args({"sd_model_checkpoint": "x"}) is None
+    prefix, value = controlnet_script_args({"ControlNet": {"args": [unit(weight=9)]}})
     with pytest.raises(InvalidParameter) as e:
-        cn.parse_units(value, prefix)
+        parse_units(value, prefix)
     assert e.value.field == "alwayson_scripts.ControlNet.args.0.weight"
 
 
 def test_infotext_is_the_extensions():
     (u,) = parse(unit(module="canny", weight=1, threshold_a=-1))
-    assert cn.infotext_params([u]) == {"ControlNet 0": (
+    assert infotext_params([u]) == {"ControlNet 0": (
         "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 1.0, Resize Mode: Crop and Resize, "
         "Processor Res: 512, Threshold A: 100, Threshold B: 200, Guidance Start: 0.0, Guidance End: 1.0, "
         "Pixel Perfect: False, Control Mode: Balanced")}
 
 
 def test_module_list_has_the_extensions_shape_and_order():
-    body = cn.module_list()
-    assert body["module_list"][0] == "none" and set(body["module_list"]) == set(cn.PREPROCESSORS)
+    body = module_list()
+    assert body["module_list"][0] == "none" and set(body["module_list"]) == set(PREPROCESSORS)
     assert body["module_list"].index("canny") < body["module_list"].index("invert") < body["module_list"].index("threshold")
     assert body["module_detail"]["canny"]["sliders"] == [
         {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8},
         {"name": "Low Threshold", "value": 100, "min": 1, "max": 255, "step": 1},
         {"name": "High Threshold", "value": 200, "min": 1, "max": 255, "step": 1}]
     assert body["module_detail"]["invert"]["sliders"] == []
-    assert "invert (from white bg & black line)" in cn.module_list(alias_names=True)["module_list"]
+    assert "invert (from white bg & black line)" in module_list(alias_names=True)["module_list"]
 
 
 # --- preprocessing --------------------------------------------------------------------------------------------
@@ -199,25 +230,25 @@ def test_module_list_has_the_extensions_shape_and_order():
 def test_canny_is_cv2_canny_on_the_same_input():
     img = shapes_image((64, 64))
     (u,) = parse(unit(processor_res=64, threshold_a=50, threshold_b=150))
-    out = np.asarray(cn.preprocess(u, img, 64, 64))
+    out = np.asarray(preprocess(u, img, 64, 64))
     expected = cv2.cvtColor(cv2.Canny(np.asarray(img), 50, 150), cv2.COLOR_GRAY2RGB)
     assert out.shape == (64, 64, 3) and out.any() and np.array_equal(out, expected)
 
 
 def test_canny_at_another_resolution_stays_a_thin_binary_map_at_the_generation_size():
     (u,) = parse(unit(processor_res=256))
-    out = np.asarray(cn.preprocess(u, shapes_image((96, 64)), 72, 48))
+    out = np.asarray(preprocess(u, shapes_image((96, 64)), 72, 48))
     assert out.shape == (48, 72, 3) and set(np.unique(out)) <= {0, 255} and out.any()
 
 
 def test_pixel_perfect_resolution():
-    assert cn.pixel_perfect_resolution((200, 300), 512, 512, cn.ResizeMode.CROP_AND_RESIZE) == 512
-    assert cn.pixel_perfect_resolution((200, 300), 512, 512, cn.ResizeMode.RESIZE_AND_FILL) == 341
-    assert cn.pixel_perfect_resolution((200, 300), 515, 515, cn.ResizeMode.JUST_RESIZE) == 512  # aligned to 8
+    assert pixel_perfect_resolution((200, 300), 512, 512, ResizeMode.CROP_AND_RESIZE) == 512
+    assert pixel_perfect_resolution((200, 300), 512, 512, ResizeMode.RESIZE_AND_FILL) == 341
+    assert pixel_perfect_resolution((200, 300), 515, 515, ResizeMode.JUST_RESIZE) == 512  # aligned to 8
     (u,) = parse(unit(pixel_perfect=True, processor_res=64))
-    assert cn.effective_resolution(u, (64, 96), 192, 128) == 128
-    direct = np.asarray(cn.preprocess(replace_unit(u, pixel_perfect=False, processor_res=128), shapes_image(), 192, 128))
-    assert np.array_equal(np.asarray(cn.preprocess(u, shapes_image(), 192, 128)), direct)
+    assert effective_resolution(u, (64, 96), 192, 128) == 128
+    direct = np.asarray(preprocess(replace_unit(u, pixel_perfect=False, processor_res=128), shapes_image(), 192, 128))
+    assert np.array_equal(np.asarray(preprocess(u, shapes_image(), 192, 128)), direct)
 
 
 def replace_unit(u, **changes):
@@ -226,48 +257,48 @@ def replace_unit(u, **changes):
     return replace(u, **changes)
 
 
-@pytest.mark.parametrize("mode", list(cn.ResizeMode))
+@pytest.mark.parametrize("mode", list(ResizeMode))
 def test_resize_modes_give_the_generation_size(mode):
     img = Image.new("RGB", (40, 80), (255, 255, 255))
     ImageDraw.Draw(img).rectangle((10, 30, 30, 50), fill=(0, 0, 0))
     (u,) = parse(unit(module="none", resize_mode=mode.value))
-    out = np.asarray(cn.preprocess(u, img, 64, 64))
+    out = np.asarray(preprocess(u, img, 64, 64))
     assert out.shape == (64, 64, 3)
-    if mode is cn.ResizeMode.RESIZE_AND_FILL:  # fitted (32 wide) and padded with the border colour
+    if mode is ResizeMode.RESIZE_AND_FILL:  # fitted (32 wide) and padded with the border colour
         assert (out[:, :16] == 255).all() and (out[:, 48:] == 255).all() and (out[28:36, 28:36] == 0).all()
-    if mode is cn.ResizeMode.CROP_AND_RESIZE:  # covered (64 wide, 128 high) and cropped in the middle
+    if mode is ResizeMode.CROP_AND_RESIZE:  # covered (64 wide, 128 high) and cropped in the middle
         assert (out[24:40, 24:40] == 0).all() and (out[:, :4] == 255).all()
 
 
 def test_invert_threshold_and_a_mask_used_as_scribble():
     img = shapes_image((64, 64))
     (u,) = parse(unit(module="invert"))
-    assert np.array_equal(np.asarray(cn.preprocess(u, img, 64, 64)), 255 - np.asarray(img))
+    assert np.array_equal(np.asarray(preprocess(u, img, 64, 64)), 255 - np.asarray(img))
     (u,) = parse(unit(module="threshold", threshold_a=100, processor_res=64))
-    out = np.asarray(cn.preprocess(u, img, 64, 64))
+    out = np.asarray(preprocess(u, img, 64, 64))
     assert np.array_equal(out[:, :, 0] == 255, np.asarray(img).min(axis=2) > 100)
     mask = Image.new("L", (64, 64), 0)
     ImageDraw.Draw(mask).line((0, 32, 63, 32), fill=255, width=3)
     (u,) = parse(unit(module="none"))
-    assert np.array_equal(np.asarray(cn.preprocess(u, img, 64, 64, mask=mask))[:, :, 1], np.asarray(mask))
+    assert np.array_equal(np.asarray(preprocess(u, img, 64, 64, mask=mask))[:, :, 1], np.asarray(mask))
     full = Image.new("L", (64, 64), 255)  # an all-white mask: the image is the input
-    assert np.array_equal(np.asarray(cn.preprocess(u, img, 64, 64, mask=full)), np.asarray(img))
+    assert np.array_equal(np.asarray(preprocess(u, img, 64, 64, mask=full)), np.asarray(img))
     with pytest.raises(InvalidParameter):
-        cn.preprocess(u, img, 64, 64, mask=Image.new("L", (32, 32)))
+        preprocess(u, img, 64, 64, mask=Image.new("L", (32, 32)))
 
 
 @pytest.mark.parametrize("module", ["blur_gaussian", "scribble_xdog", "tile_resample", "lineart_standard"])
 def test_other_preprocessors_give_an_rgb_map(module):
     (u,) = parse(unit(module=module, processor_res=128, threshold_a=2.0 if module == "tile_resample" else -1))
-    out = cn.preprocess(u, shapes_image(), 96, 64)
+    out = preprocess(u, shapes_image(), 96, 64)
     assert out.mode == "RGB" and out.size == (96, 64)
-    assert cn.detect_map(module, shapes_image(), processor_res=128).mode == "RGB"
+    assert detect_map(module, shapes_image(), processor_res=128).mode == "RGB"
 
 
 def test_a_transparent_input_is_composited_over_white():
     rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     (u,) = parse(unit(module="none"))
-    assert (np.asarray(cn.preprocess(u, rgba, 64, 64)) == 255).all()
+    assert (np.asarray(preprocess(u, rgba, 64, 64)) == 255).all()
 
 
 # --- LDM layout, configs, loading -----------------------------------------------------------------------------
@@ -292,9 +323,9 @@ def test_demo_controlnet_round_trips_exactly(demo_files, kind):
                 "control_model.input_blocks.1.1.proj_in.weight", "control_model.time_embed.0.weight"} <= set(tensors)
     else:
         assert "controlnet_cond_embedding.conv_in.weight" in tensors and "add_embedding.linear_1.weight" in tensors
-    spec = cn.inspect_controlnet(demo_files[kind])
+    spec = inspect_controlnet(demo_files[kind])
     assert spec.arch is (Arch.SDXL if kind == "demo-sdxl" else Arch.SD1) and spec.config_dir.name == f"controlnet-{kind}"
-    built, loaded = build_demo_controlnet(kind).state_dict(), cn.load_controlnet(demo_files[kind]).state_dict()
+    built, loaded = build_demo_controlnet(kind).state_dict(), load_controlnet(demo_files[kind]).state_dict()
     assert built.keys() == loaded.keys()
     assert [k for k in built if not torch.equal(built[k], loaded[k])] == []
     zero_convs = [v for k, v in built.items() if k.startswith("controlnet_down_blocks.") and k.endswith("weight")]
@@ -307,16 +338,18 @@ def test_real_configs_match_the_real_unets_and_the_ldm_export_inverts_diffusers(
     from diffusers import ControlNetModel, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-    config = ControlNetModel.load_config(str(CONFIG_ROOT / cn.REAL_CONFIG[arch]))
+    from pipelines.builders.ldm_layout import controlnet_to_ldm
+
+    config = ControlNetModel.load_config(str(CONFIG_ROOT / REAL_CONFIG[arch]))
     with init_empty_weights():
         model = ControlNetModel.from_config(config)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(CONFIG_ROOT / unet_folder / "unet")))
         from_unet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
-    assert cn._config_arch(CONFIG_ROOT / cn.REAL_CONFIG[arch]) is arch
+    assert _config_arch(CONFIG_ROOT / REAL_CONFIG[arch]) is arch
     sd = model.state_dict()
     assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in from_unet.state_dict().items()}
     if arch is Arch.SD1:
-        ldm = cn.controlnet_to_ldm(sd, model.config)
+        ldm = controlnet_to_ldm(sd, model.config)
         assert tuple(ldm["control_model.input_hint_block.0.weight"].shape) == (16, 3, 3, 3)
         assert tuple(ldm["control_model.zero_convs.11.0.weight"].shape) == (1280, 1280, 1, 1)
         assert tuple(ldm["control_model.middle_block_out.0.weight"].shape) == (1280, 1280, 1, 1)
@@ -335,15 +368,15 @@ def test_architecture_is_read_from_the_keys(tmp_path):
     sd15 = _header_file(tmp_path / "sd15.safetensors", {
         f"{ldm}input_hint_block.0.weight": (16, 3, 3, 3),
         f"{ldm}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768)})
-    assert cn.inspect_controlnet(sd15) == cn.ControlNetSpec(Arch.SD1, "ldm", CONFIG_ROOT / "controlnet-sd15", False)
+    assert inspect_controlnet(sd15) == ControlNetSpec(Arch.SD1, "ldm", CONFIG_ROOT / "controlnet-sd15", False)
     shuffle = _header_file(tmp_path / "control_v11e_sd15_shuffle.safetensors", {
         f"{ldm}input_hint_block.0.weight": (16, 3, 3, 3),
         f"{ldm}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768)})
-    assert cn.inspect_controlnet(shuffle).global_pool
+    assert inspect_controlnet(shuffle).global_pool
     xl = _header_file(tmp_path / "diffusers_xl_canny_full.safetensors", {
         "controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3), "add_embedding.linear_1.weight": (2, 2),
         "down_blocks.2.attentions.1.transformer_blocks.9.norm3.weight": (2,)})
-    assert cn.inspect_controlnet(xl) == cn.ControlNetSpec(Arch.SDXL, "diffusers", CONFIG_ROOT / "controlnet-sdxl", False)
+    assert inspect_controlnet(xl) == ControlNetSpec(Arch.SDXL, "diffusers", CONFIG_ROOT / "controlnet-sdxl", False)
     refusals = {
         "sd21": {f"{ldm}input_hint_block.0.weight": (16, 3, 3, 3),
                  f"{ldm}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)},
@@ -355,11 +388,11 @@ def test_architecture_is_read_from_the_keys(tmp_path):
     }
     for stem, keys in refusals.items():
         with pytest.raises(UnsupportedArchitecture):
-            cn.inspect_controlnet(_header_file(tmp_path / f"{stem}.safetensors", keys), field="f")
+            inspect_controlnet(_header_file(tmp_path / f"{stem}.safetensors", keys), field="f")
     with pytest.raises(PickleCheckpointRefused):
-        cn.inspect_controlnet(tmp_path / "x.pth")
+        inspect_controlnet(tmp_path / "x.pth")
     with pytest.raises(ModelNotFound):
-        cn.inspect_controlnet(tmp_path / "missing.safetensors")
+        inspect_controlnet(tmp_path / "missing.safetensors")
 
 
 def test_a_missing_tensor_or_wrong_shape_is_a_clear_error(tmp_path, demo_files):
@@ -370,10 +403,10 @@ def test_a_missing_tensor_or_wrong_shape_is_a_clear_error(tmp_path, demo_files):
     missing = dict(full)
     del missing["control_model.zero_convs.3.0.weight"]
     with pytest.raises(CheckpointError) as e:
-        cn.load_controlnet(_st(tmp_path / "missing.safetensors", missing, meta), field="f")
+        load_controlnet(_st(tmp_path / "missing.safetensors", missing, meta), field="f")
     assert e.value.field == "f"
     with pytest.raises(CheckpointError):  # the real SD 1.5 config does not fit the tiny weights
-        cn.load_controlnet(_st(tmp_path / "nometa.safetensors", full, {}).with_name("nometa.safetensors"))
+        load_controlnet(_st(tmp_path / "nometa.safetensors", full, {}).with_name("nometa.safetensors"))
 
 
 def _st(path: Path, tensors, metadata) -> Path:
@@ -382,10 +415,10 @@ def _st(path: Path, tensors, metadata) -> Path:
 
 
 def test_check_compatible_names_the_model_field(demo_files):
-    spec = cn.inspect_controlnet(demo_files["demo-sdxl"])
-    cn.check_compatible(spec, "sdxl", "x")
+    spec = inspect_controlnet(demo_files["demo-sdxl"])
+    check_compatible(spec, "sdxl", "x")
     with pytest.raises(InvalidParameter) as e:
-        cn.check_compatible(spec, Arch.SD1, f"{PREFIX}.args.0.model", "demo-controlnet-sdxl [1234abcd]")
+        check_compatible(spec, Arch.SD1, f"{PREFIX}.args.0.model", "demo-controlnet-sdxl [1234abcd]")
     assert e.value.field == f"{PREFIX}.args.0.model" and "SDXL" in e.value.message
 
 
@@ -412,7 +445,7 @@ def store_root(demo_files, tmp_path_factory):
 def test_store_lists_titles_as_the_extension_does(store_root):
     from pipelines.hashing import legacy_model_hash
 
-    store = cn.ControlNetStore(store_root)
+    store = ControlNetStore(store_root)
     sd15 = legacy_model_hash(store_root / "sd15" / "control_demo_sd15_canny.safetensors")
     folder = legacy_model_hash(store_root / "control_folder_sd15" / "diffusion_pytorch_model.safetensors")
     assert store.model_list() == [f"control_demo_sd15_canny [{sd15}]", f"control_folder_sd15 [{folder}]",
@@ -421,7 +454,7 @@ def test_store_lists_titles_as_the_extension_does(store_root):
 
 
 def test_store_find_by_title_stem_case_or_part(store_root):
-    store = cn.ControlNetStore(store_root)
+    store = ControlNetStore(store_root)
     entry = store.find("control_demo_sd15_canny", "f")
     assert entry.path == store_root / "sd15" / "control_demo_sd15_canny.safetensors"
     assert store.find(entry.title, "f") == entry
@@ -443,12 +476,12 @@ def test_store_find_by_title_stem_case_or_part(store_root):
 
 
 def test_store_loads_a_diffusers_folder_and_knows_each_arch(store_root):
-    store = cn.ControlNetStore(store_root)
+    store = ControlNetStore(store_root)
     folder = store.find("control_folder_sd15", "f")
     assert folder.is_dir and store.spec(folder).arch is Arch.SD1
     assert store.spec(store.find("demo-controlnet-sdxl", "f")).arch is Arch.SDXL
-    model = cn.load_controlnet(folder)
-    assert cn.arch_of(model) is Arch.SD1 and all(p.device.type == "cpu" for p in model.parameters())
+    model = load_controlnet(folder)
+    assert arch_of(model) is Arch.SD1 and all(p.device.type == "cpu" for p in model.parameters())
 
 
 # --- generation ----------------------------------------------------------------------------------------------
@@ -457,14 +490,14 @@ def test_store_loads_a_diffusers_folder_and_knows_each_arch(store_root):
 def sd15(demo_files):
     from pipelines.builders.demo import build_demo_pipeline
 
-    return build_demo_pipeline("demo-sd15"), cn.load_controlnet(demo_files["demo-sd15"])
+    return build_demo_pipeline("demo-sd15"), load_controlnet(demo_files["demo-sd15"])
 
 
 @pytest.fixture(scope="module")
 def sdxl(demo_files):
     from pipelines.builders.demo import build_demo_pipeline
 
-    return build_demo_pipeline("demo-sdxl"), cn.load_controlnet(demo_files["demo-sdxl"])
+    return build_demo_pipeline("demo-sdxl"), load_controlnet(demo_files["demo-sdxl"])
 
 
 def _run(pipe, size=64, **kwargs):
@@ -475,9 +508,9 @@ def _run(pipe, size=64, **kwargs):
 def _controlled(base, arch, models, units, *, mode="txt2img", inpaint=False, steps=2, size=64, **call):
     from pipelines.cache import assemble_pipeline
 
-    maps = [cn.preprocess(u, shapes_image((size, size)), size, size) for u in units]
-    kwargs = cn.call_kwargs(models, maps, units, mode, guidance_scale=7.0, steps=steps)
-    pipe = assemble_pipeline(cn.pipeline_class(arch, mode, inpaint), base.components, controlnet=kwargs.pop("controlnet"))
+    maps = [preprocess(u, shapes_image((size, size)), size, size) for u in units]
+    kwargs = call_kwargs(models, maps, units, mode, guidance_scale=7.0, steps=steps)
+    pipe = assemble_pipeline(pipeline_class(arch, mode, inpaint), base.components, controlnet=kwargs.pop("controlnet"))
     if mode == "txt2img":
         call.update(height=size, width=size)
     return _run(pipe, **kwargs, **call)
@@ -501,8 +534,8 @@ def test_a_controlnet_changes_the_image_and_weight_zero_does_not(sd15, sd15_plai
 def test_control_modes_and_several_units(sd15, sd15_plain):
     base, model = sd15
     outs = {mode: _controlled(base, "sd1", [model], parse(unit(control_mode=mode.value, processor_res=64)))
-            for mode in cn.ControlMode}
-    balanced, prompt, control = (outs[m] for m in cn.ControlMode)
+            for mode in ControlMode}
+    balanced, prompt, control = (outs[m] for m in ControlMode)
     assert np.abs(prompt - sd15_plain).mean() < np.abs(balanced - sd15_plain).mean()  # soft weights: weaker
     assert not np.allclose(control, balanced, atol=1e-3)
     two = _controlled(base, "sd1", [model, model], parse(unit(processor_res=64), unit(module="invert", weight=0.5)))
@@ -538,53 +571,53 @@ def test_stack_applies_the_extensions_layer_weights_and_conditional_half(sd15):
     hint, t = torch.rand(2, 3, 64, 64), torch.tensor(500)
     with torch.no_grad():
         down, mid = model(sample, t, states, hint, conditioning_scale=0.5, return_dict=False)
-        factors = cn.layer_factors(model, cn.ControlMode.CONTROL)
+        factors = layer_factors(model, ControlMode.CONTROL)
         assert len(factors) == len(down) + 1 == 10 and factors[0] == pytest.approx(0.825 ** 12)
-        stack = cn.controlnet_stack([model], layer_factors=[factors], cond_only=[True], cfg=True)
-        assert cn.is_stack(stack)
+        stack = controlnet_stack([model], layer_factors=[factors], cond_only=[True], cfg=True)
+        assert is_stack(stack)
         s_down, s_mid = stack(sample, t, states, [hint], [0.5], return_dict=False)
         for d, s, f in zip([*down, mid], [*s_down, s_mid], factors):
             assert (s[:1] == 0).all() and torch.allclose(s[1:], d[1:] * f, atol=1e-5)
-        assert cn.layer_factors(model, cn.ControlMode.BALANCED) is None
+        assert layer_factors(model, ControlMode.BALANCED) is None
 
 
 def test_call_kwargs_map_fields_to_diffusers(sd15):
     _, model = sd15
     units = parse(unit(weight=0.7, guidance_start=0.2, guidance_end=0.5), unit(guidance_start=0.5, guidance_end=0.5))
     maps = [Image.new("RGB", (64, 64))] * 2
-    kw = cn.call_kwargs([model, model], maps, units, "img2img", guidance_scale=1.0, steps=20)
+    kw = call_kwargs([model, model], maps, units, "img2img", guidance_scale=1.0, steps=20)
     assert kw["control_image"] == maps and "image" not in kw and kw["guess_mode"] is False
     assert kw["controlnet_conditioning_scale"] == [0.7, 1.0]
     assert kw["control_guidance_start"] == [0.2, 0.5]
     assert kw["control_guidance_end"] == pytest.approx([0.55, 0.55])
     assert kw["controlnet"].cfg is False and len(kw["controlnet"].nets) == 2
-    kw = cn.call_kwargs([model], maps[:1], units[:1], "txt2img", guidance_scale=7.0)
+    kw = call_kwargs([model], maps[:1], units[:1], "txt2img", guidance_scale=7.0)
     assert kw["control_guidance_end"] == [0.5] and "image" in kw
-    assert cn.pipeline_class("sdxl", "img2img", True).__name__ == "StableDiffusionXLControlNetInpaintPipeline"
+    assert pipeline_class("sdxl", "img2img", True).__name__ == "StableDiffusionXLControlNetInpaintPipeline"
     with pytest.raises(ValueError):
-        cn.pipeline_class("sd1", "txt2img", True)
+        pipeline_class("sd1", "txt2img", True)
 
 
 def test_hires_passes_follow_hr_option_and_soften_canny(sd15):
     _, model = sd15
     units = parse(unit(hr_option="Low res only"), unit(hr_option="High res only"), unit(module="invert"), unit())
     maps = [Image.new("RGB", (64, 64))] * 4
-    scales = {p: cn.call_kwargs([model] * 4, maps, units, "txt2img", guidance_scale=7.0, hires_pass=p)
+    scales = {p: call_kwargs([model] * 4, maps, units, "txt2img", guidance_scale=7.0, hires_pass=p)
               for p in (None, False, True)}
     assert scales[None]["controlnet_conditioning_scale"] == [1.0, 1.0, 1.0, 1.0]
     assert scales[False]["controlnet_conditioning_scale"] == [1.0, 0.0, 1.0, 1.0]
     assert scales[True]["controlnet_conditioning_scale"] == [0.0, 1.0, 1.0, 1.0]
     factors = scales[True]["controlnet"].layer_factors
-    assert factors[2] is None and factors[3] == pytest.approx(cn.SOFT_LAYER_FACTORS[:10])
+    assert factors[2] is None and factors[3] == pytest.approx(SOFT_LAYER_FACTORS[:10])
     assert scales[False]["controlnet"].layer_factors[3] is None
 
 
 def test_detect_then_fit_is_preprocess():
     (u,) = parse(unit(processor_res=128, resize_mode="Resize and Fill"))
-    raw = cn.detect(u, shapes_image(), 100, 61)
+    raw = detect(u, shapes_image(), 100, 61)
     assert raw.shape == (128, 192, 3)
-    fitted = cn.fit_map(raw, u.resize_mode, 96, 56)
-    assert np.array_equal(np.asarray(cn.preprocess(u, shapes_image(), 100, 61)), fitted)
+    fitted = fit_map(raw, u.resize_mode, 96, 56)
+    assert np.array_equal(np.asarray(preprocess(u, shapes_image(), 100, 61)), fitted)
 
 
 def test_demo_controlnet_is_deterministic(tmp_path):

@@ -28,7 +28,8 @@ from handler.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "tests" / "data" / "fc3-props.schema.json").read_text())
-NON_SETTINGS_ENV = {"HF_HUB_OFFLINE"}  # variables the function reads that are not sdfunc settings
+# Variables the function reads that are not sdfunc settings: none (hub access is turned off in code, pipelines.offline)
+NON_SETTINGS_ENV: set[str] = set()
 TEST_ACCOUNT = "1234567890123456"
 
 _EXPR = re.compile(r"\$\{([^}]*)\}")

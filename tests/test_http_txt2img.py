@@ -9,7 +9,7 @@ from tests.conftest import decode_png
 
 SMALL = {"prompt": "a red house", "steps": 2, "width": 64, "height": 64}
 
-# Exactly what webuiapi 0.9.17 sends for txt2img with its defaults (A1111-API.md section 9).
+# Exactly what webuiapi 0.9.17 sends for txt2img with its defaults.
 WEBUIAPI_TXT2IMG = {
     "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "hr_resize_x": 0,
     "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",

@@ -4,10 +4,6 @@ Tiny demo pipelines round-trip through a file and `load_pipeline` with equal ten
 architectures are checked on `meta` tensors (names and shapes, no weights) against diffusers' own converters.
 """
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read once, when huggingface_hub is first imported
-
 import pytest
 import torch
 

@@ -1,9 +1,5 @@
 """Checkpoint detection and offline loading: demo files, refusals, diffusers folders, external VAEs."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read once, when huggingface_hub is first imported
-
 import hashlib
 import resource
 from pathlib import Path

@@ -250,7 +250,7 @@ samples = metric_samples(client.get("/metrics").get_data(as_text=True))
 print(json.dumps([metric(samples, "sdfunc_requests_total", route="/health", method="GET", status="200"),
                   metric(samples, "sdfunc_state", state="READY")]))
 """
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -358,8 +358,8 @@ for path in ("/health", "/healthz", "/metrics", "/sdapi/v1/sd-models"):
 heavy = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
 print(",".join(heavy) or "none")
 """
-    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True,
-                         text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "none"
 

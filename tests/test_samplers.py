@@ -97,7 +97,7 @@ def test_dataclasses_are_frozen_and_hashable():
 
 
 # ------------------------------------------------------------------------------------------------------
-# Resolution (A1111-API.md section 2 + section 11)
+# Resolution: A1111 v1.10.1's rules, plus the aliases and the 422 for an unknown name
 
 
 @pytest.mark.parametrize("name, sampler, label", [

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import signal
 import sys
@@ -233,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     _check(parser, args)
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     command = "python -m bench " + " ".join(shlex.quote(a) for a in masked_argv(sys.argv[1:] if argv is None else argv))
     if args.command == "compare":
         from bench.scale.report import compare

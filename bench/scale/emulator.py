@@ -230,7 +230,7 @@ class GunicornInstance(Instance):
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(HOME=str(self.home), HF_HUB_OFFLINE="1", SDFUNC_LOG_JSON="true",
+        env.update(HOME=str(self.home), SDFUNC_LOG_JSON="true",
                    SDFUNC_DATABASE_URL=f"sqlite:///{self.home / 'records.sqlite3'}")
         env.update(self.emulator.cfg.instance_env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)

@@ -1,6 +1,6 @@
 """The sd-webui-controlnet extension's own API (`/controlnet/...`), as clients of that extension call it.
 
-Units themselves travel in txt2img / img2img `alwayson_scripts.controlnet.args` (pipelines.controlnet); these
+Units themselves travel in txt2img / img2img `alwayson_scripts.controlnet.args` (pipelines.controlnet.units); these
 routes list what can be used and run a preprocessor alone."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _store() -> Any:
 @bp.get("/version", responses={200: Version})
 def version():
     """The extension API's version."""
-    from pipelines.controlnet import API_VERSION
+    from pipelines.controlnet.units import API_VERSION
 
     return jsonify({"version": API_VERSION})
 
@@ -85,7 +85,7 @@ def model_list(query: ModelListQuery):
 @bp.get("/module_list", responses={200: ModuleList})
 def module_list(query: ModuleListQuery):
     """The preprocessors offered (those that need no downloaded weights), with their sliders."""
-    from pipelines.controlnet import module_list as modules
+    from pipelines.controlnet.preprocessors import module_list as modules
 
     return jsonify(modules(query.alias_names))
 
@@ -93,7 +93,7 @@ def module_list(query: ModuleListQuery):
 @bp.get("/settings", responses={200: ControlNetSettings})
 def settings():
     """How many units a request may carry."""
-    from pipelines.controlnet import MAX_UNITS
+    from pipelines.controlnet.units import MAX_UNITS
 
     return jsonify({"control_net_unit_count": MAX_UNITS})
 
@@ -101,7 +101,7 @@ def settings():
 @bp.post("/detect", responses={200: DetectResponse})
 def detect(body: DetectRequest):
     """Run one preprocessor on each image at its own size; the detected maps as base64 PNGs."""
-    from pipelines.controlnet import detect_map
+    from pipelines.controlnet.detectmap import detect_map
     from pipelines.infotext import png_bytes
 
     limit = current_app.extensions["sdfunc"].settings.max_input_pixels

@@ -173,8 +173,8 @@ def image_infotext(prompt: str, negative_prompt: str, params: dict[str, Any], se
 
 def info_object(req: GenerationRequest, job: Any, model: Any, result: Any, infotexts: list[str],
                 extras: dict[str, Any], index_of_first_image: int = 0) -> dict[str, Any]:
-    """A1111's `info` object (A1111-API.md section 4), keys in A1111's order; `infotexts` has the grid's
-    first when `index_of_first_image` is 1."""
+    """A1111's `info` object (the JSON string in the txt2img / img2img response), keys in A1111's order;
+    `infotexts` has the grid's first when `index_of_first_image` is 1."""
     n = len(result.images)
     return {
         "prompt": req.prompt,

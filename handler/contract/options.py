@@ -1,9 +1,9 @@
 """A1111 options, per caller.
 
-Options are never process-global and never written to a file (A1111-API.md section 11): `POST /options`
-sets the caller's own defaults. They live behind `OptionsStore` so that the records database can hold them
-per consumer and every instance of a scaled-out deployment sees the same values; `MemoryOptionsStore`
-is the embedded default (one worker's memory).
+Options are never process-global and never written to a file (A1111 keeps them for the whole process and
+saves them): `POST /options` sets the caller's own defaults. They live behind `OptionsStore` so that the
+records database can hold them per consumer and every instance of a scaled-out deployment sees the same
+values; `MemoryOptionsStore` is the embedded default (one worker's memory).
 """
 
 from __future__ import annotations

@@ -802,10 +802,10 @@ class Service:
 
     @property
     def controlnets(self) -> Any:
-        """The ControlNet models folder (pipelines.controlnet.ControlNetStore), made on first use: the module
+        """The ControlNet models folder (pipelines.controlnet.store.ControlNetStore), made on first use: the module
         brings torch, which health checks and app start never import."""
         if self._controlnets is None:
-            from pipelines.controlnet import ControlNetStore
+            from pipelines.controlnet.store import ControlNetStore
 
             self._controlnets = ControlNetStore(self.settings.models_dir / "ControlNet")
         return self._controlnets
@@ -814,13 +814,14 @@ class Service:
                        refiner: Any) -> list[tuple[Any, Any]]:
         """The ControlNet units of `req` with their model entries: parsed, models found (404) and matched to
         the checkpoint's architecture (422), all before any device work."""
-        from pipelines import controlnet
+        from pipelines.controlnet.loading import check_compatible
+        from pipelines.controlnet.units import controlnet_script_args, parse_units
 
-        found = controlnet.controlnet_script_args(req.alwayson_scripts)
+        found = controlnet_script_args(req.alwayson_scripts)
         if found is None:
             return []
         prefix, value = found
-        units = controlnet.parse_units(value, prefix, img2img=isinstance(req, Img2ImgRequest))
+        units = parse_units(value, prefix, img2img=isinstance(req, Img2ImgRequest))
         if not units:
             return []
         if refiner is not None:
@@ -833,8 +834,8 @@ class Service:
         for unit in units:
             entry = self.controlnets.find(unit.model, unit.field("model"))
             for arch in archs:
-                controlnet.check_compatible(self.controlnets.spec(entry, unit.field("model")), arch,
-                                            unit.field("model"), entry.title)
+                check_compatible(self.controlnets.spec(entry, unit.field("model")), arch,
+                                 unit.field("model"), entry.title)
             out.append((unit, entry))
         return out
 
@@ -843,7 +844,8 @@ class Service:
         time): the unit's image (base64, PAI-EAS `image_link`, or img2img's init image), its mask."""
         from PIL import Image
 
-        from pipelines import controlnet
+        from pipelines.controlnet.detectmap import detect, fit_map
+        from pipelines.controlnet.units import resize_mode_from_value
         from pipelines.generate import Control
 
         controls = []
@@ -852,7 +854,7 @@ class Service:
             resize_mode = None
             if unit.use_init_image:
                 image = job.init_images[0]
-                resize_mode = controlnet.resize_mode_from_value(job.resize_mode)
+                resize_mode = resize_mode_from_value(job.resize_mode)
             elif unit.image_link:
                 image = decode_image(self._fetch_link(unit.image_link, unit.field("image_link")),
                                      field=unit.field("image_link"), max_pixels=limit)
@@ -860,10 +862,10 @@ class Service:
                 image = read_image(unit.image, field=unit.image_field, max_pixels=limit)
             mask = read_image(unit.mask, field=unit.mask_field, max_pixels=limit) if unit.mask else None
             mode = resize_mode or unit.resize_mode
-            detected = controlnet.detect(unit, image, job.width, job.height, mask=mask, resize_mode=mode)
+            detected = detect(unit, image, job.width, job.height, mask=mask, resize_mode=mode)
 
             def fitted(width: int, height: int) -> Image.Image:  # the one detection, fitted to a pass's size
-                return Image.fromarray(controlnet.fit_map(detected, mode, width // 8 * 8, height // 8 * 8), "RGB")
+                return Image.fromarray(fit_map(detected, mode, width // 8 * 8, height // 8 * 8), "RGB")
 
             hr_map = fitted(job.hires.width, job.hires.height) if job.hires is not None else None
             controls.append(Control(unit=unit, entry=entry, map=fitted(job.width, job.height), hr_map=hr_map))
@@ -872,15 +874,15 @@ class Service:
     def _controlnet_model(self, entry: Any, model: Any) -> Any:
         """The ControlNet model of `entry` on `model`'s device and dtype (device thread): the last two used stay
         loaded, as A1111's ControlNet cache keeps them."""
-        from pipelines import controlnet
+        from pipelines.controlnet.loading import load_controlnet
 
         unet = model.pipe.unet
         key = (str(entry.path), str(unet.device), str(unet.dtype))
         cached = self._controlnet_models.pop(key, None)
         if cached is None:
             started = time.perf_counter()
-            cached = controlnet.load_controlnet(entry, dtype=unet.dtype, device=str(unet.device),
-                                                spec=self.controlnets.spec(entry))
+            cached = load_controlnet(entry, dtype=unet.dtype, device=str(unet.device),
+                                     spec=self.controlnets.spec(entry))
             log.info("ControlNet %s loaded in %.2f s", entry.title, time.perf_counter() - started)
         self._controlnet_models[key] = cached
         while len(self._controlnet_models) > CONTROLNET_CACHE:
@@ -924,7 +926,7 @@ class Service:
 
         extras = a1111.extra_params(req, job)
         if job.controls:  # scripts add their keys before the hires ones (A1111 runs them before `p.init`)
-            from pipelines.controlnet import infotext_params
+            from pipelines.controlnet.units import infotext_params
 
             extras.update(infotext_params([c.unit for c in job.controls]))
         if isinstance(req, Txt2ImgRequest):

@@ -1,7 +1,7 @@
 """A request's saved images: the A1111 / PAI-EAS outputs layout, storage keys and the URLs they get.
 
 A request saves when it sets `save_images: true` or the PAI-EAS key `alwayson_scripts.save_dir` (which implies
-saving). Keys, relative to the outputs root (DESIGN.md "The mount"):
+saving). Keys, relative to the outputs root (`<data>/outputs`, or the OSS prefix that stands for it):
 
     {txt2img,img2img}-images/YYYY-MM-DD/<HHMMSS>-<id>-<seed>.png    (`<save_dir>/YYYY-MM-DD/...` with save_dir)
     {txt2img,img2img}-grids/YYYY-MM-DD/grid-<HHMMSS>-<id>.png       (when A1111 would save a grid)

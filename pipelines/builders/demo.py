@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipelines.builders.ldm_layout import component_to_ldm, layout_of, pipeline_components, vae_to_ldm, write_safetensors
+from pipelines.builders.ldm_layout import (
+    component_to_ldm,
+    controlnet_to_ldm,
+    layout_of,
+    pipeline_components,
+    vae_to_ldm,
+    write_safetensors,
+)
 from pipelines.loading import CONFIG_ROOT, METADATA_CONFIG_KEY, Arch, shipped_configs, tokenizers_for
 
 if TYPE_CHECKING:
@@ -238,8 +245,6 @@ def write_demo_controlnet(path: Path, kind: str = "demo-sd15", seed: int = 0) ->
     A1111 users have: SD 1.5 in the original LDM layout (`control_model.input_blocks...`, `zero_convs`,
     `input_hint_block`, `middle_block_out`), SDXL in the diffusers layout (as the diffusers_xl_* files are),
     with metadata {"sdfunc_config": <config folder>}. Atomic (temp + rename); same bytes for the same input."""
-    from pipelines.controlnet import controlnet_to_ldm
-
     controlnet = build_demo_controlnet(kind, seed)
     state = controlnet.state_dict()
     tensors = controlnet_to_ldm(state, controlnet.config) if kind == "demo-sd15" else dict(state)

@@ -2,9 +2,10 @@
 
 Each function is the exact inverse of diffusers' own single-file import (`diffusers.loaders.single_file_utils`:
 `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`,
-`convert_open_clip_checkpoint`): a state dict exported here and loaded back with `from_single_file` gives the
-same tensors. The UNet block indexing is derived from the UNet config (levels, `layers_per_block`, which up
-levels carry attention), so the same code serves the tiny demo models and the real SD 1.5 / SDXL ones.
+`convert_open_clip_checkpoint`, `convert_controlnet_checkpoint`): a state dict exported here and loaded back
+with `from_single_file` gives the same tensors. The UNet block indexing is derived from the UNet config (levels,
+`layers_per_block`, which up levels carry attention), so the same code serves the tiny demo models and the real
+SD 1.5 / SDXL ones.
 
 Every key must map: an unknown key raises `ValueError` rather than being silently dropped. Tensors are
 returned as views where the layout allows it (renames cost no memory); only the VAE attention reshape, the
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipelines.controlnet.loading import LDM_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +309,43 @@ def pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
             raise ValueError(f"{name}: keys already present: {sorted(clash)[:3]}")
         out.update(part)
     logger.debug("exported %d tensors (%s)", len(out), "sdxl" if sdxl else "sd1")
+    return out
+
+
+# ControlNet: the inverse of diffusers' `convert_controlnet_checkpoint`
+
+_RE_COND_BLOCK = re.compile(r"controlnet_cond_embedding\.blocks\.(\d+)\.(weight|bias)")
+_RE_ZERO_CONV = re.compile(r"controlnet_down_blocks\.(\d+)\.(weight|bias)")
+
+
+def controlnet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """diffusers `ControlNetModel` state dict -> the A1111 single-file keys under `control_model.`
+    (`input_blocks`, `zero_convs`, `input_hint_block`, `middle_block`, `middle_block_out`). Tensors unchanged.
+
+    The hint block must have the 4 embedding levels every public ControlNet has (its output conv is
+    `input_hint_block.14`, where diffusers' importer looks for it); any unknown key raises ValueError."""
+    levels = len(config.get("conditioning_embedding_out_channels") or ())
+    if levels != 4:
+        raise ValueError(f"the LDM layout needs 4 conditioning embedding levels, the config has {levels}")
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        module, _, param = key.rpartition(".")
+        if module == "controlnet_cond_embedding.conv_in":
+            new = f"input_hint_block.0.{param}"
+        elif module == "controlnet_cond_embedding.conv_out":
+            new = f"input_hint_block.14.{param}"
+        elif m := _RE_COND_BLOCK.fullmatch(key):
+            new = f"input_hint_block.{2 * (int(m[1]) + 1)}.{m[2]}"
+        elif m := _RE_ZERO_CONV.fullmatch(key):
+            new = f"zero_convs.{m[1]}.0.{m[2]}"
+        elif module == "controlnet_mid_block":
+            new = f"middle_block_out.0.{param}"
+        else:
+            new = unet_key_to_ldm(key, config)
+        new = LDM_PREFIX + new
+        if new in out:
+            raise ValueError(f"two ControlNet keys map to {new!r}")
+        out[new] = tensor
     return out
 
 
