@@ -332,8 +332,8 @@ def build_apps(configs: list[Config], data: Path, log_level: str) -> None:
         if shared is None:
             shared = service
         else:
-            service.device = shared.device  # one device thread (one OpenMP pool) ...
-            service._cache = shared.cache  # ... and one warm pipeline for every config
+            service.engine.device = shared.device  # one device thread (one OpenMP pool) ...
+            service.engine._cache = shared.cache  # ... and one warm pipeline for every config
         if service.ledger is not None:
             c.timer = LedgerTimer(service.ledger)
         c.pricing = PricingTimer(service.pricing)

@@ -196,7 +196,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        if out_of_memory(exc):  # the cache was trimmed on the device thread (Service._recover_memory)
+        if out_of_memory(exc):  # the cache was trimmed on the device thread (handler.runtime.engine)
             what = "host" if isinstance(exc, MemoryError) else "device"
             log.error("out of %s memory", what)
             message = "out of memory" if what == "host" else "out of device memory"

@@ -97,7 +97,8 @@ class WarmupSettings(BaseModel):
 
 
 class QueueSettings(BaseModel):
-    """How many generation requests one instance takes at once, and how long one may take (handler/runtime/service.py)."""
+    """How many generation requests one instance takes at once, and how long one may take
+    (handler/runtime/admission.py, handler/runtime/flow.py)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -130,7 +130,7 @@ def test_out_of_memory_while_generating_trims_the_cache_and_charges_nothing(root
 
     monkeypatch.setattr(pipelines.generate, "generate", oom_once)
     monkeypatch.setattr(cache, "trim", watched_trim)
-    with caplog.at_level("WARNING", logger="handler.runtime.service"):
+    with caplog.at_level("WARNING", logger="handler.runtime.engine"):
         r = txt2img(client, "oom", "demo-sd15", save_images=True)
     assert_not_charged(r, 503, "out_of_memory")
     assert r.headers["Retry-After"] and "GiB" not in r.get_json()["error"]["message"]

@@ -299,7 +299,7 @@ def test_the_limit_covers_token_mode_the_lifecycle_hooks_and_generation(make_app
     def never(*args, **kwargs):
         raise AssertionError("generation ran")
 
-    monkeypatch.setattr(service, "_device_generate", never)
+    monkeypatch.setattr(service.flow, "device_generate", never)
     client = app.test_client()
     r = client.post("/sdapi/v1/txt2img", json=TINY, headers={"Authorization": "Bearer guess-1"})
     assert r.status_code == 401 and r.headers["X-Charge"] == "0"

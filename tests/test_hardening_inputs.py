@@ -82,7 +82,7 @@ def no_generation(app, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("generation ran")
 
-    monkeypatch.setattr(app.extensions["sdfunc"], "_device_generate", never)
+    monkeypatch.setattr(app.extensions["sdfunc"].flow, "device_generate", never)
 
 
 def refused(r, status: int, field: str | None) -> dict:

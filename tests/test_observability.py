@@ -126,8 +126,8 @@ def test_requests_wait_for_a_running_warm_up_by_default(data_dir):
 
     def call() -> None:
         r = client.post("/sdapi/v1/txt2img", json=SMALL)
-        seen.update(status=r.status_code, cold=r.headers["X-Cold-Start"], warm_done=service._warm_done.is_set(),
-                    report=service._warm_report is not None)
+        seen.update(status=r.status_code, cold=r.headers["X-Cold-Start"],
+                    warm_done=service.admission.warm_done.is_set(), report=service.warmer.report is not None)
 
     with device_held(service):
         service.start_warmup()

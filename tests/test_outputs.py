@@ -165,7 +165,7 @@ def test_bad_save_dir_is_422_before_anything_runs(app, client, root, tmp_path, m
     def never(*args, **kwargs):
         raise AssertionError("generation ran")
 
-    monkeypatch.setattr(service, "_device_generate", never)
+    monkeypatch.setattr(service.flow, "device_generate", never)
     r = txt2img(client, save_images=True, **eas(save_dir=save_dir))
     assert r.status_code == 422, r.json
     assert r.json["error"]["field"] == "alwayson_scripts.save_dir"

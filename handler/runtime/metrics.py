@@ -35,7 +35,7 @@ from handler.runtime.coldstart import PHASES
 
 if TYPE_CHECKING:
     from handler.records.metering import RequestMeter
-    from handler.runtime.service import Service
+    from handler.runtime.ports import WorkerStatus
 
 disable_created_metrics()  # no `_created` series: they double the text and nobody graphs them
 
@@ -50,9 +50,9 @@ def multiprocess_dir() -> str | None:
 
 
 class Metrics:
-    """The function's metrics. `observe` is called once per finished request."""
+    """The function's metrics. `observe` is called once per finished request; `status` is read at scrape time."""
 
-    def __init__(self, service: Service, *, enabled: bool = True) -> None:
+    def __init__(self, status: WorkerStatus, *, enabled: bool = True) -> None:
         self.enabled = enabled
         self.registry = CollectorRegistry()
         r = self.registry
@@ -76,7 +76,7 @@ class Metrics:
                                multiprocess_mode="livesum", registry=r)
         self.cold_starts = Counter("sdfunc_cold_starts", "Cold starts completed by this process (0 or 1).",
                                    registry=r)
-        self._live = _LiveCollector(service)
+        self._live = _LiveCollector(status)
         r.register(self._live)
         if not multiprocess_dir():
             ProcessCollector(registry=r)
@@ -130,24 +130,24 @@ class Metrics:
 class _LiveCollector(Collector):
     """Worker state read at scrape time."""
 
-    def __init__(self, service: Service) -> None:
-        self.service = service
+    def __init__(self, status: WorkerStatus) -> None:
+        self.status = status
 
     def collect(self) -> Iterator[Metric]:
-        svc = self.service
+        status = self.status
         state = GaugeMetricFamily("sdfunc_state", "1 for the worker's current state.", labels=["state"])
-        current = svc.state
+        current = status.state
         for name in STATES:
             state.add_metric([name], 1.0 if name == current else 0.0)
         yield state
         yield GaugeMetricFamily("sdfunc_uptime_seconds", "Seconds since the server process started.",
-                                value=time.time() - svc.coldstart.started_at)
+                                value=time.time() - status.started_at)
         yield GaugeMetricFamily("sdfunc_device_queue_depth", "Device jobs waiting behind the running one.",
-                                value=float(svc.device.queued))
+                                value=float(status.queue_depth))
         yield GaugeMetricFamily("sdfunc_device_busy", "1 while the device runs a job.",
-                                value=1.0 if svc.device.pending else 0.0)
+                                value=1.0 if status.device_busy else 0.0)
 
-        report = svc.coldstart.report()
+        report = status.cold_start_report()
         phases = GaugeMetricFamily("sdfunc_cold_start_phase_seconds",
                                    "This process's cold start, by phase (see handler/runtime/coldstart.py).", labels=["phase"])
         for name in PHASES:
@@ -158,8 +158,7 @@ class _LiveCollector(Collector):
             yield GaugeMetricFamily("sdfunc_cold_start_seconds", "Process start to the first image.",
                                     value=report["total_seconds"])
 
-        cache = svc.cache_if_loaded
-        stats = cache.stats if cache is not None else None
+        cache = status.cache_report() or {}  # one consistent snapshot; zeros before the first load
         for name, help_text in (("hits", "Requests served by a pipeline on the device."),
                                 ("host_hits", "Requests served by a pipeline moved back from host RAM."),
                                 ("misses", "Requests that had to load a pipeline from disk."),
@@ -167,23 +166,23 @@ class _LiveCollector(Collector):
                                 ("host_evictions", "Pipelines dropped from host RAM."),
                                 ("trims", "Out-of-memory errors after which the device kept one pipeline."),
                                 ("loads", "Checkpoint and VAE loads.")):
-            yield CounterMetricFamily(f"sdfunc_pipeline_cache_{name}", help_text,
-                                      value=float(getattr(stats, name)) if stats else 0.0)
+            yield CounterMetricFamily(f"sdfunc_pipeline_cache_{name}", help_text, value=float(cache.get(name, 0)))
         yield GaugeMetricFamily("sdfunc_pipeline_cache_bytes", "Bytes of weights held by warm pipelines on the "
-                                "device (shared components once).", value=float(cache.nbytes()) if cache else 0.0)
+                                "device (shared components once).", value=float(cache.get("device_bytes", 0)))
         yield GaugeMetricFamily("sdfunc_pipeline_cache_host_bytes", "Bytes of weights kept in host RAM for "
-                                "pipelines evicted from the GPU.", value=float(cache.host_nbytes()) if cache else 0.0)
+                                "pipelines evicted from the GPU.", value=float(cache.get("host_bytes", 0)))
         budget = GaugeMetricFamily("sdfunc_pipeline_cache_budget_bytes", "Byte budget of each cache tier.",
                                    labels=["tier"])
-        budget.add_metric(["device"], float(cache.device_budget) if cache else 0.0)
-        budget.add_metric(["host"], float(cache.host_budget) if cache else 0.0)
+        budget.add_metric(["device"], float(cache.get("device_budget", 0)))
+        budget.add_metric(["host"], float(cache.get("host_budget", 0)))
         yield budget
         yield GaugeMetricFamily("sdfunc_pipeline_cache_models", "Warm pipelines on the device.",
-                                value=float(len(cache.loaded())) if cache else 0.0)
+                                value=float(cache.get("device_models", 0)))
         yield GaugeMetricFamily("sdfunc_pipeline_cache_host_models", "Pipelines kept in host RAM.",
-                                value=float(len(cache.parked())) if cache else 0.0)
+                                value=float(cache.get("host_models", 0)))
 
-        if cache is not None and cache.device.startswith("cuda") and "torch" in sys.modules:
+        device = status.cache_device()
+        if device is not None and device.startswith("cuda") and "torch" in sys.modules:
             import torch
 
             if torch.cuda.is_initialized():

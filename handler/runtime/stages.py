@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from handler.errors import InvalidRequest
 from handler.contract.schemas import Txt2ImgRequest
+from handler.errors import InvalidRequest
 from pipelines.errors import ModelNotFound
 from pipelines.hires import IMAGE_UPSCALERS, LATENT_MODES, HiresPlan, RefinerPlan, target_size
 from pipelines.store import CheckpointEntry, ModelStore
