@@ -1,0 +1,102 @@
+"""Asynchronous tasks: 202 + task id, the result from GET /tasks/<id> (EAS-shaped, images in storage), billing
+like a synchronous request, callbacks to a loopback server. (A worker killed mid-task, through real gunicorn:
+tests/e2e/test_tasks_worker_death.py.)"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+from tests.conftest import TINY, basic
+from tests.support.waiting import wait_for
+
+
+def _done(client, task_id: str, headers: dict | None = None, timeout: float = 120) -> dict:
+    view: dict = {}
+
+    def finished() -> bool:
+        nonlocal view
+        view = client.get(f"/tasks/{task_id}", headers=headers or {}).json
+        return view.get("status") in ("succeeded", "failed")
+
+    wait_for(finished, timeout=timeout, what=f"task {task_id}")
+    return view
+
+
+def test_submit_poll_and_fetch(make_app):
+    app = make_app(billing={"prices": {"cpu": "0.002"}})
+    client = app.test_client()
+    r = client.post("/sdapi/v1/txt2img?async=true&task_id=my-tag", json={**TINY, "batch_size": 2},
+                    headers={"Idempotency-Key": "job-1"})
+    assert r.status_code == 202 and r.headers["Location"] == f"/tasks/{r.json['task_id']}"
+    assert r.json["status"] in ("queued", "running") and r.json["tag"] == "my-tag" and r.headers["X-Charge"] == "0"
+    again = client.post("/sdapi/v1/txt2img?async=true", json=TINY, headers={"Idempotency-Key": "job-1"})
+    assert again.status_code == 202 and again.json["task_id"] == r.json["task_id"]  # submitting is idempotent
+    view = _done(client, r.json["task_id"])
+    assert view["status"] == "succeeded" and view["deliveries"] == 1 and view["error_msg"] == ""
+    result = view["result"]
+    params = result["parameters"]
+    assert params["status"] == "finished" and params["id_task"] == r.json["task_id"]
+    paths = params["image_url"].split(",")
+    assert len(paths) == 2 and all(Path(p).is_file() for p in paths) and result["image_url"] == params["image_url"]
+    assert params["seed"] == str(json.loads(result["info"])["seed"]) and result["total_time"] > 0
+    assert params["billing"]["request_id"] == "job-1" and params["billing"]["billed_ms"] >= 1
+    row = next(x for x in app.extensions["sdfunc"].ledger.ledger_rows() if x["request_id"] == "job-1")
+    assert row["status"] == "succeeded" and row["images"] == 2
+    listed = client.get("/images?request_id=job-1").json["images"]
+    assert sorted(i["image_url"] for i in listed) == sorted(paths)
+
+
+def test_other_ways_to_ask_and_bad_requests(make_app):
+    client = make_app().test_client()
+    r = client.post("/sdapi/v1/txt2img", json=TINY, headers={"Prefer": "respond-async"})
+    assert r.status_code == 202
+    assert _done(client, r.json["task_id"])["status"] == "succeeded"
+    # FC's async invocation: FC queued it and waits for the result to hand to its destinations, so it runs now.
+    fc_async = client.post("/sdapi/v1/txt2img", json=TINY, headers={"X-Fc-Invocation-Type": "Async"})
+    assert fc_async.status_code == 200 and len(fc_async.json["images"]) == 1
+    bad = client.post("/sdapi/v1/txt2img?async=true", json={**TINY, "sampler_name": "nope"})
+    assert bad.status_code == 422 and bad.json["error"]["field"] == "sampler_name"  # refused now, not later
+    assert client.post("/sdapi/v1/img2img?async=1", json=TINY).status_code == 422
+    private = client.post("/sdapi/v1/txt2img?async=true&callback_url=http://127.0.0.1:9/x", json=TINY)
+    assert private.status_code == 422 and private.json["error"]["field"] == "callback_url"
+    assert client.post("/sdapi/v1/txt2img?async=true&callback_url=file:///etc/passwd", json=TINY).status_code == 422
+    assert client.get("/tasks/nope").status_code == 404
+
+
+def test_a_consumer_sees_only_its_tasks(make_app):
+    client = make_app(auth={"mode": "basic", "users": ["a:1", "b:2"]}).test_client()
+    r = client.post("/sdapi/v1/txt2img?async=true", json=TINY, headers=basic("a", "1"))
+    assert r.status_code == 202
+    assert _done(client, r.json["task_id"], basic("a", "1"))["consumer"] == "a"
+    assert client.get(f"/tasks/{r.json['task_id']}", headers=basic("b", "2")).status_code == 404
+
+
+def test_callback_receives_the_result(make_app):
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = make_app(tasks={"callback_allow_private": True}).test_client()
+        url = f"http://127.0.0.1:{server.server_port}/done"
+        r = client.post(f"/sdapi/v1/txt2img?async=true&callback_url={url}", json=TINY)
+        assert r.status_code == 202
+        wait_for(lambda: received, timeout=120, what="the callback")
+        assert received[0]["task_id"] == r.json["task_id"] and received[0]["status"] == "succeeded"
+        wait_for(lambda: (client.get(f"/tasks/{r.json['task_id']}").json["callback_status"] or "").startswith(
+            "delivered"), what="the callback status")
+    finally:
+        server.shutdown()
+
