@@ -7,7 +7,7 @@
 # No weights are in the image: checkpoints come from the data root (the NAS / OSS mount, SDFUNC_DATA_DIR).
 # The project is installed by scripts/venv.sh, the same script the README's first command (scripts/serve.sh)
 # runs, and the container starts `sdfunc serve`, which is what scripts/serve.sh and the end-to-end tests run:
-# gunicorn with handler/gunicorn_conf.py. tests/test_deploy.py checks both, so the three cannot drift.
+# gunicorn with handler/gunicorn_conf.py. tests/unit/test_deploy.py checks both, so the three cannot drift.
 
 # CUDA 12 base (the driver comes from the host): torch==2.13.0 from PyPI is the CUDA build and brings its own
 # CUDA runtime, cuBLAS and cuDNN libraries, so a `runtime`/`cudnn` base would only add a second copy.

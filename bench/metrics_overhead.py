@@ -54,7 +54,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, fields as dataclass_fields
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -332,8 +333,8 @@ def quiet_app_loggers() -> Iterator[None]:
 
 def _micro_on_app(cfg: BenchConfig, app: Any) -> dict[str, Any]:
     """`micro_timings` on a built app."""
-    from handler.records import metering
     from handler.logs import set_request_id
+    from handler.records import metering
 
     service = app.extensions["sdfunc"]
     client = app.test_client()

@@ -166,8 +166,8 @@ def switch_cost(cfg: BenchConfig, store: Any, device: str, dtype: str) -> dict[s
 
 def mount_file(cfg: BenchConfig, ckpt_dir: Path, data: Path) -> Path:
     if cfg.mount_model == REALARCH:
-        from pipelines.loading import Arch
         from pipelines.builders.realarch import write_real_arch_checkpoint
+        from pipelines.loading import Arch
 
         path = data / "mount" / f"{REALARCH}.safetensors"
         if not path.exists():

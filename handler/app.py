@@ -14,14 +14,10 @@ from flask import Response, g, request
 from flask_openapi3 import Info, OpenAPI
 
 from handler import __version__
-from handler.api import account
+from handler.api import account, downloads, web
 from handler.api import controlnet as controlnet_api
-from handler.api import downloads
 from handler.api import lifecycle as fc
-from handler.records import metering
 from handler.api import sdapi as routes
-from handler.api import web
-from handler.records.billing import decimal_text
 from handler.errors import (
     ErrorModel,
     InvalidRequest,
@@ -30,6 +26,8 @@ from handler.errors import (
     validation_error_response,
 )
 from handler.logs import REQUEST_ID_HEADER, configure_logging, set_request_id
+from handler.records import metering
+from handler.records.billing import decimal_text
 from handler.runtime.service import Service
 from handler.settings import Settings
 

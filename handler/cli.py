@@ -40,8 +40,8 @@ def _settings():
 
 def ensure_models(settings, *, force: bool = False) -> list[Path]:
     """Write the demo checkpoints when the models folder has no checkpoint (or when forced)."""
-    from pipelines.store import ModelStore
     from pipelines.hashing import HashCache
+    from pipelines.store import ModelStore
 
     settings.ensure_layout()
     store = ModelStore(settings.checkpoints_dir, settings.vae_dir, HashCache(None))
@@ -140,9 +140,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _apply_overrides(args)
     from pydantic import ValidationError
 
-    from handler.records import metering
-    from handler.errors import ServiceError
     from handler.contract.schemas import Txt2ImgRequest
+    from handler.errors import ServiceError
+    from handler.records import metering
     from handler.runtime.service import Service
     from pipelines.errors import PipelineError
 

@@ -23,7 +23,6 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-
 CONSUMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"  # consumer ids: users, API-key consumers, uid
 
 

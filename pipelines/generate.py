@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from pipelines.cache import LoadedModel, assemble_pipeline
 from pipelines.adapters.embeddings import expand_prompt
+from pipelines.cache import LoadedModel, assemble_pipeline
 from pipelines.errors import InvalidParameter
 from pipelines.hires import HiresPlan, RefinerPlan, second_pass_steps, upscale_image, upscale_latents
 from pipelines.prompts import chunked_embeds, needs_chunks

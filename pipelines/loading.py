@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipelines import safetensors_header
-from pipelines.store import PICKLE_SUFFIXES
 from pipelines.errors import (
     CheckpointError,
     IncompleteCheckpoint,
@@ -46,6 +45,7 @@ from pipelines.errors import (
     PickleCheckpointRefused,
     UnsupportedArchitecture,
 )
+from pipelines.store import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DiffusionPipeline

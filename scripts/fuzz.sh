@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The long fuzz run: schemathesis against the real server (gunicorn on 127.0.0.1, the tiny demo checkpoints),
-# with many more examples than the bounded run of the test suite (tests/test_fuzz.py, which documents what is
+# with many more examples than the bounded run of the test suite (tests/e2e/test_fuzz.py, which documents what is
 # fuzzed and why the document is narrowed to the deployment first). For each auth mode: build a data folder,
 # start `sdfunc serve`, fuzz every route but GET /pre-stop, then GET /pre-stop (it drains the instance), stop
 # the server. Needs schemathesis in ./.venv (pip install schemathesis==4.32.5).
@@ -41,12 +41,12 @@ status=0
 for auth in "${MODES[@]}"; do
   dir="$OUT/$auth"
   mkdir -p "$dir"
-  port=$("$PY" -c 'from tests.serving import free_port; print(free_port())')
+  port=$("$PY" -c 'from tests.support.serving import free_port; print(free_port())')
   url="http://127.0.0.1:$port"
   echo "== auth $auth: server on $url, data and reports in $dir"
   (
     for var in $(compgen -e | grep '^SDFUNC_' || true); do unset "$var"; done
-    eval "$("$PY" -m tests.test_fuzz env "$auth")"
+    eval "$("$PY" -m tests.e2e.test_fuzz env "$auth")"
     export SDFUNC_LOG_JSON=true
     exec "$PY" -m handler.cli serve --host 127.0.0.1 --port "$port" --data "$dir/data"
   ) >"$dir/server.log" 2>&1 &
@@ -65,9 +65,9 @@ while time.monotonic() < deadline:
     time.sleep(0.5)
 sys.exit(f"the server did not become READY; see {log}")
 EOF
-  "$PY" -m tests.test_fuzz document "$url" "$auth" "$dir/openapi.json"
+  "$PY" -m tests.e2e.test_fuzz document "$url" "$auth" "$dir/openapi.json"
   auth_args=()
-  [ "$auth" = basic ] && auth_args=(--auth "$("$PY" -m tests.test_fuzz credentials)")
+  [ "$auth" = basic ] && auth_args=(--auth "$("$PY" -m tests.e2e.test_fuzz credentials)")
   for part in routes pre-stop; do
     select=(--exclude-path /pre-stop)
     [ "$part" = pre-stop ] && select=(--include-path /pre-stop)

@@ -2,7 +2,7 @@
 # Run or sourced by test.sh before pytest: make sure the system packages the tests need are installed:
 #   - a MariaDB server for the records tests and benchmarks (bench/mariadb.py starts throwaway servers from it;
 #     nothing here starts one): Debian's mariadb-server;
-#   - a Chromium for the browser tests (tests/test_web_browser.py drives it headless with Playwright):
+#   - a Chromium for the browser tests (tests/e2e/test_web_browser.py drives it headless with Playwright):
 #     Debian's chromium, at /usr/bin/chromium.
 # Installs whatever is missing with one apt-get install when we are root (apt-get update only when that install
 # fails). When it cannot, it says which tests will be skipped and succeeds, unless SDFUNC_REQUIRE_MYSQL=1 or
@@ -50,7 +50,7 @@
   fi
   exit $status
 )
-# Serverless Devs' own s.yaml parser for tests/test_deploy.py: npm packages pinned by
+# Serverless Devs' own s.yaml parser for tests/unit/test_deploy.py: npm packages pinned by
 # deploy/serverless-devs/package-lock.json, installed there with `npm ci` (no root needed; about 10 s).
 # Without Node.js and npm that test is skipped, unless SDFUNC_REQUIRE_NODE=1, which makes it an error.
 (

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install sdfunc with its test dependencies (and mariadb-server for the records tests, when run as root) and run
-# the whole suite. Extra args go to pytest (e.g. `-m "not slow"` to skip the 2 GB real-architecture checkpoint test).
+# the whole suite. Extra args go to pytest: `-m "not e2e"` is the fast lane (no gunicorn, MariaDB, browser or fuzz
+# run; tests/README.md), `-m "not slow"` skips the 2 GB real-architecture checkpoint test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="[test]" . scripts/venv.sh

@@ -1,18 +1,29 @@
-"""Shared fixtures: one data folder with the tiny demo checkpoints, one app built by the factory."""
-
-import pipelines  # noqa: F401  # first: turns hub access off (pipelines.offline) before huggingface_hub is imported
+"""Shared fixtures for every tier: one data folder with the tiny demo checkpoints, one app built by the factory,
+records databases on SQLite and MariaDB. Also the `e2e` marker by directory (tests/README.md has the tiers)."""
 
 import base64
 import contextlib
 import io
 import os
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+import pipelines  # noqa: F401  # first: turns hub access off (pipelines.offline) before huggingface_hub is imported
+
+E2E_DIR = Path(__file__).parent / "e2e"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by `-m`
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `e2e` every test under tests/e2e/ and every test that uses the session's MariaDB server, so that
+    `-m "not e2e"` leaves out all real processes without each test remembering a marker."""
+    for item in items:
+        if item.path.is_relative_to(E2E_DIR) or "mariadb" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -97,14 +108,6 @@ def device_held(service) -> Iterator[None]:
         holder.join(60)
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 60, what: str = "condition") -> None:
-    """Poll `predicate` until it is true; fail the test after `timeout` seconds instead of hanging."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 # Records databases: every record and ledger test runs on SQLite and on a real MariaDB server -----------------
 REQUIRE_MYSQL = os.environ.get("SDFUNC_REQUIRE_MYSQL") == "1"
 
@@ -125,9 +128,10 @@ def mariadb():
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", "mariadb"])
+@pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.e2e)])
 def db_url(request, tmp_path) -> str:
-    """A fresh, empty records database: an SQLite file, or a new database on the session's MariaDB."""
+    """A fresh, empty records database: an SQLite file, or a new database on the session's MariaDB (that
+    variant is marked `e2e`: it needs the real server)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'records.sqlite3'}"
     import uuid
@@ -149,6 +153,14 @@ def make_app(data_dir, db_url):
 
     yield build
     close_apps(apps)
+
+
+@pytest.fixture
+def apps():
+    """Apps a test builds (append them); their task runners and database connections are closed afterwards."""
+    made: list = []
+    yield made
+    close_apps(made)
 
 
 def close_apps(apps) -> None:

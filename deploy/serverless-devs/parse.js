@@ -1,6 +1,6 @@
 // Resolve an s.yaml as `s deploy` does, offline, with Serverless Devs' own parser (@serverless-devs/parse-spec):
 // variables, YAML anchors, `${env()}`, `${vars.x}`, `${config('AccountID')}` (from ~/.s/access.yaml).
-// Prints one JSON line: {"<resource>": {component, props}}. Used by tests/test_deploy.py.
+// Prints one JSON line: {"<resource>": {component, props}}. Used by tests/unit/test_deploy.py.
 const ParseSpec = require('@serverless-devs/parse-spec').default;
 
 (async () => {

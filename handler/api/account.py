@@ -10,9 +10,18 @@ from typing import Any
 from flask import Response, current_app, g, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 
+from handler.contract.schemas import (
+    AccountInfo,
+    ImageList,
+    ImagePath,
+    ImagesQuery,
+    TaskPath,
+    TaskView,
+    UsageQuery,
+    UsageResponse,
+)
 from handler.errors import ErrorModel, Forbidden, NotFound, StorageUnavailable
 from handler.records.ledger import Ledger
-from handler.contract.schemas import AccountInfo, ImageList, TaskPath, TaskView, ImagePath, ImagesQuery, UsageQuery, UsageResponse
 from handler.runtime.service import Service
 
 bp = APIBlueprint("account", __name__, abp_tags=[Tag(name="records", description="Image records and usage")],

@@ -11,8 +11,8 @@ from flask import current_app, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
-from handler.errors import ErrorModel
 from handler.contract.images import b64, read_image
+from handler.errors import ErrorModel
 
 _tag = Tag(name="controlnet", description="sd-webui-controlnet's API: models, preprocessors, detection")
 _errors: dict[Any, Any] = {401: ErrorModel, 403: ErrorModel, 413: ErrorModel, 422: ErrorModel, 429: ErrorModel,

@@ -10,10 +10,10 @@ from flask import Response, current_app, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 
 from handler import __version__
-from handler.security import lifecycle_key as lifecycle
-from handler.errors import ErrorModel, Forbidden, NotFound, NotReady
 from handler.contract.schemas import HealthResponse, InitializeResponse, PreStopResponse
+from handler.errors import ErrorModel, Forbidden, NotFound, NotReady
 from handler.runtime.service import Service
+from handler.security import lifecycle_key as lifecycle
 
 bp = APIBlueprint("fc", __name__, abp_tags=[Tag(name="lifecycle", description="FC lifecycle hooks, health, metrics")],
                   abp_responses={503: ErrorModel})

@@ -7,29 +7,29 @@ from typing import Any
 from flask import current_app, g, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 
-from handler.errors import ErrorModel, Forbidden, InvalidRequest, ServiceError
 from handler.contract.images import read_image
 from handler.contract.schemas import (
     EmbeddingsList,
+    GenerationQuery,
     GenerationRequest,
     GenerationResponse,
     Img2ImgRequest,
     NameItem,
     OptionsUpdate,
-    PromptStyleItem,
     PngInfoRequest,
     PngInfoResponse,
     ProgressQuery,
     ProgressResponse,
+    PromptStyleItem,
     SamplerItem,
     SchedulerItem,
     ScriptsList,
     SDModelItem,
-    GenerationQuery,
     TaskView,
     Txt2ImgRequest,
     UpscalerItem,
 )
+from handler.errors import ErrorModel, Forbidden, InvalidRequest, ServiceError
 from handler.runtime.service import Service
 from pipelines.errors import PipelineError
 

@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 from handler import __version__
-from handler.errors import InvalidRequest
 from handler.contract.schemas import GenerationRequest
+from handler.errors import InvalidRequest
 
 EAS_KEYS = ("sd_model_checkpoint", "sd_vae", "save_dir", "image_link", "id_task", "uid", "save_to_db")
 SCRIPTS = ("controlnet",)  # always-on scripts sdfunc implements (keys matched case-insensitively, as A1111 does)

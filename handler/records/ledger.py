@@ -23,9 +23,9 @@ from typing import Any
 from sqlalchemy import case, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
+from handler.errors import Conflict
 from handler.records.billing import Charge, decimal_text, from_nanos
 from handler.records.db import Database, generated_images, iso_utc, ledger, utcnow
-from handler.errors import Conflict
 from handler.records.metering import RequestMeter
 
 

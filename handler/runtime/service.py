@@ -29,8 +29,10 @@ from handler.errors import InvalidRequest
 from handler.logs import flush_logs
 from handler.records import metering
 from handler.records.billing import Pricing
+from handler.records.consumers import Consumers
 from handler.records.db import Database
 from handler.records.ledger import Ledger
+from handler.records.tasks import TaskStore
 from handler.runtime import planning
 from handler.runtime.admission import Admission
 from handler.runtime.batching import Batcher
@@ -44,11 +46,9 @@ from handler.runtime.metrics import Metrics
 from handler.runtime.planning import Planner
 from handler.runtime.progress import Progress
 from handler.runtime.respond import Responder
-from handler.records.tasks import TaskStore
 from handler.runtime.tasks import TaskRunner, check_callback_url, public_view
 from handler.runtime.warming import Warmer
 from handler.security import lifecycle_key as lifecycle
-from handler.records.consumers import Consumers
 from handler.security.auth import Authenticator
 from handler.settings import Settings
 from handler.storage.backends import make_storage

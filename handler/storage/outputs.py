@@ -27,8 +27,8 @@ from typing import Any
 from PIL import Image
 
 from handler.contract import a1111
-from handler.errors import InvalidRequest, StorageUnavailable
 from handler.contract.schemas import GenerationRequest
+from handler.errors import InvalidRequest, StorageUnavailable
 from handler.storage.backends import LocalStorage, Storage
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,44 @@
+"""`sdfunc hook initialize` and `sdfunc hook pre-stop`, as FC runs them in the container, against a real server
+with authentication on: the hook command gets through with the instance's lifecycle key, the public way does
+not. (The hooks' authorization in process: tests/http/test_lifecycle_auth.py.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import requests
+
+from tests.support.serving import ServeProcess
+
+
+def test_sdfunc_hook_drives_a_real_server(data_dir, tmp_path):
+    """What FC runs in the container: `sdfunc hook initialize`, then `sdfunc hook pre-stop`."""
+    root = tmp_path / "data"
+    shutil.copytree(data_dir / "models" / "Stable-diffusion", root / "models" / "Stable-diffusion")
+    server = ServeProcess(root, SDFUNC_AUTH__MODE="basic", SDFUNC_AUTH__USERS="alice:pw1",
+                          SDFUNC_WARMUP__ON_START="false", SDFUNC_WARMUP__SHAPES='["sd1:64x64@1"]')
+    try:
+        server.wait_state("READY")
+        assert requests.get(f"{server.url}/pre-stop", timeout=10).status_code == 401  # the public way is shut
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SDFUNC_")}
+        env["SDFUNC_AUTH__MODE"] = "basic"
+
+        def hook(name: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "handler.cli", "hook", name, "--port", str(server.port),
+                                   "--wait", "30"], env=env, capture_output=True, text=True, timeout=300)
+
+        done = hook("initialize")
+        assert done.returncode == 0, done.stderr
+        assert "demo-sd15" in done.stdout  # the warm-up report
+        assert requests.get(f"{server.url}/health", timeout=10).json()["loaded_models"]
+        stopped = hook("pre-stop")
+        assert stopped.returncode == 0, stopped.stderr
+        assert requests.get(f"{server.url}/health", timeout=10).json()["status"] == "STOPPING"
+    finally:
+        server.stop()
+    refused = subprocess.run([sys.executable, "-m", "handler.cli", "hook", "pre-stop", "--port", str(server.port),
+                              "--wait", "1"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1  # nothing listens any more: the hook fails, FC sees it

@@ -1,0 +1,268 @@
+"""Faults in process, each proven: out of device memory, a corrupt checkpoint, an SQLite records database that
+cannot be opened, the outputs mount full. The faults that need real processes (MariaDB down, SIGKILL of the
+worker and SIGTERM of the server mid-request under gunicorn) are in tests/e2e/test_faults_processes.py.
+
+Every test ends by checking the records it left: each succeeded ledger row has exactly its image rows, each
+failed row has neither images nor a charge, and no image row lacks its ledger row (`assert_records_agree`).
+Already proven elsewhere and not repeated here: OOM -> 503 (test_http_txt2img), a read-only outputs folder
+(test_outputs), the database lost mid-generation (test_records), SIGKILL inside the commit (test_e2e_ledger_kill),
+pre-stop draining (test_e2e_lifecycle)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import subprocess
+import weakref
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import linked_data_root
+from tests.support.faults import assert_not_charged, assert_records_agree, build, pngs, txt2img
+from tests.support.serving import metric, metric_samples
+
+
+# helpers ----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def root(tmp_path, data_dir) -> Path:
+    """A data root of the test's own with the demo checkpoints linked in (its ledger starts empty)."""
+    return linked_data_root(data_dir, tmp_path / "data")
+
+
+def names(models) -> list[str]:
+    return sorted(m.entry.name for m in models)
+
+
+# 1. out of device memory ------------------------------------------------------------------------------------
+def test_out_of_memory_while_generating_trims_the_cache_and_charges_nothing(root, apps, monkeypatch, caplog):
+    import torch
+
+    import pipelines.generate
+
+    app = build(root)
+    apps.append(app)
+    service, client = app.extensions["sdfunc"], app.test_client()
+    assert txt2img(client, "warm-xl", "demo-sdxl").status_code == 200
+    assert txt2img(client, "warm-15", "demo-sd15").status_code == 200
+    cache = service.cache
+    assert names(cache.loaded()) == ["demo-sd15.safetensors", "demo-sdxl.safetensors"]
+    before = cache.report()
+
+    real, calls, held = pipelines.generate.generate, [], []
+
+    def oom_once(model, job, **kw):
+        calls.append(model.entry.name)
+        if len(calls) > 1:
+            return real(model, job, **kw)
+        activations = torch.ones(256, 256)  # what a real job holds when the allocator gives up
+        held.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    trim, released = cache.trim, []
+
+    def watched_trim(keep=None):
+        released.append(held[0]() is None)  # the failed job's tensors are gone before the cache is trimmed
+        return trim(keep=keep)
+
+    monkeypatch.setattr(pipelines.generate, "generate", oom_once)
+    monkeypatch.setattr(cache, "trim", watched_trim)
+    with caplog.at_level("WARNING", logger="handler.runtime.engine"):
+        r = txt2img(client, "oom", "demo-sd15", save_images=True)
+    assert_not_charged(r, 503, "out_of_memory")
+    assert r.headers["Retry-After"] and "GiB" not in r.get_json()["error"]["message"]
+    assert released == [True]
+    # Every other pipeline left the device; the one the job ran on stays for the retry.
+    assert names(cache.loaded()) == ["demo-sd15.safetensors"]
+    after = cache.report()
+    assert after["evictions"] == before["evictions"] + 1 and after["trims"] == before["trims"] + 1
+    assert any("out of device memory" in rec.getMessage() and "1 pipeline(s) left the device" in rec.getMessage()
+               for rec in caplog.records)
+    assert not pngs(root), "nothing is saved for a failed generation"
+    samples = metric_samples(client.get("/metrics").get_data(as_text=True))
+    assert metric(samples, "sdfunc_pipeline_cache_evictions_total") == after["evictions"]
+
+    # The next request runs on the kept pipeline (no load), and the evicted one loads again when asked for.
+    again = txt2img(client, "after-oom", "demo-sd15")
+    assert again.status_code == 200 and float(again.headers["X-Charge"]) > 0
+    assert cache.report()["loads"] == after["loads"]
+    assert txt2img(client, "after-oom-xl", "demo-sdxl").status_code == 200
+    rows = assert_records_agree(service.settings.resolved_database_url)
+    assert rows["oom"]["status"] == "failed" and rows["oom"]["error"] == "out_of_memory"
+    assert rows["oom"]["http_status"] == 503
+    assert rows["after-oom"]["status"] == rows["after-oom-xl"]["status"] == "succeeded"
+
+
+def test_out_of_memory_while_loading_empties_the_device(root, apps, monkeypatch):
+    import torch
+
+    import pipelines.loading
+
+    app = build(root)
+    apps.append(app)
+    service, client = app.extensions["sdfunc"], app.test_client()
+    assert txt2img(client, "warm-15", "demo-sd15").status_code == 200
+    real, calls = pipelines.loading.load_pipeline, []
+
+    def oom_once(path, **kw):
+        calls.append(path)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory while moving the UNet")
+        return real(path, **kw)
+
+    monkeypatch.setattr(pipelines.loading, "load_pipeline", oom_once)
+    assert_not_charged(txt2img(client, "oom-load", "demo-sdxl"), 503, "out_of_memory")
+    assert service.cache.loaded() == [] and service.cache.report()["trims"] == 1  # room for the retry's load
+    assert txt2img(client, "retry", "demo-sdxl").status_code == 200
+    rows = assert_records_agree(service.settings.resolved_database_url)
+    assert rows["oom-load"]["error"] == "out_of_memory" and rows["retry"]["status"] == "succeeded"
+
+
+def test_host_memory_running_out_while_generating_is_503_and_charges_nothing(root, apps, monkeypatch):
+    """MemoryError (host RAM) is answered as device OOM is: 503 out_of_memory, not charged, cache trimmed."""
+    import pipelines.generate
+
+    app = build(root)
+    apps.append(app)
+    service, client = app.extensions["sdfunc"], app.test_client()
+    real, calls = pipelines.generate.generate, []
+
+    def oom_once(model, job, **kw):
+        calls.append(model.entry.name)
+        if len(calls) > 1:
+            return real(model, job, **kw)
+        raise MemoryError()
+
+    monkeypatch.setattr(pipelines.generate, "generate", oom_once)
+    assert_not_charged(txt2img(client, "host-oom", "demo-sd15"), 503, "out_of_memory")
+    assert service.cache.report()["trims"] == 1
+    assert txt2img(client, "after-host-oom", "demo-sd15").status_code == 200
+    rows = assert_records_agree(service.settings.resolved_database_url)
+    assert rows["host-oom"]["error"] == "out_of_memory" and rows["after-host-oom"]["status"] == "succeeded"
+
+
+def test_trim_parks_the_others_in_host_ram_and_keeps_what_the_kept_pipeline_shares(root):
+    """`PipelineCache.trim` with the host tier on (forced on CPU, moves recorded instead of made): every other
+    pipeline goes to host RAM, and of the kept pipeline's base checkpoint only what it does not share moves."""
+    from pipelines.builders.demo import write_demo_vae
+    from pipelines.cache import PipelineCache
+    from pipelines.hashing import HashCache
+    from pipelines.store import ModelStore
+
+    write_demo_vae(root / "models" / "VAE")
+    store = ModelStore(root / "models" / "Stable-diffusion", root / "models" / "VAE", HashCache(None))
+    moves: list[tuple[int, str]] = []
+    cache = PipelineCache(store, device="cpu", dtype="float32", capacity=None, device_bytes=2**40,
+                          host_bytes=2**40, host_tier=True, host_device="host",
+                          mover=lambda module, device: moves.append((id(module), device)))
+    sd15, sdxl, vae = store.find_checkpoint("demo-sd15"), store.find_checkpoint("demo-sdxl"), store.find_vae("demo-vae")
+    xl = cache.get(sdxl)
+    base = cache.get(sd15)
+    kept = cache.get(sd15, vae)  # shares the UNet and text encoder with `base`, has its own VAE
+    assert len(cache.loaded()) == 3 and moves == []
+    assert cache.trim(keep=kept) == 2
+    assert cache.loaded() == [kept] and {id(m) for m in cache.parked()} == {id(xl), id(base)}
+    assert {module for module, _ in moves} == set(xl.component_bytes) | {id(base.pipe.vae)}
+    assert {device for _, device in moves} == {"host"}
+    report = cache.report()
+    assert (report["evictions"], report["trims"], report["host_models"]) == (2, 1, 2)
+    assert cache.trim() == 1 and cache.loaded() == []  # keep=None: everything leaves
+
+
+# 2. a corrupt checkpoint ------------------------------------------------------------------------------------
+def test_corrupt_checkpoints_are_refused_by_name_and_evict_nothing(root, apps):
+    folder = root / "models" / "Stable-diffusion"
+    whole = (folder / "demo-sd15.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])  # a copy cut off mid-way
+    (folder / "garbage.safetensors").write_bytes(os.urandom(4096))
+    (folder / "empty.safetensors").write_bytes(b"")
+    (folder / "not-json.safetensors").write_bytes((12).to_bytes(8, "little") + b"{not json!!}" + b"\0" * 64)
+    app = build(root)
+    apps.append(app)
+    service, client = app.extensions["sdfunc"], app.test_client()
+    listed = [m["model_name"] for m in client.get("/sdapi/v1/sd-models").get_json()]
+    assert {"truncated", "garbage", "empty", "not-json"} <= set(listed)  # listed: only a load can tell
+    assert txt2img(client, "warm-15", "demo-sd15").status_code == 200
+    assert txt2img(client, "warm-xl", "demo-sdxl").status_code == 200
+    before = service.cache.report()
+    for name in ("truncated", "garbage", "empty", "not-json"):
+        r = txt2img(client, f"bad-{name}", name)
+        assert_not_charged(r, 422, "invalid_checkpoint")
+        message = r.get_json()["error"]["message"]
+        assert message.startswith(f"{name}.safetensors: "), message
+        assert str(root) not in message  # the file's name, not where the mount is
+    # Nothing was evicted for them (max_loaded_models is 2 and both slots were taken), nothing loaded.
+    after = service.cache.report()
+    assert names(service.cache.loaded()) == ["demo-sd15.safetensors", "demo-sdxl.safetensors"]
+    assert (after["evictions"], after["loads"]) == (before["evictions"], before["loads"])
+    assert txt2img(client, "after-15", "demo-sd15").status_code == 200
+    assert txt2img(client, "after-xl", "demo-sdxl").status_code == 200
+    assert service.cache.report()["hits"] == before["hits"] + 2
+    rows = assert_records_agree(service.settings.resolved_database_url)
+    assert {k for k, v in rows.items() if v["status"] == "failed"} == {
+        "bad-truncated", "bad-garbage", "bad-empty", "bad-not-json"}
+
+
+# 3. the records database down (SQLite; MariaDB: tests/e2e/test_faults_processes.py) --------------------------
+def test_sqlite_that_cannot_be_opened_is_503_until_it_can(root, apps):
+    path = root / "records.sqlite3"
+    path.mkdir()  # a folder where the database file should be: sqlite cannot open it (even as root)
+    url = f"sqlite:///{path}"
+    app = build(root, database_url=url)
+    apps.append(app)
+    client = app.test_client()
+    r = txt2img(client, "blocked", save_images=True)
+    assert_not_charged(r, 503, "database_unavailable")
+    assert not pngs(root)
+    path.rmdir()
+    assert txt2img(client, "blocked").status_code == 200  # the schema is made on this first use
+    assert set(assert_records_agree(url)) == {"blocked"}
+
+
+# 4. the outputs mount full ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def full_disk(folder: Path, monkeypatch, storage):
+    """`folder` on a filesystem with no space left: a 1 MiB tmpfs mounted there and filled, when the process
+    may mount (root); else the storage's writes raise ENOSPC. Yields a function that frees the space."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
+                          check=False)
+    if done.returncode != 0:
+        real = storage.put
+
+        def no_space(key, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
+
+        monkeypatch.setattr(storage, "put", no_space)
+        yield lambda: monkeypatch.setattr(storage, "put", real)
+        return
+    try:
+        filler = folder / "filler"
+        with open(filler, "wb") as fh, contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        yield filler.unlink
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_outputs_mount_full_is_503_and_charges_nothing(root, apps, monkeypatch):
+    app = build(root)
+    apps.append(app)
+    service, client = app.extensions["sdfunc"], app.test_client()
+    outputs = root / "outputs"
+    with full_disk(outputs, monkeypatch, service.storage) as free_space:
+        r = txt2img(client, "full", save_images=True)
+        assert_not_charged(r, 503, "storage_unavailable")
+        message = r.get_json()["error"]["message"]
+        assert "No space left on device" in message and "not charged" in message
+        assert not list(outputs.rglob("*.png")) and not list(outputs.rglob(".put-*")), "no partial files"
+        free_space()
+        ok = txt2img(client, "room-again", save_images=True)
+        assert ok.status_code == 200 and float(ok.headers["X-Charge"]) > 0
+        assert len(list(outputs.rglob("*.png"))) == 1
+    rows = assert_records_agree(service.settings.resolved_database_url)
+    assert rows["full"]["status"] == "failed" and rows["full"]["error"] == "storage_unavailable"
+    assert rows["room-again"]["status"] == "succeeded"

@@ -1,0 +1,1 @@
+"""Helpers shared by the tiers: the served process, loopback servers, waiting on a condition."""
