@@ -14,7 +14,7 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.serving_overhead import stop_process_group
+from bench.harness.server import stop_process_group
 
 
 def free_port() -> int:

@@ -5,7 +5,8 @@ machine's speed is not a test."""
 import json
 import math
 
-from bench.metrics_overhead import SERVERS, BenchConfig, Shape, bootstrap_pct_interval, markdown, parse_args, run
+from bench.harness.cli import Shape
+from bench.metrics_overhead import SERVERS, BenchConfig, bootstrap_pct_interval, markdown, parse_args, run
 
 
 def _positive(value) -> bool:
