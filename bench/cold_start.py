@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -45,22 +44,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cli import add_output_arguments, machine_line, parse_server_env, result_header, run_benchmark
-from bench.serving_overhead import (
+from bench.harness.cli import (
+    OTHERS_MAX,
+    add_output_arguments,
+    cpu_snapshot,
+    others_share,
+    parse_server_env,
+    run_benchmark,
+)
+from bench.harness.report import env_pairs, finish, machine_line, result_header, table
+from bench.harness.server import (
     CFG_SCALE,
-    DISTURBED_SPREAD,
     PROMPT,
     SAMPLER,
     SEED,
     TXT2IMG,
     Server,
-    _median,
-    _ms,
-    _proc_stat,
     ensure_data,
     payload,
+    post,
     running_server,
 )
+from bench.harness.stats import DISTURBED_SPREAD, median, spread
 
 log = logging.getLogger("bench.cold_start")
 
@@ -69,7 +74,6 @@ WAYS = ("no_initialize", "initialize_first")
 WAY_LABELS = {"no_initialize": "no initialize", "initialize_first": "initialize first"}
 PHASES = ("process_to_app", "imports", "device_init", "read_weights", "to_device", "first_generation")
 TARGET_RATIO = 1.10  # first request after /initialize over the steady median
-OTHERS_MAX = 0.10  # share of the machine's CPU other processes may use during a window before it is disturbed
 
 
 @dataclass
@@ -114,16 +118,6 @@ def ensure_models(data: Path, models: tuple[str, ...]) -> dict[str, Path]:
 # one cold start
 
 
-def _post(session, url: str, path: str, body: dict[str, Any] | None, timeout: float) -> tuple[float, Any]:
-    """POST and wait for the whole body: (milliseconds, response). Non-200 raises."""
-    started = time.perf_counter()
-    r = session.post(url + path, json=body, timeout=timeout)
-    elapsed = time.perf_counter() - started
-    if r.status_code != 200:
-        raise RuntimeError(f"POST {path} -> {r.status_code}: {r.text[:500]}")
-    return _ms(elapsed), r
-
-
 def _cold_flag(response) -> bool | None:
     value = response.headers.get("X-Cold-Start")
     return None if value is None else value.lower() == "true"
@@ -156,42 +150,10 @@ def _breakdown(session, server: Server, popen_epoch: float) -> dict[str, Any]:
     }
 
 
-def _cpu_snapshot(pgid: int | None) -> tuple[float, float, float] | None:
-    """(perf_counter, busy CPU seconds of the whole machine since boot, CPU seconds of process group `pgid` and
-    of this process). Linux /proc only; None elsewhere."""
-    try:
-        tick = os.sysconf("SC_CLK_TCK")
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-        ours = 0
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                fields = _proc_stat(Path("/proc", d, "stat"))[0]
-            except (OSError, ValueError, IndexError):
-                continue  # gone meanwhile
-            if int(d) == os.getpid() or (pgid is not None and int(fields[2]) == pgid):
-                ours += int(fields[11]) + int(fields[12])  # utime + stime, all threads
-        return time.perf_counter(), (user + nice + system + irq + softirq + steal) / tick, ours / tick
-    except (OSError, ValueError):
-        return None
-
-
-def _others_share(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None) -> float | None:
-    """Share of the machine's CPU capacity that processes other than the server and the bench used between two
-    snapshots: a competing process slows CPU generation many times over, so a window above OTHERS_MAX is
-    not a measurement of the server."""
-    if before is None or after is None or after[0] <= before[0]:
-        return None
-    others = (after[1] - before[1]) - (after[2] - before[2])
-    return round(max(0.0, others) / ((after[0] - before[0]) * (os.cpu_count() or 1)), 3)
-
-
 def measure(cfg: BenchConfig, server: Server, session, way: str) -> dict[str, Any]:
     """Start `server`, take it to its first image the way `way` says, then the steady requests."""
     body = payload(cfg.size, cfg.steps)
-    cpu_start = _cpu_snapshot(None)
+    cpu_start = cpu_snapshot(None)
     popen_epoch = time.time()
     t0 = server.start()
     pgid = server.proc.pid if server.proc is not None else None  # its own session: process group = its pid
@@ -199,28 +161,28 @@ def measure(cfg: BenchConfig, server: Server, session, way: str) -> dict[str, An
     out: dict[str, Any] = {"health_s": round(health_s, 3), "health_status": status}
     log.info("%s: /health answers after %.2f s (%s)", server.name, health_s, status)
     if way == "initialize_first":
-        init_ms, r = _post(session, server.url, "/initialize", None, cfg.request_timeout)
+        init_ms, r = post(session, server.url, "/initialize", None, cfg.request_timeout)
         init = r.json()
         out.update(initialize_ms=init_ms, initialize_done_s=round(time.perf_counter() - t0, 3),
                    initialize_cold_flag=_cold_flag(r), initialize_warmed=init.get("warmed"),
                    initialize_cold_start=init.get("cold_start"))
         log.info("%s: /initialize took %.0f ms, done %.2f s after Popen", server.name, init_ms,
                  out["initialize_done_s"])
-    first_ms, r = _post(session, server.url, TXT2IMG, body, cfg.request_timeout)
+    first_ms, r = post(session, server.url, TXT2IMG, body, cfg.request_timeout)
     out.update(first_image_s=round(time.perf_counter() - t0, 3), first_request_ms=first_ms,
                first_cold_flag=_cold_flag(r))
     log.info("%s: first image %.2f s after Popen (request %.0f ms, X-Cold-Start %s)", server.name,
              out["first_image_s"], first_ms, r.headers.get("X-Cold-Start"))
-    cpu_first = _cpu_snapshot(pgid)
+    cpu_first = cpu_snapshot(pgid)
     out["breakdown"] = _breakdown(session, server, popen_epoch)
-    cpu_steady = _cpu_snapshot(pgid)
-    steady = [_post(session, server.url, TXT2IMG, body, cfg.request_timeout)[0] for _ in range(cfg.steady)]
-    cpu_end = _cpu_snapshot(pgid)
-    out.update(steady_ms=steady, steady_median_ms=_median(steady),
+    cpu_steady = cpu_snapshot(pgid)
+    steady = [post(session, server.url, TXT2IMG, body, cfg.request_timeout)[0] for _ in range(cfg.steady)]
+    cpu_end = cpu_snapshot(pgid)
+    out.update(steady_ms=steady, steady_median_ms=median(steady),
                first_over_steady=round(first_ms / statistics.median(steady), 3),
-               steady_spread=round(max(steady) / min(steady), 3),
-               others_cpu_share={"to_first_image": _others_share(cpu_start, cpu_first),
-                                 "steady": _others_share(cpu_steady, cpu_end)})
+               steady_spread=round(spread(steady), 3),
+               others_cpu_share={"to_first_image": others_share(cpu_start, cpu_first),
+                                 "steady": others_share(cpu_steady, cpu_end)})
     log.info("%s: steady median %.0f ms; first / steady x%.2f; other processes used %s of the CPU", server.name,
              out["steady_median_ms"], out["first_over_steady"],
              ", ".join(f"{v:.0%} {k}" for k, v in out["others_cpu_share"].items() if v is not None) or "?")
@@ -240,13 +202,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in SUMMARY_KEYS:
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
-            out[key] = {"median": _median(values), "values": values}
+            out[key] = {"median": median(values), "values": values}
     breakdowns = [r["breakdown"] for r in runs]
-    out["phases_median_s"] = {p: _median([b["phases"][p] for b in breakdowns if p in b["phases"]])
+    out["phases_median_s"] = {p: median([b["phases"][p] for b in breakdowns if p in b["phases"]])
                               for p in PHASES if any(p in b["phases"] for b in breakdowns)}
     for key in ("total_seconds", "phase_sum_s", "unattributed_s", "server_start_minus_popen_s"):
         values = [b[key] for b in breakdowns if b.get(key) is not None]
-        out[f"{key}_median"] = _median(values) if values else None
+        out[f"{key}_median"] = median(values) if values else None
     out["steady_spreads"] = [r["steady_spread"] for r in runs]
     out["others_cpu_max"] = [max((v for v in r["others_cpu_share"].values() if v is not None), default=None)
                              for r in runs]
@@ -305,8 +267,7 @@ def run(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
     result["models"] = models
     result["target"]["pass"] = all(e["target_pass"] for e in models.values())
     result["disturbed"] = any(e[w]["summary"]["disturbed"] for e in models.values() for w in WAYS)
-    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["wall_s"] = round(time.perf_counter() - started, 1)
+    finish(result, time.perf_counter() - started)
     return result
 
 
@@ -327,6 +288,20 @@ def _flags(values: list[bool | None]) -> str:
     return ", ".join("missing" if v is None else str(v).lower() for v in values)
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _breakdown_row(model: str, way: str, s: dict[str, Any]) -> list[str]:
+    """One row of the server's own breakdown: phase medians, their sum, the total, the rest, the start offset
+    and the client's clock."""
+    phases = s["phases_median_s"]
+    client = s.get("first_image_s" if way == "no_initialize" else "initialize_done_s")
+    return [model, WAY_LABELS[way], *(_seconds(phases.get(p)) for p in PHASES), _seconds(s["phase_sum_s_median"]),
+            _seconds(s["total_seconds_median"]), _seconds(s["unattributed_s_median"]),
+            _seconds(s["server_start_minus_popen_s_median"]), _seconds(client["median"] if client else None)]
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The tables RESULTS.md carries, from a result dict."""
     m, c = result["machine"], result["config"]
@@ -338,27 +313,23 @@ def markdown(result: dict[str, Any]) -> str:
         f"Request: {c['size']}x{c['size']}, {c['steps']} steps, sampler {c['sampler']}, CFG {c['cfg_scale']}, seed "
         f"{c['seed']}; warm-up shape `{c['warmup_shape']}`. Fresh server per cold start, {c['repeats']} per model "
         f"and way; {c['steady']} steady requests after the first. Cells: median (each repeat)."
-        + (" Server environment: " + ", ".join(f"`{k}={v}`" for k, v in c["server_env"]) + "."
-           if c.get("server_env") else ""),
+        + (" Server environment: " + env_pairs(c["server_env"]) + "." if c.get("server_env") else ""),
     ]
     target = result["target"]
     for model, entry in result["models"].items():
+        summaries = [(way, entry[way]["summary"]) for way in WAYS]
         lines += [
             "",
             f"**{model}**",
             "",
-            "| way | Popen -> /health | Popen -> /initialize done | Popen -> first image | /initialize ms "
-            "| first request ms | steady median ms | first / steady | X-Cold-Start (first txt2img) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            *table(["way", "Popen -> /health", "Popen -> /initialize done", "Popen -> first image", "/initialize ms",
+                    "first request ms", "steady median ms", "first / steady", "X-Cold-Start (first txt2img)"],
+                   ([WAY_LABELS[way], _cell(s.get("health_s"), " s"), _cell(s.get("initialize_done_s"), " s"),
+                     _cell(s.get("first_image_s"), " s"), _cell(s.get("initialize_ms"), "", 0),
+                     _cell(s.get("first_request_ms"), "", 0), _cell(s.get("steady_median_ms"), "", 0),
+                     _cell(s.get("first_over_steady")), _flags(s["first_cold_flags"])] for way, s in summaries),
+                   "lrrrrrrrl"),
         ]
-        for way in WAYS:
-            s = entry[way]["summary"]
-            lines.append(
-                f"| {WAY_LABELS[way]} | {_cell(s.get('health_s'), ' s')} | {_cell(s.get('initialize_done_s'), ' s')} "
-                f"| {_cell(s.get('first_image_s'), ' s')} | {_cell(s.get('initialize_ms'), '', 0)} "
-                f"| {_cell(s.get('first_request_ms'), '', 0)} | {_cell(s.get('steady_median_ms'), '', 0)} "
-                f"| {_cell(s.get('first_over_steady'))} | {_flags(s['first_cold_flags'])} |"
-            )
         ratio = entry["initialize_first"]["summary"]["first_over_steady"]["median"]
         spreads = "; ".join(f"{WAY_LABELS[w]} " + ", ".join(f"x{x:.2f}" for x in entry[w]["summary"]["steady_spreads"])
                             for w in WAYS)
@@ -379,24 +350,11 @@ def markdown(result: dict[str, Any]) -> str:
         "total - sum of phases; `start offset` = the server's start (now - `uptime_seconds`) minus the bench's "
         "clock at `Popen`; `client` = Popen -> first image (no initialize) or Popen -> /initialize done:",
         "",
-        "| model | way | " + " | ".join(PHASES) + " | sum | total | unexplained | start offset | client |",
-        "|---|---|" + "---:|" * (len(PHASES) + 5),
+        *table(["model", "way", *PHASES, "sum", "total", "unexplained", "start offset", "client"],
+               (_breakdown_row(model, way, entry[way]["summary"]) for model, entry in result["models"].items()
+                for way in WAYS),
+               "ll" + "r" * (len(PHASES) + 5)),
     ]
-    for model, entry in result["models"].items():
-        for way in WAYS:
-            s = entry[way]["summary"]
-            phases = s["phases_median_s"]
-            client = s.get("first_image_s" if way == "no_initialize" else "initialize_done_s")
-
-            def num(v: float | None) -> str:
-                return "-" if v is None else f"{v:.2f}"
-
-            lines.append(
-                f"| {model} | {WAY_LABELS[way]} | " + " | ".join(num(phases.get(p)) for p in PHASES)
-                + f" | {num(s['phase_sum_s_median'])} | {num(s['total_seconds_median'])} "
-                f"| {num(s['unattributed_s_median'])} | {num(s['server_start_minus_popen_s_median'])} "
-                f"| {num(client['median'] if client else None)} |"
-            )
     lines += ["", f"Overall: {'PASS' if target['pass'] else 'FAIL'}"
               + (" - but the run was DISTURBED (see the noise lines); rerun on a quiet machine." if result["disturbed"]
                  else ".")]

@@ -25,7 +25,6 @@ the same work in every kind (the demo models' LoRA layers add a rank-4 matmul pe
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -35,7 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cli import add_output_arguments, machine_line, result_header, run_benchmark
+from bench.harness.cli import add_output_arguments, run_benchmark
+from bench.harness.report import finish, machine_line, result_header, table
+from bench.harness.stats import percentile
 
 KINDS = ("base", "warm", "switch", "cold")
 BASELINE = "base"
@@ -131,7 +132,7 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
             for kind in KINDS:
                 median = statistics.median(times[kind])
                 rows[kind] = {"median_ms": round(median * 1000, 2),
-                              "p90_ms": round(sorted(times[kind])[int(0.9 * (len(times[kind]) - 1))] * 1000, 2),
+                              "p90_ms": round(percentile(times[kind], 90, method="lower") * 1000, 2),
                               "ratio": round(median / base, 3), "extra_ms": round((median - base) * 1000, 2),
                               "samples_ms": [round(t * 1000, 2) for t in times[kind]]}
             service = cold_app.extensions["sdfunc"]
@@ -139,8 +140,7 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
             result["archs"][arch] = rows
         for app in (shared, cold_app):
             app.extensions["sdfunc"].stop()
-    result["wall_s"] = round(time.perf_counter() - started, 1)
-    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    finish(result, time.perf_counter() - started)
     return result
 
 
@@ -149,12 +149,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"### LoRA overhead: {cfg['size']}x{cfg['size']}, {cfg['steps']} steps, {cfg['rounds']} rounds",
              "", machine_line(result, f"torch threads {result['machine']['torch_threads']}"), "",
              f"Command: `{result['command']}`", "",
-             "| arch | kind | median ms | p90 ms | x base | extra ms |", "|---|---|---|---|---|---|"]
-    for arch, rows in result["archs"].items():
-        for kind in KINDS:
-            r = rows[kind]
-            lines.append(f"| {arch} | {kind} | {r['median_ms']} | {r['p90_ms']} | x{r['ratio']} | {r['extra_ms']} |")
-    lines.append("")
+             *table(["arch", "kind", "median ms", "p90 ms", "x base", "extra ms"],
+                    ([arch, kind, rows[kind]["median_ms"], rows[kind]["p90_ms"], f"x{rows[kind]['ratio']}",
+                      rows[kind]["extra_ms"]] for arch, rows in result["archs"].items() for kind in KINDS)),
+             ""]
     return "\n".join(lines) + "\n"
 
 

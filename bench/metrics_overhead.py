@@ -26,10 +26,11 @@ Method, in two parts:
    with 404. A failed check is an error (exit status 1).
 2. In-process micro timing, the precise number behind the noisy one: an app from
    `create_app(Settings(...))` on the same data, two real txt2img requests through its test client (the
-   second, warm one's request-log fields fill the `RequestMeter` used below; the pipeline stays in the
+   second, warm one's meter, as its request-log line describes it, is used below; the pipeline stays in the
    cache), then the median time of what `on` does per request and `off` does not:
-   `metrics.request_started()` + `metrics.observe(meter)` and `metering.log_request(meter,
-   with_prompts=False)` through the production JSON log handler writing to os.devnull; plus one `/metrics`
+   `metrics.request_started()` + `metrics.observe(meter)` and the request log line (`log_request(meter)`,
+   the bench's copy of handler.records.metering's, checked to write the app's very line) through the
+   production JSON log handler writing to os.devnull; plus one `/metrics`
    render with the loaded cache (per scrape, not per request). The per-request cost is given in
    microseconds and in % of each size's served median (`off`).
 
@@ -43,11 +44,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -55,14 +56,20 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from bench.cli import add_output_arguments, machine_line, parse_server_env, result_header, run_benchmark
-from bench.serving_overhead import (
+from bench.harness.cli import (
+    Shape,
+    add_output_arguments,
+    parse_server_env,
+    parse_shapes,
+    run_benchmark,
+    shapes_valid,
+)
+from bench.harness.report import env_pairs, finish, machine_line, result_header, table, verdict
+from bench.harness.server import (
     CFG_SCALE,
-    DISTURBED_SPREAD,
     MODEL,
     PROMPT,
     SAMPLER,
@@ -72,7 +79,17 @@ from bench.serving_overhead import (
     ensure_data,
     payload,
     post_txt2img,
+    quiet_app_loggers,
     running_server,
+)
+from bench.harness.stats import (
+    BOOTSTRAP_RESAMPLES,
+    DISTURBED_SPREAD,
+    bootstrap_interval,
+    median,
+    median_ratio_pct,
+    spread,
+    summary,
 )
 
 log = logging.getLogger("bench.metrics_overhead")
@@ -80,17 +97,10 @@ log = logging.getLogger("bench.metrics_overhead")
 TARGET_PCT = 2.0  # metrics + request log, percent of the request latency
 SERVERS = ("on", "off")
 OFF_ENV = (("SDFUNC_METRICS", "false"), ("SDFUNC_REQUEST_LOG", "false"))
-REQUEST_LOGGER = "sdfunc.request"  # handler.records.metering's request log
-BOOTSTRAP_RESAMPLES = 2000
+# The request log, as handler.records.metering writes it (the bench may not import the handler's inside): one
+# INFO line per request on this logger, its structured fields in the record's `fields`.
+REQUEST_LOGGER = "sdfunc.request"
 MAX_OUTLIER_SHARE = 0.1  # blocks of one server and size beyond x DISTURBED_SPREAD of their median: unstable above
-
-
-class Shape(NamedTuple):
-    """One kind of request: a square size, its steps, and the timed requests per block."""
-
-    size: int
-    steps: int
-    requests: int
 
 
 @dataclass
@@ -113,21 +123,12 @@ class BenchConfig:
 # small helpers
 
 
-def _summary(samples: list[float]) -> dict[str, Any]:
-    """Median, p95, min and max of milliseconds (p95 by linear interpolation; a lone sample is its own p95)."""
-    p95 = statistics.quantiles(samples, n=20, method="inclusive")[18] if len(samples) > 1 else samples[0]
-    return {"median_ms": round(statistics.median(samples), 3), "p95_ms": round(p95, 3),
-            "min_ms": round(min(samples), 3), "max_ms": round(max(samples), 3)}
-
-
 def bootstrap_pct_interval(on: list[float], off: list[float], *, resamples: int = BOOTSTRAP_RESAMPLES,
                            seed: int = 0) -> tuple[float, float]:
     """95 % interval of (median(on) / median(off) - 1) * 100 by resampling each side (samples treated as
-    independent: process-level differences between the two servers are not in it)."""
-    rng = random.Random(seed)
-    pcts = sorted((statistics.median(rng.choices(on, k=len(on))) / statistics.median(rng.choices(off, k=len(off)))
-                   - 1.0) * 100.0 for _ in range(resamples))
-    return round(pcts[int(0.025 * (resamples - 1))], 2), round(pcts[int(0.975 * (resamples - 1))], 2)
+    independent: process-level differences between the two servers are not in it); seeded, so reproducible."""
+    low, high = bootstrap_interval(on, off, median_ratio_pct, resamples=resamples, seed=seed)
+    return round(low, 2), round(high, 2)
 
 
 def _time_per_call(fn: Callable[[], Any], *, batches: int, calls: int) -> float:
@@ -162,16 +163,31 @@ def production_logging(level: str) -> Iterator[None]:
 
 
 class _FieldsCapture(logging.Handler):
-    """Keeps the structured fields of the request-log lines it sees."""
+    """Keeps the structured fields, and the message, of the request-log lines it sees."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fields: list[dict[str, Any]] = []
+        self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             self.fields.append(dict(fields))
+            self.messages.append(record.getMessage())
+
+
+def log_request(meter: Any) -> None:
+    """The request log line of `meter`, written the way handler.records.metering.log_request writes it (one
+    INFO line with the meter's fields, prompts left out); the bench may not import the handler's inside, so
+    `_micro_on_app` checks that this line equals the app's own before timing it."""
+    request_log = logging.getLogger(REQUEST_LOGGER)
+    if not request_log.isEnabledFor(logging.INFO):
+        return
+    request_log.info(
+        "%s %s -> %s in %.1f ms", meter.method, meter.route, meter.status, (meter.total_seconds or 0.0) * 1000,
+        extra={"fields": meter.fields(with_prompts=False)},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -257,8 +273,8 @@ def summarize_served(cfg: BenchConfig, samples: dict[str, dict[int, list[list[fl
         for name in SERVERS:
             blocks = samples[name][size]
             flat[name] = [x for block in blocks for x in block]
-            entry[name] = {**_summary(flat[name]),
-                           "block_medians_ms": [round(statistics.median(b), 3) for b in blocks],
+            entry[name] = {**summary(flat[name]),
+                           "block_medians_ms": [median(b) for b in blocks],
                            "samples_ms": flat[name]}
         on, off = entry["on"]["median_ms"], entry["off"]["median_ms"]
         entry["overhead_ms"] = round(on - off, 3)
@@ -278,7 +294,7 @@ def summarize_served(cfg: BenchConfig, samples: dict[str, dict[int, list[list[fl
         for name in SERVERS:
             blocks = e[name]["block_medians_ms"]
             middle = statistics.median(blocks)
-            spreads[f"{size}/{name}"] = round(max(blocks) / min(blocks), 3)
+            spreads[f"{size}/{name}"] = round(spread(blocks), 3)
             outliers[f"{size}/{name}"] = sum(1 for b in blocks if not middle / DISTURBED_SPREAD <= b <= middle
                                              * DISTURBED_SPREAD)
     worst = max(spreads, key=spreads.get)
@@ -315,56 +331,66 @@ def micro_timings(cfg: BenchConfig, data: Path) -> dict[str, Any]:
         return _micro_on_app(cfg, app)
 
 
-@contextmanager
-def quiet_app_loggers() -> Iterator[None]:
-    """No service or pipeline lines from the in-process app, and the root level as it was afterwards
-    (create_app sets it)."""
-    root, names = logging.getLogger(), ("handler", "pipelines")
-    saved = root.level, {name: logging.getLogger(name).level for name in names}
-    for name in names:
-        logging.getLogger(name).setLevel(logging.WARNING)
+def _check_log_request(meter: Any, capture: _FieldsCapture) -> None:
+    """`log_request` writes the very line the app wrote for `meter` (message and fields), or this raises: the
+    timed copy must not drift from handler.records.metering."""
+    request_logger = logging.getLogger(REQUEST_LOGGER)
+    request_logger.addHandler(capture)
+    propagate, request_logger.propagate = request_logger.propagate, False  # the check's line: to the capture only
     try:
-        yield
+        log_request(meter)
     finally:
-        root.setLevel(saved[0])
-        for name, level in saved[1].items():
-            logging.getLogger(name).setLevel(level)
+        request_logger.propagate = propagate
+        request_logger.removeHandler(capture)
+    (app_message, bench_message), (app_fields, bench_fields) = capture.messages[-2:], capture.fields[-2:]
+    if app_message != bench_message or app_fields != bench_fields:
+        raise RuntimeError(f"the bench's copy of the request log line differs from the app's: {bench_message!r} "
+                           f"{bench_fields} vs {app_message!r} {app_fields}; update bench/metrics_overhead.log_request")
 
 
 def _micro_on_app(cfg: BenchConfig, app: Any) -> dict[str, Any]:
     """`micro_timings` on a built app."""
     from handler.logs import set_request_id
-    from handler.records import metering
 
     service = app.extensions["sdfunc"]
     client = app.test_client()
+    metrics = service.metrics
 
     size, steps, _ = min(cfg.shapes)
     capture = _FieldsCapture()
     request_logger = logging.getLogger(REQUEST_LOGGER)
+    meters: list[Any] = []
+    observe = metrics.observe
+
+    def keep_meter(meter: Any) -> None:  # the app hands every finished request's meter to the metrics
+        meters.append(meter)
+        observe(meter)
+
     request_logger.addHandler(capture)
+    metrics.observe = keep_meter  # on the instance, for the two requests only
     try:
         for _ in range(2):  # the second one is a warm request (no model load), like the served ones
             r = client.post(TXT2IMG, json=payload(size, steps))
     finally:
+        del metrics.observe
         request_logger.removeHandler(capture)
         set_request_id("-")
-    if r.status_code != 200 or not capture.fields:
+    if r.status_code != 200 or not capture.fields or not meters:
         raise RuntimeError(f"in-process {TXT2IMG} -> {r.status_code}, {len(capture.fields)} request-log line(s)")
     fields = capture.fields[-1]
-    names = {f.name for f in dataclass_fields(metering.RequestMeter)}
-    meter = metering.RequestMeter(**{k: v for k, v in fields.items() if k in names})
+    # The warm request's meter as its log line describes it: without its charge, as in the runs recorded before
+    # (they rebuilt the meter from the logged fields), so that the figures stay comparable.
+    meter = dataclasses.replace(meters[-1], charge=None, recorded=False)
     log.info("in-process meter from a real %dx%d@%d txt2img: generation %.1f ms, total %.1f ms", size, size, steps,
              (meter.generation_seconds or 0) * 1000, (meter.total_seconds or 0) * 1000)
-
-    metrics = service.metrics
+    _check_log_request(meters[-1], capture)
 
     def metrics_part() -> None:
         metrics.request_started()
         metrics.observe(meter)
 
     def log_part() -> None:
-        metering.log_request(meter, with_prompts=False)
+        log_request(meter)
 
     def fields_part() -> None:
         meter.fields(with_prompts=False)
@@ -468,8 +494,7 @@ def run(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
     # wholly above the target (a cost the in-process timing does not see), not by its noise.
     result["targets"]["pass"] = bool(result["targets"]["micro_pass"]
                                      and not any(result["targets"]["served_clearly_above"].values()))
-    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["wall_s"] = round(time.perf_counter() - started, 1)
+    finish(result, time.perf_counter() - started)
     return result
 
 
@@ -477,13 +502,9 @@ def run(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
 # report
 
 
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def _served_verdict(entry: dict[str, Any]) -> str:
     """PASS/FAIL of the median, and whether the interval reaches across the target."""
-    return _verdict(entry["pass"]) + ("" if entry["conclusive"] else " (within noise)")
+    return verdict(entry["pass"]) + ("" if entry["conclusive"] else " (within noise)")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -496,10 +517,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
-        f"**Result: {_verdict(targets['pass'])}** (target: metrics + request log < {targets['overhead_pct_max']:g} % "
+        f"**Result: {verdict(targets['pass'])}** (target: metrics + request log < {targets['overhead_pct_max']:g} % "
         f"of the request latency). In-process: {micro['per_request_us']['both']:.1f} µs per request = "
         f"{targets['micro_pct_of_smallest']:.3f} % of the {targets['smallest_size']}x{targets['smallest_size']} "
-        f"request: {_verdict(targets['micro_pass'])}. Served A/B: "
+        f"request: {verdict(targets['micro_pass'])}. Served A/B: "
         + "; ".join(f"{s}x{s}@{e['steps']} {e['overhead_pct']:+.2f} % ({e['overhead_pct_interval'][0]:+.2f} .. "
                     f"{e['overhead_pct_interval'][1]:+.2f}): {_served_verdict(e)}" for s, e in sizes.items())
         + ". The in-process figure decides; the served A/B would overrule it only with an interval wholly above "
@@ -509,24 +530,22 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Served A/B: model {c['model']} (random weights), sampler {c['sampler']}, CFG {c['cfg_scale']}, seed "
         f"{c['seed']}; `on` = defaults (metrics, request log to a file), `off` = "
-        + " ".join(f"`{k}={v}`" for k, v in c["off_env"])
+        + env_pairs(c["off_env"], " ")
         + f"; {c['rounds']} rounds, each with a block of N requests per size to each server (first server "
         f"alternating; N and the total timed per server in the table), after {c['warmup_requests']} untimed "
         "requests per server and size."
-        + (" Both servers: " + ", ".join(f"`{k}={v}`" for k, v in c["server_env"]) + "."
-           if c.get("server_env") else ""),
+        + (" Both servers: " + env_pairs(c["server_env"]) + "." if c.get("server_env") else ""),
         "",
-        "| size | steps | N x rounds | on median ms | off median ms | overhead ms | overhead % | 95 % interval % "
-        "| on / off | on p95 ms | off p95 ms | < 2 % |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        *table(["size", "steps", "N x rounds", "on median ms", "off median ms", "overhead ms", "overhead %",
+                "95 % interval %", "on / off", "on p95 ms", "off p95 ms", "< 2 %"],
+               ([f"{size}x{size}", e["steps"], f"{e['requests_per_block']} x {c['rounds']}",
+                 f"{e['on']['median_ms']:.1f}", f"{e['off']['median_ms']:.1f}", f"{e['overhead_ms']:+.2f}",
+                 f"{e['overhead_pct']:+.2f}",
+                 f"{e['overhead_pct_interval'][0]:+.2f} .. {e['overhead_pct_interval'][1]:+.2f}",
+                 f"{e['on_over_off']:.4f}", f"{e['on']['p95_ms']:.1f}", f"{e['off']['p95_ms']:.1f}",
+                 _served_verdict(e)] for size, e in sizes.items()),
+               "lrrrrrrlrrrl"),
     ]
-    for size, e in sizes.items():
-        lo, hi = e["overhead_pct_interval"]
-        lines.append(
-            f"| {size}x{size} | {e['steps']} | {e['requests_per_block']} x {c['rounds']} "
-            f"| {e['on']['median_ms']:.1f} | {e['off']['median_ms']:.1f} "
-            f"| {e['overhead_ms']:+.2f} | {e['overhead_pct']:+.2f} | {lo:+.2f} .. {hi:+.2f} | {e['on_over_off']:.4f} "
-            f"| {e['on']['p95_ms']:.1f} | {e['off']['p95_ms']:.1f} | {_served_verdict(e)} |")
     lines += [
         "",
         "The interval is a 95 % bootstrap over single requests (it leaves out any steady difference between the two "
@@ -539,13 +558,11 @@ def markdown(result: dict[str, Any]) -> str:
            if any(stab["outlier_blocks"].values()) else "")
         + (" - UNSTABLE, rerun on a quiet machine" if stab["disturbed"] else "") + ".",
         "",
-        "| size | on/off per round | on block medians ms | off block medians ms |",
-        "|---|---|---|---|",
+        *table(["size", "on/off per round", "on block medians ms", "off block medians ms"],
+               ([f"{size}x{size}", ", ".join(f"{x:.3f}" for x in e["round_ratios"]),
+                 ", ".join(f"{x:.1f}" for x in e["on"]["block_medians_ms"]),
+                 ", ".join(f"{x:.1f}" for x in e["off"]["block_medians_ms"])] for size, e in sizes.items())),
     ]
-    for size, e in sizes.items():
-        lines.append(f"| {size}x{size} | {', '.join(f'{x:.3f}' for x in e['round_ratios'])} "
-                     f"| {', '.join(f'{x:.1f}' for x in e['on']['block_medians_ms'])} "
-                     f"| {', '.join(f'{x:.1f}' for x in e['off']['block_medians_ms'])} |")
     pct_cols = list(micro["pct_of_served_off_median"])
     labels = {"metrics": "metrics (`request_started` + `observe`)",
               "request_log": "request log line (`log_request`, JSON to os.devnull)",
@@ -556,15 +573,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"In-process, per request (median of {micro['batches']} batches of {micro['calls_per_batch']} calls), "
         "and as % of each size's served median (`off`):",
         "",
-        "| part | µs per request | " + " | ".join(f"% of {s}x{s} ({sizes[s]['off']['median_ms']:.1f} ms)"
-                                              for s in pct_cols) + " |",
-        "|---|---:|" + "---:|" * len(pct_cols),
+        *table(["part", "µs per request", *(f"% of {s}x{s} ({sizes[s]['off']['median_ms']:.1f} ms)" for s in pct_cols)],
+               (_micro_row(label, micro["per_request_us"][key], [sizes[s] for s in pct_cols])
+                for key, label in labels.items()),
+               "lr" + "r" * len(pct_cols)),
     ]
-    for key, label in labels.items():
-        us = micro["per_request_us"][key]
-        lines.append(f"| {label} | {us:.1f} | "
-                     + " | ".join(f"{us / (sizes[s]['off']['median_ms'] * 1000.0) * 100.0:.3f}" for s in pct_cols)
-                     + " |")
     lines += [
         "",
         f"`/metrics` render with demo-sd15 in the cache: {micro['render_ms']:.2f} ms per scrape "
@@ -573,6 +586,11 @@ def markdown(result: dict[str, Any]) -> str:
         "Checks (a failed one makes the exit status 1): " + "; ".join(_check_lines(checks)) + ".",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _micro_row(label: str, us: float, sizes: list[dict[str, Any]]) -> list[str]:
+    """A part's µs per request, and as % of each size's served median (`off`)."""
+    return [label, f"{us:.1f}", *(f"{us / (e['off']['median_ms'] * 1000.0) * 100.0:.3f}" for e in sizes)]
 
 
 def _check_lines(checks: dict[str, Any]) -> list[str]:
@@ -589,19 +607,6 @@ def _check_lines(checks: dict[str, Any]) -> list[str]:
         f"({'OK' if in_flight['ok'] else 'expected 1, the scrape itself'})",
         f"`GET /metrics` on `off`: {off['status']} ({'OK' if off['ok'] else 'expected 404'})",
     ]
-
-
-def _parse_shapes(text: str, default_steps: int, default_requests: int) -> tuple[Shape, ...]:
-    """`SIZE[@STEPS][:N]` items, comma-separated: `64@1:32,256@8`; the defaults fill what an item leaves out."""
-    shapes = []
-    for item in text.split(","):
-        if not item.strip():
-            continue
-        head, _, requests = item.strip().partition(":")
-        size, _, steps = head.partition("@")
-        shapes.append(Shape(int(size), int(steps) if steps else default_steps,
-                            int(requests) if requests else default_requests))
-    return tuple(shapes)
 
 
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path | None, Path | None, str]:
@@ -625,11 +630,10 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path | None, Path |
     add_output_arguments(p)
     a = p.parse_args(argv)
     try:
-        shapes = _parse_shapes(a.sizes, a.steps, a.requests)
+        shapes = parse_shapes(a.sizes, a.steps, a.requests)
     except ValueError:
         p.error("--sizes: comma-separated SIZE[@STEPS][:N] integers")
-    if (not shapes or any(s.size < 64 or s.size % 8 or s.steps < 1 or s.requests < 1 for s in shapes)
-            or len({s.size for s in shapes}) != len(shapes)):
+    if not shapes_valid(shapes):
         p.error("--sizes: distinct multiples of 8, at least 64, with at least 1 step and 1 request")
     if min(a.rounds, a.requests, a.steps, a.micro_batches, a.micro_calls) < 1 or a.warmup_requests < 1 or (
             a.threads is not None and a.threads < 1):

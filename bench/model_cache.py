@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cli import add_output_arguments, machine_line, result_header, run_benchmark
+from bench.harness.cli import add_output_arguments, run_benchmark
+from bench.harness.report import finish, machine_line, result_header, table
 
 log = logging.getLogger("bench.model_cache")
 
@@ -67,10 +68,6 @@ class BenchConfig:
 
 
 QUICK = {"switches": 3, "cold_repeats": 1, "mount_repeats": 1}
-
-
-def _median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
 
 
 def _io() -> dict[str, int]:
@@ -150,12 +147,12 @@ def switch_cost(cfg: BenchConfig, store: Any, device: str, dtype: str) -> dict[s
         r = out[model]
         r["hit_ms"] = hits[model]
         r["bytes"] = sizes[model]
-        r["miss_median_ms"] = _median(r["miss_ms"])
-        r["hit_median_ms"] = _median(r["hit_ms"])
+        r["miss_median_ms"] = float(statistics.median(r["miss_ms"]))
+        r["hit_median_ms"] = float(statistics.median(r["hit_ms"]))
         r["miss_over_hit"] = r["miss_median_ms"] / max(r["hit_median_ms"], 1e-6)
         if host[model]:
             r["host_hit_ms"] = host[model]
-            r["host_hit_median_ms"] = _median(host[model])
+            r["host_hit_median_ms"] = float(statistics.median(host[model]))
             r["miss_over_host_hit"] = r["miss_median_ms"] / r["host_hit_median_ms"]
     return out
 
@@ -224,7 +221,7 @@ def slow_mount(cfg: BenchConfig, path: Path, device: str, dtype: str, work: Path
     shutil.rmtree(local, ignore_errors=True)
     model = mount_model(path, cfg)
     out: dict[str, Any] = {"file": path.name, "model": model, "runs": runs, "simulated": {}}
-    measured = {w: _median([x["wall_s"] for x in runs[w]]) for w in WAYS}
+    measured = {w: float(statistics.median([x["wall_s"] for x in runs[w]])) for w in WAYS}
     out["measured_median_s"] = measured
     for rtt in cfg.rtt_ms:
         lat = rtt / 1000
@@ -266,9 +263,18 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
         path = mount_file(cfg, ckpt_dir, data)
         log.info("slow mount: %s (%.0f MiB)", path.name, path.stat().st_size / 2**20)
         result["mount"] = slow_mount(cfg, path, device, dtype, Path(tmp))
-    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["wall_s"] = round(time.perf_counter() - started, 1)
+    finish(result, time.perf_counter() - started)
     return result
+
+
+def _mount_row(way: str, m: dict[str, Any]) -> list[Any]:
+    """One way of loading from the mount: median and every wall time, the last run's phases and I/O."""
+    runs = m["runs"][way]
+    last = runs[-1]
+    ph = last["phases_s"]
+    return [way, f"{m['measured_median_s'][way]:.3f}", ", ".join(f"{x['wall_s']:.3f}" for x in runs),
+            f"{ph.get('copy', 0):.3f}", f"{ph.get('read_weights', 0):.3f}", f"{ph.get('to_device', 0):.3f}",
+            last.get("majflt", "-"), f"{last.get('read_bytes', 0) / 2**20:.1f}"]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -278,36 +284,29 @@ def markdown(result: dict[str, Any]) -> str:
              (f"Device {cfg['device']}, {cfg['dtype']}. Checkpoint switch through `PipelineCache.get` (medians; "
               f"miss = load from disk with a warm page cache, {cfg['cold_repeats']} per model; hit = "
               f"{cfg['switches']} switches per model with all models warm):"), "",
-             "| model | weights MiB | cold miss ms | cached hit ms | miss / hit | host hit ms | miss / host hit |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for model, r in result["switch"].items():
-        host = r.get("host_hit_median_ms")
-        host_text = "- | -" if host is None else f"{host:.1f} | {r['miss_over_host_hit']:.1f}"
-        lines.append(f"| {model} | {r['bytes'] / 2**20:.1f} | {r['miss_median_ms']:.1f} | {r['hit_median_ms']:.4f} | "
-                     f"{r['miss_over_hit']:,.0f} | {host_text} |")
+             *table(["model", "weights MiB", "cold miss ms", "cached hit ms", "miss / hit", "host hit ms",
+                     "miss / host hit"],
+                    ([model, f"{r['bytes'] / 2**20:.1f}", f"{r['miss_median_ms']:.1f}", f"{r['hit_median_ms']:.4f}",
+                      f"{r['miss_over_hit']:,.0f}",
+                      *(("-", "-") if r.get("host_hit_median_ms") is None else
+                        (f"{r['host_hit_median_ms']:.1f}", f"{r['miss_over_host_hit']:.1f}"))]
+                     for model, r in result["switch"].items()),
+                    "lrrrrrr")]
     m = result["mount"]
     model = m["model"]
     lines += ["", (f"Slow mount: `{m['file']}` ({model['file_bytes'] / 2**20:.1f} MiB, {model['tensors']} tensors), "
                    f"page cache dropped before each run, {cfg['mount_repeats']} run(s) per way. Measured on local "
                    "disk:"), "",
-              "| way | wall s (median) | runs s | copy s | read_weights s | to_device s | major faults | read MiB |",
-              "|---|---:|---|---:|---:|---:|---:|---:|"]
-    for way in WAYS:
-        runs = m["runs"][way]
-        last = runs[-1]
-        ph = last["phases_s"]
-        walls = ", ".join(f"{x['wall_s']:.3f}" for x in runs)
-        lines.append(f"| {way} | {m['measured_median_s'][way]:.3f} | {walls} | "
-                     f"{ph.get('copy', 0):.3f} | {ph.get('read_weights', 0):.3f} | {ph.get('to_device', 0):.3f} | "
-                     f"{last.get('majflt', '-')} | {last.get('read_bytes', 0) / 2**20:.1f} |")
+              *table(["way", "wall s (median)", "runs s", "copy s", "read_weights s", "to_device s", "major faults",
+                      "read MiB"], (_mount_row(way, m) for way in WAYS), "lrlrrrrr")]
     lines += ["", (f"Simulated network mount (model, see bench/README.md): {cfg['mount_mb_s']:g} MB/s, readahead "
                    f"{cfg['readahead_kib']} KiB; read requests: copy {model['copy_requests']}, mmap "
                    f"{model['mmap_requests_min']} (file order) to {model['mmap_requests_max']} (per tensor):"), "",
-              "| RTT ms | copy-then-load s | mmap load s (min .. max) | mmap / copy (min .. max) |",
-              "|---:|---:|---:|---:|"]
-    for rtt, s in m["simulated"].items():
-        lines.append(f"| {rtt} | {s['copy_s']:.2f} | {s['mmap_min_s']:.2f} .. {s['mmap_max_s']:.2f} | "
-                     f"{s['mmap_over_copy_min']:.2f} .. {s['mmap_over_copy_max']:.2f} |")
+              *table(["RTT ms", "copy-then-load s", "mmap load s (min .. max)", "mmap / copy (min .. max)"],
+                     ([rtt, f"{s['copy_s']:.2f}", f"{s['mmap_min_s']:.2f} .. {s['mmap_max_s']:.2f}",
+                       f"{s['mmap_over_copy_min']:.2f} .. {s['mmap_over_copy_max']:.2f}"]
+                      for rtt, s in m["simulated"].items()),
+                     "rrrr")]
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@ Method. In-process apps from `create_app(Settings(...))`, one per config, all on
 | `off` (baseline) | `record_requests=False`: no ledger, no image records, no database |
 | `sqlite` | a fresh SQLite file in the run's temp folder (WAL, synchronous=FULL: handler.records.db's defaults) |
 | `sqlite+b64` | the same with `save_images_to_db=True` (each PNG's base64 in `generated_images`) |
-| `mariadb` | a fresh database on a MariaDB server the benchmark starts (bench/mariadb.py), over TCP to 127.0.0.1 |
+| `mariadb` | a fresh database on a MariaDB server the benchmark starts (bench/harness/mariadb.py), over TCP to 127.0.0.1 |
 | `mariadb+b64` | the same with `save_images_to_db=True` (a second fresh database) |
 
 The MariaDB server runs with its defaults (InnoDB, redo log flushed at every commit) plus `--mysql-arg`s;
@@ -76,7 +76,6 @@ import argparse
 import contextlib
 import gc
 import logging
-import os
 import random
 import statistics
 import sys
@@ -90,11 +89,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from bench.cli import add_output_arguments, machine_line, result_header, run_benchmark
-from bench.metrics_overhead import quiet_app_loggers
-from bench.serving_overhead import (
+from bench.harness.cli import add_output_arguments, run_benchmark
+from bench.harness.report import finish, machine_line, result_header, table
+from bench.harness.server import (
     CFG_SCALE,
-    DISTURBED_SPREAD,
     MODEL,
     PROMPT,
     SAMPLER,
@@ -102,13 +100,22 @@ from bench.serving_overhead import (
     TXT2IMG,
     ensure_data,
     payload,
+    quiet_app_loggers,
+)
+from bench.harness.stats import (
+    BOOTSTRAP_RESAMPLES,
+    DISTURBED_SPREAD,
+    block_medians,
+    bootstrap_interval,
+    median_difference,
+    spread,
+    summary,
 )
 
 log = logging.getLogger("bench.records_overhead")
 
 BASELINE = "off"
 PRICE_CPU = "0.002"  # per second of generation: every request is priced, in every config
-BOOTSTRAP_RESAMPLES = 2000
 STABILITY_BLOCKS = 4
 LEDGER_CALLS = ("claim", "record_success", "record_failure")
 ID_HEADERS = {"idempotency-key": "Idempotency-Key", "fc-request-id": "x-fc-request-id"}  # --request-id -> header
@@ -235,29 +242,11 @@ class PricingTimer:
 # statistics
 
 
-def _p90(samples: list[float]) -> float:
-    return statistics.quantiles(samples, n=10, method="inclusive")[8] if len(samples) > 1 else samples[0]
-
-
-def _summary(samples: list[float]) -> dict[str, float]:
-    return {"median_ms": round(statistics.median(samples), 3), "p90_ms": round(_p90(samples), 3),
-            "min_ms": round(min(samples), 3), "max_ms": round(max(samples), 3)}
-
-
 def bootstrap_diff_interval(config: list[float], base: list[float], *, resamples: int = BOOTSTRAP_RESAMPLES,
                             seed: int = 0) -> tuple[float, float]:
-    """95 % interval of median(config) - median(base), in ms, by resampling each side independently."""
-    rng = random.Random(seed)
-    diffs = sorted(statistics.median(rng.choices(config, k=len(config)))
-                   - statistics.median(rng.choices(base, k=len(base))) for _ in range(resamples))
-    return round(diffs[int(0.025 * (resamples - 1))], 3), round(diffs[int(0.975 * (resamples - 1))], 3)
-
-
-def block_medians(samples: list[float], blocks: int = STABILITY_BLOCKS) -> list[float]:
-    """Medians of `samples` cut into `blocks` consecutive parts (fewer when there are fewer samples)."""
-    blocks = max(1, min(blocks, len(samples)))
-    size = len(samples) / blocks
-    return [round(statistics.median(samples[round(i * size):round((i + 1) * size)]), 3) for i in range(blocks)]
+    """95 % interval of median(config) - median(base), in ms, by resampling each side independently; seeded."""
+    low, high = bootstrap_interval(config, base, median_difference, resamples=resamples, seed=seed)
+    return round(low, 3), round(high, 3)
 
 
 def summarize(cfg: BenchConfig, configs: list[Config]) -> dict[str, Any]:
@@ -270,14 +259,14 @@ def summarize(cfg: BenchConfig, configs: list[Config]) -> dict[str, Any]:
     for c in configs:
         median = statistics.median(c.total_ms)
         paired = [a - b for a, b in zip(c.total_ms, base.total_ms)]
-        blocks = block_medians(c.total_ms)
-        spread = max(blocks) / min(blocks)
-        if spread > worst[0]:
-            worst = (spread, c.name)
+        blocks = block_medians(c.total_ms, STABILITY_BLOCKS)
+        blocks_spread = spread(blocks)
+        if blocks_spread > worst[0]:
+            worst = (blocks_spread, c.name)
         entry: dict[str, Any] = {
             "database": c.database, "base64": c.base64, "requests": len(c.total_ms),
-            "total": _summary(c.total_ms), "ledger": _summary(c.ledger_ms),
-            "rest": _summary([t - led for t, led in zip(c.total_ms, c.ledger_ms)]),
+            "total": summary(c.total_ms, tail=90), "ledger": summary(c.ledger_ms, tail=90),
+            "rest": summary([t - led for t, led in zip(c.total_ms, c.ledger_ms)], tail=90),
             "pricing_us_median": round(statistics.median(c.pricing_us), 2),
             "block_medians_ms": blocks,
             "samples_ms": [round(x, 3) for x in c.total_ms],
@@ -405,22 +394,28 @@ def _timed_rounds(cfg: BenchConfig, configs: list[Config], clients: dict[str, An
                      ", ".join(f"{c.name} {statistics.median(c.total_ms):.1f}" for c in configs))
 
 
+# This run's rows, in the tables the app's migrations create (`ledger`: one row per generation request, `status`
+# succeeded | failed; `generated_images`: one row per image, its base64 in `image_base64` when kept). Plain SQL on
+# the config's database URL: the bench reads the records as any client of the database would.
+COUNT_SQL = {
+    "ledger_rows": "SELECT COUNT(*) FROM ledger WHERE request_id LIKE :mine AND status = 'succeeded'",
+    "image_rows": "SELECT COUNT(*) FROM generated_images WHERE request_id LIKE :mine",
+    "image_rows_with_base64": "SELECT COUNT(*) FROM generated_images WHERE request_id LIKE :mine "
+                              "AND image_base64 IS NOT NULL",
+}
+
+
 def count_rows(c: Config, prefix: str) -> dict[str, int]:
-    """This run's rows in a config's database, read with plain SQL through its engine."""
-    from sqlalchemy import func, select
+    """This run's rows in a config's database, read with plain SQL on its URL."""
+    from sqlalchemy import create_engine, text
 
-    from handler.records.db import generated_images, ledger
-
-    db = c.app.extensions["sdfunc"].db
-    mine = f"{prefix}-{c.name}-%"
-    with db.engine.connect() as conn:
-        rows = conn.execute(select(func.count()).select_from(ledger).where(
-            ledger.c.request_id.like(mine), ledger.c.status == "succeeded")).scalar_one()
-        images = conn.execute(select(func.count()).select_from(generated_images).where(
-            generated_images.c.request_id.like(mine))).scalar_one()
-        with_b64 = conn.execute(select(func.count()).select_from(generated_images).where(
-            generated_images.c.request_id.like(mine), generated_images.c.image_base64.is_not(None))).scalar_one()
-    return {"ledger_rows": int(rows), "image_rows": int(images), "image_rows_with_base64": int(with_b64)}
+    engine = create_engine(c.url)
+    try:
+        with engine.connect() as conn:
+            return {key: int(conn.execute(text(sql), {"mine": f"{prefix}-{c.name}-%"}).scalar_one())
+                    for key, sql in COUNT_SQL.items()}
+    finally:
+        engine.dispose()  # before the MariaDB server stops
 
 
 def make_checks(cfg: BenchConfig, configs: list[Config], prefix: str) -> dict[str, Any]:
@@ -462,7 +457,7 @@ def mariadb_urls(cfg: BenchConfig, configs_wanted: int) -> Iterator[tuple[list[s
         yield [cfg.mysql_url] * configs_wanted, {"available": True, "server": "external",
                                                  "url": _redact(cfg.mysql_url)}
         return
-    from bench.mariadb import MariaDB, find_server
+    from bench.harness.mariadb import MariaDB, find_server
 
     if find_server() is None:
         reason = "mariadb-server is not installed (mariadbd, mariadb-install-db, mariadb)"
@@ -487,9 +482,9 @@ def _redact(url: str | None) -> str | None:
     """A database URL with its password hidden (results and commands are published)."""
     if url is None:
         return None
-    from handler.records.db import redact
+    from sqlalchemy.engine import make_url
 
-    return redact(url)
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def redact_args(args: list[str]) -> list[str]:
@@ -577,8 +572,7 @@ def run(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
                     "work; --request-id fc-request-id measures records without the images", ", ".join(unasked),
                     cfg.request_id)
     result["summary"] = summarize(cfg, configs)
-    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["wall_s"] = round(time.perf_counter() - started, 1)
+    finish(result, time.perf_counter() - started)
     log_table(result)
     return result
 
@@ -644,9 +638,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{c['warmup_requests']} untimed requests per config; request log off, metrics on and a CPU price in every "
         f"config; one shared device thread and pipeline. {mysql}. SQLite: WAL, synchronous=FULL.",
         "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|---|" + "---:|" * (len(HEADERS) - 1),
-        *("| " + " | ".join(r) + " |" for r in _rows(result)),
+        *table(HEADERS, _rows(result), "l" + "r" * (len(HEADERS) - 1)),
         "",
         "`total`: the whole test-client call; `ledger`: time inside `ledger.claim` (enter and exit) + "
         "`ledger.record_success`, timed directly; overhead = median total - median total of `off`; the interval "

@@ -41,45 +41,45 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
+import inspect
 import json
 import logging
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+import typing
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cli import (
-    add_output_arguments,
-    machine_line,
-    parse_server_env,
-    result_header,
-    run_benchmark,
+from bench.harness.cli import add_output_arguments, parse_server_env, run_benchmark
+from bench.harness.report import env_pairs, finish, machine_line, result_header, table, verdict
+from bench.harness.server import (
+    CFG_SCALE,
+    MODEL,
+    PROMPT,
+    SAMPLER,
+    SEED,
+    TXT2IMG,
+    Server,
+    decode_first_image,
+    ensure_data,
+    max_pixel_diff,
+    payload,
+    post_txt2img,
+    running_server,
 )
+from bench.harness.stats import DISTURBED_SPREAD, median, ms, spread
 
 log = logging.getLogger("bench.serving_overhead")
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = "demo-sd15"
-PROMPT = "a red house by a lake, oil painting"
-SEED = 1234
-SAMPLER = "Euler"
-CFG_SCALE = 7.0
 MODES = ("direct", "generate", "app", "served")
 TARGET_PCT = 5.0  # overhead at 256x256, percent of the direct latency
 TARGET_PCT_SIZE = 256
 TARGET_MS = 30.0  # overhead at every size, milliseconds
-TXT2IMG = "/sdapi/v1/txt2img"
-DISTURBED_SPREAD = 1.25  # slowest / fastest block median of one way and size above this: the run was disturbed
 
 
 @dataclass
@@ -96,199 +96,6 @@ class BenchConfig:
     stage_repeats: int = 20  # repeats of each in-process stage micro-timing
     server_timeout: float = 240.0  # seconds a server may take to answer /health (and READY)
     server_env: tuple[tuple[str, str], ...] = ()  # extra environment for the servers (A/B of a setting)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# small helpers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)
-
-
-def _median(values: list[float]) -> float:
-    return round(statistics.median(values), 3)
-
-
-def payload(size: int, steps: int) -> dict[str, Any]:
-    """The txt2img request every served/app call sends (the A1111 API's defaults otherwise)."""
-    return {"prompt": PROMPT, "negative_prompt": "", "steps": steps, "width": size, "height": size, "seed": SEED,
-            "sampler_name": SAMPLER, "cfg_scale": CFG_SCALE, "batch_size": 1, "n_iter": 1}
-
-
-def _decode_first_image(body: dict[str, Any]):
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
-    image.load()
-    return image
-
-
-def _max_pixel_diff(a, b) -> int:
-    import numpy as np
-
-    if a.size != b.size:
-        return 255
-    pixels_a = np.asarray(a.convert("RGB"), dtype=np.int16)
-    return int(np.abs(pixels_a - np.asarray(b.convert("RGB"), dtype=np.int16)).max())
-
-
-def ensure_data(data: Path) -> Path:
-    """`data/models/Stable-diffusion/demo-sd15.safetensors`, written by `sdfunc demo-models` when missing.
-
-    In a subprocess on purpose: torch work on this process's main thread would grow a second OpenMP pool
-    beside the device thread's, which makes every in-process generation 2-3x slower on CPU."""
-    checkpoints = data / "models" / "Stable-diffusion"
-    path = checkpoints / f"{MODEL}.safetensors"
-    if not path.exists():
-        log.info("writing the demo checkpoints into %s", checkpoints)
-        subprocess.run([sys.executable, "-m", "handler.cli", "demo-models", "--data", str(data)], check=True)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the server under test
-
-
-class Server:
-    """`python -m handler.cli serve` on a free loopback port, in its own process group, logging to a file."""
-
-    def __init__(self, data: Path, workdir: Path, *, warmup: bool, threads: int, name: str,
-                 extra_env: tuple[tuple[str, str], ...] = ()) -> None:
-        self.data = data
-        self.extra_env = dict(extra_env)
-        self.workdir = workdir
-        self.warmup = warmup
-        self.threads = threads
-        self.name = name
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / f"server-{name}.log"
-        self.proc: subprocess.Popen | None = None
-        self.started_at = 0.0
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SDFUNC_")}
-        env.update(
-            HOME=str(self.workdir), OMP_NUM_THREADS=str(self.threads),
-            SDFUNC_WARMUP__ON_START="true" if self.warmup else "false", SDFUNC_LOG_JSON="true",
-            SDFUNC_DEFAULT_CHECKPOINT=MODEL,
-        )
-        env.update(self.extra_env)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-        return env
-
-    def start(self) -> float:
-        """Start the process; returns the `perf_counter` at `Popen`."""
-        argv = [sys.executable, "-m", "handler.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                "--data", str(self.data)]
-        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(argv, cwd=self.workdir, env=self.env(), stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        log.info("started server %s (pid %d, warm-up %s) on %s", self.name, self.proc.pid,
-                 "on" if self.warmup else "off", self.url)
-        return self.started_at
-
-    def _log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
-    def wait_health(self, session, *, until: tuple[str, ...] | None, timeout: float) -> tuple[float, str]:
-        """Poll /health every 20 ms until it answers (and, with `until`, until its status is one of those).
-        Returns (seconds since `Popen`, status)."""
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"server {self.name} exited early:\n{self._log_tail()}")
-            try:
-                r = session.get(f"{self.url}/health", timeout=2)
-                if r.status_code == 200:
-                    status = r.json().get("status", "?")
-                    if status == "SETUP_FAILED":
-                        raise RuntimeError(f"server {self.name} warm-up failed:\n{self._log_tail()}")
-                    if until is None or status in until:
-                        return time.perf_counter() - self.started_at, status
-            except requests.RequestException:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"server {self.name} did not answer /health in {timeout:.0f} s:\n{self._log_tail()}")
-
-    def worker_thread_cpu(self) -> list[dict[str, Any]] | None:
-        """CPU seconds of each thread of the gunicorn worker that used more than 0.5 s (Linux /proc; None
-        elsewhere). Generation on several HTTP threads shows as several busy threads (each with its own
-        OpenMP team); one generation thread shows as one plus its OpenMP helpers."""
-        if self.proc is None:
-            return None
-        try:
-            tick = os.sysconf("SC_CLK_TCK")
-            workers = [int(d) for d in os.listdir("/proc") if d.isdigit()
-                       and _proc_stat(Path("/proc", d, "stat"))[1] == self.proc.pid]
-            threads = []
-            for pid in workers:
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    fields = _proc_stat(Path(f"/proc/{pid}/task/{tid}/stat"))[0]
-                    cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-                    if cpu > 0.5:
-                        threads.append({"tid": int(tid), "cpu_s": round(cpu, 1)})
-        except (OSError, ValueError, IndexError):
-            return None
-        return sorted(threads, key=lambda t: -t["cpu_s"])
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        stop_process_group(self.proc)
-        self._log_file.close()
-        log.info("stopped server %s", self.name)
-        self.proc = None
-
-
-def stop_process_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group led by `proc` (gunicorn drains), SIGKILL it after 30 s."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
-def _proc_stat(path: Path) -> tuple[list[str], int]:
-    """The fields of a /proc stat file after the command name, and the parent pid."""
-    fields = path.read_text().rsplit(")", 1)[1].split()
-    return fields, int(fields[1])
-
-
-@contextmanager
-def running_server(data: Path, workdir: Path, *, warmup: bool, threads: int, name: str,
-                   extra_env: tuple[tuple[str, str], ...] = ()) -> Iterator[Server]:
-    server = Server(data, workdir, warmup=warmup, threads=threads, name=name, extra_env=extra_env)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def post_txt2img(session, url: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    """One served call: (milliseconds until the whole body arrived, parsed body). Non-200 raises."""
-    started = time.perf_counter()
-    r = session.post(url + TXT2IMG, json=body, timeout=600)
-    elapsed = time.perf_counter() - started
-    if r.status_code != 200:
-        raise RuntimeError(f"POST {TXT2IMG} -> {r.status_code}: {r.text[:500]}")
-    return _ms(elapsed), r.json()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -400,9 +207,9 @@ def build_ways(cfg: BenchConfig, data: Path, checkpoint: Path, server: Server, s
 def _as_image(result: Any):
     """The first image of whatever a way returned (PIL image, Flask response or requests response)."""
     if hasattr(result, "get_json"):
-        return _decode_first_image(result.get_json())
+        return decode_first_image(result.get_json())
     if hasattr(result, "json"):
-        return _decode_first_image(result.json())
+        return decode_first_image(result.json())
     return result
 
 
@@ -416,7 +223,7 @@ def run_blocks(cfg: BenchConfig, ways: Ways) -> tuple[dict[str, dict[int, list[l
     same: dict[int, int] = {}
     for size in cfg.sizes:
         images = {name: _as_image(ways[name][size]()) for name in MODES}  # untimed warm-up
-        same[size] = max(_max_pixel_diff(images["direct"], images[name]) for name in MODES)
+        same[size] = max(max_pixel_diff(images["direct"], images[name]) for name in MODES)
         set_request_id("-")  # the in-process app bound its request id to this thread
         log.info("warm-up %dx%d done; largest pixel difference between the ways: %d", size, size, same[size])
     samples: dict[str, dict[int, list[list[float]]]] = {m: {s: [] for s in cfg.sizes} for m in MODES}
@@ -430,7 +237,7 @@ def run_blocks(cfg: BenchConfig, ways: Ways) -> tuple[dict[str, dict[int, list[l
                 for _ in range(cfg.repeats):
                     started = time.perf_counter()
                     call()
-                    block.append(_ms(time.perf_counter() - started))
+                    block.append(ms(time.perf_counter() - started))
                 samples[name][size].append(block)
                 set_request_id("-")
                 log.info("round %d %-8s %4dx%-4d median %.1f ms", r + 1, name, size, size, statistics.median(block))
@@ -441,14 +248,32 @@ def run_blocks(cfg: BenchConfig, ways: Ways) -> tuple[dict[str, dict[int, list[l
 # where the overhead goes: in-process stage timings on the real objects
 
 
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of `repeats` calls of `fn`, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def request_body_model(app: Any, path: str) -> Any:
+    """The pydantic model the app validates the JSON body of `POST path` with. flask-openapi3 validates a view's
+    `body` argument by its annotation, so the route's own signature names it; the bench takes it from the app
+    (it does not import the handler's contract) and times the very validation the route runs."""
+    endpoint = next(rule.endpoint for rule in app.url_map.iter_rules()
+                    if rule.rule == path and "POST" in (rule.methods or ()))
+    return typing.get_type_hints(inspect.unwrap(app.view_functions[endpoint]))["body"]
+
+
 def stage_timings(cfg: BenchConfig, model: Any, client: Any, size: int) -> dict[str, float]:
     """Median milliseconds of each step the served path adds around the pipeline call, at `size`, timed on
     the objects of a real in-process response (its image, infotext and JSON body)."""
     import diffusers
     from flask import json as flask_json
 
-    from handler.contract.images import b64
-    from handler.contract.schemas import Txt2ImgRequest
     from pipelines.cache import assemble_pipeline
     from pipelines.infotext import png_bytes
     from pipelines.samplers import build_scheduler, resolve_sampler
@@ -456,28 +281,21 @@ def stage_timings(cfg: BenchConfig, model: Any, client: Any, size: int) -> dict[
     raw_request = json.dumps(payload(size, cfg.steps))
     r = client.post(TXT2IMG, data=raw_request, content_type="application/json")
     response = r.get_json()
-    image = _decode_first_image(response).convert("RGB")
+    image = decode_first_image(response).convert("RGB")
     infotext = json.loads(response["info"])["infotexts"][0]
     png = png_bytes(image, infotext)
     base = model.pipe
+    request_model = request_body_model(client.application, TXT2IMG)
     steps: dict[str, Callable[[], Any]] = {
-        "validate_request": lambda: Txt2ImgRequest.model_validate_json(raw_request),
+        "validate_request": lambda: request_model.model_validate_json(raw_request),
         "build_scheduler": lambda: build_scheduler(resolve_sampler(SAMPLER), base.scheduler.config),
         "assemble_pipeline": lambda: assemble_pipeline(diffusers.StableDiffusionPipeline, base.components,
                                                        scheduler=base.scheduler),
         "png_encode": lambda: png_bytes(image, infotext),
-        "base64": lambda: b64(png),
+        "base64": lambda: base64.b64encode(png).decode("ascii"),  # what the app's encode path does
         "json_response": lambda: flask_json.dumps(response),
     }
-    out: dict[str, float] = {}
-    for name, fn in steps.items():
-        fn()
-        times = []
-        for _ in range(cfg.stage_repeats):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-        out[name] = round(statistics.median(times) * 1000.0, 4)
+    out = {name: round(_median_seconds(fn, cfg.stage_repeats) * 1000.0, 4) for name, fn in steps.items()}
     out["png_bytes"] = len(png)
     out["response_bytes"] = len(r.get_data())
     return out
@@ -486,17 +304,9 @@ def stage_timings(cfg: BenchConfig, model: Any, client: Any, size: int) -> dict[
 def http_floor(server: Server, session, client: Any, repeats: int) -> dict[str, float]:
     """Median ms of `GET /health` through gunicorn and through the in-process test client: the fixed cost
     of one HTTP exchange with no model work."""
-    out: dict[str, float] = {}
-    for name, call in (("served_health_ms", lambda: session.get(f"{server.url}/health", timeout=10)),
-                       ("app_health_ms", lambda: client.get("/health"))):
-        call()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - started)
-        out[name] = round(statistics.median(times) * 1000.0, 3)
-    return out
+    calls = (("served_health_ms", lambda: session.get(f"{server.url}/health", timeout=10)),
+             ("app_health_ms", lambda: client.get("/health")))
+    return {name: round(_median_seconds(call, repeats) * 1000.0, 3) for name, call in calls}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -511,7 +321,7 @@ def summarize(cfg: BenchConfig, samples: dict[str, dict[int, list[list[float]]]]
         for name in MODES:
             blocks = samples[name][size]
             flat = [x for block in blocks for x in block]
-            entry[name] = {"median_ms": _median(flat), "block_medians_ms": [_median(b) for b in blocks],
+            entry[name] = {"median_ms": median(flat), "block_medians_ms": [median(b) for b in blocks],
                            "min_ms": min(flat), "max_ms": max(flat), "samples_ms": flat}
         direct, served = entry["direct"]["median_ms"], entry["served"]["median_ms"]
         entry["overhead_ms"] = round(served - direct, 3)
@@ -526,7 +336,7 @@ def summarize(cfg: BenchConfig, samples: dict[str, dict[int, list[list[float]]]]
                                          if not k.endswith("_bytes")}
         entry["max_pixel_diff_vs_direct"] = same.get(size)
         per_size[str(size)] = entry
-    spreads = {f"{size}/{name}": round(max(e[name]["block_medians_ms"]) / min(e[name]["block_medians_ms"]), 3)
+    spreads = {f"{size}/{name}": round(spread(e[name]["block_medians_ms"]), 3)
                for size, e in per_size.items() for name in MODES}
     worst = max(spreads, key=spreads.get)
     in_process = max(v for k, v in spreads.items() if not k.endswith("/served"))
@@ -584,8 +394,7 @@ def run(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
         result["http_floor"] = http_floor(server, session, client, cfg.stage_repeats * 2)
         stages = {size: stage_timings(cfg, model, client, size) for size in cfg.sizes}
         result["overhead"] = summarize(cfg, samples, same, stages)
-    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["wall_s"] = round(time.perf_counter() - started, 1)
+    finish(result, time.perf_counter() - started)
     return result
 
 
@@ -596,6 +405,8 @@ def run(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     """The tables RESULTS.md carries, from a result dict."""
     m, c = result["machine"], result["config"]
+    sizes = result["overhead"]["sizes"]
+    stab = result["overhead"]["stability"]
     lines = [
         machine_line(result, f"torch threads {m['torch_threads']} in both processes (torch default here: {m['torch_default_threads']})"),
         "",
@@ -604,26 +415,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"Model {c['model']} (random weights), sampler {c['sampler']}, {c['steps']} steps, CFG {c['cfg_scale']}, "
         f"seed {c['seed']}; {c['rounds']} rounds x {c['repeats']} calls per way and size "
         f"({c['rounds'] * c['repeats']} timed calls each); medians."
-        + (" Server environment: " + ", ".join(f"`{k}={v}`" for k, v in c["server_env"]) + "."
-           if c.get("server_env") else ""),
+        + (" Server environment: " + env_pairs(c["server_env"]) + "." if c.get("server_env") else ""),
         "",
-        "| size | direct ms | generate() ms | app (test client) ms | served (gunicorn) ms | overhead ms "
-        "| overhead % | served / direct |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *table(["size", "direct ms", "generate() ms", "app (test client) ms", "served (gunicorn) ms", "overhead ms",
+                "overhead %", "served / direct"],
+               ([f"{size}x{size}", f"{e['direct']['median_ms']:.1f}", f"{e['generate']['median_ms']:.1f}",
+                 f"{e['app']['median_ms']:.1f}", f"{e['served']['median_ms']:.1f}", f"{e['overhead_ms']:+.1f}",
+                 f"{e['overhead_pct']:+.2f}", f"{e['served_over_direct']:.3f}"] for size, e in sizes.items()),
+               "lrrrrrrr"),
     ]
-    sizes = result["overhead"]["sizes"]
-    stab = result["overhead"]["stability"]
-    for size, e in sizes.items():
-        lines.append(
-            f"| {size}x{size} | {e['direct']['median_ms']:.1f} | {e['generate']['median_ms']:.1f} "
-            f"| {e['app']['median_ms']:.1f} | {e['served']['median_ms']:.1f} | {e['overhead_ms']:+.1f} "
-            f"| {e['overhead_pct']:+.2f} | {e['served_over_direct']:.3f} |"
-        )
     t = result["overhead"]["targets"]
-
-    def verdict(ok: bool | None) -> str:
-        return "n/a" if ok is None else ("PASS" if ok else "FAIL")
-
     pct = sizes.get(str(t["overhead_pct_size"]))
     worst_ms = max(e["overhead_ms"] for e in sizes.values())
     lines += [
@@ -637,29 +438,24 @@ def markdown(result: dict[str, Any]) -> str:
         f"x{stab['worst_spread']:.2f} ({stab['worst']}); in-process ways at most x{stab['in_process_worst_spread']:.2f}"
         + (" - UNSTABLE" if stab["disturbed"] else "") + ":",
         "",
-        "| size | way | block medians ms | min | max |",
-        "|---|---|---|---:|---:|",
+        *table(["size", "way", "block medians ms", "min", "max"],
+               ([f"{size}x{size}", name, ", ".join(f"{x:.1f}" for x in e[name]["block_medians_ms"]),
+                 f"{e[name]['min_ms']:.1f}", f"{e[name]['max_ms']:.1f}"] for size, e in sizes.items() for name in MODES),
+               "lllrr"),
     ]
-    for size, e in sizes.items():
-        for name in MODES:
-            w = e[name]
-            lines.append(f"| {size}x{size} | {name} | {', '.join(f'{x:.1f}' for x in w['block_medians_ms'])} "
-                         f"| {w['min_ms']:.1f} | {w['max_ms']:.1f} |")
+    stage_names = list(next(iter(sizes.values()))["stages_pct_of_direct"])
     lines += [
         "",
         "Where the overhead goes: layer differences of medians (noisy, can be negative), and single stages "
         "timed in-process on the real objects (median ms, and % of the direct latency):",
         "",
-        "| size | generate - direct | app - generate | served - app | "
-        + " | ".join(k for k in next(iter(sizes.values()))["stages_pct_of_direct"]) + " | PNG bytes |",
-        "|---|" + "---:|" * (3 + len(next(iter(sizes.values()))["stages_pct_of_direct"]) + 1),
+        *table(["size", "generate - direct", "app - generate", "served - app", *stage_names, "PNG bytes"],
+               ([f"{size}x{size}", f"{e['layers_ms']['generate_minus_direct']:+.1f}",
+                 f"{e['layers_ms']['app_minus_generate']:+.1f}", f"{e['layers_ms']['served_minus_app']:+.1f}",
+                 *(f"{e['stages_ms'][k]:.2f} ({v:.2f} %)" for k, v in e["stages_pct_of_direct"].items()),
+                 int(e["stages_ms"].get("png_bytes", 0))] for size, e in sizes.items()),
+               "l" + "r" * (3 + len(stage_names) + 1)),
     ]
-    for size, e in sizes.items():
-        layer = e["layers_ms"]
-        stage_cells = [f"{e['stages_ms'][k]:.2f} ({v:.2f} %)" for k, v in e["stages_pct_of_direct"].items()]
-        lines.append(f"| {size}x{size} | {layer['generate_minus_direct']:+.1f} | {layer['app_minus_generate']:+.1f} "
-                     f"| {layer['served_minus_app']:+.1f} | " + " | ".join(stage_cells)
-                     + f" | {int(e['stages_ms'].get('png_bytes', 0))} |")
     diffs = {size: e["max_pixel_diff_vs_direct"] for size, e in sizes.items()}
     lines += ["", "Same image in every way (largest pixel difference vs direct, per size): "
               + ", ".join(f"{s}x{s}: {d}" for s, d in diffs.items()) + "."]
@@ -672,24 +468,20 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Server worker threads that used > 0.5 s CPU during the run: {len(threads)} ("
                   + ", ".join(f"{t['cpu_s']:.0f} s" for t in threads) + ")."]
 
+    starts = [(label, result[key]) for key, label in (("cold_start", "warm-up off"),
+                                                      ("warm_start", "warm-up on (default)")) if result.get(key)]
     lines += [
         "",
         "Start-up (fresh `sdfunc serve` process; page cache warm):",
         "",
-        "| server | Popen -> /health answers | Popen -> READY | Popen -> first image | first request ms "
-        "| second request ms | first / second | (Popen -> first image) / second |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *table(["server", "Popen -> /health answers", "Popen -> READY", "Popen -> first image", "first request ms",
+                "second request ms", "first / second", "(Popen -> first image) / second"],
+               ([f"{label}, {s['size']}x{s['size']}", f"{s['health_s']:.2f} s",
+                 f"{s['ready_s']:.2f} s" if "ready_s" in s else "-", f"{s['first_image_s']:.2f} s",
+                 f"{s['first_request_ms']:.0f}", f"{s['second_request_ms']:.0f}", f"{s['first_over_second']:.1f}",
+                 f"{s['first_image_over_second']:.1f}"] for label, s in starts),
+               "lrrrrrrr"),
     ]
-    for key, label in (("cold_start", "warm-up off"), ("warm_start", "warm-up on (default)")):
-        s = result.get(key)
-        if not s:
-            continue
-        ready = f"{s['ready_s']:.2f} s" if "ready_s" in s else "-"
-        lines.append(
-            f"| {label}, {s['size']}x{s['size']} | {s['health_s']:.2f} s | {ready} | {s['first_image_s']:.2f} s "
-            f"| {s['first_request_ms']:.0f} | {s['second_request_ms']:.0f} | {s['first_over_second']:.1f} "
-            f"| {s['first_image_over_second']:.1f} |"
-        )
     return "\n".join(lines) + "\n"
 
 

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cli import add_output_arguments, machine_line, result_header, run_benchmark
-from bench.serving_overhead import TXT2IMG, Server, _proc_stat, ensure_data, payload
+from bench.harness.cli import add_output_arguments, children, run_benchmark
+from bench.harness.report import finish, machine_line, result_header, table
+from bench.harness.server import TXT2IMG, Server, ensure_data, payload
 
 log = logging.getLogger("bench.soak")
 MIB = 1024 * 1024
@@ -60,14 +61,8 @@ class BenchConfig:
 
 def worker_pid(master: int) -> int | None:
     """The gunicorn worker of `master` (its only child), from /proc."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if _proc_stat(Path(f"/proc/{entry}/stat"))[1] == master:
-                    return int(entry)
-            except (OSError, ValueError, IndexError):
-                continue
-    return None
+    workers = children(master)
+    return workers[0] if workers else None
 
 
 def sample(pid: int) -> dict[str, float]:
@@ -176,8 +171,7 @@ def run(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
         health = session.get(server.url + "/health", timeout=10).json()
     finally:
         server.stop()
-    result["wall_s"] = round(time.monotonic() - started, 1)
-    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    finish(result, time.monotonic() - started)
     result["samples"] = samples
     result["statuses"] = clients.statuses
     result["failures"] = clients.failures[:20]
@@ -231,19 +225,18 @@ def markdown(result: dict[str, Any]) -> str:
              f"{cfg['minutes']:g} min at queue depth {cfg['max_waiting']} + 1 running ({cfg['clients']} clients), "
              f"{cfg['size']}x{cfg['size']}, {cfg['steps']} step(s); baseline = the sample at "
              f"{cfg['warmup_minutes']:g} min.", "",
-             "| requests | 200 | 429 | 5xx | other | p50 s | max s |", "|---|---|---|---|---|---|---|",
-             f"| {s['requests']} | {s['ok']} | {s['shed_429']} | {s['five_xx']} | {s['other']} | {s['p50_s']} | "
-             f"{s['max_s']} |", "",
-             "| | start | baseline | end | max | end / baseline |", "|---|---|---|---|---|---|",
-             f"| RSS MiB | {s['rss_start_mib']} | {s['rss_base_mib']} | {s['rss_end_mib']} | {s['rss_max_mib']} | "
-             f"x{s['rss_end_over_base']} (+{s['rss_growth_mib']} MiB, {s['rss_growth_kib_per_1000']} KiB per 1000 "
-             "requests) |",
-             f"| threads | - | {s['threads_base']} | {s['threads_end']} | {s['threads_max']} | - |",
-             f"| open fds | - | {s['fds_base']} | {s['fds_end']} | {s['fds_max']} | - |",
-             f"| of which sockets | - | {s['socket_fds_base']} | {s['socket_fds_end']} | {s['socket_fds_max']} | - |",
-             f"| of which database files | - | {s['database_fds_base']} | {s['database_fds_end']} | "
-             f"{s['database_fds_max']} | - |",
-             f"| other fds | - | {s['other_fds_base']} | {s['other_fds_end']} | {s['other_fds_max']} | - |", ""]
+             *table(["requests", "200", "429", "5xx", "other", "p50 s", "max s"],
+                    [[s["requests"], s["ok"], s["shed_429"], s["five_xx"], s["other"], s["p50_s"], s["max_s"]]]),
+             "",
+             *table(["", "start", "baseline", "end", "max", "end / baseline"], [
+                 ["RSS MiB", s["rss_start_mib"], s["rss_base_mib"], s["rss_end_mib"], s["rss_max_mib"],
+                  f"x{s['rss_end_over_base']} (+{s['rss_growth_mib']} MiB, {s['rss_growth_kib_per_1000']} KiB per "
+                  "1000 requests)"],
+                 *([label, "-", s[f"{kind}_base"], s[f"{kind}_end"], s[f"{kind}_max"], "-"]
+                   for label, kind in (("threads", "threads"), ("open fds", "fds"), ("of which sockets", "socket_fds"),
+                                       ("of which database files", "database_fds"), ("other fds", "other_fds"))),
+             ]),
+             ""]
     lines += [f"- {name}: {'OK' if ok else 'FAIL'}" for name, ok in s["checks"].items()]
     return "\n".join(lines) + "\n"
 

@@ -48,7 +48,6 @@ import base64
 import io
 import json
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -59,23 +58,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cli import add_output_arguments, machine_line, parse_server_env, result_header, run_benchmark
-from bench.cold_start import OTHERS_MAX, _cpu_snapshot, _others_share
-from bench.metrics_overhead import Shape, _parse_shapes, _summary
-from bench.serving_overhead import (
+from bench.harness.cli import (
+    OTHERS_MAX,
+    Shape,
+    add_output_arguments,
+    cpu_snapshot,
+    others_share,
+    parse_server_env,
+    parse_shapes,
+    run_benchmark,
+    shapes_valid,
+)
+from bench.harness.report import env_pairs, finish, machine_line, num, result_header, table
+from bench.harness.server import (
     CFG_SCALE,
-    DISTURBED_SPREAD,
     MODEL,
     PROMPT,
     SAMPLER,
     SEED,
     TXT2IMG,
     Server,
-    _max_pixel_diff,
     ensure_data,
+    max_pixel_diff,
     payload,
     running_server,
 )
+from bench.harness.stats import DISTURBED_SPREAD, spread, summary
 
 log = logging.getLogger("bench.throughput")
 
@@ -269,9 +277,9 @@ def pixel_check(cfg: BenchConfig, servers: dict[str, Server], sessions: dict[str
         alone = _post(sessions["on"][0], servers["on"].url, {**body, "seed": seeds[0]}, cfg.request_timeout, True)
         if alone.error is not None or not alone.pngs:
             errors.append(f"on alone: {alone.error or 'no image'}")
-        burst_diffs = {seed: _max_pixel_diff(images["on"][seed], images["off"][seed]) for seed in seeds
+        burst_diffs = {seed: max_pixel_diff(images["on"][seed], images["off"][seed]) for seed in seeds
                        if seed in images["on"] and seed in images["off"]}
-        alone_diff = (_max_pixel_diff(decode(alone.pngs[0]), images["off"][seeds[0]])
+        alone_diff = (max_pixel_diff(decode(alone.pngs[0]), images["off"][seeds[0]])
                       if alone.pngs and seeds[0] in images["off"] else None)
         complete = len(burst_diffs) == burst and alone_diff is not None and not errors
         worst = max([*burst_diffs.values(), *([alone_diff] if alone_diff is not None else [])], default=None)
@@ -305,12 +313,12 @@ def run_cells(cfg: BenchConfig, servers: dict[str, Server], sessions: dict[str, 
                     seed += shape.requests
                     _prime(sessions[name][:c], servers[name])
                     pgid = servers[name].proc.pid if servers[name].proc is not None else None
-                    cpu_before = _cpu_snapshot(pgid)  # the server under load and this process; the rest is others
+                    cpu_before = cpu_snapshot(pgid)  # the server under load and this process; the rest is others
                     wall, answers = closed_loop(sessions[name][:c], servers[name].url, body,
                                                 requests_total=shape.requests, seeds=seeds,
                                                 timeout=cfg.request_timeout)
                     cell = cell_record(name, shape, c, r, wall, answers)
-                    cell["others_cpu_share"] = _others_share(cpu_before, _cpu_snapshot(pgid))
+                    cell["others_cpu_share"] = others_share(cpu_before, cpu_snapshot(pgid))
                     cells.append(cell)
                     p50 = statistics.median(cell["samples_ms"]) if cell["samples_ms"] else float("nan")
                     others = cell["others_cpu_share"]
@@ -340,7 +348,7 @@ def summarize(cfg: BenchConfig, cells: list[dict[str, Any]]) -> dict[str, Any]:
                 entry[name] = {
                     "images_per_s": round(images / wall, 4) if wall > 0 else 0.0,
                     "images": images, "requests": sum(x["requests"] for x in mine), "wall_s": round(wall, 4),
-                    **({"p50_ms": _summary(samples)["median_ms"], "p95_ms": _summary(samples)["p95_ms"],
+                    **({"p50_ms": summary(samples)["median_ms"], "p95_ms": summary(samples)["p95_ms"],
                         "min_ms": min(samples), "max_ms": max(samples)} if samples else
                        {"p50_ms": None, "p95_ms": None, "min_ms": None, "max_ms": None}),
                     "errors": sum(x["errors"] for x in mine), "status_429": sum(x["status_429"] for x in mine),
@@ -350,7 +358,7 @@ def summarize(cfg: BenchConfig, cells: list[dict[str, Any]]) -> dict[str, Any]:
                     "round_others_cpu_share": [x.get("others_cpu_share") for x in mine],
                 }
                 if len(per_round) > 1 and min(per_round) > 0:
-                    spreads[f"{shape.size}/c{c}/{name}"] = round(max(per_round) / min(per_round), 3)
+                    spreads[f"{shape.size}/c{c}/{name}"] = round(spread(per_round), 3)
             off, on = entry["off"]["images_per_s"], entry["on"]["images_per_s"]
             entry["on_over_off"] = round(on / off, 4) if off > 0 else None
             offs, ons = entry["off"]["round_images_per_s"], entry["on"]["round_images_per_s"]
@@ -455,8 +463,7 @@ def run(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
         if isinstance(check, dict) and not check["ok"]:
             log.error("check %s failed: %s", name, check)
     result["checks"] = checks
-    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["wall_s"] = round(time.perf_counter() - started, 1)
+    finish(result, time.perf_counter() - started)
     return result
 
 
@@ -464,8 +471,23 @@ def run(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
 # report
 
 
-def _num(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _cell_row(size: str, s: dict[str, Any], conc: str, e: dict[str, Any], rounds: int) -> list[Any]:
+    """One (size, concurrency) of the main table: images/s of both servers, on / off, latency, errors."""
+    off, on = e["off"], e["on"]
+    errors = f"{off['errors']} / {on['errors']}" + (f" ({off['status_429']} / {on['status_429']} x 429)"
+                                                    if off["status_429"] or on["status_429"] else "")
+    return [f"{size}x{size}", s["steps"], conc, f"{s['requests_per_cell']} x {rounds}", f"{off['images_per_s']:.2f}",
+            f"{on['images_per_s']:.2f}", f"**{num(e['on_over_off'], 3)}**", num(off["p50_ms"], 1),
+            num(on["p50_ms"], 1), num(off["p95_ms"], 1), num(on["p95_ms"], 1), errors]
+
+
+def _round_row(size: str, conc: str, e: dict[str, Any]) -> list[Any]:
+    """One (size, concurrency) per round: on / off, both servers' images/s, other processes' CPU share."""
+    others = {name: ", ".join("?" if v is None else f"{v * 100:.0f}" for v in e[name]["round_others_cpu_share"])
+              for name in SERVERS}
+    return [f"{size}x{size}", conc, ", ".join(num(x, 3) for x in e["round_ratios"]),
+            ", ".join(f"{x:.2f}" for x in e["off"]["round_images_per_s"]),
+            ", ".join(f"{x:.2f}" for x in e["on"]["round_images_per_s"]), f"{others['off']}; {others['on']}"]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -475,9 +497,9 @@ def markdown(result: dict[str, Any]) -> str:
     envs = c["server_envs"]
 
     def env_text(name: str) -> str:
-        return " ".join(f"`{k}={v}`" for k, v in envs[name] if k.startswith("SDFUNC_BATCH__"))
+        return env_pairs(((k, v) for k, v in envs[name] if k.startswith("SDFUNC_BATCH__")), " ")
 
-    common = [f"`{k}={v}`" for k, v in envs["off"] if not k.startswith("SDFUNC_BATCH__")]
+    common = env_pairs((k, v) for k, v in envs["off"] if not k.startswith("SDFUNC_BATCH__"))
     lines = [
         machine_line(result, f"torch threads {m['torch_threads']} (torch default here: {m['torch_default_threads']})"),
         "",
@@ -485,25 +507,17 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Model {c['model']} (random weights), sampler {c['sampler']}, CFG {c['cfg_scale']}, one image per request, "
         f"a distinct seed per request; `off` = {env_text('off')} (baseline), `on` = {env_text('on')}; both "
-        + ", ".join(common) + ". Per cell, N requests from c client threads in a closed loop; "
+        + common + ". Per cell, N requests from c client threads in a closed loop; "
         f"{c['rounds']} round(s) of every cell, first server alternating; images/s = images / wall time, all rounds "
         "pooled; latency from send to the whole body."
         + (f" Served on: {', '.join(result['served_device'])}." if result.get("served_device") else ""),
         "",
-        "| size | steps | c | N x rounds | off images/s | on images/s | on / off | off p50 ms | on p50 ms "
-        "| off p95 ms | on p95 ms | errors off / on |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *table(["size", "steps", "c", "N x rounds", "off images/s", "on images/s", "on / off", "off p50 ms", "on p50 ms",
+                "off p95 ms", "on p95 ms", "errors off / on"],
+               (_cell_row(size, s, conc, e, c["rounds"]) for size, s in sizes.items()
+                for conc, e in s["concurrency"].items()),
+               "lrrrrrrrrrrl"),
     ]
-    for size, s in sizes.items():
-        for conc, e in s["concurrency"].items():
-            off, on = e["off"], e["on"]
-            lines.append(
-                f"| {size}x{size} | {s['steps']} | {conc} | {s['requests_per_cell']} x {c['rounds']} "
-                f"| {off['images_per_s']:.2f} | {on['images_per_s']:.2f} | **{_num(e['on_over_off'], 3)}** "
-                f"| {_num(off['p50_ms'])} | {_num(on['p50_ms'])} | {_num(off['p95_ms'])} | {_num(on['p95_ms'])} "
-                f"| {off['errors']} / {on['errors']}"
-                + (f" ({off['status_429']} / {on['status_429']} x 429)" if off["status_429"] or on["status_429"] else "")
-                + " |")
     lines += [
         "",
         "Per round (on / off of images/s, and both servers' images/s; `off` does the same work every round, so "
@@ -513,18 +527,11 @@ def markdown(result: dict[str, Any]) -> str:
            f"{len(stab['busy_cells'])}" if stab.get("busy_cells") else "")
         + (" - UNSTABLE, rerun on a quiet machine" if stab["disturbed"] else "") + "):",
         "",
-        "| size | c | on / off per round | off images/s per round | on images/s per round "
-        "| other processes' CPU % per round, off; on |",
-        "|---|---:|---|---|---|---|",
+        *table(["size", "c", "on / off per round", "off images/s per round", "on images/s per round",
+                "other processes' CPU % per round, off; on"],
+               (_round_row(size, conc, e) for size, s in sizes.items() for conc, e in s["concurrency"].items()),
+               "lrllll"),
     ]
-    for size, s in sizes.items():
-        for conc, e in s["concurrency"].items():
-            others = {name: ", ".join("?" if v is None else f"{v * 100:.0f}" for v in e[name]["round_others_cpu_share"])
-                      for name in SERVERS}
-            lines.append(f"| {size}x{size} | {conc} | {', '.join(_num(x, 3) for x in e['round_ratios'])} "
-                         f"| {', '.join(f'{x:.2f}' for x in e['off']['round_images_per_s'])} "
-                         f"| {', '.join(f'{x:.2f}' for x in e['on']['round_images_per_s'])} "
-                         f"| {others['off']}; {others['on']} |")
     check = result["check"]
     lines += [
         "",
@@ -532,7 +539,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{check['seeds'][0]}..{check['seeds'][-1]}) to each server, and seed {check['seeds'][0]} alone to `on`; "
         "largest pixel difference of `on` from `off` (per size: burst, alone; allowed "
         f"{check['max_allowed']}/255): "
-        + "; ".join(f"{s}x{s}: {_num(e['max_diff_burst'], 0)}, {_num(e['max_diff_alone'], 0)}"
+        + "; ".join(f"{s}x{s}: {num(e['max_diff_burst'], 0)}, {num(e['max_diff_alone'], 0)}"
                     + ("" if e["ok"] else " FAILED" + (f" ({e['errors'][0]})" if e["errors"] else ""))
                     for s, e in check["sizes"].items()) + ".",
         "",
@@ -540,22 +547,20 @@ def markdown(result: dict[str, Any]) -> str:
         "so the billed time of a server stays within its wall time unless a batch is billed in full to each of "
         "its requests):",
         "",
-        "| server | images | billed ms | billed ms per image | wall ms | billed / wall | cells with billed > wall |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, b in result["billing"].items():
-        lines.append(f"| {name} | {b['images']} | {b['billed_ms']} | {_num(b['billed_ms_per_image'])} "
-                     f"| {b['wall_ms']:.0f} | {_num(b['billed_share_of_wall'], 3)} | {len(b['cells_beyond_wall'])} |")
-    lines += [
+        *table(["server", "images", "billed ms", "billed ms per image", "wall ms", "billed / wall",
+                "cells with billed > wall"],
+               ([name, b["images"], b["billed_ms"], num(b["billed_ms_per_image"], 1), f"{b['wall_ms']:.0f}",
+                 num(b["billed_share_of_wall"], 3), len(b["cells_beyond_wall"])]
+                for name, b in result["billing"].items()),
+               "lrrrrrr"),
         "",
-        "| size | c | off billed ms per image | on billed ms per image | off billed / wall | on billed / wall |",
-        "|---|---:|---:|---:|---:|---:|",
+        *table(["size", "c", "off billed ms per image", "on billed ms per image", "off billed / wall",
+                "on billed / wall"],
+               ([f"{size}x{size}", conc, num(e["off"]["billed_ms_per_image"], 1), num(e["on"]["billed_ms_per_image"], 1),
+                 num(e["off"]["billed_share_of_wall"], 3), num(e["on"]["billed_share_of_wall"], 3)]
+                for size, s in sizes.items() for conc, e in s["concurrency"].items()),
+               "lrrrrr"),
     ]
-    for size, s in sizes.items():
-        for conc, e in s["concurrency"].items():
-            lines.append(f"| {size}x{size} | {conc} | {_num(e['off']['billed_ms_per_image'])} "
-                         f"| {_num(e['on']['billed_ms_per_image'])} | {_num(e['off']['billed_share_of_wall'], 3)} "
-                         f"| {_num(e['on']['billed_share_of_wall'], 3)} |")
     checks = result["checks"]
     lines += [
         "",
@@ -591,12 +596,11 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path | None, Path |
     add_output_arguments(p)
     a = p.parse_args(argv)
     try:
-        shapes = _parse_shapes(a.sizes, a.steps, a.requests)
+        shapes = parse_shapes(a.sizes, a.steps, a.requests)
         concurrency = tuple(int(x) for x in a.concurrency.split(",") if x.strip())
     except ValueError:
         p.error("--sizes: comma-separated SIZE[@STEPS][:N] integers; --concurrency: comma-separated integers")
-    if (not shapes or any(s.size < 64 or s.size % 8 or s.steps < 1 or s.requests < 1 for s in shapes)
-            or len({s.size for s in shapes}) != len(shapes)):
+    if not shapes_valid(shapes):
         p.error("--sizes: distinct multiples of 8, at least 64, with at least 1 step and 1 request")
     if not concurrency or any(x < 1 for x in concurrency) or len(set(concurrency)) != len(concurrency):
         p.error("--concurrency: distinct integers, at least 1")

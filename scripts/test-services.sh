@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run or sourced by test.sh before pytest: make sure the system packages the tests need are installed:
-#   - a MariaDB server for the records tests and benchmarks (bench/mariadb.py starts throwaway servers from it;
+#   - a MariaDB server for the records tests and benchmarks (bench/harness/mariadb.py starts throwaway servers from it;
 #     nothing here starts one): Debian's mariadb-server;
 #   - a Chromium for the browser tests (tests/e2e/test_web_browser.py drives it headless with Playwright):
 #     Debian's chromium, at /usr/bin/chromium.

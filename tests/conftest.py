@@ -114,9 +114,9 @@ REQUIRE_MYSQL = os.environ.get("SDFUNC_REQUIRE_MYSQL") == "1"
 
 @pytest.fixture(scope="session")
 def mariadb():
-    """One throwaway MariaDB server for the session (bench/mariadb.py). Skipped when mariadb-server is not
+    """One throwaway MariaDB server for the session (bench/harness/mariadb.py). Skipped when mariadb-server is not
     installed, a failure instead with SDFUNC_REQUIRE_MYSQL=1 (CI)."""
-    from bench.mariadb import MariaDB, find_server
+    from bench.harness.mariadb import MariaDB, find_server
 
     if find_server() is None:
         message = "mariadb-server is not installed (scripts/test-services.sh installs it when run as root)"

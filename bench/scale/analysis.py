@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.harness.stats import percentile
+
 Row = Mapping[str, Any]
 
 ROW_FIELDS = ("id", "level", "intended_s", "sent_s", "done_s", "lag_ms", "latency_ms", "service_ms", "connect_ms",
@@ -47,14 +49,6 @@ TIMESERIES_TYPES: dict[str, type] = {
 # The parts of a request's latency that the cold-start split reports (medians, in ms).
 SPLIT_PARTS = ("connect_ms", "platform_start_ms", "queue_ms", "load_ms", "gen_ms", "encode_ms", "server_ms",
                "other_ms")
-
-
-def percentile(values: Iterable[float], q: float) -> float | None:
-    """The q-th percentile (0-100) of `values` by numpy's linear interpolation; None for no values."""
-    data = np.asarray(list(values), dtype=float)
-    if data.size == 0:
-        return None
-    return float(np.percentile(data, q))
 
 
 def is_cold_request(row: Row) -> bool:

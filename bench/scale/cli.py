@@ -159,7 +159,7 @@ def _emulator_config(args: argparse.Namespace, spec) -> object:
                          initialize=not args.no_initialize, data=None if profile else args.data.resolve(),
                          workdir=None if profile else workdir(), simulate=profile, seed=args.sim_seed)
     if profile is None:
-        from bench.serving_overhead import ensure_data
+        from bench.harness.server import ensure_data
 
         ensure_data(cfg.data)
         cfg.instance_env = {**default_instance_env(cfg, spec), **dict(args.instance_env)}

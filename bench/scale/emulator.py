@@ -10,7 +10,7 @@ exercised on one machine. It does what FC does for one function with an HTTP tri
 - `provisioned` instances are started at once and never reclaimed. Other instances idle for `idle_timeout_s`
   are reclaimed: `GET /pre-stop` first, then SIGTERM.
 - Before an instance's first request: `POST /initialize` (FC's initializer), with the instance's lifecycle key
-  (`handler.security.lifecycle_key`) so it works with auth on.
+  (the file the instance's worker writes, as `handler.security.lifecycle_key` keeps it) so it works with auth on.
 - Every request gets an `x-fc-request-id`; the response says which instance served it
   (`X-Fc-Emulator-Instance`) and, when it had to wait for an instance to start, for how long
   (`X-Fc-Emulator-Start-Ms`).
@@ -34,9 +34,9 @@ import logging
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.harness.server import free_port
 from bench.scale.profile import Profile, shape_key
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,18 @@ STARTING, READY, STOPPING, STOPPED, FAILED = "starting", "ready", "stopping", "s
 _TINY_PNG = base64.b64encode(bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
     "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082")).decode()
+
+
+# Where an instance keeps its lifecycle key, as handler.security.lifecycle_key writes it (the bench may not import
+# the handler's inside): the worker serving a port writes a random key to <temp dir>/sdfunc-lifecycle-<port>.key
+# (mode 0600), and the lifecycle hooks accept it in this header. A change there must be made here too; the
+# emulator's tests with auth on (tests/test_bench_scale.py) fail when the two disagree.
+LIFECYCLE_HEADER = "X-Sdfunc-Lifecycle-Key"
+
+
+def lifecycle_key_file(port: int) -> Path:
+    """Where the worker serving `port` keeps its lifecycle key."""
+    return Path(tempfile.gettempdir()) / f"sdfunc-lifecycle-{port}.key"
 
 
 SECRET_WORDS = ("AUTH", "KEY", "TOKEN", "PASSWORD", "SECRET", "USERS", "CREDENTIAL")
@@ -83,12 +96,6 @@ class EmulatorConfig:
     instance_env: dict[str, str] = field(default_factory=dict)
     simulate: Profile | None = None  # simulated instances from this profile instead of gunicorn
     seed: int = 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class InstanceFailed(RuntimeError):
@@ -223,7 +230,7 @@ class GunicornInstance(Instance):
 
     def __init__(self, name: str, emulator: Emulator, *, provisioned: bool) -> None:
         super().__init__(name, emulator, provisioned=provisioned)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.home = (emulator.cfg.workdir or Path(".")) / name
@@ -240,10 +247,13 @@ class GunicornInstance(Instance):
         return self.proc is not None and self.proc.poll() is None
 
     def _lifecycle_headers(self) -> dict[str, str]:
-        from handler.security import lifecycle_key as lifecycle
-
-        key = lifecycle.read_key(lifecycle.key_file(self.port))
-        return {lifecycle.HEADER: key} if key else {}
+        """The instance's lifecycle key in its header, as FC's hooks (`sdfunc hook`) send it; none when the
+        instance wrote no key (auth off, or not started)."""
+        try:
+            key = lifecycle_key_file(self.port).read_text().strip()
+        except FileNotFoundError:
+            return {}
+        return {LIFECYCLE_HEADER: key} if key else {}
 
     def log_tail(self) -> str:
         try:
@@ -564,7 +574,7 @@ class EmulatorThread:
 
     def __init__(self, cfg: EmulatorConfig, port: int = 0) -> None:
         self.cfg = cfg
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.loop = asyncio.new_event_loop()
         self.emulator: Emulator | None = None

@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure  # the object API renders with Agg; pyplot's global backend is untouched
 from matplotlib.ticker import FuncFormatter
 
+from bench.harness.report import num, table
 from bench.scale.analysis import (
     INSTANCE_FIELDS,
     INSTANCE_TYPES,
@@ -85,27 +86,8 @@ def _read_csv(path: Path, types: Mapping[str, type]) -> list[dict[str, Any]]:
 
 # --- formatting --------------------------------------------------------------------------------------------------
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    """A number for a Markdown table: None -> '-', ints as they are, floats with `digits` decimals."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _seconds(ms: float | None) -> float | None:
     return None if ms is None else ms / 1000
-
-
-def _table(header: Sequence[str], body: Iterable[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
-    return lines
 
 
 def _simulation_line(meta: Mapping[str, Any]) -> str:
@@ -135,7 +117,7 @@ def markdown(meta: Mapping[str, Any], summary: Mapping[str, Any], extra: Mapping
               f"- Command: `{meta.get('command', '')}`",
               f"- Target: {meta.get('target', '')}",
               f"- Started: {meta.get('started_at', '')}",
-              f"- Duration: {_fmt(summary['duration_s'], 1)} s"]
+              f"- Duration: {num(summary['duration_s'], 1)} s"]
     if meta.get("machine"):
         lines.append(f"- Machine: `{json.dumps(meta['machine'], sort_keys=True)}`")
     if meta.get("config"):
@@ -146,12 +128,12 @@ def markdown(meta: Mapping[str, Any], summary: Mapping[str, Any], extra: Mapping
     body = []
     for lvl in [*summary["levels"], {**summary["overall"], "level": "**all**", "offered_rps": None,
                                      "images_per_s": None, "served_over_offered": None}]:
-        body.append([lvl["level"], _fmt(lvl["offered_rps"]), _fmt(lvl["images_per_s"]),
-                     _fmt(lvl.get("served_over_offered"), 2), lvl["count"], lvl["ok"],
-                     _fmt(_seconds(lvl["latency_p50_ms"])), _fmt(_seconds(lvl["latency_p95_ms"])),
-                     _fmt(_seconds(lvl["latency_p99_ms"])), lvl["errors"], lvl["throttled"],
-                     _fmt(_seconds(lvl["lag_max_ms"]))])
-    lines += _table(["level", "offered req/s", "images/s", "served / offered", "requests", "ok", "p50 s", "p95 s",
+        body.append([lvl["level"], num(lvl["offered_rps"]), num(lvl["images_per_s"]),
+                     num(lvl.get("served_over_offered"), 2), lvl["count"], lvl["ok"],
+                     num(_seconds(lvl["latency_p50_ms"])), num(_seconds(lvl["latency_p95_ms"])),
+                     num(_seconds(lvl["latency_p99_ms"])), lvl["errors"], lvl["throttled"],
+                     num(_seconds(lvl["lag_max_ms"]))])
+    lines += table(["level", "offered req/s", "images/s", "served / offered", "requests", "ok", "p50 s", "p95 s",
                      "p99 s", "errors",
                      "429s", "max send lag s"], body)
 
@@ -159,12 +141,12 @@ def markdown(meta: Mapping[str, Any], summary: Mapping[str, Any], extra: Mapping
     lines += ["", "## Instance seconds", "",
               (f"{summary['cold_starts']} instances started ({summary['provisioned']} provisioned); "
                f"{inst['images']} images."), ""]
-    lines += _table(["", "alive", "ready", "busy", "billed"], [
-        ["seconds", _fmt(inst["alive_s"]), _fmt(inst["ready_s"]), _fmt(inst["busy_s"]), _fmt(inst["billed_s"])],
-        ["per image", _fmt(inst["alive_per_image_s"]), _fmt(inst["ready_per_image_s"]),
-         _fmt(inst["busy_per_image_s"]), "-"]])
-    lines += ["", (f"Billed / alive: {_fmt(inst['billed_over_alive'])}; billed / busy: "
-                   f"{_fmt(inst['billed_over_busy'])}.")]
+    lines += table(["", "alive", "ready", "busy", "billed"], [
+        ["seconds", num(inst["alive_s"]), num(inst["ready_s"]), num(inst["busy_s"]), num(inst["billed_s"])],
+        ["per image", num(inst["alive_per_image_s"]), num(inst["ready_per_image_s"]),
+         num(inst["busy_per_image_s"]), "-"]])
+    lines += ["", (f"Billed / alive: {num(inst['billed_over_alive'])}; billed / busy: "
+                   f"{num(inst['billed_over_busy'])}.")]
 
     split = summary.get("coldstart")
     if split:
@@ -172,20 +154,20 @@ def markdown(meta: Mapping[str, Any], summary: Mapping[str, Any], extra: Mapping
                   (f"Cold requests waited for an instance to start ({split['cold']['requests']}, "
                    f"{split['cold']['ok']} ok); warm requests did not ({split['warm']['requests']}, "
                    f"{split['warm']['ok']} ok). Medians in ms over ok requests; they do not add up."), ""]
-        lines += _table(["part", "cold ms", "warm ms"],
-                        [[_PART_NAMES[p], _fmt(split["cold"][p], 1), _fmt(split["warm"][p], 1)]
+        lines += table(["part", "cold ms", "warm ms"],
+                        [[_PART_NAMES[p], num(split["cold"][p], 1), num(split["warm"][p], 1)]
                          for p in ("latency_p50_ms", *SPLIT_PARTS)])
-        lines += ["", f"Cold / warm median latency: {_fmt(split['cold_over_warm_p50'], 2)}."]
+        lines += ["", f"Cold / warm median latency: {num(split['cold_over_warm_p50'], 2)}."]
 
     if summary.get("step_at_s") is not None:
         catch_up = summary["catch_up_s"]
         lines += ["", "## Load step", "",
-                  f"- Step at {_fmt(summary['step_at_s'], 1)} s.",
-                  (f"- Caught up: {'never' if catch_up is None else _fmt(catch_up, 1) + ' s after the step'} "
+                  f"- Step at {num(summary['step_at_s'], 1)} s.",
+                  (f"- Caught up: {'never' if catch_up is None else num(catch_up, 1) + ' s after the step'} "
                    "(from then to the end of the load, in every 10 s window at least 90 % of the requests sent were "
-                   f"answered successfully within {_fmt(_seconds(summary.get('slo_ms')), 2)} s, twice the run's "
+                   f"answered successfully within {num(_seconds(summary.get('slo_ms')), 2)} s, twice the run's "
                    "warm median latency; 429s, errors and waits for a cold start past that are not capacity)."),
-                  f"- Last scale-out: {_fmt(summary['last_scale_out_s'], 1)} s after the step."]
+                  f"- Last scale-out: {num(summary['last_scale_out_s'], 1)} s after the step."]
 
     rest = dict(extra or {})
     breakdown = rest.pop("cold_start_breakdown", None)
@@ -212,10 +194,10 @@ def _breakdown_table(breakdown: list[Any], really_cold: list[bool] | None) -> li
         phases = cold.get("phases") or {}
         new = "?" if not really_cold or k >= len(really_cold) else ("yes" if really_cold[k] else "NO")
         rows.append([str(k + 1), str(item.get("instance", "-")), new,
-                     _fmt(None if item.get("start_ms") is None else item["start_ms"] / 1000, 2),
-                     _fmt(None if item.get("initialize_ms") is None else item["initialize_ms"] / 1000, 2),
-                     _fmt(cold.get("total_seconds"), 2), *(_fmt(phases.get(name), 2) for name in _COLD_PHASES)])
-    return lines + _table(["rep", "instance", "new instance", "start s", "initialize s", "function total s",
+                     num(None if item.get("start_ms") is None else item["start_ms"] / 1000, 2),
+                     num(None if item.get("initialize_ms") is None else item["initialize_ms"] / 1000, 2),
+                     num(cold.get("total_seconds"), 2), *(num(phases.get(name), 2) for name in _COLD_PHASES)])
+    return lines + table(["rep", "instance", "new instance", "start s", "initialize s", "function total s",
                            *_COLD_PHASES], rows)
 
 
@@ -386,7 +368,7 @@ def compare(a: Path, b: Path) -> str:
     body: list[list[str]] = []
 
     def add(label: str, x: Any, y: Any, digits: int = 3) -> None:
-        body.append([label, _fmt(x, digits), _fmt(y, digits), _ratio(x, y)])
+        body.append([label, num(x, digits), num(y, digits), _ratio(x, y)])
 
     oa, ob = sa["overall"], sb["overall"]
     for key, label in (("count", "requests"), ("ok", "ok"), ("errors", "errors"), ("throttled", "429s"),
@@ -421,7 +403,7 @@ def compare(a: Path, b: Path) -> str:
                     (cb or {}).get(side, {}).get(part), 1)
         add("cold / warm median latency", (ca or {}).get("cold_over_warm_p50"), (cb or {}).get("cold_over_warm_p50"), 2)
 
-    lines += [""] + _table(["", "A", "B", "B/A"], body)
+    lines += [""] + table(["", "A", "B", "B/A"], body)
     only_a = [label for label in la if label not in lb]
     only_b = [label for label in lb if label not in la]
     if only_a or only_b:

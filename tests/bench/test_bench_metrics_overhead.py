@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from bench.metrics_overhead import SERVERS, BenchConfig, Shape, bootstrap_pct_interval, markdown, parse_args, run
+from bench.harness.cli import Shape
+from bench.metrics_overhead import SERVERS, BenchConfig, bootstrap_pct_interval, markdown, parse_args, run
 
 
 def _positive(value) -> bool:

@@ -9,10 +9,10 @@ import uuid
 import pytest
 from sqlalchemy import create_engine, func, select
 
+from bench.harness.stats import block_medians
 from bench.records_overhead import (
     BASELINE,
     BenchConfig,
-    block_medians,
     bootstrap_diff_interval,
     markdown,
     parse_args,
@@ -141,9 +141,9 @@ def test_statistics_helpers():
 
 
 def test_no_mariadb_means_sqlite_only_or_an_error(data_dir, tmp_path, monkeypatch):
-    import bench.mariadb
+    import bench.harness.mariadb
 
-    monkeypatch.setattr(bench.mariadb, "find_server", lambda: None)
+    monkeypatch.setattr(bench.harness.mariadb, "find_server", lambda: None)
     with pytest.raises(SystemExit, match="require-mysql"):
         run(BenchConfig(data=data_dir, rounds=1, require_mysql=True), command="pytest records")
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.scale.analysis import ROW_FIELDS, catch_up_s, cold_flags, last_scale_out_s, percentile, summarize, timeseries
+from bench.harness.stats import percentile
+from bench.scale.analysis import ROW_FIELDS, catch_up_s, cold_flags, last_scale_out_s, summarize, timeseries
 from bench.scale.report import compare, read_run, write_run
 
 DURATION = 60.0

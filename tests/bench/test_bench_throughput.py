@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from bench.metrics_overhead import Shape
+from bench.harness.cli import Shape
 from bench.throughput import SERVERS, BenchConfig, main, markdown, parse_args, server_envs
 
 

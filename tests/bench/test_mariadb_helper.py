@@ -1,4 +1,4 @@
-"""bench.mariadb: a throwaway MariaDB server starts, serves its `sdfunc` user over TCP, makes more databases,
+"""bench.harness.mariadb: a throwaway MariaDB server starts, serves its `sdfunc` user over TCP, makes more databases,
 and stops without leaving anything behind. Skipped without a MariaDB install (scripts/test-services.sh installs
 one as root) unless SDFUNC_REQUIRE_MYSQL=1, which turns the skip into a failure."""
 
@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-from bench.mariadb import MariaDB, find_server
+from bench.harness.mariadb import MariaDB, find_server
 
 pytestmark = pytest.mark.e2e  # a real MariaDB server
 

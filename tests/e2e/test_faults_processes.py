@@ -32,7 +32,7 @@ def root(tmp_path, data_dir) -> Path:
 def own_mariadb(tmp_path):
     """A MariaDB server of the test's own (it is stopped and started again), with its data kept in tmp_path.
     Skipped without mariadb-server, unless SDFUNC_REQUIRE_MYSQL=1."""
-    from bench.mariadb import MariaDB, find_server
+    from bench.harness.mariadb import MariaDB, find_server
 
     if find_server() is None:
         message = "mariadb-server is not installed"
@@ -47,9 +47,9 @@ def own_mariadb(tmp_path):
 def restart_in_place(server, port: int, password: str, monkeypatch) -> None:
     """Start the stopped `server` again on its data directory, `port` and user `password`: the app's URL works
     again unchanged."""
-    import bench.mariadb
+    import bench.harness.mariadb
 
-    monkeypatch.setattr(bench.mariadb, "_free_port", lambda: port)
+    monkeypatch.setattr(bench.harness.mariadb, "_free_port", lambda: port)
     server.start()  # a new password for the user: set the old one back
     server.sql(*(f"ALTER USER 'sdfunc'@'{host}' IDENTIFIED BY '{password}'" for host in ("127.0.0.1", "localhost")))
     assert server.port == port

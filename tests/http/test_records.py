@@ -270,7 +270,7 @@ def test_unreachable_database_fails_with_503_and_no_charge(data_dir, tmp_path):
 def test_database_lost_mid_request_keeps_the_saved_image(data_dir, mariadb, tmp_path):
     """The database goes away while the image is being generated: 503, nothing charged, and the PNG saved to
     storage is still there; once the database is back, the ledger has no row for that request."""
-    from bench.mariadb import MariaDB
+    from bench.harness.mariadb import MariaDB
     from handler.app import create_app
     from tests.conftest import make_settings
     from tests.support.waiting import wait_for

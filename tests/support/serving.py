@@ -15,7 +15,7 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.serving_overhead import stop_process_group
+from bench.harness.server import stop_process_group
 from tests.support.waiting import wait_for
 
 

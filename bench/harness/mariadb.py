@@ -1,6 +1,6 @@
 """A throwaway MariaDB server for tests and benchmarks, started from the local `mariadb-server` install.
 
-    python -m bench.mariadb [--base-dir DIR] [--server-arg=--OPTION=VALUE ...]
+    python -m bench.harness.mariadb [--base-dir DIR] [--server-arg=--OPTION=VALUE ...]
 
 starts one, logs its URLs and keeps it until Ctrl-C (or SIGTERM), for benchmarking by hand.
 
@@ -55,7 +55,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
 
-log = logging.getLogger("bench.mariadb")
+log = logging.getLogger(__name__)
 
 DATABASE = "sdfunc"
 USER = "sdfunc"
@@ -340,7 +340,7 @@ def _user_args() -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.mariadb", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.harness.mariadb", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-dir", type=Path, help="keep the data directory here (default: a temporary one)")
     parser.add_argument("--server-arg", action="append", default=[], metavar="--OPTION=VALUE",
                         help="extra mariadbd option (repeatable; write it as --server-arg=--OPTION=VALUE)")
