@@ -126,13 +126,13 @@ def test_requests_wait_for_a_running_warm_up_by_default(data_dir, monkeypatch):
     service, client = app.extensions["sdfunc"], app.test_client()
     seen = {}
     waiting = threading.Event()  # the request has reached the wait for the warm-up
-    wait_for_warm_up = service._warm_done.wait
+    wait_for_warm_up = service.admission.warm_done.wait
 
     def spied_wait(timeout: float | None = None) -> bool:
         waiting.set()
         return wait_for_warm_up(timeout)
 
-    monkeypatch.setattr(service._warm_done, "wait", spied_wait)
+    monkeypatch.setattr(service.admission.warm_done, "wait", spied_wait)
 
     def call() -> None:
         r = client.post("/sdapi/v1/txt2img", json=SMALL)
