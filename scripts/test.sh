@@ -9,4 +9,6 @@ bash scripts/test-services.sh  # MariaDB for the records tests (apt-get as root;
 .venv/bin/python -m pip check
 .venv/bin/ruff check .        # lint ([tool.ruff] in pyproject.toml)
 .venv/bin/lint-imports        # the one-way arrows between rooms ([tool.importlinter] in pyproject.toml)
-exec .venv/bin/python -m pytest "$@"
+# Both cores, one test file per worker (files share their module fixtures; tests/conftest.py gives each worker
+# one torch thread and its own temporary folder). `-n 0` runs in one process, e.g. for a debugger.
+exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"

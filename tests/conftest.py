@@ -5,6 +5,7 @@ import base64
 import contextlib
 import io
 import os
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,21 @@ E2E_DIR = Path(__file__).parent / "e2e"
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by `-m`
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (scripts/test.sh runs `-n 2`), each worker gets one core's worth of threads and its own
+    temporary folder. Two workers with torch's default pools (one thread per core each) oversubscribe the 2 cores
+    and their OpenMP pools slow each other down; and per-port files such as the lifecycle key
+    (`<tmp>/sdfunc-lifecycle-<port>.key`) would otherwise be shared by two workers' apps on the same port.
+    Subprocesses (gunicorn, the CLI) inherit both through the environment."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"
+    tmp = Path(tempfile.mkdtemp(prefix=f"sdfunc-{worker}-"))
+    os.environ["TMPDIR"] = str(tmp)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark `e2e` every test under tests/e2e/ and every test that uses the session's MariaDB server, so that
     `-m "not e2e"` leaves out all real processes without each test remembering a marker."""
