@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +29,8 @@ import requests
 
 from bench.harness.cli import add_output_arguments, parse_server_env, run_benchmark
 from bench.harness.report import finish, machine_line, result_header, table
-from bench.harness.server import REPO, ensure_data, free_port, payload, post_txt2img, stop_process_group
-from bench.harness.stats import median
+from bench.harness.server import REPO, Server, ensure_data, payload, post_txt2img
+from bench.harness.stats import median, percentile
 
 log = logging.getLogger("bench.served_ab")
 
@@ -51,34 +49,6 @@ class BenchConfig:
     server_env: tuple[tuple[str, str], ...] = ()  # extra environment for both servers
 
 
-def _start(name: str, python: str, checkout: Path, data: Path, work: Path, cfg: BenchConfig,
-           threads: int) -> tuple[subprocess.Popen, str]:
-    """`sdfunc serve` from `checkout` with `python`; returns the process and its URL once it is READY."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDFUNC_")}
-    env.update(HOME=str(work), OMP_NUM_THREADS=str(threads), SDFUNC_DATA_DIR=str(data), SDFUNC_REQUEST_LOG="false",
-               SDFUNC_WARMUP__SHAPES="[" + ",".join(f'"{s}x{s}@{cfg.steps}"' for s in cfg.sizes) + "]",
-               PYTHONPATH=str(checkout))
-    env.update(dict(cfg.server_env))
-    proc = subprocess.Popen([python, "-m", "handler.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=checkout, env=env, stdout=(work / f"server-{name}.log").open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} server exited with {proc.returncode}; see {work}/server-{name}.log")
-        try:
-            if requests.get(f"{url}/healthz", timeout=2).json().get("status") == "READY":
-                log.info("%s server ready on %s (%s)", name, url, checkout)
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)  # polling a process we do not control; not a test
-    stop_process_group(proc)
-    raise RuntimeError(f"{name} server not READY after {READY_TIMEOUT:.0f} s; see {work}/server-{name}.log")
-
-
 def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
     """Both servers up, the alternating calls, both servers stopped; the result with its rows and samples."""
     import torch
@@ -94,16 +64,23 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
         root = Path(tmp)
         demo = root / "demo"
         ensure_data(demo)
-        procs: dict[str, subprocess.Popen] = {}
+        shapes = "[" + ",".join(f'"{s}x{s}@{cfg.steps}"' for s in sizes) + "]"
+        env = (("SDFUNC_REQUEST_LOG", "false"), ("SDFUNC_WARMUP__SHAPES", shapes), *cfg.server_env)
+        servers: list[Server] = []
         urls: dict[str, str] = {}
         try:
-            for way, exe, checkout in (("baseline", python, baseline), ("candidate", sys.executable, REPO)):
-                data, work = root / f"data-{way}", root / f"work-{way}"
-                shutil.copytree(demo / "models", data / "models")
-                work.mkdir()
-                procs[way], urls[way] = _start(way, exe, checkout, data, work, cfg, threads)
-            samples: dict[str, dict[int, list[float]]] = {w: {s: [] for s in sizes} for w in WAYS}
             with requests.Session() as session:
+                for way, exe, checkout in (("baseline", python, baseline), ("candidate", sys.executable, REPO)):
+                    data, work = root / f"data-{way}", root / f"work-{way}"
+                    shutil.copytree(demo / "models", data / "models")
+                    work.mkdir()
+                    server = Server(data, work, warmup=True, threads=threads, name=way, extra_env=env,
+                                    checkout=checkout, python=exe)
+                    servers.append(server)
+                    server.start()
+                    server.wait_health(session, until=("READY",), timeout=READY_TIMEOUT)
+                    urls[way] = server.url
+                samples: dict[str, dict[int, list[float]]] = {w: {s: [] for s in sizes} for w in WAYS}
                 for size in sizes:  # one untimed call each: the first request of a size pays for lazy work
                     for way in WAYS:
                         post_txt2img(session, urls[way], payload(size, cfg.steps))
@@ -115,8 +92,8 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
                     if (i + 1) % 10 == 0:
                         log.info("round %d of %d", i + 1, cfg.rounds)
         finally:
-            for proc in procs.values():
-                stop_process_group(proc)
+            for server in servers:
+                server.stop()
     rows = []
     for size in sizes:
         base, cand = samples["baseline"][size], samples["candidate"][size]
@@ -124,8 +101,8 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
         rows.append({"size": size, "baseline_ms": median(base), "candidate_ms": median(cand),
                      "ratio_of_medians": round(median(cand) / median(base), 3),
                      "paired_ratio": round(median(paired), 3),
-                     "paired_ratio_p25": round(sorted(paired)[len(paired) // 4], 3),
-                     "paired_ratio_p75": round(sorted(paired)[(3 * len(paired)) // 4], 3)})
+                     "paired_ratio_p25": round(percentile(paired, 25), 3),
+                     "paired_ratio_p75": round(percentile(paired, 75), 3)})
     result["rows"] = rows
     result["samples_ms"] = {w: {str(s): samples[w][s] for s in sizes} for w in WAYS}
     finish(result, time.perf_counter() - started)

@@ -98,8 +98,11 @@ class Server:
     """`python -m handler.cli serve` on a free loopback port, in its own process group, logging to a file."""
 
     def __init__(self, data: Path, workdir: Path, *, warmup: bool, threads: int, name: str,
-                 extra_env: tuple[tuple[str, str], ...] = ()) -> None:
+                 extra_env: tuple[tuple[str, str], ...] = (), checkout: Path = REPO,
+                 python: str = sys.executable) -> None:
         self.data = data
+        self.checkout = checkout  # whose handler/ and pipelines/ are served (another checkout for A/B runs)
+        self.python = python
         self.extra_env = dict(extra_env)
         self.workdir = workdir
         self.warmup = warmup
@@ -119,12 +122,12 @@ class Server:
             SDFUNC_DEFAULT_CHECKPOINT=MODEL,
         )
         env.update(self.extra_env)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.checkout), env.get("PYTHONPATH", "")) if p)
         return env
 
     def start(self) -> float:
         """Start the process; returns the `perf_counter` at `Popen`."""
-        argv = [sys.executable, "-m", "handler.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        argv = [self.python, "-m", "handler.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                 "--data", str(self.data)]
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.started_at = time.perf_counter()

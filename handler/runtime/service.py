@@ -90,7 +90,7 @@ class Service:
         self.engine = Engine(settings, self.store, self.coldstart, self.controlnet_models,
                              cold_start_done=self.metrics.cold_start_done)
         self.batcher = Batcher(settings.batch)
-        self.admission = Admission(settings, device_busy=lambda: self.engine.device.pending > 0)
+        self.admission = Admission(settings, device_busy=lambda: self.device_busy)
         self.instance_id = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.pricing = Pricing(settings.billing)
         # The records database is opened lazily (no connection until the first use) and migrated then.
