@@ -10,7 +10,9 @@ the default:
   along: a `BREAK` inside brackets gets weighted, stops being the marker, and is encoded as the word "break".
 - each fragment is tokenized on its own and every token carries its fragment's weight; the tokens are cut into
   chunks of 75: when a chunk fills up and a comma lies within its last 20 tokens (`comma_padding_backtrack`),
-  the words after that comma move to the next chunk; a `BREAK` ends the chunk where it stands;
+  the words after that comma move to the next chunk; a `BREAK` ends the chunk where it stands; a
+  textual-inversion embedding's vectors stay together: one that does not fit ends the chunk where it stands
+  (no comma backtrack) and starts the next;
 - each chunk becomes BOS + tokens + EOS, padded to 77 (with EOS for SD 1.x and SDXL's CLIP-L, with the
   tokenizer's pad token after the first EOS for SDXL's OpenCLIP encoder; BOS, EOS and padding weigh 1.0),
   and is encoded on its own; then emphasis: `z * weight` per position, rescaled so the chunk's mean over
@@ -30,8 +32,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipelines.adapters.embeddings import vector_tokens
 from pipelines.errors import InvalidParameter
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the parser must not pull it into a request thread
@@ -46,12 +50,20 @@ BREAK = ("BREAK", -1.0)  # A1111's chunk-break marker in the parsed list
 Fragment = tuple[str, float]
 Token = tuple[int, float]  # a token id and its weight
 
+
+@dataclass(frozen=True)
+class Run:
+    """The tokens of one mention of a textual-inversion embedding, one per vector: chunked as a whole."""
+
+    tokens: tuple[Token, ...]
+
+
 # A1111's tokens, in its order: escapes (a backslash before anything else escapes nothing), openers,
 # `:weight)`, closers, plain text, a lone colon.
 _ATTENTION = re.compile(r"""
 \\\(|\\\)|\\\[|\\]|\\\\|\\|
 \(|\[|
-:([+-]?[.\d]+)\)|
+:\s*([+-]?[.\d]+)\s*\)|
 \)|]|
 [^\\()\[\]:]+|
 :
@@ -128,11 +140,33 @@ def chunked_embeds(pipe: Any, prompts: list[str], negatives: list[str], clip_ski
     and `negatives` as A1111 does: attention weights, `BREAK`, 75-token chunks, both sides padded to one length.
     `clip_skip` is A1111's (1 = the last layer; SDXL counts from its penultimate layer, as diffusers does).
     A malformed attention weight is an InvalidParameter naming `prompt` or `negative_prompt`."""
+    texts = list(dict.fromkeys(prompts + negatives))  # each distinct text is encoded once
+    fields = dict.fromkeys(negatives, "negative_prompt")
+    fields.update(dict.fromkeys(prompts, "prompt"))
+    hidden, pooled, empty_chunk = encode_texts(pipe, texts, fields, clip_skip, sdxl)
+    per_text = dict(zip(texts, hidden))
+    sides = [_side([per_text[t] for t in prompts]), _side([per_text[t] for t in negatives])]
+    length = max(side.shape[1] for side in sides)
+    sides = [_pad(side, empty_chunk, length) for side in sides]
+    dtype = pipe.unet.dtype
+    args: dict[str, Any] = {"prompt_embeds": sides[0].to(dtype=dtype),
+                            "negative_prompt_embeds": sides[1].to(dtype=dtype)}
+    if sdxl:
+        index = {text: i for i, text in enumerate(texts)}
+        args["pooled_prompt_embeds"] = pooled[[index[t] for t in prompts]].to(dtype=dtype)
+        args["negative_pooled_prompt_embeds"] = pooled[[index[t] for t in negatives]].to(dtype=dtype)
+    return args
+
+
+def encode_texts(pipe: Any, texts: list[str], fields: dict[str, str], clip_skip: int,
+                 sdxl: bool) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
+    """Each of `texts` (distinct) encoded as A1111 encodes one prompt: its hidden states [chunks * 77, width]
+    (SDXL's two encoders side by side), its pooled embedding (SDXL: a [len(texts), width] tensor, the first
+    chunk's, unweighted; else None), and the empty prompt's chunk [77, width] that pads a shorter side.
+    `fields[text]` names the request field a malformed attention weight in `text` is reported on."""
     import torch
 
-    texts = list(dict.fromkeys(prompts + negatives))  # each distinct text is encoded once
-    fragments = {text: _parse(text, "prompt") for text in dict.fromkeys(prompts)}
-    fragments.update({text: _parse(text, "negative_prompt") for text in negatives if text not in fragments})
+    fragments = {text: _parse(text, fields.get(text, "prompt")) for text in texts}
     pairs = [(tok, enc) for tok, enc in ((pipe.tokenizer, pipe.text_encoder),
                                          (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None)))
              if tok is not None and enc is not None][: 2 if sdxl else 1]  # the SDXL refiner has OpenCLIP only
@@ -151,19 +185,47 @@ def chunked_embeds(pipe: Any, prompts: list[str], negatives: list[str], clip_ski
             pooled = text_embeds[firsts]
         hidden.append(list(states[:-1].split(counts)))
         empty.append(states[-1])
-    per_text = {text: torch.cat([parts[i].flatten(0, 1) for parts in hidden], dim=-1) for i, text in enumerate(texts)}
-    empty_chunk = torch.cat(empty, dim=-1)
-    sides = [_side([per_text[t] for t in prompts]), _side([per_text[t] for t in negatives])]
-    length = max(side.shape[1] for side in sides)
-    sides = [_pad(side, empty_chunk, length) for side in sides]
-    dtype = pipe.unet.dtype
-    args: dict[str, Any] = {"prompt_embeds": sides[0].to(dtype=dtype),
-                            "negative_prompt_embeds": sides[1].to(dtype=dtype)}
-    if sdxl:
-        index = {text: i for i, text in enumerate(texts)}
-        args["pooled_prompt_embeds"] = pooled[[index[t] for t in prompts]].to(dtype=dtype)
-        args["negative_pooled_prompt_embeds"] = pooled[[index[t] for t in negatives]].to(dtype=dtype)
-    return args
+    per_text = [torch.cat([parts[i].flatten(0, 1) for parts in hidden], dim=-1) for i in range(len(texts))]
+    return per_text, pooled, torch.cat(empty, dim=-1)
+
+
+def scheduled_texts(text: str, steps: int, hires_steps: int | None, field: str) -> list[tuple[int, str]]:
+    """A1111's prompt-editing schedule of `text` (pipelines.prompt_schedule); a malformed schedule is an
+    InvalidParameter naming `field`."""
+    from pipelines.prompt_schedule import MalformedSchedule, prompt_schedule
+
+    try:
+        return prompt_schedule(text, steps, hires_steps)
+    except MalformedSchedule as e:
+        raise InvalidParameter(f"{field}: {e}", field=field) from None
+
+
+def scheduled_parts(text: str, steps: int, hires_steps: int | None, field: str) -> list[tuple[str, float, list]]:
+    """`text`'s `AND` parts as (text, weight, schedule); a malformed schedule is an InvalidParameter naming
+    `field`."""
+    from pipelines.prompt_schedule import MalformedSchedule, composable
+
+    try:
+        return [(part.text, part.weight, list(part.schedule)) for part in composable(text, steps, hires_steps)]
+    except MalformedSchedule as e:
+        raise InvalidParameter(f"{field}: {e}", field=field) from None
+
+
+def check_prompt(text: str, field: str, steps: int, *, negative: bool = False,
+                 hires_steps: int | None = None) -> None:
+    """Raise InvalidParameter naming `field` when `text` is a malformed schedule or one of the texts it
+    schedules over `steps` holds an attention weight that is not a number (A1111 fails on those too), so that a
+    request is refused before any device work. The message never quotes the prompt."""
+    if negative:
+        entries = scheduled_texts(text, steps, hires_steps, field)
+    else:
+        entries = [entry for _, _, schedule in scheduled_parts(text, steps, hires_steps, field) for entry in schedule]
+    for _, entry in entries:
+        try:
+            parse_prompt_attention(entry)
+        except ValueError:
+            raise InvalidParameter(f"{field}: an attention weight such as (word:1.2) is not a number",
+                                   field=field) from None
 
 
 def _number(weight: str) -> float:
@@ -192,38 +254,68 @@ def _comma_id(tokenizer: Any) -> int | None:
     return tokenizer.get_vocab().get(",</w>")
 
 
-def _weighted_tokens(tokenizer: Any, fragments: list[Fragment]) -> list[Token | None]:
+def _weighted_tokens(tokenizer: Any, fragments: list[Fragment]) -> list[Token | Run | None]:
     """Each fragment tokenized on its own (as A1111 does: `a(b)` is two words), its tokens carrying its
-    weight; None where a `BREAK` marker stands."""
-    tokens: list[Token | None] = []
+    weight; a textual-inversion embedding's tokens (as `expand_prompt` writes them) as one Run; None where a
+    `BREAK` marker stands."""
+    vectors = vector_tokens(tokenizer)
+    tokens: list[Token | Run | None] = []
     for (text, weight), ids in zip(fragments, _token_ids(tokenizer, [text for text, _ in fragments])):
         if (text, weight) == BREAK:
             tokens.append(None)
-        else:
-            tokens.extend((token, weight) for token in ids)
+            continue
+        i = 0
+        while i < len(ids):
+            n = _run_length(ids, i, vectors) if vectors else 0
+            if n:
+                tokens.append(Run(tuple((token, weight) for token in ids[i : i + n])))
+                i += n
+            else:
+                tokens.append((ids[i], weight))
+                i += 1
     return tokens
 
 
-def _chunks(tokens: Sequence[Token | None], comma: int | None) -> list[list[Token]]:
+def _run_length(ids: Sequence[int], start: int, vectors: dict[int, tuple[str, int]]) -> int:
+    """How many of `ids` from `start` are one embedding: its vector 0 there, then its vectors 1, 2 ... in order
+    (a mention; the next mention of the same embedding starts again at 0). 0 when no embedding starts there."""
+    first = vectors.get(ids[start])
+    if first is None or first[1] != 0:
+        return 0
+    n = 1
+    while start + n < len(ids) and vectors.get(ids[start + n]) == (first[0], n):
+        n += 1
+    return n
+
+
+def _chunks(tokens: Sequence[Token | Run | None], comma: int | None) -> list[list[Token]]:
     """`tokens` split into chunks of at most 75, breaking after a comma near a chunk's end and at each None
-    (`BREAK`), by A1111's rules. An empty prompt is one empty chunk; a trailing `BREAK` adds none."""
+    (`BREAK`), by A1111's rules. An empty prompt is one empty chunk; a trailing `BREAK` adds none. A Run (one
+    embedding's vectors) is never split: where it does not fit, the chunk ends before it (padded; no comma
+    backtrack) and the Run starts the next one; the comma backtrack moves a Run with the words around it (A1111
+    moves placeholder `!` tokens there and leaves the vectors in the old chunk's padding: a defect not
+    reproduced). A Run longer than 75 is an InvalidParameter (A1111 fails on it)."""
     chunks: list[list[Token]] = []
     chunk: list[Token] = []
     last_comma = -1
-    for token in tokens:
-        if token is None:
+    for item in tokens:
+        if item is None:
             chunks.append(chunk)
             chunk, last_comma = [], -1
             continue
-        if token[0] == comma:
+        run = item.tokens if isinstance(item, Run) else (item,)
+        if run[0][0] == comma:
             last_comma = len(chunk)
         elif len(chunk) == CHUNK and last_comma != -1 and len(chunk) - last_comma <= COMMA_BACKTRACK:
             chunks.append(chunk[: last_comma + 1])
             chunk, last_comma = chunk[last_comma + 1 :], -1
-        if len(chunk) == CHUNK:
+        if len(run) > CHUNK:
+            raise InvalidParameter(f"prompt: an embedding of {len(run)} vectors is longer than a prompt chunk "
+                                   f"({CHUNK} tokens); A1111 cannot encode it either", field="prompt")
+        if len(chunk) + len(run) > CHUNK:  # a token: the chunk is full; a Run: it would not fit
             chunks.append(chunk)
             chunk, last_comma = [], -1
-        chunk.append(token)
+        chunk.extend(run)
     if chunk or not chunks:
         chunks.append(chunk)
     return chunks

@@ -21,6 +21,8 @@ file's stem in a prompt.
   it does in A1111, keeps matching case-insensitive, and lets one tokenizer serve several encoders.
   `expand_prompt()` rewrites each mention into those tokens (all `n` of a multi-vector embedding), so it must
   run on every prompt and negative prompt the pipeline sees, `pipe(prompt=...)` and hand-made embeddings alike.
+  `vector_tokens()` tells those tokens apart again: pipelines/prompts.py keeps each mention's run of them in one
+  75-token chunk, as A1111 does.
 - `ti_hashes()` is the infotext's `TI hashes` value: `name: sha256[:12]` per embedding used.
 
 Loading mutates shared modules: call `ensure_loaded` on the device thread (it also takes a lock). Added rows
@@ -55,6 +57,7 @@ ARCH_DIMS: dict[str, Dims] = {"sd1": (768,), "sdxl": (768, 1280)}  # the real ar
 SDXL_KEYS = ("clip_l", "clip_g")  # A1111's SDXL layout: text_encoder (CLIP ViT-L), text_encoder_2 (OpenCLIP bigG)
 _FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 _TOKEN_FORM = re.compile(r"<ti-[0-9a-f]{10}-\d+>", re.IGNORECASE)  # our internal tokens, should a prompt spell one
+_TOKEN_PARTS = re.compile(r"<ti-([0-9a-f]{10})-(\d+)>")  # an added token as `EmbeddingEntry.tokens` spells it
 FIELD = "prompt"
 
 
@@ -447,6 +450,19 @@ def _held(tok: Any, enc: Any, entry: EmbeddingEntry, tokens: list[str]) -> bool:
         return False
     vocab = tok.get_added_vocab()
     return tuple(vocab.get(t, -1) for t in tokens) == held[1]
+
+
+def vector_tokens(tokenizer: Any) -> dict[int, tuple[str, int]]:
+    """The embedding tokens `tokenizer` holds (`EmbeddingEntry.tokens`, whoever added them): token id -> (its
+    embedding's key, the vector's index). `expand_prompt` writes an embedding as the ids of indices 0..n-1 of
+    one key, in that order; prompts.py reads such a run as one embedding, which A1111 never splits across
+    chunks. Empty when no embedding was ever loaded."""
+    found = {}
+    for text, token_id in tokenizer.get_added_vocab().items():
+        match = _TOKEN_PARTS.fullmatch(text)
+        if match:
+            found[token_id] = (match.group(1), int(match.group(2)))
+    return found
 
 
 def loaded_names(pipe: Any) -> list[str]:

@@ -63,6 +63,17 @@ def test_embedding_in_prompt_changes_the_image_and_is_hashed(ti_app):
     assert "TI hashes" in json.loads(neg["info"])["extra_generation_params"]
 
 
+def test_an_embedding_past_a_chunk_end_starts_the_next_chunk(ti_app):
+    """74 tokens (a comma 13 back), then `shiny`'s 2 vectors: as in A1111 the first chunk ends before the
+    embedding, as a BREAK there would end it, rather than one vector on each side (or a comma backtrack)."""
+    client = ti_app.test_client()
+    head = "red " * 60 + ", " + "red " * 13  # 74 tokens
+    used = gen(client, prompt=head + "shiny")
+    assert png(used) == png(gen(client, prompt=head + "BREAK shiny"))
+    assert png(used) != png(gen(client, prompt=head + "BREAK red shiny"))  # the placement shows in the image
+    assert json.loads(used["info"])["extra_generation_params"]["TI hashes"].startswith("shiny: ")
+
+
 def test_sdxl_embedding_on_sdxl(ti_app):
     client = ti_app.test_client()
     xl = {"override_settings": {"sd_model_checkpoint": "demo-sdxl"}}

@@ -294,6 +294,62 @@ def test_a_txt2img_run_with_an_embedding(sd15, store_at):
     assert image.shape == (1, 64, 64, 3)
 
 
+# long prompts: an embedding is never split across 75-token chunks --------------------------------------------
+def test_embedding_runs_are_found_per_mention(sd15, store_at):
+    from pipelines.prompts import Run, _weighted_tokens, parse_prompt_attention
+
+    entries = store_at(duo={"emb_params": vec(2, 32)}, solo={"emb_params": vec(1, 32)}).prepare(sd15, ["duo solo"])
+    duo, solo = (sd15.tokenizer.convert_tokens_to_ids(e.tokens) for e in entries)
+    a, b = (sd15.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("a", "b"))
+    expanded = expand_prompt(sd15, "a duo duo (solo:1.5) b", entries)
+    tokens = _weighted_tokens(sd15.tokenizer, parse_prompt_attention(expanded))
+    assert tokens == [(a, 1.0), Run(((duo[0], 1.0), (duo[1], 1.0))), Run(((duo[0], 1.0), (duo[1], 1.0))),
+                      Run(((solo[0], 1.5),)), (b, 1.0)]
+    # a vector that does not follow its embedding's vector 0 is an ordinary token
+    assert _weighted_tokens(sd15.tokenizer, [(f"a {entries[0].tokens[1]} b", 1.0)]) == [(a, 1.0), (duo[1], 1.0),
+                                                                                        (b, 1.0)]
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_an_embedding_that_would_straddle_two_chunks_starts_the_second(arch, request, store_at):
+    """A1111's tokenize_line: 72 tokens (a comma 12 back) then a 4-vector embedding: the first chunk ends after
+    the 72 tokens, padded, and the embedding opens the second, exactly as with a BREAK before it; without the
+    rule three vectors would end chunk one and the fourth open chunk two."""
+    from pipelines.prompts import CHUNK, chunked_embeds, needs_chunks
+
+    pipe = request.getfixturevalue(arch)
+    tensors = ({"emb_params": vec(4, 32, seed=12)} if arch == "sd15"
+               else {"clip_l": vec(4, 32, seed=12), "clip_g": vec(4, 64, seed=13)})
+    head = "red " * 60 + ", " + "red " * 11  # 72 tokens
+    texts = [head + "quad", head + "BREAK quad", "quad"]
+    entries = store_at(quad=tensors).prepare(pipe, texts)
+    straddling, broken, alone = (expand_prompt(pipe, t, entries) for t in texts)
+    assert len(pipe.tokenizer(head, add_special_tokens=False).input_ids) == 72
+    # 73 words as written, 76 tokens once the embedding is its 4 vectors: the chunked encoding is used
+    assert len(pipe.tokenizer(straddling, add_special_tokens=False).input_ids) == CHUNK + 1
+    assert needs_chunks(pipe, [straddling]) and not needs_chunks(pipe, [head + "red"])
+    sdxl = arch == "sdxl"
+    ours, want = (chunked_embeds(pipe, [p], [""], clip_skip=1, sdxl=sdxl) for p in (straddling, broken))
+    for name in ours:
+        assert torch.equal(ours[name], want[name]), name
+    assert ours["prompt_embeds"].shape[1] == 2 * (CHUNK + 2)
+    # the second chunk is the embedding alone, right after its BOS: the encoding of the prompt "quad"
+    torch.testing.assert_close(ours["prompt_embeds"][:, CHUNK + 2:],
+                               chunked_embeds(pipe, [alone], [""], clip_skip=1, sdxl=sdxl)["prompt_embeds"])
+
+
+def test_an_embedding_longer_than_a_chunk_is_invalid_parameter(sd15, store_at):
+    from pipelines.prompts import CHUNK, chunked_embeds
+
+    store = store_at(whole={"emb_params": vec(CHUNK, 32, seed=14)}, over={"emb_params": vec(CHUNK + 1, 32)})
+    entries = store.prepare(sd15, ["whole over"])
+    args = chunked_embeds(sd15, [expand_prompt(sd15, "a whole", entries)], [""], clip_skip=1, sdxl=False)
+    assert args["prompt_embeds"].shape[1] == 2 * (CHUNK + 2)  # "a", then the 75 vectors in a chunk of their own
+    with pytest.raises(InvalidParameter, match="76 vectors") as err:
+        chunked_embeds(sd15, [expand_prompt(sd15, "over", entries)], [""], clip_skip=1, sdxl=False)
+    assert err.value.field == "prompt"
+
+
 # errors --------------------------------------------------------------------------------------------------------
 def test_an_embedding_that_does_not_fit_is_invalid_parameter(sd15, store_at):
     store = store_at(wide={"emb_params": vec(1, 768)})

@@ -14,6 +14,7 @@ from pipelines.errors import InvalidParameter
 from pipelines.prompts import (
     BREAK,
     CHUNK,
+    Run,
     _chunks,
     chunked_embeds,
     needs_chunks,
@@ -119,6 +120,41 @@ def test_break_ends_the_chunk_and_weights_are_carried():
     head = [(i, 1.0) for i in range(60)] + [(comma, 1.1)]
     tail = [(i, 0.9) for i in range(100, 130)]
     assert _chunks(head + tail, comma) == [head, tail]
+
+
+def _words(n: int, start: int = 100, weight: float = 1.0) -> list[tuple[int, float]]:
+    return [(i, weight) for i in range(start, start + n)]
+
+
+def test_an_embeddings_run_is_never_split_across_chunks():
+    """A1111's tokenize_line: an embedding that does not fit ends the chunk where it stands, padded, without the
+    comma backtrack, and starts the next chunk whole; before that, a full chunk is closed (with the backtrack)."""
+    comma = (99, 1.0)
+    run = Run(tuple(_words(4, start=500, weight=1.2)))
+    # 72 tokens with a comma 11 back, then 4 vectors: the chunk ends at 72 (a plain word would backtrack instead)
+    head = _words(60) + [comma] + _words(11, start=200)
+    tail = _words(3, start=300)
+    assert _chunks([*head, run, *tail], comma[0]) == [head, [*run.tokens, *tail]]
+    # four ordinary words there fill the chunk, and the fourth moves back to the comma with the words before it
+    plain = _words(4, start=500)
+    assert _chunks([*head, *plain, *tail], comma[0]) == [_words(60) + [comma], [*_words(11, start=200), *plain, *tail]]
+    # one that fits exactly fills the chunk; two in a row: the second starts the next chunk
+    exact = _words(71)
+    assert _chunks([*exact, run], comma[0]) == [[*exact, *run.tokens]]
+    assert _chunks([*_words(70), run, run], comma[0]) == [[*_words(70), *run.tokens], list(run.tokens)]
+    # a full chunk is closed first, by the comma backtrack when a comma is near: the run goes with the moved words
+    full = _words(65) + [comma] + _words(9, start=200)
+    assert _chunks([*full, run], comma[0]) == [_words(65) + [comma], [*_words(9, start=200), *run.tokens]]
+    # a run that filled the chunk moves with the words after the comma when the next word backtracks
+    filled = _words(60) + [comma] + _words(10, start=200)
+    assert _chunks([*filled, run, (300, 1.0)], comma[0]) == [
+        _words(60) + [comma], [*_words(10, start=200), *run.tokens, (300, 1.0)]]
+    # BREAK before a run, and a run of a whole chunk; a longer one is an error, as in A1111
+    assert _chunks([*head, None, run], comma[0]) == [head, list(run.tokens)]
+    whole = Run(tuple(_words(CHUNK, start=500)))
+    assert _chunks([(1, 1.0), whole], comma[0]) == [[(1, 1.0)], list(whole.tokens)]
+    with pytest.raises(InvalidParameter, match="76 vectors"):
+        _chunks([Run(tuple(_words(CHUNK + 1)))], comma[0])
 
 
 # Embeddings on the demo pipelines -----------------------------------------------------------------------------
