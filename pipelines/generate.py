@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+from pipelines import conditioning
 from pipelines.adapters.embeddings import expand_prompt
 from pipelines.cache import LoadedModel, assemble_pipeline
 from pipelines.errors import InvalidParameter
-from pipelines.hires import HiresPlan, RefinerPlan, second_pass_steps, upscale_image, upscale_latents
+from pipelines.hires import HiresPlan, RefinerPlan, second_pass_steps, switch_cutoff, upscale_image, upscale_latents
 from pipelines.prompts import chunked_embeds, needs_chunks
 from pipelines.samplers import ResolvedSampler, build_scheduler, set_noise_seeds
 
@@ -35,9 +36,10 @@ log = logging.getLogger(__name__)
 _RESIZE_MODES = {0: "default", 1: "crop", 2: "fill", 3: "default"}
 
 ProgressFn = Callable[[int, int, int], bool]  # (step done, steps of this batch, batch index) -> keep going?
-# Loads a second checkpoint (hires checkpoint, refiner) on the device thread: (model, load seconds, the
-# textual-inversion entries it holds for the job's prompts).
-LoadModelFn = Callable[[Any], tuple[LoadedModel, float, list[Any]]]
+# Loads a second checkpoint (hires checkpoint, refiner; or the job's own again, with its VAE entry, after another)
+# on the device thread: (checkpoint entry, VAE entry or None) -> (model, load seconds, the textual-inversion
+# entries it holds for the job's prompts).
+LoadModelFn = Callable[[Any, Any], tuple[LoadedModel, float, list[Any]]]
 
 
 @dataclass
@@ -77,7 +79,8 @@ class ImageJob:
     loras: list[Any] = field(default_factory=list)
     # Textual-inversion embeddings (pipelines.adapters.embeddings entries) the device thread loaded for these prompts.
     embeddings: list[Any] = field(default_factory=list)
-    # txt2img only: a second stage after the first pass (pipelines.hires); at most one of the two.
+    # txt2img only: a second stage after the first pass (pipelines.hires): a hires pass, a refiner, or both (the
+    # refiner's `hires_pass` says which pass it finishes).
     hires: HiresPlan | None = None
     refiner: RefinerPlan | None = None
     # ControlNet units with their detected maps (handler side) and models (device thread).
@@ -116,6 +119,7 @@ class GenerationResult:
     generation_seconds: float  # time spent in the pipelines (what a consumer is billed for)
     interrupted: bool = False
     load_seconds: float = 0.0  # loading a hires checkpoint or refiner between the passes (not billed)
+    refined: bool = False  # the refiner ran (A1111 names it in the infotext only then)
 
 
 def _pipeline_class(arch: str, mode: str, inpaint: bool) -> type:
@@ -218,15 +222,64 @@ def _noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation between two noise tensors (A1111's variation seed)."""
-    low_n = low / low.norm()
-    high_n = high / high.norm()
-    dot = (low_n * high_n).sum()
-    if dot.abs() > 0.9995:
-        return (1 - t) * low + t * high
+    """A1111's variation-seed mix of one image's noise [C, H, W] (modules/rng.py `slerp`): spherical
+    interpolation per column, the vectors taken along the height; where the two noises are nearly the same
+    (mean cosine above 0.9995) A1111's linear fallback, whose weights are `low * t + high * (1 - t)` as it has
+    them."""
+    low_n = low / low.norm(dim=1, keepdim=True)
+    high_n = high / high.norm(dim=1, keepdim=True)
+    dot = (low_n * high_n).sum(1)
+    if dot.mean() > 0.9995:
+        return low * t + high * (1 - t)
     omega = torch.acos(dot.clamp(-1, 1))
     so = torch.sin(omega)
-    return (torch.sin((1.0 - t) * omega) / so) * low + (torch.sin(t * omega) / so) * high
+    return (torch.sin((1.0 - t) * omega) / so).unsqueeze(1) * low + (torch.sin(t * omega) / so).unsqueeze(1) * high
+
+
+@contextlib.contextmanager
+def _variation_noise(pipe: Any, subseeds: list[int], strength: float) -> Iterator[None]:
+    """img2img and inpainting with a variation seed, for one pipeline call: the noise diffusers draws (row i from
+    image i's seed generator) becomes slerp(strength, that noise, subseed i's noise), the subseed's drawn the same
+    way (a CPU generator, the row's shape and dtype), as A1111 mixes its initial noise. `pipe.scheduler.add_noise`
+    (the request's own scheduler) is wrapped: img2img's start and inpainting's per-step re-noising of the kept
+    area; so is `pipe.prepare_latents` for inpainting at denoising strength 1, which starts from the noise itself
+    (its `latents` are never passed here). Strength 0 wraps nothing: the call is exactly what it is without."""
+    if not strength:
+        yield
+        return
+    scheduler = pipe.scheduler
+    add_noise, prepare_latents = scheduler.add_noise, pipe.prepare_latents
+    last: list[tuple[torch.Tensor, torch.Tensor]] = []  # the inpainting loop passes the same noise every step
+
+    def mixed(noise: torch.Tensor) -> torch.Tensor:
+        if last and last[0][0] is noise:
+            return last[0][1]
+        if noise.shape[0] != len(subseeds):
+            raise RuntimeError(f"{noise.shape[0]} noise rows for {len(subseeds)} variation seeds")
+        rows = []
+        for row, subseed in zip(noise, subseeds):
+            generator = torch.Generator("cpu").manual_seed(subseed)
+            other = torch.randn(row.shape, generator=generator, dtype=row.dtype)
+            rows.append(_slerp(strength, row.detach().cpu().float(), other.float()))
+        out = torch.stack(rows).to(device=noise.device, dtype=noise.dtype)
+        last[:] = [(noise, out)]
+        return out
+
+    def mixing_add_noise(original: torch.Tensor, noise: torch.Tensor, timesteps: Any) -> torch.Tensor:
+        return add_noise(original, mixed(noise), timesteps)
+
+    def mixing_prepare_latents(*args: Any, **kwargs: Any) -> Any:
+        out = prepare_latents(*args, **kwargs)
+        if isinstance(out, tuple) and kwargs.get("is_strength_max") and kwargs.get("add_noise", True):
+            latents, noise, *rest = out  # diffusers: latents = noise * init_noise_sigma
+            return (mixed(noise) * scheduler.init_noise_sigma, noise, *rest)
+        return out
+
+    scheduler.add_noise, pipe.prepare_latents = mixing_add_noise, mixing_prepare_latents
+    try:
+        yield
+    finally:
+        del scheduler.add_noise, pipe.prepare_latents  # the instance attributes: the class's methods again
 
 
 def _fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
@@ -263,14 +316,12 @@ def _prepare_inpaint(job: ImageJob, image: Image.Image, mask: Image.Image, seed:
 def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = None,
              load_model: LoadModelFn | None = None) -> GenerationResult:
     """Run `job` on `model`; images come back in seed order. Raises InvalidParameter for requests the
-    model cannot serve (checked before any work, so nothing is half done). A staged job (hires fix, refiner)
-    runs every first pass, then loads its second checkpoint with `load_model` if it names one, then every
-    second pass; the load time is reported apart (`load_seconds`), not as generation time."""
+    model cannot serve (checked before any work, so nothing is half done). A staged job (hires fix, refiner, or
+    both) runs every first pass, then each later phase over every batch (`_second_stage`), loading the checkpoints
+    it names with `load_model`; the load time is reported apart (`load_seconds`), not as generation time."""
     inpaint = job.mode == "img2img" and job.mask is not None
     if job.mode == "img2img" and not job.init_images:
         raise InvalidParameter("init_images: at least one image is required", field="init_images")
-    if job.mode == "img2img" and job.subseed_strength:
-        raise InvalidParameter("subseed_strength: variation seeds are offered for txt2img only", field="subseed_strength")
     pipe = _request_pipeline(model, job, inpaint)
     depth = min(enc.config.num_hidden_layers for enc in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
                 if enc is not None)
@@ -306,7 +357,7 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
     pipe = _with_controls(pipe, model.arch, job.mode, inpaint, job.controls, call,
                           hires_pass=False if job.hires is not None else None)
     if job.staged:
-        if job.refiner is not None:
+        if job.refiner is not None and job.refiner.in_first_pass:
             call["denoising_end"], call["output_type"] = job.refiner.switch_at, "latent"
         elif job.hires is not None and job.hires.latent:
             call["output_type"] = "latent"
@@ -321,7 +372,7 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
             subseeds = job.subseeds[first : first + job.batch_size]
             n = len(seeds)
             args = dict(call)
-            _prompt_args(pipe, model.arch, job, *job.prompts_for(first, n), args)
+            conditioned = _prompt_args(pipe, model.arch, job, *job.prompts_for(first, n), args)
             args["generator"] = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             if job.mode == "txt2img":
                 shape = (latent_channels, job.height // scale, job.width // scale)
@@ -338,10 +389,15 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
             batch_images: list[Image.Image] = []
             if job.mode == "img2img" and job.denoising_strength == 0:
                 runs, batch_images = [], [img.copy() for img in sized]
-            for run in runs:
+            variation = job.subseed_strength if job.mode == "img2img" else 0.0  # txt2img mixed its `latents`
+            for k, run in enumerate(runs):
                 # DPM++ SDE draws from a Brownian tree seeded per image, not from `generator`.
                 set_noise_seeds(pipe.scheduler, [g.initial_seed() for g in run["generator"]])
-                with torch.inference_mode():
+                alone = len(runs) > 1  # "only masked" inpainting: one call per image
+                per_call = conditioned.select(k) if conditioned is not None and alone else conditioned
+                run_subseeds = subseeds[k:k + 1] if alone else subseeds
+                with torch.inference_mode(), _conditioned(per_call, pipe), \
+                        _variation_noise(pipe, run_subseeds, variation):
                     try:
                         batch_images.extend(pipe(**run).images)
                     except ValueError as exc:
@@ -356,17 +412,18 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
             if steps.interrupted:
                 interrupted = True
                 break
-    load_seconds = 0.0
+    load_seconds, refined = 0.0, False
     if job.staged and interrupted:  # A1111 returns the first pass when stopped before the second
         images_out = _decoded(pipe, images_out)
     elif job.staged:
-        images_out, load_seconds, interrupted = _second_stage(model, job, images_out, progress, load_model)
+        images_out, load_seconds, interrupted, refined = _second_stage(model, job, images_out, progress, load_model)
     if torch.cuda.is_available() and str(pipe.unet.device).startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started - load_seconds
     done = len(images_out)
     return GenerationResult(images=images_out, seeds=job.seeds[:done], subseeds=job.subseeds[:done],
-                            generation_seconds=seconds, interrupted=interrupted, load_seconds=load_seconds)
+                            generation_seconds=seconds, interrupted=interrupted, load_seconds=load_seconds,
+                            refined=refined)
 
 
 class _Steps:
@@ -415,71 +472,222 @@ def _decoded(pipe: Any, outputs: list[Any]) -> list[Image.Image]:
 
 
 def _second_stage(model: LoadedModel, job: ImageJob, firsts: list[Any], progress: ProgressFn | None,
-                  load_model: LoadModelFn | None) -> tuple[list[Image.Image], float, bool]:
-    """The hires pass or the refiner over every first-pass output (latents or images), batch by batch, on
-    the second checkpoint if the job names one. Returns (images, load seconds, interrupted)."""
-    plan = job.hires if job.hires is not None else job.refiner
-    second, load_seconds, embeddings = model, 0.0, job.embeddings
-    if plan.checkpoint is not None and plan.checkpoint.path != model.entry.path:
-        if load_model is None:
+                  load_model: LoadModelFn | None) -> tuple[list[Image.Image], float, bool, bool]:
+    """Everything after the first passes, each phase over every batch before the next one's checkpoint is loaded:
+    the refiner finishing the first passes (a refiner without hires fix, or `hires_fix_refiner_pass` "first pass"
+    / "both passes"), then the hires pass, on the base or `hr_checkpoint_name`, handed to the refiner where its
+    schedule crosses the switch ("second pass" / "both passes"). A refiner phase whose pass never reaches the
+    switch is skipped (nothing loaded). Returns (images, load seconds, interrupted, whether the refiner ran)."""
+    models = _StageModels(model, job, load_model)
+    outputs, interrupted, refined = firsts, False, False
+    refiner = job.refiner
+    if refiner is not None and refiner.in_first_pass:
+        outputs, interrupted, refined = _refine_first_pass(models, job, outputs, progress)
+    if job.hires is not None and not interrupted:
+        outputs, interrupted, refined_hires = _hires_pass(models, job, outputs, progress)
+        refined = refined or refined_hires
+    return outputs, models.load_seconds, interrupted, refined
+
+
+class _StageModels:
+    """The checkpoints a staged job's phases run on, in turn: the job's own model, then others through
+    `load_model` (from the warm cache, where one may evict another: once another has been loaded, the job's
+    own model is asked for again rather than used as it was). Sums the load seconds."""
+
+    def __init__(self, base: LoadedModel, job: ImageJob, load_model: LoadModelFn | None) -> None:
+        self.base, self.job, self.load_model = base, job, load_model
+        self.load_seconds = 0.0
+        self._left_base = False
+
+    def get(self, entry: Any) -> tuple[LoadedModel, list[Any]]:
+        """The model of checkpoint `entry` (None: the job's own) and the textual inversions loaded into it."""
+        vae = None
+        if entry is None or entry.path == self.base.entry.path:
+            if not self._left_base:
+                return self.base, self.job.embeddings
+            entry, vae = self.base.entry, self.base.vae
+        if self.load_model is None:
             raise RuntimeError("a second checkpoint is needed but no loader was given")
-        second, load_seconds, embeddings = load_model(plan.checkpoint)
-    sampler = job.hires.sampler if job.hires is not None else job.sampler
+        loaded, seconds, embeddings = self.load_model(entry, vae)
+        self._left_base = True
+        self.load_seconds += seconds
+        return loaded, embeddings
+
+
+@dataclass
+class _Phase:
+    """One img2img call per batch on one model: the refiner finishing the first pass, the hires pass, or the
+    refiner finishing the hires pass. `call` holds the step arguments (num_inference_steps, strength,
+    denoising_start / denoising_end, output_type); progress reports step `offset + i` of `total` as job
+    `job_offset + batch`; `start` is the model calls the pass made before this phase (prompt schedules go on
+    counting from there, as A1111's one sampling does)."""
+
+    sampler: ResolvedSampler
+    hires: bool  # the hires pass's prompts, size and ControlNet maps (else the first pass's)
+    call: dict[str, Any]
+    total: int
+    offset: int
+    job_offset: int
+    start: int = 0
+
+
+def _refine_first_pass(models: _StageModels, job: ImageJob, latents: list[Any],
+                       progress: ProgressFn | None) -> tuple[list[Any], bool, bool]:
+    """The refiner finishing every first pass from its latents (`denoising_start`). Its outputs are images, or
+    latents for a latent hires pass. Without hires fix the refiner's steps are reported as jobs of their own
+    (after the first passes); with it, as the rest of each first pass (the hires passes are the later jobs).
+    Returns (outputs, interrupted, whether the refiner ran); outputs are images when interrupted."""
+    refiner, hires = job.refiner, job.hires
+    base_calls, refiner_calls = _switch_split(build_scheduler(job.sampler, models.base.pipe.scheduler.config),
+                                              job.steps, None, refiner.switch_at)
+    latent_out = hires is not None and hires.latent
+    if refiner_calls == 0:  # the first pass ended above the switch: A1111 never loads the refiner
+        return (latents if latent_out else _decoded(models.base.pipe, latents)), False, False
+    second, embeddings = models.get(refiner.checkpoint)
+    batches = math.ceil(len(latents) / job.batch_size)
+    if hires is None:  # as before hires fix could take a refiner: the refiner's steps as jobs of their own
+        total, offset, job_offset = job.steps - int(job.steps * refiner.switch_at), 0, batches
+    else:
+        total, offset, job_offset = job.steps, base_calls, 0
+    phase = _Phase(sampler=job.sampler, hires=False, total=total, offset=offset, job_offset=job_offset,
+                   start=base_calls, call={"num_inference_steps": job.steps, "denoising_start": refiner.switch_at,
+                         "output_type": "latent" if latent_out else "pil"})
+    inputs = [torch.stack(latents[i: i + job.batch_size]) for i in range(0, len(latents), job.batch_size)]
+    outputs, interrupted = _run_phase(second, embeddings, job, phase, inputs, progress)
+    if interrupted and latent_out:
+        outputs = _decoded(second.pipe, outputs)
+    return outputs, interrupted, True
+
+
+def _hires_pass(models: _StageModels, job: ImageJob, firsts: list[Any],
+                progress: ProgressFn | None) -> tuple[list[Any], bool, bool]:
+    """The hires pass over every first-pass output (latents or images): upscaled, then denoised again on the
+    base or the hires checkpoint; with the refiner in this pass, A1111's switch on the pass's own schedule (see
+    `_switch_split`): the base runs the steps above the cut (`denoising_end`) and the refiner the rest from
+    those latents (`denoising_start`, the same steps and strength: one schedule); a pass that starts below the
+    cut runs on the refiner alone (A1111 switches at its first step), one that ends above it on the base alone.
+    Returns (images, interrupted, whether the refiner ran)."""
+    hires, refiner = job.hires, job.refiner
+    base, embeddings = models.get(hires.checkpoint)
+    inputs = []
+    for first in range(0, len(firsts), job.batch_size):
+        items = firsts[first: first + job.batch_size]
+        inputs.append(upscale_latents(torch.stack(items), hires) if hires.latent
+                      else [upscale_image(im, hires) for im in items])
+    batches = len(inputs)
+    if hires.denoising_strength == 0:  # nothing to denoise: the upscaled first pass is the result
+        images = [im for batch in inputs for im in (_decoded(base.pipe, list(batch)) if hires.latent else batch)]
+        return images, False, False
+    train_steps = base.pipe.scheduler.config.get("num_train_timesteps", 1000)
+    steps, strength = second_pass_steps(hires.steps, hires.denoising_strength, train_steps)
+    call = {"num_inference_steps": steps, "strength": strength}
+    base_calls, refiner_calls = hires.steps, 0
+    if refiner is not None and refiner.in_hires_pass and refiner.checkpoint.path != base.entry.path:
+        # (the refiner as the hires checkpoint: A1111 finds it already loaded and never switches)
+        base_calls, refiner_calls = _switch_split(build_scheduler(hires.sampler, base.pipe.scheduler.config),
+                                                  steps, strength, refiner.switch_at)
+    if refiner_calls == 0:
+        phase = _Phase(sampler=hires.sampler, hires=True, call=call, total=hires.steps, offset=0, job_offset=batches)
+        outputs, interrupted = _run_phase(base, embeddings, job, phase, inputs, progress)
+        return outputs, interrupted, False
+    if base_calls > 0:
+        phase = _Phase(sampler=hires.sampler, hires=True, total=hires.steps, offset=0, job_offset=batches,
+                       call={**call, "denoising_end": refiner.switch_at, "output_type": "latent"})
+        latents, interrupted = _run_phase(base, embeddings, job, phase, inputs, progress)
+        if interrupted:
+            return _decoded(base.pipe, latents), True, False
+        inputs = [torch.stack(latents[i: i + job.batch_size]) for i in range(0, len(latents), job.batch_size)]
+        call["denoising_start"] = refiner.switch_at  # the rest of the same schedule, from those latents
+    second, embeddings = models.get(refiner.checkpoint)
+    phase = _Phase(sampler=hires.sampler, hires=True, call=call, total=hires.steps, offset=base_calls,
+                   job_offset=batches, start=base_calls)
+    outputs, interrupted = _run_phase(second, embeddings, job, phase, inputs, progress)
+    return outputs, interrupted, True
+
+
+def _switch_split(scheduler: Any, steps: int, strength: float | None, switch_at: float) -> tuple[int, int]:
+    """(denoiser calls on the base, calls on the refiner) of one pass of `steps` inference steps on `scheduler`
+    (a throwaway: its timesteps are set here), started part-way at `strength` as diffusers' img2img starts
+    (None: a whole txt2img pass), when the base stops at `denoising_end` = `switch_at` and the refiner takes
+    over with `denoising_start` = `switch_at`, as diffusers' SDXL pipelines cut the schedule: the base keeps the
+    pass's timesteps t >= the cutoff, the refiner runs the schedule's t < the cutoff (before diffusers adds one
+    to an even count on a second-order scheduler). A1111's switch (completed ratio (999 - t) / 1000 reaching
+    `switch_at`) falls at the same place."""
+    origin = scheduler.config.get("original_inference_steps")  # as _widen_lcm does for the pipeline's
+    if origin is not None and steps > origin:
+        scheduler.register_to_config(original_inference_steps=steps)
+    scheduler.set_timesteps(steps, device="cpu")
+    timesteps = scheduler.timesteps
+    ran = timesteps
+    if strength is not None:  # diffusers' img2img get_timesteps without denoising_start
+        ran = timesteps[max(steps - min(int(steps * strength), steps), 0) * scheduler.order:]
+    cutoff = switch_cutoff(switch_at, scheduler.config.get("num_train_timesteps", 1000))
+    return int((ran >= cutoff).sum()), int((timesteps < cutoff).sum())
+
+
+def _run_phase(second: LoadedModel, embeddings: list[Any], job: ImageJob, phase: _Phase, inputs: list[Any],
+               progress: ProgressFn | None) -> tuple[list[Any], bool]:
+    """`phase` on `second`'s img2img pipeline (a refiner's aesthetic-score conditioning kept), one call per batch
+    of `inputs` (latents (N, C, h, w) or a list of images). Returns (outputs, one per image: images, or latents
+    (C, h, w) for output_type "latent"; interrupted: stopped after the current batch)."""
     cls = _pipeline_class(second.arch, "img2img", inpaint=False)
     config = {key: second.pipe.config[key] for key in ("requires_aesthetics_score",) if key in second.pipe.config}
-    pipe = assemble_pipeline(cls, second.pipe.components,  # a refiner's aesthetic-score conditioning kept
-                             scheduler=build_scheduler(sampler, second.pipe.scheduler.config), **config)
+    pipe = assemble_pipeline(cls, second.pipe.components,
+                             scheduler=build_scheduler(phase.sampler, second.pipe.scheduler.config), **config)
     stage_job = job if embeddings is job.embeddings else _with_embeddings(job, embeddings)
-    batches = math.ceil(len(firsts) / job.batch_size)
-    images: list[Image.Image] = []
+    hires = job.hires if phase.hires else None
+    outputs: list[Any] = []
     interrupted = False
     with _tiling([pipe.unet, pipe.vae], job.tiling):
-        for batch_no, first in enumerate(range(0, len(firsts), job.batch_size)):
-            items = firsts[first: first + job.batch_size]
-            seeds = job.seeds[first: first + len(items)]
-            args: dict[str, Any] = {"guidance_scale": job.cfg_scale, "output_type": "pil"}
-            if job.eta is not None and sampler is job.sampler:
+        for batch_no, image in enumerate(inputs):
+            first = batch_no * job.batch_size
+            seeds = job.seeds[first: first + len(image)]
+            args: dict[str, Any] = {"guidance_scale": job.cfg_scale, "output_type": "pil", **phase.call}
+            if job.eta is not None and phase.sampler is job.sampler:
                 args["eta"] = job.eta
             if job.clip_skip > 1 and second.arch == "sdxl":
                 args["clip_skip"] = job.clip_skip - 1
-            if job.hires is not None:
-                hires = job.hires
-                if hires.latent:
-                    image: Any = upscale_latents(torch.stack(items), hires)
-                else:
-                    image = [upscale_image(im, hires) for im in items]
-                if hires.denoising_strength == 0:  # nothing to denoise: the upscaled first pass is the result
-                    images.extend(_decoded(pipe, list(image)) if hires.latent else image)
-                    continue
-                args["num_inference_steps"], args["strength"] = second_pass_steps(
-                    hires.steps, hires.denoising_strength, pipe.scheduler.config.get("num_train_timesteps", 1000))
-                prompts, negatives = [hires.prompt] * len(items), [hires.negative_prompt] * len(items)
+            if hires is not None:
+                prompts, negatives = [hires.prompt] * len(seeds), [hires.negative_prompt] * len(seeds)
                 width, height = hires.width, hires.height
             else:
-                image = torch.stack(items)
-                args["num_inference_steps"], args["denoising_start"] = job.steps, job.refiner.switch_at
-                prompts, negatives = job.prompts_for(first, len(items))
+                prompts, negatives = job.prompts_for(first, len(seeds))
                 width, height = job.width, job.height
             args["image"] = image
             if second.arch == "sdxl":
                 args["original_size"] = args["target_size"] = (height, width)
             _widen_lcm(pipe, args["num_inference_steps"])
             if job.controls:
-                run_pipe = _with_controls(pipe, second.arch, "img2img", False, job.controls, args, hires_pass=True)
+                run_pipe = _with_controls(pipe, second.arch, "img2img", False, job.controls, args,
+                                          hires_pass=phase.hires)
             else:
                 run_pipe = pipe
-            _prompt_args(run_pipe, second.arch, stage_job, prompts, negatives, args)
+            if hires is not None:
+                conditioned = _prompt_args(
+                    run_pipe, second.arch, stage_job, prompts, negatives, args, start=phase.start,
+                    hires_steps=conditioning.schedule_steps(hires.steps, _second_order(hires.sampler)),
+                    fields=("hr_prompt", "hr_negative_prompt"))
+            else:
+                conditioned = _prompt_args(run_pipe, second.arch, stage_job, prompts, negatives, args,
+                                           start=phase.start)
             args["generator"] = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-            step_total = job.hires.steps if job.hires is not None else job.steps - int(job.steps * job.refiner.switch_at)
-            steps = _Steps(progress, step_total, batches + batch_no)
+            steps = _Steps(_shifted(progress, phase.offset, phase.total), phase.total, phase.job_offset + batch_no)
             args["callback_on_step_end"] = steps
             set_noise_seeds(run_pipe.scheduler, seeds)
-            with torch.inference_mode():
-                images.extend(run_pipe(**args).images)
+            with torch.inference_mode(), _conditioned(conditioned, run_pipe):
+                outputs.extend(run_pipe(**args).images)
             if steps.interrupted:
                 interrupted = True
                 break
-    return images, load_seconds, interrupted
+    return outputs, interrupted
+
+
+def _shifted(progress: ProgressFn | None, offset: int, total: int) -> ProgressFn | None:
+    """`progress` with each step moved on by `offset` (a pass the refiner finishes reports on from where the
+    base stopped) and its total `total`."""
+    if progress is None or not offset:
+        return progress
+    return lambda step, _total, job_no: progress(step + offset, total, job_no)
 
 
 def _with_embeddings(job: ImageJob, embeddings: list[Any]) -> ImageJob:
@@ -488,10 +696,30 @@ def _with_embeddings(job: ImageJob, embeddings: list[Any]) -> ImageJob:
     return dataclasses.replace(job, embeddings=embeddings)
 
 
+def _second_order(sampler: ResolvedSampler | None) -> bool:
+    return sampler is not None and "second_order" in sampler.sampler.options
+
+
+def _conditioned(conditioned: conditioning.StepConditioning | None, pipe: Any) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if conditioned is None else conditioned.applied(pipe)
+
+
 def _prompt_args(pipe: Any, arch: str, job: ImageJob, prompts: list[str], negatives: list[str],
-                 args: dict[str, Any]) -> None:
+                 args: dict[str, Any], *, hires_steps: int | None = None, start: int = 0,
+                 fields: tuple[str, str] = ("prompt", "negative_prompt")) -> conditioning.StepConditioning | None:
     """Put the prompts of one batch into `args`: as text where diffusers encodes them as A1111 does, else as
-    embeddings (attention weights, BREAK, prompts past the 77-token window, SD 1.x clip skip)."""
+    embeddings (attention weights, BREAK, prompts past the 77-token window, SD 1.x clip skip). Prompts that
+    change during sampling (prompt editing, alternation, `AND`) get a StepConditioning, returned, that the
+    pipeline call must run under (`applied`); else None. `hires_steps` marks a hires pass (schedules laid over
+    it, `when` counted from the first pass's end); `start` is the model call a continuing pass starts at."""
+    if conditioning.is_dynamic(prompts, negatives):
+        args.pop("clip_skip", None)
+        built = conditioning.build(
+            pipe, prompts, negatives, steps=conditioning.schedule_steps(job.steps, _second_order(job.sampler)),
+            hires_steps=hires_steps, clip_skip=job.clip_skip, sdxl=arch == "sdxl", guidance=job.cfg_scale,
+            expand=lambda text: expand_prompt(pipe, text, job.embeddings), fields=fields, start=start)
+        args.update(built.pipeline_args(arch == "sdxl"))
+        return built
     prompts = [expand_prompt(pipe, p, job.embeddings) for p in prompts]
     negatives = [expand_prompt(pipe, p, job.embeddings) for p in negatives]
     if needs_chunks(pipe, prompts + negatives):
@@ -505,6 +733,7 @@ def _prompt_args(pipe: Any, arch: str, job: ImageJob, prompts: list[str], negati
         args["negative_prompt"] = negatives
     if arch == "sdxl" and not any(negatives):
         _zero_negatives(pipe, args)
+    return None
 
 
 def _zero_negatives(pipe: Any, args: dict[str, Any]) -> None:

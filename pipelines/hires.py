@@ -14,7 +14,13 @@ diffusers' img2img the step count and strength that run the same number of steps
 
 Refiner (A1111 `refiner_checkpoint`, `refiner_switch_at`): the base model samples the first
 `refiner_switch_at` of the schedule and the refiner model finishes it from the same latents (diffusers'
-`denoising_end` / `denoising_start`, which exist on the SDXL pipelines).
+`denoising_end` / `denoising_start`, which exist on the SDXL pipelines). A1111 switches once the completed ratio
+`(999 - timestep) / 1000` of the step about to run reaches `refiner_switch_at`: the same absolute-timestep cut
+diffusers makes (`round(1000 - 1000 * switch_at)`), so it falls wherever the pass's own schedule crosses it.
+With hires fix, A1111's option `hires_fix_refiner_pass` says which pass switches: "second pass" (its default),
+"first pass" or "both passes". The hires pass starts part-way down its schedule: when it starts below the cut
+the refiner runs all of it; when it ends above the cut the refiner never runs (and is not loaded, nor named in
+the infotext, as A1111 never switched to it).
 """
 
 from __future__ import annotations
@@ -72,10 +78,23 @@ class HiresPlan:
 
 @dataclass
 class RefinerPlan:
-    """The refiner model and where the schedule switches to it (a fraction of the steps, 0 < switch_at < 1)."""
+    """The refiner model and where the schedule switches to it (a fraction of the steps, 0 < switch_at < 1).
+    `hires_pass` is A1111's `hires_fix_refiner_pass` when the job has a hires pass, None without one (the
+    refiner then finishes the only pass)."""
 
     checkpoint: Any  # pipelines.store.CheckpointEntry
     switch_at: float
+    hires_pass: str | None = None
+
+    @property
+    def in_first_pass(self) -> bool:
+        """True when the refiner finishes the first pass."""
+        return self.hires_pass in (None, "first pass", "both passes")
+
+    @property
+    def in_hires_pass(self) -> bool:
+        """True when the refiner finishes the hires pass."""
+        return self.hires_pass in ("second pass", "both passes")
 
 
 def target_size(width: int, height: int, scale: float, resize_x: int, resize_y: int) -> tuple[int, int, int, int]:
@@ -120,6 +139,12 @@ def _crop(latents: torch.Tensor, plan: HiresPlan) -> torch.Tensor:
     cut_y = latents.shape[2] - plan.height // LATENT_FACTOR
     cut_x = latents.shape[3] - plan.width // LATENT_FACTOR
     return latents[:, :, cut_y // 2: latents.shape[2] - (cut_y + 1) // 2, cut_x // 2: latents.shape[3] - (cut_x + 1) // 2]
+
+
+def switch_cutoff(switch_at: float, train_timesteps: int = 1000) -> int:
+    """The timestep below which the refiner runs: diffusers' `discrete_timestep_cutoff` for `denoising_end` /
+    `denoising_start` = `switch_at` (a step at timestep t runs on the base when t >= the cutoff)."""
+    return int(round(train_timesteps - switch_at * train_timesteps))
 
 
 def second_pass_steps(steps: int, strength: float, finest: int = 1000) -> tuple[int, float]:

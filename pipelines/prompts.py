@@ -171,8 +171,8 @@ def encode_texts(pipe: Any, texts: list[str], fields: dict[str, str], clip_skip:
                                          (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None)))
              if tok is not None and enc is not None][: 2 if sdxl else 1]  # the SDXL refiner has OpenCLIP only
     tokenizers, encoders = [tok for tok, _ in pairs], [enc for _, enc in pairs]
-    per_tokenizer = [[_chunks(_weighted_tokens(tokenizer, fragments[text]), _comma_id(tokenizer)) for text in texts]
-                     for tokenizer in tokenizers]
+    per_tokenizer = [[_chunks(_weighted_tokens(tokenizer, fragments[text]), comma) for text in texts]
+                     for tokenizer, comma in ((tok, _comma_id(tok)) for tok in tokenizers)]  # get_vocab() is slow
     counts = [max(len(chunks[i]) for chunks in per_tokenizer) for i in range(len(texts))]
     firsts = [sum(counts[:i]) for i in range(len(texts))]  # each text's first window
     hidden, empty, pooled = [], [], None

@@ -27,6 +27,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "save_images_add_number": True,
     "grid_save": True,
     "grid_format": "png",
+    "grid_only_if_multiple": True,
+    "grid_prevent_empty_spots": False,
+    "n_rows": -1,  # grid rows: -1 autodetect, 0 the batch size
     "enable_pnginfo": True,
     "save_txt": False,
     "jpeg_quality": 80,
@@ -66,6 +69,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "img2img_color_correction": False,
     "img2img_fix_steps": False,
     "latent_upscale_default_mode": "Latent",
+    "hires_fix_refiner_pass": "second pass",  # which pass of a hires-fix txt2img the refiner finishes
     "sd_lora": "None",
     "lora_preferred_name": "Alias from file",
     "show_progress_every_n_steps": 10,
@@ -75,6 +79,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "api_forbid_local_requests": True,
     "samples_log_stdout": False,
 }
+
+# A1111's choices of `hires_fix_refiner_pass` (pipelines.hires.RefinerPlan.hires_pass), the default first.
+HIRES_REFINER_PASSES = ("second pass", "first pass", "both passes")
 
 # Types a client may set each option to (bool is checked before int: bool is an int in Python).
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -98,6 +105,10 @@ def check_option_value(key: str, value: Any) -> str | None:
         return "must be a finite number"
     if key == "CLIP_stop_at_last_layers" and not 1 <= value <= 12:
         return "must be between 1 and 12"
+    if key == "n_rows" and not -1 <= value <= 16:
+        return "must be between -1 and 16"
+    if key == "hires_fix_refiner_pass" and value not in HIRES_REFINER_PASSES:
+        return "must be one of " + ", ".join(f"'{choice}'" for choice in HIRES_REFINER_PASSES)
     if key == "img2img_background_color":
         try:
             ImageColor.getrgb(value)

@@ -200,11 +200,12 @@ class GenerationFlow:
         return model, load, result
 
     def _second_model(self, job: Any) -> Any:
-        """The loader a staged job uses for its hires checkpoint or refiner (device thread): the model from
-        the warm cache (same memory budget; it may evict the first one, whose pass is done), its load
-        seconds, and the job's textual inversions loaded into it."""
-        def load(entry: CheckpointEntry) -> tuple[Any, float, list[Any]]:
-            model, seconds = self.engine.load(entry, None)
+        """The loader a staged job uses for its hires checkpoint or refiner, or for its own model again after
+        one of those (with its VAE) (device thread): the model from the warm cache (same memory budget; it
+        may evict the first one, whose pass is done), its load seconds, and the job's textual inversions
+        loaded into it."""
+        def load(entry: CheckpointEntry, vae: Any = None) -> tuple[Any, float, list[Any]]:
+            model, seconds = self.engine.load(entry, vae)
             if getattr(model.pipe, "text_encoder", None) is None:  # the refiner's own layout: no LoRA, no TI fit it
                 self.lora_adapters.apply(model.pipe, [])
                 self.engine.cache.remeasure(model)

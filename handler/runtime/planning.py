@@ -28,6 +28,10 @@ from pipelines.adapters.lora import LoraStore
 from pipelines.store import CheckpointEntry, ModelStore, VaeEntry
 from pipelines.styles import StyleStore
 
+# override_settings keys whose values are checked before any work (others are taken as A1111 takes them)
+_CHECKED_OVERRIDES = frozenset({"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "n_rows",
+                                "grid_prevent_empty_spots", "grid_only_if_multiple", "hires_fix_refiner_pass"})
+
 
 @dataclass
 class Selection:
@@ -139,19 +143,23 @@ class Planner:
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             if getattr(req, name) not in (-1, 0):
                 raise InvalidRequest(f"{name}: seed resize is not offered", field=name)
-        texts = [("prompt", req.prompt), ("negative_prompt", req.negative_prompt)]
+        texts = [("prompt", req.prompt, None), ("negative_prompt", req.negative_prompt, None)]
         if isinstance(req, Txt2ImgRequest) and req.enable_hr:
-            texts += [("hr_prompt", req.hr_prompt), ("hr_negative_prompt", req.hr_negative_prompt)]
-        from pipelines.prompts import parse_prompt_attention
+            # bounded by max_steps, checked below: an alternation lists every step
+            hires_steps = min(req.hr_second_pass_steps or req.steps, s.max_steps)
+            texts += [("hr_prompt", req.hr_prompt, hires_steps), ("hr_negative_prompt", req.hr_negative_prompt,
+                                                                 hires_steps)]
+        from pipelines.errors import InvalidParameter
+        from pipelines.prompts import check_prompt
 
-        for name, text in texts:
+        for name, text, hires_steps in texts:
             if len(text) > s.max_prompt_chars:
                 raise InvalidRequest(f"{name}: longer than {s.max_prompt_chars} characters", field=name)
-            try:
-                parse_prompt_attention(text)
-            except ValueError:  # `(word:1.2.3)`: A1111 fails there too; the message never quotes the prompt
-                raise InvalidRequest(f"{name}: an attention weight such as (word:1.2) is not a number",
-                                     field=name) from None
+            try:  # malformed schedules and weights such as `(word:1.2.3)`; the message never quotes the prompt
+                check_prompt(text, name, min(req.steps, s.max_steps), negative=name.endswith("negative_prompt"),
+                             hires_steps=hires_steps)
+            except InvalidParameter as e:
+                raise InvalidRequest(str(e), field=name) from None
         if req.steps > s.max_steps:
             raise InvalidRequest(f"steps: at most {s.max_steps}", field="steps")
         width, height = stages.first_pass_size(req) if isinstance(req, Txt2ImgRequest) else (req.width, req.height)
@@ -180,7 +188,7 @@ class Planner:
         options = self.options.options(consumer)
         overrides = req.override_settings or {}
         for key, value in overrides.items():
-            if key in ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"):
+            if key in _CHECKED_OVERRIDES:
                 reason = check_option_value(key, value)
                 if reason:
                     raise InvalidRequest(f"override_settings.{key}: {reason}", field=f"override_settings.{key}")
@@ -224,7 +232,8 @@ class Planner:
     def _stages(self, req: GenerationRequest, width: int, height: int, sampler: Any,
                 selection: Selection) -> tuple[Any, Any]:
         """The hires plan and the refiner plan of a txt2img request (None, None otherwise); 422 / 404 for
-        fields that cannot be honoured."""
+        fields that cannot be honoured. The `hires_fix_refiner_pass` option (override_settings, then the
+        caller's options) says which pass a refiner finishes when both are asked for."""
         if not isinstance(req, Txt2ImgRequest):
             return None, None
         hires = None
@@ -232,7 +241,9 @@ class Planner:
             hr_prompt, _ = self.loras.resolve(req.hr_prompt or req.prompt, apply=False)
             hires = stages.hires_plan(req, width, height, sampler, self.store, selection.options,
                                       self.settings.max_width, self.settings.max_height, hr_prompt)
-        return hires, stages.refiner_plan(req, self.store, selection.checkpoint)
+        hires_pass = (req.override_settings or {}).get("hires_fix_refiner_pass",
+                                                      selection.options.get("hires_fix_refiner_pass", "second pass"))
+        return hires, stages.refiner_plan(req, self.store, selection.checkpoint, hires, str(hires_pass))
 
     def _img2img_inputs(self, req: Img2ImgRequest, job: Any, options: dict[str, Any]) -> None:
         """The init images (decoded within the pixel limit), the mask and the inpainting fields onto `job`."""

@@ -63,7 +63,7 @@ class Responder:
 
             extras.update(infotext_params([c.unit for c in job.controls]))
         if isinstance(req, Txt2ImgRequest):
-            extras.update(stages.infotext_keys(req, job.hires, job.refiner, job.sampler, self.store))
+            extras.update(stages.infotext_keys(req, job.hires, job.sampler, self.store))
         # The extension appends each unit's detected map to the images (not to the infotexts; with hires fix the
         # second pass's map, then the first's), unless the unit says `save_detected_map: false`; a saving request
         # stores them (PAI-EAS `image_mask_url`).
@@ -74,6 +74,8 @@ class Responder:
         used = self.embeddings.mentioned([job.prompt, job.negative_prompt], encoder_dims(model.pipe))
         if used:
             extras["TI hashes"] = self.embeddings.ti_hashes(used)
+        if job.refiner is not None and result.refined:  # A1111 adds them when it switches
+            extras.update(stages.refiner_infotext_keys(job.refiner, self.store))
         params = a1111.infotext_params(req, job, model, extras)
         infotexts: list[str] = []
         pngs: list[bytes] = []
@@ -85,11 +87,18 @@ class Responder:
         saved, saved_maps = [], []
         # the caller's options, this request's overrides
         options = {**plan.selection.options, **(req.override_settings or {})}
-        if req.save_images or eas.get("save_dir"):  # PAI-EAS: a save_dir means save there
+        saving = bool(req.save_images or eas.get("save_dir"))  # PAI-EAS: a save_dir means save there
+        # A1111 puts a grid first when the request saves images, it makes one (two or more images, or one with
+        # `grid_only_if_multiple` off) and `return_grid` is on (the API overwrites `do_not_save_grid` with
+        # `not save_images`); its infotext is the first image's.
+        grid = req.save_images and outputs.grid_allowed(len(pngs), options) and bool(options.get("return_grid", True))
+        save_grid = saving and outputs.wants_grid(len(pngs), options)
+        grid_png = (png_bytes(outputs.image_grid(result.images, options, job.batch_size), infotexts[0])
+                    if grid or save_grid else None)
+        if saving:
             written = outputs.save_outputs(
-                self.storage, self.settings.outputs_dir, mode, pngs=pngs, seeds=result.seeds, images=result.images,
-                infotexts=infotexts, save_dir=eas.get("save_dir"),
-                grid=outputs.wants_grid(len(pngs), options), maps=map_pngs)
+                self.storage, self.settings.outputs_dir, mode, pngs=pngs, seeds=result.seeds,
+                save_dir=eas.get("save_dir"), grid=grid_png if save_grid else None, maps=map_pngs)
             saved, saved_maps = written.images, written.maps
         parameters = sent.model_dump(mode="json")
         if isinstance(req, Img2ImgRequest) and not req.include_init_images:
@@ -101,11 +110,8 @@ class Responder:
                               total_time=round(result.generation_seconds, 3))
             if saved_maps:
                 parameters["image_mask_url"] = ",".join(saved_maps)
-        # A1111 puts a grid first when the request saves images, there are two or more and `return_grid` is on
-        # (the API overwrites `do_not_save_grid` with `not save_images`); its infotext is the first image's.
-        grid = req.save_images and len(pngs) > 1 and bool(options.get("return_grid", True))
-        if grid:
-            pngs.insert(0, png_bytes(outputs.image_grid(result.images), infotexts[0]))
+        if grid and grid_png is not None:
+            pngs.insert(0, grid_png)
             infotexts.insert(0, infotexts[0])
         info = a1111.info_object(req, job, model, result, infotexts, extras, index_of_first_image=int(grid))
         log.info("%s: %d image(s) %dx%d, %d steps, %.3f s generating", mode, len(pngs), job.width, job.height,

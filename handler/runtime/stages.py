@@ -1,5 +1,5 @@
-"""A txt2img request's second stage (hires fix or refiner): its fields checked and turned into a plan
-(pipelines.hires), and the infotext keys A1111 writes for it, in A1111's order.
+"""A txt2img request's later stages (hires fix, refiner, or both): their fields checked and turned into plans
+(pipelines.hires), and the infotext keys A1111 writes for them, in A1111's order.
 
 Every refusal is a 422 naming the field (404 for an unknown checkpoint) before any device work; A1111 answers
 most of these with a 500.
@@ -65,9 +65,12 @@ def hires_plan(req: Txt2ImgRequest, width: int, height: int, sampler: ResolvedSa
         prompt=prompt, negative_prompt=req.hr_negative_prompt or req.negative_prompt, checkpoint=checkpoint)
 
 
-def refiner_plan(req: Txt2ImgRequest, store: ModelStore, base: CheckpointEntry) -> RefinerPlan | None:
+def refiner_plan(req: Txt2ImgRequest, store: ModelStore, base: CheckpointEntry, hires: HiresPlan | None,
+                 hires_pass: str) -> RefinerPlan | None:
     """The refiner of `req`, or None when it names none or `refiner_switch_at` is 1 (A1111 never switches).
-    Both checkpoints must be SDXL: the switch uses the SDXL pipelines' `denoising_end` / `denoising_start`."""
+    Both checkpoints must be SDXL: the switch uses the SDXL pipelines' `denoising_end` / `denoising_start`.
+    With hires fix, `hires_pass` (A1111's `hires_fix_refiner_pass`, already validated) says which pass the
+    refiner finishes; a hires checkpoint whose pass the refiner finishes must be SDXL too."""
     entry = other_checkpoint(store, req.refiner_checkpoint, "refiner_checkpoint")
     if entry is None:
         return None
@@ -77,14 +80,15 @@ def refiner_plan(req: Txt2ImgRequest, store: ModelStore, base: CheckpointEntry) 
                              "refiner_checkpoint", field="refiner_switch_at")
     if switch == 1.0:
         return None
-    if req.enable_hr:
-        raise InvalidRequest("refiner_checkpoint: the refiner together with hires fix is not offered; use one "
-                             "of them", field="refiner_checkpoint")
-    for field, checked in (("sd_model_checkpoint", base), ("refiner_checkpoint", entry)):
-        if checkpoint_arch(checked, "refiner_checkpoint") != "sdxl":
+    plan = RefinerPlan(checkpoint=entry, switch_at=switch, hires_pass=hires_pass if hires is not None else None)
+    checked = [("sd_model_checkpoint", base), ("refiner_checkpoint", entry)]
+    if hires is not None and hires.checkpoint is not None and plan.in_hires_pass:
+        checked.append(("hr_checkpoint_name", hires.checkpoint))
+    for field, checkpoint in checked:
+        if checkpoint_arch(checkpoint, "refiner_checkpoint") != "sdxl":
             raise InvalidRequest(f"refiner_checkpoint: the refiner switch is offered for SDXL checkpoints; "
-                                 f"{checked.name} ({field}) is not SDXL", field="refiner_checkpoint")
-    return RefinerPlan(checkpoint=entry, switch_at=switch)
+                                 f"{checkpoint.name} ({field}) is not SDXL", field="refiner_checkpoint")
+    return plan
 
 
 def other_checkpoint(store: ModelStore, name: str | None, field: str) -> CheckpointEntry | None:
@@ -147,9 +151,10 @@ def check_not_refiner(entry: CheckpointEntry, field: str) -> None:
                              "hr_checkpoint_name) with an SDXL model", field=field)
 
 
-def infotext_keys(req: Txt2ImgRequest, plan: HiresPlan | None, refiner: RefinerPlan | None, sampler: ResolvedSampler,
+def infotext_keys(req: Txt2ImgRequest, plan: HiresPlan | None, sampler: ResolvedSampler,
                   store: ModelStore) -> dict[str, Any]:
-    """The extra infotext keys of the second stage, in the order A1111 adds them."""
+    """The hires pass's infotext keys, in the order A1111 adds them (when the job is set up, before the
+    extra networks' and the refiner's)."""
     keys: dict[str, Any] = {}
     if plan is not None:
         if plan.checkpoint is not None:
@@ -170,9 +175,18 @@ def infotext_keys(req: Txt2ImgRequest, plan: HiresPlan | None, refiner: RefinerP
             keys["Hires steps"] = req.hr_second_pass_steps
         if req.hr_upscaler is not None:
             keys["Hires upscaler"] = req.hr_upscaler
-    if refiner is not None:
-        keys["Refiner"] = _short_title(store, refiner.checkpoint)
-        keys["Refiner switch at"] = refiner.switch_at
+    return keys
+
+
+def refiner_infotext_keys(refiner: RefinerPlan, store: ModelStore) -> dict[str, Any]:
+    """The keys A1111's `apply_refiner` adds when it switches to the refiner (so only for a job whose refiner
+    ran), after every other: `Hires refiner` with hires fix unless the option is its default "second pass",
+    then `Refiner` and `Refiner switch at`."""
+    keys: dict[str, Any] = {}
+    if refiner.hires_pass is not None and refiner.hires_pass != "second pass":
+        keys["Hires refiner"] = refiner.hires_pass
+    keys["Refiner"] = _short_title(store, refiner.checkpoint)
+    keys["Refiner switch at"] = refiner.switch_at
     return keys
 
 

@@ -19,7 +19,7 @@ import datetime as dt
 import logging
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -99,16 +99,31 @@ def check_request(req: GenerationRequest, storage: Storage, outputs_root: Path) 
     check_save_dir(a1111.eas_values(req.alwayson_scripts).get("save_dir"), storage, outputs_root)
 
 
-def grid_shape(count: int) -> tuple[int, int]:
-    """(rows, cols) of A1111's `image_grid` with its defaults (`n_rows` -1, `grid_prevent_empty_spots` off):
-    rows = round(sqrt(n)), at most n; cols = ceil(n / rows)."""
-    rows = min(count, max(1, round(math.sqrt(count))))
+def grid_shape(count: int, options: Mapping[str, Any] | None = None, batch_size: int = 1) -> tuple[int, int]:
+    """(rows, cols) of A1111's `image_grid` for `count` >= 1 images under the options in force: `n_rows` > 0
+    rows, 0 as many rows as `batch_size`, -1 (the default) round(sqrt(n)) rows, or with `grid_prevent_empty_spots`
+    the largest divisor of n up to floor(sqrt(n)); never more rows than images; cols = ceil(n / rows)."""
+    options = options or {}
+    n_rows = int(options.get("n_rows", -1))
+    if n_rows > 0:
+        rows = n_rows
+    elif n_rows == 0:
+        rows = batch_size
+    elif options.get("grid_prevent_empty_spots", False):
+        rows = math.isqrt(count)
+        while count % rows:
+            rows -= 1
+    else:
+        rows = round(math.sqrt(count))
+    rows = max(1, min(rows, count))
     return rows, math.ceil(count / rows)
 
 
-def image_grid(images: Sequence[Image.Image]) -> Image.Image:
-    """A1111's grid: cells as large as the largest image, images centred in them, row by row, on white."""
-    rows, cols = grid_shape(len(images))
+def image_grid(images: Sequence[Image.Image], options: Mapping[str, Any] | None = None,
+               batch_size: int = 1) -> Image.Image:
+    """A1111's grid (its shape: `grid_shape`): cells as large as the largest image, images centred in them, row by
+    row, on white."""
+    rows, cols = grid_shape(len(images), options, batch_size)
     w, h = (max(sizes) for sizes in zip(*(im.size for im in images)))
     grid = Image.new("RGB", (cols * w, rows * h), "white")
     for i, im in enumerate(images):
@@ -116,20 +131,23 @@ def image_grid(images: Sequence[Image.Image]) -> Image.Image:
     return grid
 
 
-def wants_grid(count: int, options: dict[str, Any]) -> bool:
-    """A1111 saves a grid for more than one image when the `grid_save` option is on. A request's own
+def grid_allowed(count: int, options: Mapping[str, Any]) -> bool:
+    """Whether A1111 makes a grid of `count` images at all: not of none, nor of one with `grid_only_if_multiple`
+    on (the default). Whether it is then saved (`grid_save`) or returned (`return_grid`) is the caller's."""
+    return count > 1 or (count == 1 and not options.get("grid_only_if_multiple", True))
+
+
+def wants_grid(count: int, options: Mapping[str, Any]) -> bool:
+    """A1111 saves a grid when it makes one (`grid_allowed`) and the `grid_save` option is on. A request's own
     `do_not_save_grid` does not count: A1111's API overwrites it with `not save_images`."""
-    return count > 1 and bool(options.get("grid_save", True))
+    return grid_allowed(count, options) and bool(options.get("grid_save", True))
 
 
 def save_outputs(storage: Storage, outputs_root: Path, mode: str, *, pngs: Sequence[bytes], seeds: Sequence[int],
-                 images: Sequence[Image.Image], infotexts: Sequence[str], save_dir: str | None,
-                 grid: bool, maps: Sequence[bytes] = ()) -> Saved:
-    """Write a request's PNGs (its grid when `grid`, its ControlNet detected maps next to the images as
+                 save_dir: str | None, grid: bytes | None = None, maps: Sequence[bytes] = ()) -> Saved:
+    """Write a request's PNGs (its grid's PNG when given, its ControlNet detected maps next to the images as
     `<time>-<id>-controlnet-<i>.png`) and return their URLs. StorageUnavailable (503) when the storage refuses
     a write."""
-    from pipelines.infotext import png_bytes
-
     folder = check_save_dir(save_dir, storage, outputs_root)
     now = dt.datetime.now()  # local time, as A1111 names its folders and files
     day, stamp, rid = now.strftime("%Y-%m-%d"), now.strftime("%H%M%S"), uuid.uuid4().hex[:8]
@@ -144,10 +162,9 @@ def save_outputs(storage: Storage, outputs_root: Path, mode: str, *, pngs: Seque
             seen.add(seed)
             written.append(f"{base}/{stamp}-{rid}-{seed}{suffix}.png")
             saved.images.append(storage.put(written[-1], data))
-        if grid and len(images) > 1:
-            data = png_bytes(image_grid(images), infotexts[0] if infotexts else "")
+        if grid is not None:
             written.append(f"{mode}-grids/{day}/grid-{stamp}-{rid}.png")
-            saved.grid = storage.put(written[-1], data)
+            saved.grid = storage.put(written[-1], grid)
         for i, data in enumerate(maps):
             written.append(f"{base}/{stamp}-{rid}-controlnet-{i}.png")
             saved.maps.append(storage.put(written[-1], data))

@@ -142,6 +142,9 @@ def deployment_document(url: str, auth: tuple[str, str] | None = None) -> dict[s
         # within the demo text encoders' depth: a larger value set through /options would turn every later
         # generation of that consumer into a 422
         "CLIP_stop_at_last_layers": {"type": "integer", "minimum": 1, "maximum": 2},
+        "n_rows": {"type": "integer", "minimum": -1, "maximum": 16},
+        "grid_prevent_empty_spots": {"type": "boolean"},
+        "grid_only_if_multiple": {"type": "boolean"},
     }
     generation = {
         "required": ["width", "height", "steps"],  # their defaults (512, 512, 50) exceed the limits
@@ -190,7 +193,6 @@ def deployment_document(url: str, auth: tuple[str, str] | None = None) -> dict[s
         "properties": {
             "init_images": {"type": "array", "items": {"enum": images["init"]}, "minItems": 1, "maxItems": 1},
             "mask": _nullable({"enum": images["mask"]}),
-            "subseed_strength": {"enum": [0]},  # variation seeds are txt2img only
             "latent_mask": _nullable({"enum": images["mask"]}),
         },
     }

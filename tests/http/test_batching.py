@@ -66,6 +66,26 @@ def test_batched_requests_get_the_images_they_would_get_alone(make_app):
         assert row["billed_ms"] == r.json["parameters"]["billing"]["billed_ms"] and row["images"] == len(r.json["images"])
 
 
+def test_prompts_that_change_during_sampling_share_the_call(make_app):
+    """Prompt editing, alternation and `AND` in a group: one pipeline call, each image with its own conditioning
+    per UNet call, each request's image as made alone (within 1/255)."""
+    alone, batched = make_app(), make_app(batch=BATCH)
+    bodies = [{**TINY, "steps": 3, "seed": 4, "prompt": "a [red:blue:0.5] house"},
+              {**TINY, "steps": 3, "seed": 5, "prompt": "a [cat|dog] AND a boat :0.6", "negative_prompt": "[fog::1]"},
+              {**TINY, "steps": 3, "seed": 6, "prompt": "a green tree"}]
+    assert batched.test_client().post("/sdapi/v1/txt2img", json=TINY).status_code == 200  # warm
+    service = batched.extensions["sdfunc"]
+    groups = service.batcher.groups_run
+    results = _together(batched, bodies)
+    assert [r.status_code for r in results] == [200, 200, 200]
+    assert service.batcher.groups_run == groups + 1
+    for body, r in zip(bodies, results):
+        single = alone.test_client().post("/sdapi/v1/txt2img", json=body)
+        a = np.asarray(decode_png(r.json["images"][0]), dtype=np.int16)
+        b = np.asarray(decode_png(single.json["images"][0]), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, body["prompt"]
+
+
 def test_incompatible_requests_and_batching_off_run_alone(make_app):
     batched = make_app(batch=BATCH)
     service = batched.extensions["sdfunc"]

@@ -186,3 +186,14 @@ def test_preprocessor_edge_inputs(client):
     strip = _png(Image.new("RGB", (4000, 1), "white"))
     r, _ = post(client, **cn(unit(image=strip, processor_res=512)))
     assert r.status_code == 422 and r.json["error"]["field"] == "alwayson_scripts.controlnet.args.0.image"
+
+
+@pytest.mark.parametrize(("arch", "model"), [({}, "demo-controlnet-sd15"), (XL, "demo-controlnet-sdxl")])
+def test_prompt_editing_and_and_with_a_unit(client, arch, model):
+    """The ControlNet sees each model call's conditioning (its first `AND` part); its residuals follow every
+    part's row; the unit still steers the image."""
+    prompt = {"prompt": "a [red:blue:1] house AND a [cat|dog] :0.5", "steps": 3}
+    with_unit, _ = post(client, **arch, **prompt, **cn(unit(model=model)))
+    without, _ = post(client, **arch, **prompt)
+    assert with_unit.status_code == without.status_code == 200, with_unit.json
+    assert not np.array_equal(pixels(with_unit.json["images"][0]), pixels(without.json["images"][0]))

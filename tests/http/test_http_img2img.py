@@ -198,3 +198,37 @@ def test_lcm_takes_more_steps_than_its_origin_schedule(client):
     assert r.status_code == 200, r.json
     assert post(client, init_images=[png_b64(_init())], sampler_name="LCM", steps=2,
                 denoising_strength=0.001).status_code == 200
+
+
+def test_img2img_variation_seed(client):
+    """A1111 mixes img2img's noise as txt2img's: slerp(subseed_strength, seed noise, subseed noise)."""
+    init = png_b64(_init())
+    plain = post(client, init_images=[init], steps=2).json["images"][0]
+    assert post(client, init_images=[init], steps=2, subseed=20, subseed_strength=0).json["images"][0] == plain
+    body = post(client, init_images=[init], steps=2, subseed=20, subseed_strength=0.5, batch_size=2).json
+    assert body["images"][0] != plain and body["images"][0] != body["images"][1]
+    again = post(client, init_images=[init], steps=2, subseed=20, subseed_strength=0.5, batch_size=2).json
+    assert again["images"] == body["images"]
+    info = json.loads(body["info"])
+    assert info["all_seeds"] == [12, 12] and info["all_subseeds"] == [20, 21] and info["subseed_strength"] == 0.5
+    assert "Seed: 12, " in info["infotexts"][1]
+    assert "Variation seed: 21, Variation seed strength: 0.5," in info["infotexts"][1]
+    assert decode_png(body["images"][1]).info["parameters"] == info["infotexts"][1]
+
+
+@pytest.mark.parametrize("denoising", [0.75, 1.0])  # 1: diffusers' inpainting starts from the noise itself
+def test_inpaint_variation_seed(client, denoising):
+    init = _init()
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=255)
+    fields = dict(init_images=[png_b64(init)], mask=png_b64(mask), mask_blur=0, inpaint_full_res=False,
+                  denoising_strength=denoising, steps=2)
+    plain = post(client, **fields).json["images"][0]
+    assert post(client, **fields, subseed=3, subseed_strength=0).json["images"][0] == plain
+    varied = post(client, **fields, subseed=3, subseed_strength=0.6)
+    assert varied.status_code == 200, varied.json
+    out = varied.json["images"][0]
+    assert out != plain and post(client, **fields, subseed=3, subseed_strength=0.6).json["images"][0] == out
+    pixels = np.asarray(decode_png(out), dtype=np.int16)
+    assert np.array_equal(pixels[:16], np.asarray(init, dtype=np.int16)[:16])  # unmasked pixels kept
+    assert "Variation seed: 3, Variation seed strength: 0.6," in decode_png(out).info["parameters"]

@@ -208,6 +208,31 @@ def test_grid_shape_is_a1111s(n, shape):
     assert grid_shape(n) == shape
 
 
+@pytest.mark.parametrize("n, options, batch_size, shape", [
+    (6, {"n_rows": 0}, 3, (3, 2)),  # as many rows as the batch size
+    (5, {"n_rows": 0}, 2, (2, 3)),
+    (6, {"n_rows": 2}, 1, (2, 3)),  # fixed rows
+    (3, {"n_rows": 5}, 1, (3, 1)),  # never more rows than images
+    (5, {"n_rows": -1, "grid_prevent_empty_spots": True}, 1, (1, 5)),  # the largest divisor up to floor(sqrt(n))
+    (6, {"grid_prevent_empty_spots": True}, 1, (2, 3)),
+    (8, {"grid_prevent_empty_spots": True}, 1, (2, 4)),  # autodetect alone: 3 x 3 with an empty spot
+    (12, {"grid_prevent_empty_spots": True}, 1, (3, 4)),
+    (1, {"n_rows": 0, "grid_only_if_multiple": False}, 4, (1, 1)),
+])
+def test_grid_shape_options(n, options, batch_size, shape):
+    from handler.storage.outputs import grid_shape
+
+    assert grid_shape(n, options, batch_size) == shape
+
+
+def test_grid_allowed_for_one_image_only_with_grid_only_if_multiple_off():
+    from handler.storage.outputs import grid_allowed, wants_grid
+
+    assert not grid_allowed(1, {}) and grid_allowed(2, {}) and not grid_allowed(0, {"grid_only_if_multiple": False})
+    assert grid_allowed(1, {"grid_only_if_multiple": False}) and wants_grid(1, {"grid_only_if_multiple": False})
+    assert not wants_grid(1, {"grid_only_if_multiple": False, "grid_save": False})
+
+
 def grids(root: Path) -> set[Path]:
     return set((root / "outputs" / "txt2img-grids").rglob("grid-*.png"))
 
@@ -243,6 +268,45 @@ def test_no_grid_for_one_image_or_grid_save_off(client, root):
     [grid] = grids(root) - before
     with Image.open(grid) as im:
         assert im.size == (128, 128)  # 3 images: 2 rows x 2 columns
+
+
+def test_grid_options_through_the_api(client, root):
+    """`n_rows`, `grid_prevent_empty_spots` and `grid_only_if_multiple`: the caller's options (POST /options),
+    overridden per request by `override_settings`; the saved grid is the returned one."""
+    options = client.get("/sdapi/v1/options").json
+    assert (options["n_rows"], options["grid_prevent_empty_spots"], options["grid_only_if_multiple"]) == (-1, False, True)
+    assert client.post("/sdapi/v1/options", json={"n_rows": 0}).status_code == 200
+    assert client.get("/sdapi/v1/options").json["n_rows"] == 0
+    before = grids(root)
+    r = txt2img(client, seed=30, batch_size=3, n_iter=2, save_images=True)  # 6 images, a row per batch image
+    assert r.status_code == 200, r.json
+    [grid] = grids(root) - before
+    assert decode(r.json["images"][0]).size == (128, 192)
+    with Image.open(grid) as im:
+        assert im.size == (128, 192)
+    r = txt2img(client, seed=30, batch_size=3, save_images=True, override_settings={"n_rows": 1})
+    assert decode(r.json["images"][0]).size == (192, 64)
+    r = txt2img(client, seed=30, batch_size=3, save_images=True,
+                override_settings={"n_rows": -1, "grid_prevent_empty_spots": True})
+    assert decode(r.json["images"][0]).size == (192, 64)  # 3 is prime: one row, where autodetect makes 2 x 2
+    # one image: a grid only with grid_only_if_multiple off, saved and returned first (a 1 x 1 grid)
+    before = grids(root)
+    r = txt2img(client, seed=31, save_images=True)
+    assert len(r.json["images"]) == 1 and grids(root) == before
+    r = txt2img(client, seed=31, save_images=True, override_settings={"grid_only_if_multiple": False})
+    info = json.loads(r.json["info"])
+    assert len(r.json["images"]) == 2 and info["index_of_first_image"] == 1 and len(info["infotexts"]) == 2
+    assert decode(r.json["images"][0]).size == (64, 64) and len(grids(root) - before) == 1
+    for bad in ({"n_rows": 17}, {"n_rows": "2"}, {"grid_only_if_multiple": "no"}):
+        key = next(iter(bad))
+        r = txt2img(client, save_images=True, override_settings=bad)
+        assert r.status_code == 422 and r.json["error"]["field"] == f"override_settings.{key}"
+        r = client.post("/sdapi/v1/options", json=bad)
+        assert r.status_code == 422 and r.json["error"]["field"] == key
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
 def test_do_not_save_grid_is_overwritten_by_save_images(client, root):

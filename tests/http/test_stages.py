@@ -225,12 +225,216 @@ def test_refiner_in_the_refiners_own_layout(client, app):
     ({"refiner_checkpoint": "refiner-xl", **XL}, 422, "refiner_switch_at"),
     ({"refiner_checkpoint": "sd2-arch", "refiner_switch_at": 0.5, **XL}, 422, "refiner_checkpoint"),
     ({"override_settings": {"sd_model_checkpoint": "demo-sdxl-refiner"}}, 422, "override_settings.sd_model_checkpoint"),
-    ({"refiner_checkpoint": "refiner-xl", "refiner_switch_at": 0.5, "enable_hr": True, **XL}, 422, "refiner_checkpoint"),
+    # the refiner finishing a hires pass on an SD 1.5 hires checkpoint: other latents
+    ({"refiner_checkpoint": "refiner-xl", "refiner_switch_at": 0.5, "enable_hr": True, "hr_checkpoint_name": "other-sd15",
+      **XL}, 422, "refiner_checkpoint"),
 ])
 def test_refiner_refusals_name_the_field(client, fields, status, field):
     r, _ = post(client, **fields)
     assert r.status_code == status, r.json
     assert r.json["error"]["field"] == field
+
+
+# Hires fix with the refiner: the hires pass of 2 steps at strength 0.5 runs the last 2 of a 4-step schedule, whose
+# timesteps on Euler (the samplers' "linspace" spacing) are 999, 666, 333, 0; the first pass's 2 steps are 999, 0.
+# A switch at 0.8 cuts at timestep 200 (the hires pass: 333 on the base, 0 on the refiner), at 0.5 at 500 (the hires
+# pass starts below it: all on the refiner), at 0.9999 at 0 (the pass never reaches it).
+HR = {"enable_hr": True, "hr_upscaler": "Latent", "hr_second_pass_steps": 2, "denoising_strength": 0.5}
+
+
+def xl(**overrides):
+    """override_settings on the SDXL demo, with these options."""
+    return {"override_settings": {"sd_model_checkpoint": "demo-sdxl", **overrides}}
+
+
+def pixels(r, i=0):
+    import numpy as np
+
+    return np.asarray(decode_png(r.json["images"][i]).convert("RGB"), dtype=np.float32)
+
+
+@pytest.mark.parametrize("strength,switch_at,expected", [
+    (0.5, 0.8, (1, 1)), (0.5, 0.5, (0, 2)), (0.5, 0.9999, (2, 0)), (None, 0.5, (1, 1)), (None, 0.9999, (2, 0)),
+    (0.75, 0.5, (1, 2))])
+def test_switch_split_follows_the_pass_schedule(strength, switch_at, expected):
+    """(base calls, refiner calls) as diffusers' denoising_end / denoising_start cut the pass: the hires pass runs
+    the tail of its schedule, and the refiner's share is the schedule's timesteps below the cut."""
+    import json as _json
+
+    from pipelines.generate import _switch_split
+    from pipelines.loading import CONFIG_ROOT
+    from pipelines.samplers import build_scheduler, resolve_sampler
+
+    config = _json.loads((CONFIG_ROOT / "demo-sdxl" / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = build_scheduler(resolve_sampler("Euler", None, None), config)
+    steps = 4 if strength is not None else 2
+    assert _switch_split(scheduler, steps, strength, switch_at) == expected
+
+
+def test_stage_models_ask_for_the_base_again_with_its_vae_after_another():
+    """A refiner may evict the base from the warm cache: a phase on the base after it gets the base (and its VAE)
+    from the loader again, not the object it started with; load seconds add up."""
+    from types import SimpleNamespace
+
+    from pipelines.generate import _StageModels
+
+    base = SimpleNamespace(entry=SimpleNamespace(path="base.safetensors"), vae="the-vae")
+    other = SimpleNamespace(path="refiner.safetensors")
+    job = SimpleNamespace(embeddings=["ti"])
+    calls = []
+
+    def load(entry, vae):
+        calls.append((entry.path, vae))
+        return SimpleNamespace(entry=entry), 0.5, []
+
+    models = _StageModels(base, job, load)
+    assert models.get(None) == (base, ["ti"]) and models.get(base.entry) == (base, ["ti"]) and calls == []
+    assert models.get(other)[0].entry is other
+    assert models.get(None)[0].entry is base.entry
+    assert calls == [("refiner.safetensors", None), ("base.safetensors", "the-vae")]
+    assert models.load_seconds == 1.0
+
+
+def test_hires_with_refiner_continues_the_hires_pass_on_the_refiner(client, app):
+    service = app.extensions["sdfunc"]
+    plain, _ = post(client, **HR, **XL)
+    # The refiner file holds the base's weights: the base stopping at the cut and the refiner finishing the same
+    # schedule from its latents must give exactly the hires pass without a refiner (a restart or a second noising
+    # would not); so must the pass that starts below the cut and runs all on the refiner with the pass's strength.
+    for switch_at in (0.8, 0.5):
+        r, info = post(client, **HR, refiner_checkpoint="refiner-xl", refiner_switch_at=switch_at, **XL)
+        assert r.status_code == 200, r.json
+        assert decode_png(r.json["images"][0]).size == (128, 128)
+        assert (pixels(r) == pixels(plain)).all(), switch_at
+        sha = service.store.sha256(service.store.find_checkpoint("refiner-xl"))
+        line = params_line(info)
+        assert line.index("Hires upscaler: Latent") < line.index(
+            f"Refiner: refiner-xl [{sha[:10]}], Refiner switch at: {switch_at}, Version")
+        assert "Hires refiner" not in line  # the default "second pass" is not written
+    # other weights: the refiner actually ran in the hires pass, and it alone ran the pass below the cut
+    cut, _ = post(client, **HR, refiner_checkpoint="demo-sdxl-refiner", refiner_switch_at=0.8, **XL)
+    below, info = post(client, **HR, refiner_checkpoint="demo-sdxl-refiner", refiner_switch_at=0.5, **XL)
+    assert cut.status_code == below.status_code == 200, (cut.json, below.json)
+    assert service.cache.peek(service.store.find_checkpoint("demo-sdxl-refiner")) is not None
+    assert abs(pixels(cut) - pixels(plain)).mean() > 1.0 and abs(pixels(below) - pixels(plain)).mean() > 1.0
+    assert (pixels(cut) != pixels(below)).any()
+    assert "Refiner: demo-sdxl-refiner [" in params_line(info)
+    # an image upscaler, and a batch, both ways
+    for switch_at in (0.8, 0.5):
+        r, info = post(client, **{**HR, "hr_upscaler": "Lanczos"}, batch_size=2, refiner_checkpoint="demo-sdxl-refiner",
+                       refiner_switch_at=switch_at, **XL)
+        assert r.status_code == 200, r.json
+        assert [decode_png(b).size for b in r.json["images"]] == [(128, 128)] * 2 and info["all_seeds"] == [7, 8]
+
+
+def test_hires_pass_that_ends_above_the_switch_never_loads_the_refiner(client, app):
+    cache = app.extensions["sdfunc"].cache
+    plain, _ = post(client, **HR, **XL)
+    stats = cache.stats
+    gets = stats.hits + stats.host_hits + stats.misses
+    r, info = post(client, **HR, refiner_checkpoint="demo-sdxl-refiner", refiner_switch_at=0.9999, **XL)
+    assert r.status_code == 200, r.json
+    assert (pixels(r) == pixels(plain)).all()
+    assert stats.hits + stats.host_hits + stats.misses == gets + 1  # the base, nothing else
+    assert "Refiner" not in params_line(info)  # A1111 names the refiner only when it switches to it
+
+
+def test_hires_refiner_pass_option_first_and_both_passes(client, app):
+    service = app.extensions["sdfunc"]
+    refiner = {"refiner_checkpoint": "demo-sdxl-refiner", "refiner_switch_at": 0.5}
+    nearest = {"enable_hr": True, "hr_upscaler": "Nearest", "denoising_strength": 0}
+    refined_alone, _ = post(client, **refiner, **XL)
+    plain, _ = post(client, **XL)
+    # strength 0: the hires pass returns the upscaled first pass, which the refiner finished ("first pass",
+    # "both passes") or not ("second pass": the refiner has no step to run and is not named)
+    for option, first in (("first pass", refined_alone), ("both passes", refined_alone), ("second pass", plain)):
+        r, info = post(client, **nearest, **refiner, **xl(hires_fix_refiner_pass=option))
+        assert r.status_code == 200, r.json
+        image = decode_png(r.json["images"][0])
+        assert image.size == (128, 128)
+        assert image.resize((64, 64), 0).tobytes() == decode_png(first.json["images"][0]).tobytes(), option
+        line = params_line(info)
+        if option == "second pass":
+            assert "Refiner" not in line
+        else:
+            sha = service.store.sha256(service.store.find_checkpoint("demo-sdxl-refiner"))
+            assert f"Hires refiner: {option}, Refiner: demo-sdxl-refiner [{sha[:10]}], Refiner switch at: 0.5" in line
+    # a real hires pass: each option gives its own image
+    images = {}
+    for option in ("first pass", "second pass", "both passes"):
+        r, info = post(client, **HR, **refiner, **xl(hires_fix_refiner_pass=option))
+        assert r.status_code == 200, r.json
+        images[option] = pixels(r).tobytes()
+        assert ("Hires refiner" in params_line(info)) == (option != "second pass")
+    assert len(set(images.values())) == 3
+
+
+def test_hires_refiner_pass_option_through_options(client, app):
+    from handler.contract.options import MemoryOptionsStore
+
+    service = app.extensions["sdfunc"]
+    assert client.get("/sdapi/v1/options").json["hires_fix_refiner_pass"] == "second pass"
+    try:
+        r = client.post("/sdapi/v1/options", json={"hires_fix_refiner_pass": "both passes"})
+        assert r.status_code == 200, r.json
+        assert client.get("/sdapi/v1/options").json["hires_fix_refiner_pass"] == "both passes"
+        r, info = post(client, **HR, refiner_checkpoint="demo-sdxl-refiner", refiner_switch_at=0.5, **XL)
+        assert r.status_code == 200 and "Hires refiner: both passes" in params_line(info)
+        r, info = post(client, **HR, refiner_checkpoint="demo-sdxl-refiner", refiner_switch_at=0.5,
+                       **xl(hires_fix_refiner_pass="second pass"))  # the request's override wins
+        assert r.status_code == 200 and "Hires refiner" not in params_line(info)
+        for value in ("third pass", "Second pass", 2):
+            r = client.post("/sdapi/v1/options", json={"hires_fix_refiner_pass": value})
+            assert r.status_code == 422 and r.json["error"]["field"] == "hires_fix_refiner_pass", value
+            r, _ = post(client, **HR, refiner_checkpoint="demo-sdxl-refiner", refiner_switch_at=0.5,
+                        **xl(hires_fix_refiner_pass=value))
+            assert r.status_code == 422, r.json
+            assert r.json["error"]["field"] == "override_settings.hires_fix_refiner_pass"
+        assert client.get("/sdapi/v1/options").json["hires_fix_refiner_pass"] == "both passes"
+    finally:
+        service.options_store = MemoryOptionsStore()
+
+
+def test_hires_refiner_with_a_hires_checkpoint_and_progress(client, app, monkeypatch):
+    """The hires pass's base part runs on hr_checkpoint_name (as A1111 reloads it before the pass); progress counts
+    the refiner's steps on from the base's, in the same job."""
+    service = app.extensions["sdfunc"]
+    steps: list[tuple[int, int, int]] = []
+    step = service.progress.step
+    monkeypatch.setattr(service.progress, "step", lambda *a: steps.append(a) or step(*a))
+    r, info = post(client, **HR, hr_checkpoint_name="refiner-xl", refiner_checkpoint="demo-sdxl-refiner",
+                   refiner_switch_at=0.8, **XL)
+    assert r.status_code == 200, r.json
+    assert "Hires checkpoint: refiner-xl [" in params_line(info) and "Refiner: demo-sdxl-refiner [" in params_line(info)
+    assert steps == [(1, 2, 0), (2, 2, 0), (1, 2, 1), (2, 2, 1)]  # first pass, then the hires pass: base, refiner
+    steps.clear()
+    r, _ = post(client, **HR, refiner_checkpoint="demo-sdxl-refiner", refiner_switch_at=0.5,
+                **xl(hires_fix_refiner_pass="both passes"))
+    assert r.status_code == 200, r.json
+    assert steps == [(1, 2, 0), (2, 2, 0), (1, 2, 1), (2, 2, 1)]  # the refiner finishes each pass in its job
+    # the refiner as the hires checkpoint: A1111 finds it loaded and never switches
+    plain, _ = post(client, **HR, hr_checkpoint_name="demo-sdxl-refiner", **XL)
+    r, info = post(client, **HR, hr_checkpoint_name="demo-sdxl-refiner", refiner_checkpoint="demo-sdxl-refiner",
+                   refiner_switch_at=0.8, **XL)
+    assert r.status_code == 200 and (pixels(r) == pixels(plain)).all()
+    assert "Refiner:" not in params_line(info)
+
+
+@pytest.mark.parametrize("stop_at,option,size,named", [
+    ((1, 2, 1), "second pass", (128, 128), False),  # in the hires pass, before the switch: the base's latents
+    ((2, 2, 0), "both passes", (64, 64), True),  # the refiner finishing the first pass: its latents
+])
+def test_hires_refiner_interrupted(client, app, monkeypatch, stop_at, option, size, named):
+    """Stopped part-way, the job returns what it has, decoded (A1111 returns the interrupted pass's samples), and
+    names the refiner only if it ran."""
+    service = app.extensions["sdfunc"]
+    step = service.progress.step
+    monkeypatch.setattr(service.progress, "step", lambda *a: step(*a) and a != stop_at)
+    r, info = post(client, **HR, refiner_checkpoint="demo-sdxl-refiner", refiner_switch_at=0.8,
+                   **xl(hires_fix_refiner_pass=option))
+    assert r.status_code == 200, r.json
+    assert decode_png(r.json["images"][0]).size == size
+    assert ("Refiner: demo-sdxl-refiner" in params_line(info)) == named
 
 
 def test_refiner_is_for_txt2img(client):
@@ -277,3 +481,15 @@ def test_no_grid_without_saving_or_with_return_grid_off(client):
 @pytest.fixture
 def service_of(app):
     return app.extensions["sdfunc"]
+
+
+@pytest.mark.parametrize("prompt", ["a [red|blue|green] house", "a [red|blue] house AND a boat :0.5"])
+def test_a_prompt_schedule_goes_on_counting_on_the_refiner(client, prompt):
+    """A1111 switches to the refiner inside one sampling: the refiner takes the schedule from the model call the
+    base stopped at. With the base's own weights as the refiner, the result is exactly the image without one
+    (a count restarted at 0 would take other texts), in the first pass and in the hires pass."""
+    for extra in ({"steps": 4}, {**HR}):
+        plain, _ = post(client, prompt=prompt, **extra, **XL)
+        r, _ = post(client, prompt=prompt, refiner_checkpoint="refiner-xl", refiner_switch_at=0.5, **extra, **XL)
+        assert r.status_code == plain.status_code == 200, r.json
+        assert (pixels(r) == pixels(plain)).all(), extra

@@ -66,6 +66,8 @@ def test_parser_gives_a1111s_documented_lists(text, expected):
     ("[a", [("a", 1 / 1.1)]),
     ("(a [b", [("a ", 1.1), ("b", 1.1 / 1.1)]),
     ("(a:1e3)", [("a:1e3", 1.1)]),  # not a weight A1111 reads: the `:` is text and the `)` a plain closer
+    ("(a: 1.3 ) b", [("a", 1.3), (" b", 1.0)]),  # A1111 1.10 allows spaces around the weight
+    ("(a:\t2)", [("a", 2.0)]),
 ])
 def test_parser_weights(text, expected):
     assert parse_prompt_attention(text) == expected
