@@ -1,5 +1,5 @@
 """A1111's prompt editing (pipelines/prompt_schedule.py): A1111's own examples, a corpus of A1111's outputs on
-random prompts (tests/unit/data/prompt_schedules_a1111.json), `is_plain`, and the MalformedSchedule rule."""
+random prompts (tests/data/prompt_schedules_a1111.json), `is_plain`, and the MalformedSchedule rule."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pipelines.prompt_schedule import (
     split_and,
 )
 
-CORPUS = json.loads((Path(__file__).parent / "data" / "prompt_schedules_a1111.json").read_text(encoding="utf-8"))
+CORPUS = json.loads((Path(__file__).parents[1] / "data" / "prompt_schedules_a1111.json").read_text(encoding="utf-8"))
 
 
 # A1111's examples ---------------------------------------------------------------------------------------------
