@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from pipelines.prompt_schedule import is_plain
-from pipelines.prompts import encode_texts, scheduled_parts, scheduled_texts
+from pipelines.prompts import encode_texts, pad_chunks, scheduled_parts, scheduled_texts, stack_rows
 
 Schedule = tuple[tuple[int, int], ...]  # (end_at_step, index of the encoded entry)
 
@@ -90,9 +90,9 @@ class StepConditioning:
         unconds = [_pick(row.negative, step) for row in self.rows]
         key = (*conds, -1, *unconds)
         if key not in self._cache:
-            cond, uncond = _stack([self.hidden[i] for i in conds]), _stack([self.hidden[i] for i in unconds])
+            cond, uncond = stack_rows([self.hidden[i] for i in conds]), stack_rows([self.hidden[i] for i in unconds])
             length = max(cond.shape[1], uncond.shape[1])
-            cond, uncond = _pad(cond, self.empty, length), _pad(uncond, self.empty, length)
+            cond, uncond = pad_chunks(cond, self.empty, length), pad_chunks(uncond, self.empty, length)
             cond_pooled = uncond_pooled = None
             if self.pooled is not None:
                 cond_pooled = torch.stack([self.pooled[i] for i in conds])
@@ -233,20 +233,6 @@ def _pick(schedule: Schedule, step: int) -> int:
     return schedule[-1][1]
 
 
-def _stack(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Rows [positions, W] as one batch, the shorter ones repeating their last position (A1111 `stack_conds`)."""
-    length = max(row.shape[0] for row in rows)
-    return torch.stack([torch.cat([row, row[-1:].expand(length - row.shape[0], -1)]) for row in rows])
-
-
-def _pad(batch: torch.Tensor, empty: torch.Tensor, length: int) -> torch.Tensor:
-    """`batch` [N, positions, W] with the empty prompt's chunk appended up to `length` positions."""
-    missing = (length - batch.shape[1]) // empty.shape[0]
-    if not missing:
-        return batch
-    return torch.cat([batch, empty.repeat(missing, 1).unsqueeze(0).expand(batch.shape[0], -1, -1)], dim=1)
-
-
 def build(pipe: Any, prompts: Sequence[str], negatives: Sequence[str], *, steps: int, hires_steps: int | None,
           clip_skip: int, sdxl: bool, guidance: float, expand: Callable[[str], str],
           fields: tuple[str, str] = ("prompt", "negative_prompt"), start: int = 0) -> StepConditioning:
@@ -259,7 +245,7 @@ def build(pipe: Any, prompts: Sequence[str], negatives: Sequence[str], *, steps:
     groups: list[list[int]] = []
     keys: dict[tuple[str, str], int] = {}
 
-    def group(entries: list[tuple[int, str]], field: str) -> Schedule:
+    def group(entries: list[tuple[int, str]]) -> Schedule:
         expanded = [(end, expand(text)) for end, text in entries]
         name = "\0".join(dict.fromkeys(text for _, text in expanded))  # the same text in another group pads apart
         members = []
@@ -274,9 +260,9 @@ def build(pipe: Any, prompts: Sequence[str], negatives: Sequence[str], *, steps:
 
     rows = []
     for prompt, negative in zip(prompts, negatives):
-        parts = tuple((group(schedule, fields[0]), weight)
+        parts = tuple((group(schedule), weight)
                       for _, weight, schedule in scheduled_parts(prompt, steps, hires_steps, fields[0]))
-        rows.append(_Row(parts=parts, negative=group(scheduled_texts(negative, steps, hires_steps, fields[1]), fields[1])))
+        rows.append(_Row(parts=parts, negative=group(scheduled_texts(negative, steps, hires_steps, fields[1]))))
     field_of = {text: fields[0] for text in texts}
     for row in rows:
         for _, index in row.negative:
@@ -288,7 +274,7 @@ def build(pipe: Any, prompts: Sequence[str], negatives: Sequence[str], *, steps:
     for members in groups:  # A1111 encodes a prompt's schedule as one batch: shorter entries get empty chunks
         length = max(hidden[i].shape[0] for i in members)
         for i in members:
-            hidden[i] = _pad(hidden[i].unsqueeze(0), empty, length)[0]
+            hidden[i] = pad_chunks(hidden[i].unsqueeze(0), empty, length)[0]
     pooled_rows = None
     if pooled is not None:
         at = {text: i for i, text in enumerate(unique)}

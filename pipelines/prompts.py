@@ -145,9 +145,9 @@ def chunked_embeds(pipe: Any, prompts: list[str], negatives: list[str], clip_ski
     fields.update(dict.fromkeys(prompts, "prompt"))
     hidden, pooled, empty_chunk = encode_texts(pipe, texts, fields, clip_skip, sdxl)
     per_text = dict(zip(texts, hidden))
-    sides = [_side([per_text[t] for t in prompts]), _side([per_text[t] for t in negatives])]
+    sides = [stack_rows([per_text[t] for t in prompts]), stack_rows([per_text[t] for t in negatives])]
     length = max(side.shape[1] for side in sides)
-    sides = [_pad(side, empty_chunk, length) for side in sides]
+    sides = [pad_chunks(side, empty_chunk, length) for side in sides]
     dtype = pipe.unet.dtype
     args: dict[str, Any] = {"prompt_embeds": sides[0].to(dtype=dtype),
                             "negative_prompt_embeds": sides[1].to(dtype=dtype)}
@@ -364,15 +364,16 @@ def _encode(encoder: Any, windows: list[tuple[list[int], list[float]]], clip_ski
     return states, text_embeds
 
 
-def _side(rows: list[torch.Tensor]) -> torch.Tensor:
-    """One side's [positions, width] encodings as a batch, the shorter ones repeating their last position."""
+def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """[positions, width] encodings as a batch, the shorter ones repeating their last position (A1111's
+    `stack_conds`)."""
     import torch
 
     length = max(row.shape[0] for row in rows)
     return torch.stack([torch.cat([row, row[-1:].expand(length - row.shape[0], -1)]) for row in rows])
 
 
-def _pad(side: torch.Tensor, empty_chunk: torch.Tensor, length: int) -> torch.Tensor:
+def pad_chunks(side: torch.Tensor, empty_chunk: torch.Tensor, length: int) -> torch.Tensor:
     """`side` [batch, positions, width] with the empty prompt's chunk appended up to `length` positions."""
     import torch
 
