@@ -88,6 +88,14 @@ class WarmupSettings(BaseModel):
                           "with Retry-After (false).",
     )
     retry_after: int = Field(5, ge=1, description="Retry-After (s) on a 503 during warm-up or stopping.")
+    prefetch: bool = Field(
+        True, description="From the server's start, read the warm-up checkpoints' bytes (and hash them) in a "
+                          "background process while the heavy imports run, so that loading reads memory.",
+    )
+    preimport: bool = Field(
+        True, description="The gunicorn master imports torch, diffusers and the app's modules before it forks "
+                          "the worker, so a replaced worker starts in about a second plus the model load.",
+    )
     compile: bool = Field(False, description="torch.compile the UNet of every loaded pipeline (costs ~1 min on CPU).")
     compile_cache_dir: Path | None = Field(
         None, description="Inductor cache for torch.compile; default <data>/cache/inductor (on the mount, so "
