@@ -179,7 +179,8 @@ def mount_file(cfg: BenchConfig, ckpt_dir: Path, data: Path) -> Path:
 
 def mount_model(path: Path, cfg: BenchConfig) -> dict[str, Any]:
     """Read requests each way makes on the mount, from the file's tensor layout (the model of the README)."""
-    from pipelines.loading import COPY_CHUNK_BYTES, read_header
+    from pipelines.loading import read_header
+    from pipelines.local_copy import COPY_CHUNK_BYTES
 
     tensors, _ = read_header(path)
     sizes_ = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

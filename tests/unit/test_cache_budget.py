@@ -14,7 +14,8 @@ import torch
 from pipelines.builders.demo import write_demo_vae
 from pipelines.cache import PipelineCache, estimate_bytes
 from pipelines.hashing import HashCache
-from pipelines.loading import clean_local_copies, load_pipeline, local_copy
+from pipelines.loading import load_pipeline
+from pipelines.local_copy import clean_local_copies, local_copy
 from pipelines.store import ModelStore
 
 
