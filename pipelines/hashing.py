@@ -59,11 +59,33 @@ class HashCache:
         self._lock = threading.Lock()
         self._path_locks: dict[str, threading.Lock] = {}
         self._entries: dict[str, dict] = {}
-        if cache_file is not None and cache_file.is_file():
-            try:
-                self._entries = json.loads(cache_file.read_text())
-            except (OSError, ValueError):
-                log.warning("hash cache %s unreadable; starting empty", cache_file)
+        self._loaded_stamp: tuple[int, int] | None = None  # the file's (size, mtime) when last read
+        with self._lock:
+            self._reload_locked()
+
+    def _reload_locked(self) -> None:
+        """Merge in what other processes wrote to the file since it was last read (theirs fill gaps; an entry
+        this process holds for the same file and stamp is the same hash). Cheap when the file did not move."""
+        if self._file is None:
+            return
+        try:
+            stamp = self._stamp(self._file)
+        except OSError:
+            return
+        if stamp == self._loaded_stamp:
+            return
+        try:
+            on_disk = json.loads(self._file.read_text())
+        except (OSError, ValueError):
+            log.warning("hash cache %s unreadable; keeping what this process knows", self._file)
+            return
+        self._loaded_stamp = stamp
+        if not isinstance(on_disk, dict):
+            return
+        for key, theirs in on_disk.items():  # for a file both know, the entry of its newer version wins
+            mine = self._entries.get(key)
+            if mine is None or (isinstance(theirs, dict) and theirs.get("mtime_ns", 0) > mine.get("mtime_ns", 0)):
+                self._entries[key] = theirs
 
     @staticmethod
     def _stamp(path: Path) -> tuple[int, int]:
@@ -71,18 +93,19 @@ class HashCache:
         return st.st_size, st.st_mtime_ns
 
     def peek(self, path: Path) -> str | None:
-        """The cached sha256 if still valid, without reading the file."""
-        key = str(path)
-        with self._lock:
-            entry = self._entries.get(key)
-        if not entry:
-            return None
+        """The cached sha256 if still valid, without reading the file (another process's entry included)."""
         try:
             size, mtime = self._stamp(path)
         except OSError:
             return None
-        if entry.get("size") == size and entry.get("mtime_ns") == mtime:
-            return entry.get("sha256")
+        key = str(path)
+        for reload in (False, True):
+            with self._lock:
+                if reload:
+                    self._reload_locked()
+                entry = self._entries.get(key)
+            if entry and entry.get("size") == size and entry.get("mtime_ns") == mtime:
+                return entry.get("sha256")
         return None
 
     def sha256(self, path: Path) -> str:
@@ -97,22 +120,30 @@ class HashCache:
             return self.peek(path) or self._compute(path)
 
     def _compute(self, path: Path) -> str:
-        size, mtime = self._stamp(path)
-        log.info("hashing %s (%.1f MB)", path.name, size / 1e6)
+        stamp = self._stamp(path)
+        log.info("hashing %s (%.1f MB)", path.name, stamp[0] / 1e6)
         value = self._hash(path)
+        self.record(path, value, stamp)
+        return value
+
+    def record(self, path: Path, value: str, stamp: tuple[int, int]) -> None:
+        """Keep `value` as the hash of `path` as it was at `stamp` (size, mtime_ns): a hash computed elsewhere
+        (the prefetch reads and hashes in one pass). A stale stamp is harmless: `peek` compares it."""
+        size, mtime = stamp
         with self._lock:
             self._entries[str(path)] = {"size": size, "mtime_ns": mtime, "sha256": value}
             self._save_locked()
-        return value
 
     def _save_locked(self) -> None:
         if self._file is None:
             return
+        self._reload_locked()  # never drop what another process wrote meanwhile
         try:
             self._file.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self._file.parent, prefix=".sha256-", suffix=".tmp")
             with os.fdopen(fd, "w") as fh:
                 json.dump(self._entries, fh, indent=0, sort_keys=True)
             os.replace(tmp, self._file)
+            self._loaded_stamp = self._stamp(self._file)
         except OSError:
             log.warning("could not persist hash cache to %s", self._file)
