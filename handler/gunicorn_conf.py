@@ -2,18 +2,34 @@
 
 Used by `sdfunc serve` (`-c` this file) and by `./gunicorn.conf.py` in the repository root, which gunicorn
 loads by itself. Settings come from the one settings object (SDFUNC_* environment, YAML).
+
+The master prepares the cold start before it forks the worker:
+- `on_starting`: with `warmup.prefetch`, a process of its own reads and hashes the checkpoints the worker loads
+  first (pipelines.prefetch), from the server's first second, while the imports below run; the worker waits for
+  a file's read before loading it (its results pipe is inherited, `PREFETCH_FD_ENV`).
+- `when_ready` (sockets bound, no worker yet): with `warmup.preimport`, `preimport` imports torch, diffusers, the
+  pipeline classes of those checkpoints and the app's modules, so that a worker (the first, and every one that
+  replaces a dead one) forks with them imported. Modules only: no app, no tensor, no device, no thread.
 """
 
+import logging
 import os
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
 
 import pipelines  # noqa: F401  # first: turns hub access off (pipelines.offline) before huggingface_hub is imported
-from handler.runtime.coldstart import STARTED_AT_ENV, process_start_time
+from handler.runtime.coldstart import MASTER_IMPORTS_ENV, STARTED_AT_ENV, process_start_time
 from handler.settings import Settings
 
 # The workers measure their cold start from the server's start (this master process), not from their fork.
 os.environ.setdefault(STARTED_AT_ENV, repr(process_start_time()))
 
 _settings = Settings()
+log = logging.getLogger("sdfunc.master")
+_startup: list[Path] = []  # the checkpoint files the worker loads first
+_prefetch_proc = None  # the prefetch process (gunicorn's master reaps it with its workers)
 
 wsgi_app = "handler.app:create_app()"
 bind = [f"{_settings.host}:{_settings.port}"]
@@ -32,10 +48,77 @@ errorlog = "-"
 loglevel = _settings.log_level.lower()
 
 
+def startup_checkpoints(settings: Settings) -> list[Path]:
+    """The single files a worker loads first: the warm-up checkpoints, else the default one, else the first found
+    (names resolved without hashing: pipelines.prefetch.startup_paths)."""
+    from pipelines.hashing import HashCache
+    from pipelines.prefetch import startup_paths
+    from pipelines.store import ModelStore
+
+    store = ModelStore(settings.checkpoints_dir, settings.vae_dir, HashCache(None))
+    return startup_paths(((e.name, e.model_name, e.stem, e.path, e.is_dir) for e in store.checkpoints),
+                         settings.warmup.checkpoints, settings.default_checkpoint)
+
+
+def preimport(archs: Iterable[str]) -> float:
+    """Import what a worker needs before it can load: torch, diffusers, transformers, our generation modules, the
+    pipeline classes of `archs`, and the app's modules (`handler.app`; the app itself is built in the worker).
+    No tensor is made and no thread started: a process forked afterwards generates as a fresh one does. Returns
+    the seconds it took."""
+    started = time.perf_counter()
+    import handler.app  # noqa: F401
+    import pipelines.generate
+    import pipelines.loading  # noqa: F401
+
+    pipelines.generate.import_pipeline_classes(archs)
+    if threading.active_count() > 1:  # a fork keeps only the calling thread: say so if an import started one
+        log.warning("threads running in the gunicorn master before the fork: %s",
+                    ", ".join(t.name for t in threading.enumerate()))
+    return time.perf_counter() - started
+
+
+def on_starting(server):
+    """Find the checkpoints the worker loads first and, with `warmup.prefetch`, start reading them."""
+    global _prefetch_proc
+    try:
+        _startup[:] = startup_checkpoints(_settings)
+    except OSError:
+        log.exception("cannot list the checkpoints to prefetch")
+        return
+    if not (_settings.warmup.prefetch and _startup):
+        return
+    from pipelines.prefetch import PREFETCH_FD_ENV, spawn
+
+    cache = _settings.cache
+    try:
+        _prefetch_proc, read_fd = spawn(_startup, hash_file=_settings.cache_dir / "sha256.json",
+                                        local_dir=cache.resolved_local_dir if cache.copy_to_local else None,
+                                        local_max_bytes=cache.local_max_bytes if cache.copy_to_local else None)
+    except OSError:
+        log.exception("cannot start the prefetch; the worker reads the checkpoints itself")
+        return
+    os.environ[PREFETCH_FD_ENV] = str(read_fd)  # the workers, forked from here, inherit the descriptor
+
+
+def when_ready(server):
+    """With `warmup.preimport`, import the heavy modules once, here, before any worker is forked."""
+    if not _settings.warmup.preimport:
+        return
+    import pipelines.loading
+
+    archs = {a for a in map(pipelines.loading.pipeline_arch, _startup) if a} if _startup else {"sd1", "sdxl"}
+    seconds = preimport(archs)
+    os.environ[MASTER_IMPORTS_ENV] = repr(seconds)
+    server.log.info("imported the runtime (%s) in %.2f s before forking the worker", ", ".join(sorted(archs)),
+                    seconds)
+
+
 def post_fork(server, worker):
-    """A worker respawned later (timeout, crash) measures its cold start from its own start, not the master's."""
+    """A worker respawned later (timeout, crash) measures its cold start from its own start, not the master's,
+    and the master's imports are not part of it."""
     if worker.age > server.num_workers:
         os.environ[STARTED_AT_ENV] = repr(process_start_time())
+        os.environ.pop(MASTER_IMPORTS_ENV, None)
 
 
 def post_worker_init(worker):

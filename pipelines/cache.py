@@ -199,6 +199,28 @@ def check_file(entry: CheckpointEntry) -> None:
         raise CheckpointError(f"{entry.name}: cannot be read ({exc.strerror or type(exc).__name__})") from None
 
 
+class _Background:
+    """`fn(*args)` on a thread of its own; `result()` waits and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name="sdfunc-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller of result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def compile_unet(pipe: Any, cache_dir: str) -> None:
     """Wrap the UNet in `torch.compile` with inductor's cache under `cache_dir` (on the mount, so a later
     instance reuses the compiled kernels). Compilation itself happens on the first generation."""
@@ -463,15 +485,21 @@ class PipelineCache:
 
         diffusers_logging.disable_progress_bar()  # "Loading pipeline components..." on every load
         started = time.perf_counter()
-        sha = self.store.sha256(entry)  # a full read of the file on a fresh mount (cached after that)
-        hashed = time.perf_counter() - started
+        # The sha256 (A1111's `Model hash`) is a full read of the file on a fresh mount: done beside the load,
+        # not before it (a prefetched file's hash is known already).
+        known = entry.is_dir or self.store.known_sha256(entry) is not None
+        hashing = None if known else _Background(self.store.sha256, entry)  # a failed load leaves it running
         phases: dict[str, float] = {}
         try:
             pipe = load_pipeline(entry.path, device=self.device, dtype=getattr(torch, self.dtype), timings=phases,
                                  **self.load_options)
-            # The cold-start breakdown has no `copy` phase: copying to local disk is reading the weights.
-            phases["read_weights"] = phases.get("read_weights", 0.0) + hashed + phases.get("copy", 0.0)
-        except FileNotFoundError:  # removed from the mount since the last scan
+            loaded = time.perf_counter()
+            sha = hashing.result() if hashing is not None else self.store.known_sha256(entry)
+            # The cold-start breakdown has no `copy` phase: copying to local disk is reading the weights; waiting
+            # for the hash after the load is too.
+            phases["read_weights"] = (phases.get("read_weights", 0.0) + phases.get("copy", 0.0)
+                                      + time.perf_counter() - loaded)
+        except (FileNotFoundError, ModelNotFound):  # removed from the mount since the last scan
             raise ModelNotFound(f"'{entry.name}' is no longer on the mount; refresh the model list") from None
         arch = "sdxl" if "XL" in type(pipe).__name__ else "sd1"
         if self.compile_cache_dir:

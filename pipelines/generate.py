@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,17 +134,15 @@ def _pipeline_class(arch: str, mode: str, inpaint: bool) -> type:
     return getattr(diffusers, names["inpaint" if inpaint else mode])
 
 
-def import_pipeline_classes() -> None:
-    """Import every pipeline class a request can use (diffusers imports them lazily, at a cost of seconds), so
-    that the import is paid at warm-up and not inside the first request or model load."""
-    from pipelines.controlnet.stack import pipeline_class
-
-    for arch in ("sd1", "sdxl"):
+def import_pipeline_classes(archs: Iterable[str]) -> None:
+    """Import the pipeline classes a request on a checkpoint of each of `archs` ("sd1", "sdxl") can use without
+    ControlNet: txt2img, img2img, inpaint (diffusers imports them lazily, at a cost of seconds), so that the
+    import is paid at start or warm-up, not inside the first request. The ControlNet classes are imported by the
+    first request that uses a unit: a feature that is off by default costs nothing at start."""
+    for arch in archs:
         for mode in ("txt2img", "img2img"):
             _pipeline_class(arch, mode, inpaint=False)
-            pipeline_class(arch, mode, inpaint=False)
         _pipeline_class(arch, "img2img", inpaint=True)
-        pipeline_class(arch, "img2img", inpaint=True)
 
 
 def _with_controls(pipe: Any, arch: str, mode: str, inpaint: bool, controls: list[Control], call: dict[str, Any],

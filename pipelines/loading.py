@@ -39,6 +39,7 @@ from pipelines.errors import (
     IncompleteCheckpoint,
     ModelNotFound,
     PickleCheckpointRefused,
+    PipelineError,
     UnsupportedArchitecture,
 )
 from pipelines.local_copy import local_copy
@@ -158,6 +159,20 @@ def config_dir_for(path: Path) -> tuple[Arch, Path]:
     if is_refiner(tensors) and not refiner_config(CONFIG_ROOT / name):
         name = REFINER_CONFIG
     return arch, CONFIG_ROOT / name
+
+
+def pipeline_arch(path: Path) -> str | None:
+    """"sd1" or "sdxl" for a checkpoint (from its safetensors header or model_index.json, never its weights);
+    None when that cannot be told (the load then reports why)."""
+    path = Path(path)
+    try:
+        if is_diffusers_dir(path):
+            cls_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+            arch = _CLASS_TO_ARCH.get(cls_name)
+            return arch.value if arch is not None else None
+        return config_dir_for(path)[0].value
+    except (PipelineError, OSError, ValueError):
+        return None
 
 
 def is_diffusers_dir(path: Path) -> bool:

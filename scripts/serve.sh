@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="" . scripts/venv.sh
-exec .venv/bin/sdfunc serve "$@"
+# The server's cold start counts from here, not from this script's start (exec keeps the process, and the
+# install above would count as the function's start).
+SDFUNC_PROCESS_STARTED_AT="$(python3 -c 'import time; print(time.time())')" exec .venv/bin/sdfunc serve "$@"

@@ -270,7 +270,13 @@ class ColdStartReport(BaseModel):
     complete: bool = Field(..., description="The first image was made (by the warm-up or a request).")
     total_seconds: float | None = Field(..., description="Server process start to the first image.")
     phases: dict[str, float] = Field(..., description="process_to_app, imports, device_init, read_weights, "
-                                                      "to_device, first_generation (seconds); absent if not reached")
+                                                      "to_device, first_generation (seconds, one after another) "
+                                                      "and prefetch (in the background, overlapping them); "
+                                                      "absent if not reached")
+    critical_path_seconds: float = Field(..., description="The foreground phases' sum: what the first image "
+                                                          "waited for.")
+    overlapped_seconds: float = Field(..., description="Background seconds (prefetch) hidden behind the "
+                                                       "foreground phases.")
 
 
 class CacheReport(BaseModel):

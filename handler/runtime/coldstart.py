@@ -8,10 +8,19 @@ the container) to the end of the first image this worker made, warm-up or real. 
 - `device_init`: creating the device context (CUDA init and a first allocation; next to nothing on CPU);
 - `read_weights`: reading checkpoints into memory (diffusers' single-file loader);
 - `to_device`: moving the weights to the device;
-- `first_generation`: the first generation (the warm-up's first, or the first request's without a warm-up).
+- `first_generation`: the first generation (the warm-up's first, or the first request's without a warm-up);
+- `prefetch` (background): the prefetch process reading and hashing the first checkpoints (pipelines.prefetch),
+  from the server's start; it overlaps the others.
+
+Under gunicorn the master does the heavy imports before it forks the worker (`warmup.preimport`): the first
+worker's `imports` are the master's seconds (told by `MASTER_IMPORTS_ENV`), taken out of its `process_to_app`,
+so that the foreground phases still add up. A worker that replaces a dead one starts its own count at its fork,
+with the modules already imported.
 
 `total` is the wall time from process start to the end of the first generation; it also holds the gaps
-between phases (waiting for the first request, when nothing warmed the worker).
+between phases (waiting for the first request, when nothing warmed the worker). `critical_path_seconds` is the
+sum of the foreground phases (what the first image waited for, waiting for the prefetch counted in
+`read_weights`); `overlapped_seconds` is the background time that ran behind them, hidden.
 """
 
 from __future__ import annotations
@@ -19,13 +28,17 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
-PHASES = ("process_to_app", "imports", "device_init", "read_weights", "to_device", "first_generation")
+PHASES = ("process_to_app", "imports", "device_init", "read_weights", "to_device", "first_generation", "prefetch")
+BACKGROUND = frozenset({"prefetch"})
 
 # gunicorn's master sets this (epoch seconds) so that its workers measure from the server's start, not
 # from their own fork.
 STARTED_AT_ENV = "SDFUNC_PROCESS_STARTED_AT"
+# ... and this (seconds) when it imported the heavy modules before forking its first worker.
+MASTER_IMPORTS_ENV = "SDFUNC_MASTER_IMPORT_SECONDS"
 
 
 def process_start_time(pid: int | None = None) -> float:
@@ -61,8 +74,13 @@ class ColdStart:
         self._lock = threading.Lock()
         self._import_lock = threading.Lock()
         self._imported = False
+        self._classes: set[str] = set()  # architectures whose pipeline classes are imported
         self._device_ready = False
+        self._prefetch_waited = 0.0
         self.total: float | None = None
+        self._master_imports = _env_seconds(MASTER_IMPORTS_ENV)
+        if self._master_imports:
+            self._phases["imports"] = self._master_imports
 
     @property
     def imported(self) -> bool:
@@ -79,22 +97,37 @@ class ColdStart:
                 self._phases[phase] = self._phases.get(phase, 0.0) + max(0.0, seconds)
 
     def app_ready(self) -> None:
-        """The app factory is done: closes `process_to_app`."""
-        self.record("process_to_app", time.time() - self.started_at)
+        """The app factory is done: closes `process_to_app` (less the master's imports, which have their phase)."""
+        self.record("process_to_app", time.time() - self.started_at - self._master_imports)
 
-    def import_runtime(self) -> None:
-        """Import torch, diffusers, transformers and the pipeline classes, timing it as `imports`.
-        Idempotent and thread-safe: the first caller imports, the others wait for it."""
+    def import_runtime(self, archs: Iterable[str] = ()) -> None:
+        """Import torch, diffusers, transformers and our generation modules, and the pipeline classes of `archs`
+        ("sd1", "sdxl"), timing it as `imports`. Idempotent and thread-safe: the first caller imports, the others
+        wait for it; modules the gunicorn master imported cost nothing here."""
         with self._import_lock:
-            if self._imported:
+            wanted = set(archs) - self._classes
+            if self._imported and not wanted:
                 return
             started = time.perf_counter()
             import pipelines.generate
             import pipelines.loading  # noqa: F401
 
-            pipelines.generate.import_pipeline_classes()  # diffusers imports these lazily: 1-2 s of CLIP code
+            pipelines.generate.import_pipeline_classes(wanted)  # diffusers imports these lazily: 1-2 s of CLIP code
             self.record("imports", time.perf_counter() - started)
+            self._classes |= wanted
             self._imported = True
+
+    def prefetch_waited(self, seconds: float) -> None:
+        """A load waited `seconds` for the prefetch to finish its file (counted in `read_weights` too)."""
+        with self._lock:
+            if self.total is None:
+                self._prefetch_waited += max(0.0, seconds)
+
+    def prefetch_span(self, started: float, ended: float) -> None:
+        """The prefetch ran from `started` to `ended` (epoch seconds): the background phase `prefetch`."""
+        with self._lock:
+            if self.total is None and "prefetch" not in self._phases:
+                self._phases["prefetch"] = max(0.0, ended - started)
 
     def init_device(self, device: str) -> None:
         """Create the context of `device` ("cpu" or "cuda[:n]"), timing it as `device_init`. Idempotent; run it
@@ -122,9 +155,21 @@ class ColdStart:
             return True
 
     def report(self) -> dict[str, Any]:
-        """`{"complete", "total_seconds", "phases": {phase: seconds}}`; phases not reached are absent."""
+        """`{"complete", "total_seconds", "phases": {phase: seconds}, "critical_path_seconds",
+        "overlapped_seconds"}`; phases not reached are absent."""
         with self._lock:
-            phases = {name: round(self._phases[name], 3) for name in PHASES if name in self._phases}
+            phases = {name: self._phases[name] for name in PHASES if name in self._phases}
             total = self.total
+            waited = self._prefetch_waited
+        critical = sum(v for k, v in phases.items() if k not in BACKGROUND)
+        hidden = sum(v for k, v in phases.items() if k in BACKGROUND) - waited
         return {"complete": total is not None, "total_seconds": round(total, 3) if total is not None else None,
-                "phases": phases}
+                "phases": {k: round(v, 3) for k, v in phases.items()},
+                "critical_path_seconds": round(critical, 3), "overlapped_seconds": round(max(0.0, hidden), 3)}
+
+
+def _env_seconds(name: str) -> float:
+    try:
+        return max(0.0, float(os.environ.get(name) or 0.0))
+    except ValueError:
+        return 0.0

@@ -19,9 +19,12 @@ from handler.runtime.coldstart import ColdStart
 from handler.runtime.controlnets import ControlNets
 from handler.runtime.executor import DeviceExecutor
 from handler.settings import Settings
+from pipelines.prefetch import PrefetchWatch
 from pipelines.store import CheckpointEntry, ModelStore, VaeEntry
 
 log = logging.getLogger(__name__)
+
+PREFETCH_WAIT_S = 600.0  # longest a load waits for the prefetch of its file (a stalled mount), then it loads
 
 
 class Engine:
@@ -32,12 +35,13 @@ class Engine:
     """
 
     def __init__(self, settings: Settings, store: ModelStore, coldstart: ColdStart, controlnets: ControlNets,
-                 cold_start_done: Callable[[], None]) -> None:
+                 cold_start_done: Callable[[], None], prefetch: PrefetchWatch | None = None) -> None:
         self.settings = settings
         self.store = store
         self.coldstart = coldstart
         self.controlnets = controlnets
         self._cold_start_done = cold_start_done
+        self.prefetch = prefetch  # the gunicorn master's prefetch process, when there is one
         self.device = DeviceExecutor()  # the one thread that loads and generates
         self._device_type: str | None = None
         self._cache: Any = None
@@ -94,19 +98,43 @@ class Engine:
 
     def load(self, checkpoint: CheckpointEntry, vae: VaeEntry | None = None) -> tuple[Any, float | None]:
         """The warm pipeline for (checkpoint, vae) and the seconds spent loading it (None on a hit). Runs
-        on the device thread; loads during the cold start go into its breakdown."""
+        on the device thread; loads during the cold start go into its breakdown. A load of a file the prefetch
+        is still reading waits for it first (that wait is reading the weights)."""
         self.coldstart.import_runtime()  # timed before the cache resolves the device (which imports torch)
         cache = self.cache
         self.coldstart.init_device(cache.device)
         stats = cache.stats
-        before, phases = stats.loads + stats.host_hits, dict(stats.phase_seconds)  # from disk or from host RAM
+        if cache.peek(checkpoint, vae) is not None:
+            return cache.get(checkpoint, vae), None
+        from pipelines.loading import pipeline_arch
+
+        arch = pipeline_arch(checkpoint.path)  # its pipeline classes only (the header says which)
+        self.coldstart.import_runtime([arch] if arch else ["sd1", "sdxl"])
         started = time.perf_counter()
+        self._await_prefetch(checkpoint)
+        waited = time.perf_counter() - started
+        before, phases = stats.loads + stats.host_hits, dict(stats.phase_seconds)  # from disk or from host RAM
         model = cache.get(checkpoint, vae)
         if stats.loads + stats.host_hits == before:
             return model, None
+        self.coldstart.record("read_weights", waited)
         for name, total in cache.stats.phase_seconds.items():
             self.coldstart.record(name, total - phases.get(name, 0.0))
         return model, time.perf_counter() - started
+
+    def _await_prefetch(self, checkpoint: CheckpointEntry) -> None:
+        """Wait until the prefetch has read `checkpoint` (no-op when it is not being prefetched), and put the
+        prefetch's span into the cold start once it is over."""
+        watch = self.prefetch
+        if watch is None or checkpoint.is_dir:
+            return
+        started = time.perf_counter()
+        result = watch.wait(checkpoint.path, timeout=PREFETCH_WAIT_S)
+        if result is None and not watch.ended:
+            log.warning("the prefetch of %s takes over %.0f s; loading it now", checkpoint.name, PREFETCH_WAIT_S)
+        self.coldstart.prefetch_waited(time.perf_counter() - started)
+        if watch.ended and (results := watch.results()):
+            self.coldstart.prefetch_span(min(r.started for r in results), max(r.ended for r in results))
 
     def first_image(self, seconds: float) -> None:
         """A generation finished on the device: part of the cold start until the first one completes it."""

@@ -55,6 +55,7 @@ from handler.storage.backends import make_storage
 from pipelines.adapters.embeddings import EmbeddingStore
 from pipelines.adapters.lora import LoraAdapters, LoraStore
 from pipelines.hashing import HashCache, addnet_hash
+from pipelines.prefetch import PrefetchWatch
 from pipelines.store import CheckpointEntry, ModelStore
 from pipelines.styles import StyleStore
 
@@ -88,7 +89,7 @@ class Service:
         self.coldstart = ColdStart()
         self.metrics = Metrics(self, enabled=settings.metrics)
         self.engine = Engine(settings, self.store, self.coldstart, self.controlnet_models,
-                             cold_start_done=self.metrics.cold_start_done)
+                             cold_start_done=self.metrics.cold_start_done, prefetch=PrefetchWatch.from_env())
         self.batcher = Batcher(settings.batch)
         self.admission = Admission(settings, device_busy=lambda: self.device_busy)
         self.instance_id = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -61,9 +61,10 @@ class ServeProcess:
                         f"{last.get('body', {}).get('status')}):\n{self.log_tail()}", interval=0.1)
 
     def workers(self) -> list[int]:
-        """The gunicorn workers: the children of the master (`sdfunc serve` execs gunicorn in this process)."""
+        """The gunicorn workers: the children of the master (`sdfunc serve` execs gunicorn in this process) but
+        the prefetch process it starts beside them (pipelines.prefetch)."""
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        return [int(c) for c in children]
+        return [int(c) for c in children if _is_worker(int(c))]
 
     def worker_pid(self, timeout: float = 60, other_than: int | None = None) -> int:
         """The gunicorn worker (the one child of the master); with `other_than`, one that is not that pid (the
@@ -106,6 +107,14 @@ class ServeProcess:
     def stop(self) -> None:
         stop_process_group(self.proc)
         self._log.close()
+
+
+def _is_worker(pid: int) -> bool:
+    """A child of the master that is a worker: alive, and not the prefetch process."""
+    try:
+        return b"pipelines.prefetch" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it ended meanwhile
+        return False
 
 
 def json_log_entries(path: Path) -> list[dict[str, Any]]:
