@@ -143,7 +143,7 @@ def thread_cpu(pids: Iterable[int], *, min_seconds: float = 0.5) -> list[dict[st
 
 def cpu_snapshot(pgid: int | None) -> tuple[float, float, float] | None:
     """(perf_counter, busy CPU seconds of the whole machine since boot, CPU seconds of process group `pgid` and
-    of this process). Linux /proc only; None elsewhere."""
+    of this process, with the children they reaped). Linux /proc only; None elsewhere."""
     try:
         tick = os.sysconf("SC_CLK_TCK")
         with open("/proc/stat") as f:
@@ -157,7 +157,9 @@ def cpu_snapshot(pgid: int | None) -> tuple[float, float, float] | None:
             except (OSError, ValueError, IndexError):
                 continue  # gone meanwhile
             if int(d) == os.getpid() or (pgid is not None and int(fields[2]) == pgid):
-                ours += int(fields[11]) + int(fields[12])  # utime + stime, all threads
+                # utime + stime of all threads, + cutime + cstime: children it reaped (a server's short-lived
+                # helpers, such as the prefetch process, count as the server's, not as other processes')
+                ours += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
         return time.perf_counter(), (user + nice + system + irq + softirq + steal) / tick, ours / tick
     except (OSError, ValueError):
         return None
