@@ -70,10 +70,11 @@ def _demo_controlnets(settings, *, force: bool) -> list[Path]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """gunicorn in this process, its master; after writing demo checkpoints (tensor work, which a forked worker
+    must not inherit) in a fresh interpreter instead."""
     _apply_overrides(args)
     settings = _settings()
-    if settings.build_demo_models:
-        ensure_models(settings)
+    wrote = ensure_models(settings) if settings.build_demo_models else []
     from handler import gunicorn_conf
 
     url_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
@@ -83,9 +84,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "-d '{\"prompt\": \"a red house\", \"steps\": 8, \"width\": 256, \"height\": 256}' "
              "| python3 -c 'import sys,json,base64; open(\"out.png\",\"wb\").write(base64.b64decode(json.load(sys.stdin)[\"images\"][0]))'",
              url)
-    argv = [sys.executable, "-m", "gunicorn", "-c", gunicorn_conf.__file__]
-    os.execv(sys.executable, argv)
-    return 0  # not reached
+    argv = ["gunicorn", "-c", gunicorn_conf.__file__]
+    if wrote:
+        os.execv(sys.executable, [sys.executable, "-m", *argv])
+    from gunicorn.app.wsgiapp import run
+
+    sys.argv = argv  # a second interpreter would cost its start and the imports above again: ~0.5 s of cold start
+    run()
+    return 0  # gunicorn exits the process itself
 
 
 HOOKS = {"initialize": ("POST", "/initialize"), "pre-stop": ("GET", "/pre-stop")}

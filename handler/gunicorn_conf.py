@@ -60,21 +60,25 @@ def startup_checkpoints(settings: Settings) -> list[Path]:
                          settings.warmup.checkpoints, settings.default_checkpoint)
 
 
-def preimport(archs: Iterable[str]) -> float:
+def preimport(archs: Iterable[str] | None = None) -> tuple[float, set[str]]:
     """Import what a worker needs before it can load: torch, diffusers, transformers, our generation modules, the
-    pipeline classes of `archs`, and the app's modules (`handler.app`; the app itself is built in the worker).
-    No tensor is made and no thread started: a process forked afterwards generates as a fresh one does. Returns
-    the seconds it took."""
+    pipeline classes of `archs` (default: those of the startup checkpoints, read from their headers), and the
+    app's modules (`handler.app`; the app itself is built in the worker). No tensor is made and no thread
+    started: a process forked afterwards generates as a fresh one does. Returns the seconds it took and the
+    architectures whose classes it imported."""
     started = time.perf_counter()
     import handler.app  # noqa: F401
     import pipelines.generate
-    import pipelines.loading  # noqa: F401
+    import pipelines.loading
 
+    if archs is None:
+        archs = {a for a in map(pipelines.loading.pipeline_arch, _startup) if a} if _startup else {"sd1", "sdxl"}
+    archs = set(archs)
     pipelines.generate.import_pipeline_classes(archs)
     if threading.active_count() > 1:  # a fork keeps only the calling thread: say so if an import started one
         log.warning("threads running in the gunicorn master before the fork: %s",
                     ", ".join(t.name for t in threading.enumerate()))
-    return time.perf_counter() - started
+    return time.perf_counter() - started, archs
 
 
 def on_starting(server):
@@ -104,10 +108,7 @@ def when_ready(server):
     """With `warmup.preimport`, import the heavy modules once, here, before any worker is forked."""
     if not _settings.warmup.preimport:
         return
-    import pipelines.loading
-
-    archs = {a for a in map(pipelines.loading.pipeline_arch, _startup) if a} if _startup else {"sd1", "sdxl"}
-    seconds = preimport(archs)
+    seconds, archs = preimport()
     os.environ[MASTER_IMPORTS_ENV] = repr(seconds)
     server.log.info("imported the runtime (%s) in %.2f s before forking the worker", ", ".join(sorted(archs)),
                     seconds)

@@ -124,9 +124,10 @@ class ColdStart:
                 self._prefetch_waited += max(0.0, seconds)
 
     def prefetch_span(self, started: float, ended: float) -> None:
-        """The prefetch ran from `started` to `ended` (epoch seconds): the background phase `prefetch`."""
+        """The prefetch has run from `started` to `ended` (epoch seconds) so far: the background phase
+        `prefetch` (a later call, with more files read, replaces it)."""
         with self._lock:
-            if self.total is None and "prefetch" not in self._phases:
+            if self.total is None:
                 self._phases["prefetch"] = max(0.0, ended - started)
 
     def init_device(self, device: str) -> None:

@@ -133,7 +133,7 @@ class Engine:
         if result is None and not watch.ended:
             log.warning("the prefetch of %s takes over %.0f s; loading it now", checkpoint.name, PREFETCH_WAIT_S)
         self.coldstart.prefetch_waited(time.perf_counter() - started)
-        if watch.ended and (results := watch.results()):
+        if results := watch.results():
             self.coldstart.prefetch_span(min(r.started for r in results), max(r.ended for r in results))
 
     def first_image(self, seconds: float) -> None:
