@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import logging
-import mmap
 import os
 import subprocess
 import sys
@@ -67,54 +66,21 @@ def _stamp(st: os.stat_result) -> tuple[int, int]:
 
 
 def _read_hashing(path: Path, hashing: bool, chunk_bytes: int, after_chunk: Callable[[int], None] | None) -> str | None:
-    """Bring `path` into the page cache start to end, `chunk_bytes` at a time; its sha256 when `hashing`.
-
-    Without hashing the kernel moves the pages to /dev/null (`sendfile`: into the page cache, never copied into
-    this process: a fraction of the CPU a read costs, which the imports beside it need). With hashing the file
-    is mapped and hashed slice by slice (no copy either); a file truncated under the map would kill this
-    process (SIGBUS), which the worker sees as a prefetch that reported nothing, and loads the file itself."""
-    size = path.stat().st_size
+    """Read `path` start to end in `chunk_bytes` reads; its sha256 when `hashing`."""
+    digest = hashlib.sha256() if hashing else None
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    done = 0
     with open(path, "rb", buffering=0) as fh:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead
-        if not hashing:
-            _to_null(fh.fileno(), size, chunk_bytes, after_chunk)
-            return None
-        digest = hashlib.sha256()
-        if size == 0:
-            return digest.hexdigest()
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            if hasattr(mapped, "madvise"):
-                mapped.madvise(mmap.MADV_SEQUENTIAL)
-            view = memoryview(mapped)
-            try:
-                for start in range(0, len(mapped), chunk_bytes):
-                    digest.update(view[start:start + chunk_bytes])  # releases the GIL
-                    if after_chunk is not None:
-                        after_chunk(min(start + chunk_bytes, len(mapped)))
-            finally:
-                view.release()
-    return digest.hexdigest()
-
-
-def _to_null(fd: int, size: int, chunk_bytes: int, after_chunk: Callable[[int], None] | None) -> None:
-    """Read `size` bytes of `fd` into the page cache without copying them out (sendfile to /dev/null; plain reads
-    where sendfile is missing)."""
-    done = 0
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        while done < size:
-            try:
-                n = os.sendfile(null, fd, done, chunk_bytes)
-            except (AttributeError, OSError):  # no sendfile here, or not for this file system
-                n = len(os.pread(fd, chunk_bytes, done))
-            if n == 0:
-                break
+        while n := fh.readinto(view):
+            if digest is not None:
+                digest.update(view[:n])  # releases the GIL: the hash runs beside the reads
             done += n
             if after_chunk is not None:
                 after_chunk(done)
-    finally:
-        os.close(null)
+    return digest.hexdigest() if digest is not None else None
 
 
 def prefetch_file(path: Path, hashes: HashCache, *, local_dir: Path | None = None, local_max_bytes: int | None = None,
