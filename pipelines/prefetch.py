@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="*", type=Path)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if hasattr(os, "nice"):
+        os.nice(10)  # where it competes for a core with the imports beside it (small machines), the imports win
     run(a.paths, HashCache(a.hash_cache), sys.stdout, local_dir=a.local_dir, local_max_bytes=a.local_max_bytes)
     return 0
 
