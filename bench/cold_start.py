@@ -93,7 +93,7 @@ from bench.harness.server import (
     stop_process_group,
 )
 from bench.harness.stats import DISTURBED_SPREAD, median, spread
-from bench.harness.throttle import read_throttle
+from bench.harness.throttle import drop_cache, read_throttle
 
 log = logging.getLogger("bench.cold_start")
 
@@ -177,16 +177,6 @@ def ensure_models(data: Path, models: tuple[str, ...], *, real_arch: bool = Fals
         log.info("writing the demo checkpoints %s into %s", ", ".join(missing), folder)
         write_demo_models(folder, kinds=missing)
     return paths
-
-
-def drop_cache(path: Path) -> None:
-    """Evict `path`'s pages from the page cache (clean pages only, hence the fsync first)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def resident_share(path: Path) -> float | None:

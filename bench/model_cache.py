@@ -29,7 +29,6 @@ import argparse
 import gc
 import logging
 import math
-import os
 import resource
 import shutil
 import statistics
@@ -42,6 +41,7 @@ from typing import Any
 
 from bench.harness.cli import add_output_arguments, run_benchmark
 from bench.harness.report import finish, machine_line, result_header, table
+from bench.harness.throttle import drop_cache
 
 log = logging.getLogger("bench.model_cache")
 
@@ -81,16 +81,6 @@ def _io() -> dict[str, int]:
     except OSError:
         pass
     return out
-
-
-def drop_cache(path: Path) -> None:
-    """Evict `path`'s pages from the page cache (clean pages only: the file was fsynced when written)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------

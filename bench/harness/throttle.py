@@ -1,6 +1,9 @@
-"""A slow mount on a fast disk: cap the read bandwidth of this process and its children with the kernel's block
-I/O throttle, so that a benchmark reads a checkpoint as it would from a NAS (FC's NAS gives an instance a few
-hundred MB/s) while everything else stays the same.
+"""The page cache and the read speed under a benchmark.
+
+`drop_cache(path)` evicts a file's pages from the page cache (clean pages only, hence the fsync first). A slow
+mount on a fast disk: cap the read bandwidth of this process and its children with the kernel's block I/O
+throttle, so that a benchmark reads a checkpoint as it would from a NAS (FC's NAS gives an instance a few hundred
+MB/s) while everything else stays the same.
 
 Contract: `read_throttle(path, mb_s)` is a context manager that moves this process into a fresh cgroup whose
 reads from the block device holding `path` are capped at `mb_s` (decimal MB/s): cgroup v1
@@ -68,3 +71,13 @@ def read_throttle(path: Path, mb_s: float) -> Iterator[str]:
         _procs_file(parent).write_text(str(os.getpid()))
         with suppress(OSError):  # still busy only if a child outlived the benchmark; the group is harmless
             group.rmdir()
+
+
+def drop_cache(path: Path) -> None:
+    """Evict `path`'s pages from the page cache (clean pages only, hence the fsync first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
