@@ -36,6 +36,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ from pipelines.errors import CheckpointError, ModelNotFound
 from pipelines.store import CheckpointEntry, ModelStore, VaeEntry, format_title
 
 log = logging.getLogger(__name__)
+# Hashes computed beside a load (threads start with the first one: none exists when a process forks after import)
+_HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sdfunc-hash")
 
 Key = tuple[str, str | None, str]  # (checkpoint path, VAE path or None, dtype name)
 DEVICE, HOST = "device", "host"
@@ -197,28 +200,6 @@ def check_file(entry: CheckpointEntry) -> None:
         raise CheckpointError(f"{entry.name}: {exc}; the file is corrupt or incomplete") from None
     except OSError as exc:  # as the loader would say it, without the path
         raise CheckpointError(f"{entry.name}: cannot be read ({exc.strerror or type(exc).__name__})") from None
-
-
-class _Background:
-    """`fn(*args)` on a thread of its own; `result()` waits and returns its value or raises its exception."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), name="sdfunc-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller of result()
-            self._error = e
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def compile_unet(pipe: Any, cache_dir: str) -> None:
@@ -488,7 +469,7 @@ class PipelineCache:
         # The sha256 (A1111's `Model hash`) is a full read of the file on a fresh mount: done beside the load,
         # not before it (a prefetched file's hash is known already).
         known = entry.is_dir or self.store.known_sha256(entry) is not None
-        hashing = None if known else _Background(self.store.sha256, entry)  # a failed load leaves it running
+        hashing = None if known else _HASHING.submit(self.store.sha256, entry)  # a failed load leaves it running
         phases: dict[str, float] = {}
         try:
             pipe = load_pipeline(entry.path, device=self.device, dtype=getattr(torch, self.dtype), timings=phases,
