@@ -53,11 +53,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
-import mmap
 import os
 import statistics
 import subprocess
@@ -94,6 +91,7 @@ from bench.harness.server import (
 )
 from bench.harness.stats import DISTURBED_SPREAD, median, spread
 from bench.harness.throttle import drop_cache, read_throttle
+from pipelines.prefetch import resident_share
 
 log = logging.getLogger("bench.cold_start")
 
@@ -177,38 +175,6 @@ def ensure_models(data: Path, models: tuple[str, ...], *, real_arch: bool = Fals
         log.info("writing the demo checkpoints %s into %s", ", ".join(missing), folder)
         write_demo_models(folder, kinds=missing)
     return paths
-
-
-def resident_share(path: Path) -> float | None:
-    """The share of `path`'s pages in the page cache now (mincore on a read-only mapping, which reads nothing);
-    None where that cannot be asked (no libc, not Linux, an empty file)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        size = path.stat().st_size
-        if size == 0:
-            return None
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if addr is None or addr == ctypes.c_void_p(-1).value:
-                return None
-            try:
-                pages = -(-size // mmap.PAGESIZE)
-                vec = (ctypes.c_ubyte * pages)()
-                if libc.mincore(addr, size, vec) != 0:
-                    return None
-                return round(1 - bytes(vec).count(0) / pages, 4)
-            finally:
-                libc.munmap(addr, size)
-        finally:
-            os.close(fd)
-    except (OSError, AttributeError, TypeError):
-        return None
 
 
 def prepare_start(cfg: BenchConfig, path: Path) -> float | None:

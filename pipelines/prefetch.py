@@ -21,9 +21,11 @@ file's sha256, which would otherwise be one more full read before the load).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import logging
+import mmap
 import os
 import subprocess
 import sys
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PREFETCH_FD_ENV = "SDFUNC_PREFETCH_FD"  # the read end of the results pipe, inherited by the workers
 STATUSES = ("read", "changed", "missing", "error")
+FULLY_RESIDENT = 0.999  # a file this much in the page cache (and hashed) is not read again
 
 
 @dataclass
@@ -54,11 +57,44 @@ class PrefetchResult:
     started: float = 0.0
     ended: float = 0.0
     hashed: bool = False  # the hash was computed by this read (False: it was cached already, or not read)
+    resident: bool = False  # the file was in the page cache already and its hash known: nothing was read
     error: str = ""
 
     @property
     def seconds(self) -> float:
         return max(0.0, self.ended - self.started)
+
+
+def resident_share(path: Path) -> float | None:
+    """The share of `path`'s pages in the page cache now (mincore on a read-only mapping, which reads nothing);
+    None where that cannot be asked (not Linux, an empty file)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # this process's libc: no library search
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        size = Path(path).stat().st_size
+        if size == 0:
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr is None or addr == ctypes.c_void_p(-1).value:
+                return None
+            try:
+                pages = -(-size // mmap.PAGESIZE)
+                vec = (ctypes.c_ubyte * pages)()
+                if libc.mincore(addr, size, vec) != 0:
+                    return None
+                return round(1 - bytes(vec).count(0) / pages, 4)
+            finally:
+                libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError, TypeError):
+        return None
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int]:
@@ -96,6 +132,9 @@ def prefetch_file(path: Path, hashes: HashCache, *, local_dir: Path | None = Non
     except FileNotFoundError:
         return PrefetchResult(str(path), "missing", started=started, ended=time.time())
     known = hashes.peek(path) is not None
+    if known and local_dir is None and (resident_share(path) or 0.0) >= FULLY_RESIDENT:
+        # Nothing to do: reading it again would only take CPU from the imports beside this process.
+        return PrefetchResult(str(path), "read", before.st_size, started, time.time(), resident=True)
     try:
         if local_dir is not None:
             copy, _ = local_copy(path, Path(local_dir), max_bytes=local_max_bytes)  # checks size and mtime itself
@@ -224,7 +263,9 @@ class PrefetchWatch:
     @staticmethod
     def _report(result: PrefetchResult) -> None:
         name = Path(result.path).name
-        if result.status == "read":
+        if result.status == "read" and result.resident:
+            log.info("prefetched %s: in the page cache already, hash known; nothing read", name)
+        elif result.status == "read":
             log.info("prefetched %s (%.0f MiB in %.2f s%s)", name, result.bytes / 2**20, result.seconds,
                      ", hashed" if result.hashed else "")
         elif result.status == "changed":

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.hashing import HashCache, sha256_file
-from pipelines.prefetch import PrefetchWatch, prefetch_file, spawn, startup_paths
+from pipelines.prefetch import PrefetchWatch, prefetch_file, resident_share, spawn, startup_paths
 
 CHUNK = 4096
 
@@ -69,6 +69,28 @@ def test_a_file_that_changes_while_it_is_read_is_reported_and_not_hashed(tmp_pat
     fresh = HashCache(cache_file)
     assert fresh.peek(ckpt) is None  # nothing claims a hash for either version
     assert fresh.sha256(ckpt) == sha256_file(ckpt)  # the loader's own hash is of the file as it is now
+
+
+def test_a_hashed_file_already_in_the_page_cache_is_not_read_again(tmp_path):
+    ckpt = _file(tmp_path / "m.safetensors")
+    cache_file = tmp_path / "sha256.json"
+    assert prefetch_file(ckpt, HashCache(cache_file), chunk_bytes=CHUNK).hashed  # first: read and hashed
+    assert resident_share(ckpt) == 1.0  # just read: every page is in the page cache
+
+    def read(done: int) -> None:
+        raise AssertionError("a resident, hashed file was read again")
+
+    again = prefetch_file(ckpt, HashCache(cache_file), chunk_bytes=CHUNK, after_chunk=read)
+    assert (again.status, again.resident, again.hashed) == ("read", True, False)
+    fd = os.open(ckpt, os.O_RDONLY)  # out of the page cache: read again (the bytes, not the hash)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    chunks: list[int] = []
+    cold = prefetch_file(ckpt, HashCache(cache_file), chunk_bytes=CHUNK, after_chunk=chunks.append)
+    assert (cold.status, cold.resident, cold.hashed) == ("read", False, False) and chunks[-1] == ckpt.stat().st_size
 
 
 def test_missing_and_unreadable_files_are_results_not_errors(tmp_path):
