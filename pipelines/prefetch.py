@@ -183,7 +183,10 @@ def startup_paths(checkpoints: Iterable[tuple[str, str, str, Path, bool]], names
 
 def run(paths: Sequence[Path], hashes: HashCache, out, *, local_dir: Path | None = None,
         local_max_bytes: int | None = None) -> list[PrefetchResult]:
-    """Prefetch `paths` in order, writing each result as one JSON line to `out` as soon as it is known."""
+    """Prefetch `paths` in order: first one JSON line `{"planned": [path, ...]}`, then each result as one JSON line
+    to `out` as soon as it is known."""
+    out.write(json.dumps({"planned": [str(p) for p in paths]}) + "\n")
+    out.flush()
     results = []
     for path in paths:
         result = prefetch_file(path, hashes, local_dir=local_dir, local_max_bytes=local_max_bytes)
@@ -218,11 +221,13 @@ def spawn(paths: Sequence[Path], *, hash_file: Path, local_dir: Path | None = No
 class PrefetchWatch:
     """A worker's view of the prefetch process: reads its result lines from `fd` on a thread.
 
-    `wait(path, timeout)` returns that file's result once it is known, None when the file was not in the
-    prefetch or the process ended without reporting it (or `timeout` passed: the caller then loads anyway)."""
+    `wait(path, timeout)` returns that file's result once it is known; None at once when the file is not one the
+    process plans to read, and None when the process ended without reporting it (or `timeout` passed: the caller
+    then loads anyway)."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        self._planned: set[str] | None = None  # known from the process's first line
         self._results: dict[str, PrefetchResult] = {}
         self._ended = False
         self._changed = threading.Condition()
@@ -246,7 +251,13 @@ class PrefetchWatch:
             with os.fdopen(self._fd, "r", encoding="utf-8", closefd=True) as stream:
                 for line in stream:
                     try:
-                        result = PrefetchResult(**json.loads(line))
+                        record = json.loads(line)
+                        if "planned" in record:
+                            with self._changed:
+                                self._planned = set(record["planned"])
+                                self._changed.notify_all()
+                            continue
+                        result = PrefetchResult(**record)
                     except (ValueError, TypeError):
                         continue
                     self._report(result)
@@ -284,8 +295,13 @@ class PrefetchWatch:
 
     def wait(self, path: Path, timeout: float) -> PrefetchResult | None:
         key = str(path)
+
+        def known() -> bool:
+            planned = self._planned
+            return key in self._results or self._ended or (planned is not None and key not in planned)
+
         with self._changed:
-            self._changed.wait_for(lambda: key in self._results or self._ended, timeout=timeout)
+            self._changed.wait_for(known, timeout=timeout)
             return self._results.get(key)
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from pipelines.hashing import HashCache, sha256_file
 from pipelines.prefetch import PrefetchWatch, prefetch_file, resident_share, spawn, startup_paths
+from tests.support.waiting import wait_for
 
 CHUNK = 4096
 
@@ -132,9 +133,10 @@ def test_spawned_prefetch_reports_each_file_to_the_watch_and_ends(tmp_path):
         watch = PrefetchWatch(os.dup(read_fd))
         assert watch.wait(two, timeout=60).status == "read"
         assert watch.wait(missing, timeout=60).status == "missing"
-        assert watch.wait(tmp_path / "not-prefetched.safetensors", timeout=60) is None  # after the end: no wait
-        assert watch.ended and {Path(r.path).name for r in watch.results()} == {one.name, two.name, missing.name}
+        assert watch.wait(tmp_path / "not-prefetched.safetensors", timeout=60) is None  # not planned: no wait
         assert proc.wait(timeout=60) == 0
+        wait_for(lambda: watch.ended, 60, "the watch to see the end of the results")
+        assert {Path(r.path).name for r in watch.results()} == {one.name, two.name, missing.name}
     finally:
         os.close(read_fd)
         if proc.poll() is None:
@@ -148,7 +150,25 @@ def test_the_prefetch_process_does_not_import_torch(tmp_path):
             "print(sorted(m for m in ('torch', 'numpy', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "h.json")], capture_output=True, text=True,
                          timeout=60, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip().splitlines() == ['{"planned": []}', "[]"]
+
+
+def test_a_load_of_a_file_the_prefetch_does_not_plan_never_waits_for_it(tmp_path):
+    """The watch knows the plan from the process's first line: another checkpoint loads at once, while the
+    planned one waits for its result (here the writer is this test, so nothing ends on its own)."""
+    read_fd, write_fd = os.pipe()
+    watch = PrefetchWatch(read_fd)
+    planned, other = tmp_path / "big.safetensors", tmp_path / "other.safetensors"
+    with os.fdopen(write_fd, "w") as writer:
+        writer.write(json.dumps({"planned": [str(planned)]}) + "\n")
+        writer.flush()
+        assert watch.wait(other, timeout=60) is None and not watch.ended
+        assert watch.wait(planned, timeout=0.05) is None and not watch.ended  # still being read
+        writer.write(json.dumps({"path": str(planned), "status": "read", "bytes": 5}) + "\n")
+        writer.flush()
+        assert watch.wait(planned, timeout=60).status == "read"
+    assert watch.wait(tmp_path / "x.safetensors", timeout=60) is None
+    assert watch.ended
 
 
 def test_no_watch_without_the_masters_descriptor(monkeypatch):
