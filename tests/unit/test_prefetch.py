@@ -121,6 +121,7 @@ def test_startup_paths_follow_the_warm_up_names_then_the_default_then_the_first(
                                                                                                entries[0][3]]
     assert startup_paths(entries, [], "sub_b") == [entries[1][3]]
     assert startup_paths(entries, [], None) == [entries[0][3]]
+    assert startup_paths(entries, [], "missing") == []  # the warm-up reports the unknown default, as before
     assert startup_paths(entries, ["folder"], None) == []  # diffusers folders are not prefetched
     assert startup_paths([], [], None) == []
 
