@@ -168,8 +168,8 @@ def test_a_load_of_a_file_the_prefetch_does_not_plan_never_waits_for_it(tmp_path
         writer.write(json.dumps({"path": str(planned), "status": "read", "bytes": 5}) + "\n")
         writer.flush()
         assert watch.wait(planned, timeout=60).status == "read"
+    wait_for(lambda: watch.ended, 60, "the watch to see the writer close")
     assert watch.wait(tmp_path / "x.safetensors", timeout=60) is None
-    assert watch.ended
 
 
 def test_no_watch_without_the_masters_descriptor(monkeypatch):
