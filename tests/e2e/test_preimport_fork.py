@@ -56,16 +56,20 @@ print(json.dumps({"parent": parent, "child": child, "exit_status": status}))
 """
 
 
-def _run(data_dir, mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(data_dir), mode], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _start(data_dir, mode: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(data_dir), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_a_child_forked_after_the_imports_generates_what_a_fresh_process_does(data_dir):
-    forked = _run(data_dir, "fork")
-    fresh = _run(data_dir, "fresh")
+    runs = {mode: _start(data_dir, mode) for mode in ("fork", "fresh")}  # side by side: the imports dominate
+    forked, fresh = _result(runs["fork"]), _result(runs["fresh"])
     parent = forked["parent"]
     # The master imported torch and SD 1.5's pipeline classes, not the ControlNet ones, and started no thread.
     assert parent == {"python_threads": 1, "torch": True, "pipeline_class": True, "controlnet": False}
