@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.harness.cli import add_output_arguments, run_benchmark
+from bench.harness.cli import RoundsConfig, parse_rounds_args, rounds_main
 from bench.harness.report import finish, machine_line, result_header, table
 from bench.harness.stats import percentile
 
@@ -55,13 +54,8 @@ CHECKPOINTS = {"sd15": "demo-sd15", "sdxl": "demo-sdxl"}
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(RoundsConfig):
     rounds: int = 10
-    size: int = 256
-    steps: int = 8
-    arch: str = "both"
-    threads: int | None = None
-    shuffle_seed: int = 0
 
 
 def _time(client: Any, body: dict[str, Any]) -> float:
@@ -180,26 +174,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str]) -> tuple[BenchConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m bench.prompt_language", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--arch", choices=["sd15", "sdxl", "both"], default="both")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--shuffle-seed", type=int, default=0)
-    add_output_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.steps < 1 or args.size < 64 or args.size % 8:
-        parser.error("--rounds and --steps at least 1; --size a multiple of 8, at least 64")
-    return BenchConfig(rounds=args.rounds, size=args.size, steps=args.steps, arch=args.arch, threads=args.threads,
-                       shuffle_seed=args.shuffle_seed), args
+    return parse_rounds_args("bench.prompt_language", __doc__.split("\n\n")[0], BenchConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    cfg, args = parse_args(argv)
-    run_benchmark("bench.prompt_language", argv, lambda command: run(cfg, command), markdown, out=args.out,
-                  markdown_path=args.markdown, log_level=args.log_level)
+    rounds_main("bench.prompt_language", argv, parse_args, run, markdown)
 
 
 if __name__ == "__main__":

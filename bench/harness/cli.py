@@ -11,6 +11,8 @@ Contract:
 - `run_benchmark(module, args, run, markdown, ...)`: logging set up, SIGTERM unwinding like Ctrl-C (so servers in
   their own process groups are stopped on the way out), `run(command)`, then the JSON result and the Markdown
   written (`bench.harness.report`).
+- `RoundsConfig`, `parse_rounds_args(module, description, config, argv)` and `rounds_main(...)`: the command line
+  and entry of the in-process benchmarks that time shuffled rounds per kind on SD 1.5 and/or SDXL.
 - Linux /proc readings (None, or nothing, elsewhere): `proc_stat(path)`, `children(pid)`, `thread_cpu(pids)`,
   and `cpu_snapshot(pgid)` / `others_share(before, after)`: the share of the machine's CPU that processes other
   than a server and the bench used between two snapshots (`OTHERS_MAX` and above: the window was disturbed).
@@ -26,6 +28,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -103,6 +106,48 @@ def run_benchmark(module: str, args: list[str], run: Callable[[str], dict[str, A
     write_json(result, out)  # first: a report that fails to render loses no measurement
     write_markdown(markdown(result), markdown_path)
     return result
+
+
+@dataclass
+class RoundsConfig:
+    """An in-process benchmark that times identical requests per kind, in shuffled rounds, on SD 1.5 and/or SDXL
+    (`bench.lora_overhead`, `bench.prompt_language`): its command line."""
+
+    rounds: int = 10
+    size: int = 256
+    steps: int = 8
+    arch: str = "both"  # sd15, sdxl or both
+    threads: int | None = None
+    shuffle_seed: int = 0
+
+
+def parse_rounds_args(module: str, description: str, config: type[RoundsConfig],
+                      argv: list[str]) -> tuple[RoundsConfig, argparse.Namespace]:
+    """`--rounds` (default `config`'s), `--size`, `--steps`, `--arch`, `--threads`, `--shuffle-seed` and the
+    output arguments -> (a `config`, the parsed namespace)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument("--rounds", type=int, default=config.rounds)
+    parser.add_argument("--size", type=int, default=config.size)
+    parser.add_argument("--steps", type=int, default=config.steps)
+    parser.add_argument("--arch", choices=["sd15", "sdxl", "both"], default=config.arch)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--shuffle-seed", type=int, default=config.shuffle_seed)
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1 or args.size < 64 or args.size % 8:
+        parser.error("--rounds and --steps at least 1; --size a multiple of 8, at least 64")
+    return config(rounds=args.rounds, size=args.size, steps=args.steps, arch=args.arch, threads=args.threads,
+                  shuffle_seed=args.shuffle_seed), args
+
+
+def rounds_main(module: str, argv: list[str] | None,
+                parse: Callable[[list[str]], tuple[RoundsConfig, argparse.Namespace]],
+                run: Callable[[Any, str], dict[str, Any]], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """The command-line entry of such a benchmark: parse, run, write the result (run_benchmark)."""
+    argv = sys.argv[1:] if argv is None else argv
+    cfg, args = parse(argv)
+    run_benchmark(module, argv, lambda command: run(cfg, command), markdown, out=args.out,
+                  markdown_path=args.markdown, log_level=args.log_level)
 
 
 # ---------------------------------------------------------------------------------------------------------
