@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pipelines  # noqa: F401  # first: turns hub access off (pipelines.offline) before huggingface_hub is imported
-from handler.runtime.coldstart import MASTER_IMPORTS_ENV, STARTED_AT_ENV, process_start_time
+from handler.runtime.coldstart import MASTER_IMPORTS_ENV, STARTED_AT_ENV, import_runtime_modules, process_start_time
 from handler.settings import Settings
 
 # The workers measure their cold start from the server's start (this master process), not from their fork.
@@ -56,8 +56,7 @@ def startup_checkpoints(settings: Settings) -> list[Path]:
     from pipelines.store import ModelStore
 
     store = ModelStore(settings.checkpoints_dir, settings.vae_dir, HashCache(None))
-    return startup_paths(((e.name, e.model_name, e.stem, e.path, e.is_dir) for e in store.checkpoints),
-                         settings.warmup.checkpoints, settings.default_checkpoint)
+    return startup_paths(store.checkpoints, settings.warmup.checkpoints, settings.default_checkpoint)
 
 
 def preimport(archs: Iterable[str] | None = None) -> tuple[float, set[str]]:
@@ -68,13 +67,12 @@ def preimport(archs: Iterable[str] | None = None) -> tuple[float, set[str]]:
     architectures whose classes it imported."""
     started = time.perf_counter()
     import handler.app  # noqa: F401
-    import pipelines.generate
     import pipelines.loading
 
     if archs is None:
         archs = {a for a in map(pipelines.loading.pipeline_arch, _startup) if a} if _startup else {"sd1", "sdxl"}
     archs = set(archs)
-    pipelines.generate.import_pipeline_classes(archs)
+    import_runtime_modules(archs)
     if threading.active_count() > 1:  # a fork keeps only the calling thread: say so if an import started one
         log.warning("threads running in the gunicorn master before the fork: %s",
                     ", ".join(t.name for t in threading.enumerate()))

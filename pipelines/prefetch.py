@@ -37,11 +37,11 @@ from pathlib import Path
 
 from pipelines.hashing import HashCache
 from pipelines.local_copy import COPY_CHUNK_BYTES, local_copy
+from pipelines.store import CheckpointEntry
 
 log = logging.getLogger(__name__)
 
 PREFETCH_FD_ENV = "SDFUNC_PREFETCH_FD"  # the read end of the results pipe, inherited by the workers
-STATUSES = ("read", "changed", "missing", "error")
 FULLY_RESIDENT = 0.999  # a file this much in the page cache (and hashed) is not read again
 
 
@@ -161,24 +161,21 @@ def prefetch_file(path: Path, hashes: HashCache, *, local_dir: Path | None = Non
     return PrefetchResult(str(path), "read", before.st_size, started, ended, hashed=sha is not None)
 
 
-def startup_paths(checkpoints: Iterable[tuple[str, str, str, Path, bool]], names: Sequence[str],
-                  default: str | None) -> list[Path]:
+def startup_paths(checkpoints: Iterable[CheckpointEntry], names: Sequence[str], default: str | None) -> list[Path]:
     """The single files a worker loads first: those `names` match (else `default`, else the first checkpoint).
 
-    `checkpoints` are (name, model_name, stem, path, is_dir) in the store's order. Matching is by name, model
-    name or stem (a `name [hash]` title by its name part); hash-only names are skipped here, because resolving
-    them means hashing, which is the prefetch's own work. Diffusers folders are skipped (many small files)."""
+    `checkpoints` in the store's order. Matching is by name, model name or stem (a `name [hash]` title by its
+    name part); hash-only names are skipped here, because resolving them means hashing, which is the prefetch's
+    own work. Diffusers folders are skipped (many small files)."""
     entries = list(checkpoints)
     wanted = list(names) or ([default] if default else [])
-    chosen: list[tuple[str, str, str, Path, bool]] = []
-    if not wanted:
-        chosen = entries[:1]
+    chosen: list[CheckpointEntry] = [] if wanted else entries[:1]
     for name in wanted:
         bare = name.strip().partition(" [")[0]
-        match = next((e for e in entries if bare in e[:3]), None)
+        match = next((e for e in entries if bare in (e.name, e.model_name, e.stem)), None)
         if match is not None and match not in chosen:
             chosen.append(match)
-    return [path for *_, path, is_dir in chosen if not is_dir]
+    return [e.path for e in chosen if not e.is_dir]
 
 
 def run(paths: Sequence[Path], hashes: HashCache, out, *, local_dir: Path | None = None,

@@ -109,10 +109,7 @@ class ColdStart:
             if self._imported and not wanted:
                 return
             started = time.perf_counter()
-            import pipelines.generate
-            import pipelines.loading  # noqa: F401
-
-            pipelines.generate.import_pipeline_classes(wanted)  # diffusers imports these lazily: 1-2 s of CLIP code
+            import_runtime_modules(wanted)
             self.record("imports", time.perf_counter() - started)
             self._classes |= wanted
             self._imported = True
@@ -167,6 +164,16 @@ class ColdStart:
         return {"complete": total is not None, "total_seconds": round(total, 3) if total is not None else None,
                 "phases": {k: round(v, 3) for k, v in phases.items()},
                 "critical_path_seconds": round(critical, 3), "overlapped_seconds": round(max(0.0, hidden), 3)}
+
+
+def import_runtime_modules(archs: Iterable[str]) -> None:
+    """Import torch, diffusers, transformers, our generation and loading modules, and the pipeline classes of
+    `archs` ("sd1", "sdxl"; diffusers imports them lazily: 1-2 s of CLIP code). Modules only: no tensor, no
+    thread (the gunicorn master runs this before it forks)."""
+    import pipelines.generate
+    import pipelines.loading  # noqa: F401
+
+    pipelines.generate.import_pipeline_classes(archs)
 
 
 def _env_seconds(name: str) -> float:

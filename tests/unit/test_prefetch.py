@@ -15,6 +15,7 @@ import pytest
 
 from pipelines.hashing import HashCache, sha256_file
 from pipelines.prefetch import PrefetchWatch, prefetch_file, resident_share, spawn, startup_paths
+from pipelines.store import CheckpointEntry
 from tests.support.waiting import wait_for
 
 CHUNK = 4096
@@ -114,13 +115,13 @@ def test_with_a_local_dir_the_prefetch_makes_the_local_copy_and_hashes_it(tmp_pa
 
 
 def test_startup_paths_follow_the_warm_up_names_then_the_default_then_the_first(tmp_path):
-    entries = [("a.safetensors", "a", "a", tmp_path / "a.safetensors", False),
-               ("sub/b.safetensors", "sub_b", "b", tmp_path / "sub" / "b.safetensors", False),
-               ("folder", "folder", "folder", tmp_path / "folder", True)]
-    assert startup_paths(entries, ["b", "a.safetensors [0123456789]", "nope", "b"], "a") == [entries[1][3],
-                                                                                               entries[0][3]]
-    assert startup_paths(entries, [], "sub_b") == [entries[1][3]]
-    assert startup_paths(entries, [], None) == [entries[0][3]]
+    entries = [CheckpointEntry("a.safetensors", tmp_path / "a.safetensors", False),
+               CheckpointEntry("sub/b.safetensors", tmp_path / "sub" / "b.safetensors", False),
+               CheckpointEntry("folder", tmp_path / "folder", True)]
+    assert startup_paths(entries, ["b", "a.safetensors [0123456789]", "nope", "b"], "a") == [entries[1].path,
+                                                                                               entries[0].path]
+    assert startup_paths(entries, [], "sub_b") == [entries[1].path]
+    assert startup_paths(entries, [], None) == [entries[0].path]
     assert startup_paths(entries, [], "missing") == []  # the warm-up reports the unknown default, as before
     assert startup_paths(entries, ["folder"], None) == []  # diffusers folders are not prefetched
     assert startup_paths([], [], None) == []
