@@ -13,6 +13,7 @@ Tables:
 - `generated_images`: one row per image, the RDS plugin's columns plus request id, consumer, image_url.
 - `tasks`: asynchronous generations (handler/records/tasks.py; run by handler/runtime/tasks.py): request, status,
   result, and the heartbeat that tells a live worker's task from a dead one's.
+- `queue_inputs`, `queue_sink`: the PAI-EAS queue service's indexes of tasks (handler/records/queue.py).
 """
 
 from __future__ import annotations
@@ -158,8 +159,37 @@ tasks = Table(
     Column("started_at", Timestamp, nullable=True),
     Column("finished_at", Timestamp, nullable=True),
     Column("heartbeat_at", Timestamp, nullable=False),
+    Column("queue", String(255), nullable=True),  # the PAI-EAS input queue it was put on ("<service>/<path>")
+    Column("tags_json", Text, nullable=True),  # that put's tags (its query parameters), a JSON object
+    Column("progress_json", Text, nullable=True),  # where its run is (handler.runtime.progress), while running
     UniqueConstraint("consumer", "request_id"),
     Index(None, "status", "heartbeat_at"),
+    Index(None, "status", "runner", "created_at"),
+    **_mysql_opts,
+)
+
+# The PAI-EAS queue service (handler/records/queue.py): the index a put got, and a finished queued task's place in
+# its service's sink with whether a watcher committed it. Both indexes only grow (one counter per table).
+queue_inputs = Table(
+    "queue_inputs", metadata,
+    Column("idx", Id, primary_key=True, autoincrement=True),
+    Column("task_id", String(32), nullable=False, unique=True),
+    Column("queue", String(255), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    ForeignKeyConstraint(["task_id"], ["tasks.id"], ondelete="CASCADE"),
+    **_mysql_opts,
+)
+
+queue_sink = Table(
+    "queue_sink", metadata,
+    Column("idx", Id, primary_key=True, autoincrement=True),
+    Column("task_id", String(32), nullable=False, unique=True),
+    Column("queue", String(255), nullable=False),  # "<service>/sink"
+    Column("consumer", String(64), nullable=False),
+    Column("committed", Boolean, nullable=False, default=False),
+    Column("created_at", Timestamp, nullable=False),
+    ForeignKeyConstraint(["task_id"], ["tasks.id"], ondelete="CASCADE"),
+    Index(None, "queue", "committed", "idx"),
     **_mysql_opts,
 )
 

@@ -18,7 +18,7 @@ import json
 import uuid
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from handler.records.db import Database, tasks, utcnow
@@ -77,6 +77,27 @@ class TaskStore:
         """Keep the callback's outcome (cut to the column's 64 characters)."""
         with self.db.begin() as conn:
             conn.execute(update(tasks).where(tasks.c.id == task_id).values(callback_status=status[:64]))
+
+    def position(self, task_id: str) -> int | None:
+        """A queued task's place among the queued tasks no worker has taken yet (1: the next to be taken), in
+        submission order; None when it is not waiting (taken, running or finished) or unknown."""
+        with self.db.connect() as conn:
+            row = conn.execute(select(tasks.c.created_at, tasks.c.id).where(
+                tasks.c.id == task_id, tasks.c.status == "queued", tasks.c.runner.is_(None))).first()
+            if row is None:
+                return None
+            ahead = conn.execute(select(func.count()).select_from(tasks).where(
+                tasks.c.status == "queued", tasks.c.runner.is_(None),
+                or_(tasks.c.created_at < row.created_at,
+                    and_(tasks.c.created_at == row.created_at, tasks.c.id < row.id)))).scalar_one()
+        return int(ahead) + 1
+
+    def set_progress(self, task_id: str, runner: str, progress: dict[str, Any] | None) -> None:
+        """Keep where a running task is (shown by any instance while it runs); only its runner writes it."""
+        with self.db.begin() as conn:
+            conn.execute(update(tasks).where(tasks.c.id == task_id, tasks.c.runner == runner,
+                                             tasks.c.status == "running")
+                         .values(progress_json=json.dumps(progress) if progress is not None else None))
 
     def heartbeat(self, runner: str) -> None:
         """Mark `runner`'s queued and running tasks alive."""
