@@ -14,7 +14,7 @@ from flask import Response, g, request
 from flask_openapi3 import Info, OpenAPI
 
 from handler import __version__
-from handler.api import account, downloads, web
+from handler.api import account, downloads, eas_queue, web
 from handler.api import controlnet as controlnet_api
 from handler.api import lifecycle as fc
 from handler.api import sdapi as routes
@@ -34,7 +34,7 @@ from handler.settings import Settings
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-AUTHENTICATED_BLUEPRINTS = ("sdapi", "controlnet", "account", "downloads")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/security/lifecycle_key.py)
+AUTHENTICATED_BLUEPRINTS = ("sdapi", "controlnet", "account", "downloads", "eas_queue")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/security/lifecycle_key.py)
 GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 # Answered by gunicorn before the app sees the request (an HTML body): documented so clients expect them.
 GUNICORN_REFUSALS = {
@@ -146,6 +146,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.register_api(account.bp)
     app.register_api(downloads.bp)
     app.register_api(web.bp)
+    app.register_blueprint(eas_queue.bp)  # PAI-EAS's queue protocol: protobuf and a WebSocket, outside the document
     _finish_document(app, settings.auth.mode)
     service.coldstart.app_ready()
     return app

@@ -199,12 +199,28 @@ class CacheSettings(BaseModel):
 
 class TaskSettings(BaseModel):
     """Asynchronous generation tasks (handler/runtime/tasks.py): `?async=true` or `Prefer: respond-async` answer 202
-    with a task id; `GET /tasks/<id>` gives the result. (FC's own async invocations run to the end: FC queues
-    them and delivers the response to its destinations.) While the instance is full of synchronous requests
-    (429 `busy`), a task waits and tries again for at most `queue.timeout_seconds`, then fails with `timeout`
-    (not charged)."""
+    with a task id; `GET /tasks/<id>` gives the result. PAI-EAS's queue service (`/api/predict/<service>/...`,
+    handler/api/eas_queue.py) puts tasks on input queues and delivers their results from `<service>/sink`.
+    (FC's own async invocations run to the end: FC queues them and delivers the response to its destinations.)
+    While the instance is full of synchronous requests (429 `busy`), a task waits and tries again for at most
+    `queue.timeout_seconds`, then fails with `timeout` (not charged)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    runners: int = Field(
+        2, ge=1, le=16, description="Threads per worker that take queued tasks and run them (two let a task's "
+                                    "encoding and saving overlap the next one's generation, and tasks batch).",
+    )
+    poll_seconds: float = Field(
+        1.0, gt=0, le=60, description="How often an idle worker looks for tasks queued on other instances.",
+    )
+    max_watchers: int = Field(
+        2, ge=0, le=64, description="PAI-EAS sink watchers (WebSockets) a worker serves at once; each holds one "
+                                    "HTTP thread (never the device or a queue place). More are refused with 503.",
+    )
+    watch_poll_seconds: float = Field(
+        0.25, gt=0, le=10, description="How often a sink watcher looks for new results.",
+    )
 
     max_delivery: int = Field(
         1, ge=1, le=10, description="Runs a task may get: a task whose worker died is run again until it has had "

@@ -70,28 +70,36 @@ def async_requested(query: GenerationQuery) -> bool:
     return query.async_ or "respond-async" in request.headers.get("Prefer", "").lower()
 
 
-def submit(mode: str, body: GenerationRequest, query: GenerationQuery):
-    """Answer now (200 with the images), or queue a task (202, `Location: /tasks/<id>`) when asked to."""
+def check_inputs(mode: str, body: GenerationRequest, *, queued: bool) -> None:
+    """A txt2img with an `image_link` is refused; so is, for a task that runs later (`queued`), what would fail
+    when it runs: an img2img without an input image, an `image_link` the network guard refuses (the task fetches
+    and checks it again)."""
     from handler.contract.a1111 import eas_values
 
-    consumer = charged_consumer(body)
     image_link = eas_values(body.alwayson_scripts).get("image_link")
     if mode == "txt2img" and image_link:
         raise InvalidRequest("alwayson_scripts.image_link: txt2img takes no input image; use img2img, or give "
                              "a ControlNet unit its own image_link", field="alwayson_scripts.image_link")
-    if not async_requested(query):
-        return jsonify((service().txt2img if mode == "txt2img" else service().img2img)(body, consumer))
-    tag, callback = query.task_id, query.callback_url
+    if not queued:
+        return
     if mode == "img2img":
         service().require_init_image(body)
-    if image_link and not body.init_images:  # a refused link is a 422 now; the task fetches (and checks) it again
+    if image_link and not body.init_images:
         from handler.security.netguard import FetchError, Guard
 
         try:
             Guard(service().settings.network).check(image_link)
         except FetchError as exc:
             raise exc.for_field("alwayson_scripts.image_link") from None
-    task, created = service().submit_task(mode, body, consumer, tag=tag, callback_url=callback)
+
+
+def submit(mode: str, body: GenerationRequest, query: GenerationQuery):
+    """Answer now (200 with the images), or queue a task (202, `Location: /tasks/<id>`) when asked to."""
+    consumer = charged_consumer(body)
+    check_inputs(mode, body, queued=async_requested(query))
+    if not async_requested(query):
+        return jsonify((service().txt2img if mode == "txt2img" else service().img2img)(body, consumer))
+    task, created = service().submit_task(mode, body, consumer, tag=query.task_id, callback_url=query.callback_url)
     response = jsonify(task)
     response.status_code = 202
     response.headers["Location"] = f"/tasks/{task['task_id']}"

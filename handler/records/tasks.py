@@ -4,11 +4,15 @@ Contract:
 - A task row holds the validated request, its status (queued -> running -> succeeded | failed), the runner that
   owns it, its deliveries (runs so far), its heartbeat, the EAS-shaped result and the callback's outcome; its
   images are in storage, never in the row.
-- `create` is idempotent per (consumer, request id): the second submission gets the first one's row.
+- `create` is idempotent per (consumer, request id): the second submission gets the first one's row. A new task
+  belongs to no worker: any instance sharing the database `claim`s it (the oldest first), so work put on any
+  instance is spread over all of them.
 - Every state change is one conditional UPDATE on (id, runner, status), so a runner that was thought dead and
   whose task was adopted by another cannot overwrite the adopter's outcome.
-- `reap` adopts the queued and running tasks whose heartbeat is older than `stale_seconds`: re-queued for the
-  caller while they have runs left, failed (not charged) once they have had `max_delivery` runs.
+- `reap` takes back the claimed tasks whose heartbeat is older than `stale_seconds`: queued again for any worker
+  while they have runs left, failed (not charged) once they have had `max_delivery` runs.
+- A task put on a PAI-EAS input queue has a `queue_inputs` row (its index); when it finishes, its result gets a
+  `queue_sink` row in the same transaction (handler/records/queue.py serves the sink).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from handler.records.db import Database, tasks, utcnow
+from handler.records.db import Database, queue_inputs, queue_sink, tasks, utcnow
 
 
 class TaskStore:
@@ -32,20 +36,28 @@ class TaskStore:
         self.db = db
 
     def create(self, *, consumer: str, request_id: str, mode: str, tag: str | None, request_json: str,
-               callback_url: str | None, runner: str) -> tuple[dict[str, Any], bool]:
-        """Insert a queued task; the existing one (and False) when this consumer already submitted this id."""
+               callback_url: str | None, queue: str | None = None,
+               tags: dict[str, str] | None = None) -> tuple[dict[str, Any], bool]:
+        """Insert a queued task that no worker has taken yet (`claim` takes it), with its input-queue entry when
+        it was put on a PAI-EAS queue (`queue`, the put's `tags`; its index is the row's `index`); the existing
+        one (and False) when this consumer already submitted this id."""
         now = utcnow()
         row = {"id": uuid.uuid4().hex, "consumer": consumer, "request_id": request_id, "mode": mode, "tag": tag,
                "status": "queued", "request_json": request_json, "callback_url": callback_url, "deliveries": 0,
-               "runner": runner, "created_at": now, "heartbeat_at": now}
+               "runner": None, "created_at": now, "heartbeat_at": now, "queue": queue,
+               "tags_json": json.dumps(tags, ensure_ascii=False) if tags is not None else None}
         try:
             with self.db.begin() as conn:
                 conn.execute(insert(tasks).values(**row))
+                if queue is not None:
+                    row["index"] = conn.execute(insert(queue_inputs).values(
+                        task_id=row["id"], queue=queue, created_at=now)).inserted_primary_key[0]
             return row, True
         except IntegrityError:
             with self.db.connect() as conn:
-                found = conn.execute(select(tasks).where(tasks.c.consumer == consumer,
-                                                         tasks.c.request_id == request_id)).one()
+                found = conn.execute(select(tasks, queue_inputs.c.idx.label("index")).outerjoin(
+                    queue_inputs, queue_inputs.c.task_id == tasks.c.id).where(
+                    tasks.c.consumer == consumer, tasks.c.request_id == request_id)).one()
             return dict(found._mapping), False
 
     def get(self, task_id: str, *, consumer: str | None) -> dict[str, Any] | None:
@@ -55,23 +67,52 @@ class TaskStore:
             row = conn.execute(select(tasks).where(*where)).first()
         return dict(row._mapping) if row is not None else None
 
-    def start(self, task_id: str, runner: str) -> dict[str, Any] | None:
-        """Mark a queued task running for `runner` (one more delivery); None if it is not queued for it."""
-        now = utcnow()
-        with self.db.begin() as conn:
-            done = conn.execute(update(tasks).where(
-                tasks.c.id == task_id, tasks.c.status == "queued", tasks.c.runner == runner,
-            ).values(status="running", started_at=now, heartbeat_at=now, deliveries=tasks.c.deliveries + 1)).rowcount
-        return self.get(task_id, consumer=None) if done == 1 else None
+    def claim(self, runner: str) -> dict[str, Any] | None:
+        """Take the oldest queued task no worker has taken and mark it running for `runner` (one more delivery);
+        None when there is none. Instances race for a task with one conditional UPDATE each: one wins."""
+        for _ in range(8):  # lost races: another instance took the candidates meanwhile
+            with self.db.connect() as conn:
+                candidates = [r.id for r in conn.execute(
+                    select(tasks.c.id).where(tasks.c.status == "queued", tasks.c.runner.is_(None))
+                    .order_by(tasks.c.created_at, tasks.c.id).limit(4))]
+            if not candidates:
+                return None
+            for task_id in candidates:
+                now = utcnow()
+                with self.db.begin() as conn:
+                    won = conn.execute(update(tasks).where(
+                        tasks.c.id == task_id, tasks.c.status == "queued", tasks.c.runner.is_(None),
+                    ).values(status="running", runner=runner, started_at=now, heartbeat_at=now,
+                             deliveries=tasks.c.deliveries + 1)).rowcount == 1
+                if won:
+                    return self.get(task_id, consumer=None)
+        return None
 
-    def finish(self, task_id: str, runner: str, *, status: str, result: dict[str, Any] | None,
-               error: str | None) -> bool:
-        """Record the outcome; False if the task was taken from this runner meanwhile (it was thought dead)."""
+    def release(self, task_id: str, runner: str) -> bool:
+        """Give back a task `runner` claimed but could not start (its instance is stopping): queued again for any
+        worker, that delivery not counted."""
         with self.db.begin() as conn:
             return conn.execute(update(tasks).where(
                 tasks.c.id == task_id, tasks.c.runner == runner, tasks.c.status == "running",
-            ).values(status=status, finished_at=utcnow(), heartbeat_at=utcnow(), error=error,
-                     result_json=json.dumps(result, ensure_ascii=False) if result is not None else None)).rowcount == 1
+            ).values(status="queued", runner=None, started_at=None, progress_json=None, heartbeat_at=utcnow(),
+                     deliveries=tasks.c.deliveries - 1)).rowcount == 1
+
+    def finish(self, task_id: str, runner: str, *, status: str, result: dict[str, Any] | None,
+               error: str | None) -> bool:
+        """Record the outcome, and put a queued task's result on its service's sink (`<service>/sink`) in the same
+        transaction; False if the task was taken from this runner meanwhile (it was thought dead)."""
+        with self.db.begin() as conn:
+            done = conn.execute(update(tasks).where(
+                tasks.c.id == task_id, tasks.c.runner == runner, tasks.c.status == "running",
+            ).values(status=status, finished_at=utcnow(), heartbeat_at=utcnow(), error=error, progress_json=None,
+                     result_json=json.dumps(result, ensure_ascii=False) if result is not None else None)).rowcount
+            if done != 1:
+                return False
+            row = conn.execute(select(tasks.c.queue, tasks.c.consumer).where(tasks.c.id == task_id)).one()
+            if row.queue is not None:
+                conn.execute(insert(queue_sink).values(task_id=task_id, queue=sink_of(row.queue),
+                                                       consumer=row.consumer, committed=False, created_at=utcnow()))
+        return True
 
     def set_callback_status(self, task_id: str, status: str) -> None:
         """Keep the callback's outcome (cut to the column's 64 characters)."""
@@ -105,18 +146,24 @@ class TaskStore:
             conn.execute(update(tasks).where(tasks.c.runner == runner, tasks.c.status.in_(("queued", "running")))
                          .values(heartbeat_at=utcnow()))
 
-    def reap(self, runner: str, *, stale_seconds: float, max_delivery: int) -> list[str]:
-        """Take over the tasks of dead workers: re-queue those with runs left (for `runner`, returned), fail the
-        rest."""
+    def reap(self, *, stale_seconds: float, max_delivery: int) -> list[str]:
+        """Take back the tasks of dead workers (taken, not marked alive for `stale_seconds`): queued again for any
+        worker to claim while they have runs left (returned), failed (not charged) after `max_delivery` runs."""
         cutoff = utcnow() - dt.timedelta(seconds=stale_seconds)
-        stale = and_(tasks.c.status.in_(("queued", "running")), tasks.c.heartbeat_at < cutoff)
+        stale = and_(tasks.c.status.in_(("queued", "running")), tasks.c.runner.is_not(None),
+                     tasks.c.heartbeat_at < cutoff)
         with self.db.begin() as conn:
             conn.execute(update(tasks).where(stale, tasks.c.status == "running", tasks.c.deliveries >= max_delivery)
-                         .values(status="failed", finished_at=utcnow(),
+                         .values(status="failed", finished_at=utcnow(), progress_json=None,
                                  error="the worker running this task stopped; it was not charged"))
             ids = [r.id for r in conn.execute(select(tasks.c.id).where(
                 stale, or_(tasks.c.status == "queued", tasks.c.deliveries < max_delivery)))]
             if ids:
                 conn.execute(update(tasks).where(tasks.c.id.in_(ids), stale).values(
-                    status="queued", runner=runner, heartbeat_at=utcnow()))
+                    status="queued", runner=None, progress_json=None, heartbeat_at=utcnow()))
         return ids
+
+
+def sink_of(queue: str) -> str:
+    """The sink a queue's results go to: `<service>/sink` for an input queue `<service>/<path>`."""
+    return f"{queue.split('/', 1)[0]}/sink"

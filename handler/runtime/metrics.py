@@ -146,6 +146,8 @@ class _LiveCollector(Collector):
                                 value=float(status.queue_depth))
         yield GaugeMetricFamily("sdfunc_device_busy", "1 while the device runs a job.",
                                 value=1.0 if status.device_busy else 0.0)
+        yield GaugeMetricFamily("sdfunc_queue_watchers", "PAI-EAS sink watchers (WebSockets) served now.",
+                                value=float(status.queue_watchers))
 
         report = status.cold_start_report()
         phases = GaugeMetricFamily("sdfunc_cold_start_phase_seconds",

@@ -27,6 +27,11 @@ class WorkerStatus(Protocol):
         ...
 
     @property
+    def queue_watchers(self) -> int:
+        """PAI-EAS sink watchers (WebSockets) this worker serves now."""
+        ...
+
+    @property
     def started_at(self) -> float:
         """Epoch seconds at which the server process started."""
         ...

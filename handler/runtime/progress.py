@@ -77,3 +77,13 @@ class Progress:
         elapsed = time.monotonic() - started
         return {"progress": progress, "eta_relative": elapsed / progress - elapsed, "state": state,
                 "current_image": None, "textinfo": None}
+
+    def task_snapshot(self, task_id: str) -> dict[str, Any] | None:
+        """Where the task `task_id` is, if it is this worker's running job."""
+        with self._lock:
+            if not self._state["job_count"] or self._job_id != task_id:
+                return None
+        snap = self.snapshot()
+        return {"step": snap["state"]["sampling_step"], "steps": snap["state"]["sampling_steps"],
+                "progress": snap["progress"], "eta": snap["eta_relative"]}
+

@@ -32,6 +32,7 @@ from handler.records.billing import Pricing
 from handler.records.consumers import Consumers
 from handler.records.db import Database
 from handler.records.ledger import Ledger
+from handler.records.queue import QueueStore
 from handler.records.tasks import TaskStore
 from handler.runtime import planning
 from handler.runtime.admission import Admission
@@ -39,6 +40,7 @@ from handler.runtime.batching import Batcher
 from handler.runtime.coldstart import ColdStart
 from handler.runtime.consumer_options import ConsumerOptions
 from handler.runtime.controlnets import ControlNets
+from handler.runtime.eas_queue import QueueService
 from handler.runtime.engine import Engine
 from handler.runtime.executor import DeviceExecutor
 from handler.runtime.flow import Collaborators, GenerationFlow
@@ -114,11 +116,19 @@ class Service:
                              engine=self.engine, flow=self.flow, db=self.db)
         self.tasks = TaskStore(self.db) if self.db is not None else None
         self.task_runner = TaskRunner(self, self.tasks, settings.tasks) if self.tasks is not None else None
+        self.queues = (QueueService(QueueStore(self.db), max_watchers=settings.tasks.max_watchers,
+                                    poll_seconds=settings.tasks.watch_poll_seconds,
+                                    stopping=lambda: self.admission.stopping)
+                       if self.db is not None else None)
 
     # state (handler.runtime.ports.WorkerStatus) ---------------------------------------------------------
     @property
     def state(self) -> str:
         return self.admission.state
+
+    @property
+    def queue_watchers(self) -> int:
+        return self.queues.watching if self.queues is not None else 0
 
     @property
     def in_flight(self) -> int:
@@ -245,9 +255,11 @@ class Service:
 
     # asynchronous tasks ---------------------------------------------------------------------------------
     def submit_task(self, mode: str, req: GenerationRequest, consumer: str, *, tag: str | None,
-                    callback_url: str | None) -> tuple[dict[str, Any], bool]:
-        """Queue `req` as a task (handler.runtime.tasks); returns its public view and whether it is new (the same
-        request id from the same consumer returns the existing task)."""
+                    callback_url: str | None, queue: str | None = None,
+                    tags: dict[str, str] | None = None) -> tuple[dict[str, Any], bool]:
+        """Queue `req` as a task (handler.runtime.tasks), on the PAI-EAS input queue `queue` with `tags` when given;
+        returns its public view (with `index`, its place in that queue) and whether it is new (the same request
+        id from the same consumer returns the existing task)."""
         if self.tasks is None or self.task_runner is None:
             raise InvalidRequest("async: tasks need the records database (SDFUNC_RECORD_REQUESTS=true)", field="async")
         self.admission.refuse_if_stopping()
@@ -260,12 +272,19 @@ class Service:
         request_id = meter.request_key if meter is not None else uuid.uuid4().hex
         task, created = self.tasks.create(consumer=consumer, request_id=request_id, mode=mode, tag=tag,
                                           request_json=req.model_dump_json(), callback_url=callback_url,
-                                          runner=self.task_runner.runner_id)
+                                          queue=queue, tags=tags)
         if created:
             self.task_runner.submit(task["id"])
         if meter is not None:
             meter.recorded = True  # the ledger row is the task's, written when it runs
-        return public_view(task), created
+        view = public_view(task)
+        if task.get("index") is not None:
+            view["index"] = int(task["index"])
+        return view, created
+
+    def task_progress(self, task_id: str) -> dict[str, Any] | None:
+        """Where a task running on this worker is (steps, progress, ETA), for other instances to show."""
+        return self.progress.task_snapshot(task_id)
 
     def task_request(self, mode: str, data: dict[str, Any], task_id: str) -> GenerationRequest:
         """The stored request of a task, set to save its images to storage and tagged with the task id (which

@@ -1,18 +1,23 @@
-"""Asynchronous generation tasks: submit now (202 + task id), fetch the result later from any instance.
+"""Asynchronous generation tasks: submit now (202 + task id, or a PAI-EAS queue put), the result later from any
+instance.
 
 Contract:
 - A task is a row in the records database (handler.records.tasks): the validated request, its status (queued ->
-  running -> succeeded | failed), the EAS-shaped result (`parameters.image_url`, `seed`, `status`, `error_msg`,
-  `total_time`) and its images in storage, never in the database row or the queue.
+  running -> succeeded | failed), the result in PAI-EAS's shape (`images` empty, `parameters.status` 0 and
+  `image_url`, `seed`...; a failure's `status` is its HTTP status, with `error_msg`) and its images in storage,
+  never in the database row or the queue. `?async=true` tasks and PAI-EAS queue entries are the same rows.
 - Submitting is idempotent per (consumer, request id): the same Idempotency-Key returns the same task.
-- The worker that accepted a task runs it on its own runner thread through the normal generation path (bounded
-  queue, batching, billing: one ledger row per task, charged like a synchronous request).
+- A new task belongs to no worker. Each worker's `tasks.runners` runner threads claim the oldest queued task from
+  the database (put on any instance), and run it through the normal generation path (bounded queue, batching,
+  billing: one ledger row per task, charged like a synchronous request). The worker that accepted a task is woken
+  at once; the others look every `tasks.poll_seconds`.
 - While the instance is full of synchronous requests (429 `busy`), a task waits its Retry-After and tries again,
   for at most `queue.timeout_seconds` (the longest a generation request may wait and run); then it fails with
   503 `timeout` and is not charged.
-- Every `heartbeat_seconds` a worker marks its queued and running tasks alive. Any instance finds tasks not
-  marked for `stale_seconds` (their worker died) and runs them again until they have had `max_delivery` runs,
-  then marks them failed. So no task stays "running" forever.
+- Every `heartbeat_seconds` a worker marks its running tasks alive and stores where each is (its progress). Any
+  instance finds tasks not marked for `stale_seconds` (their worker died) and queues them again until they have
+  had `max_delivery` runs, then marks them failed. So no task stays "running" forever.
+- A finished task that was put on a queue goes to its service's sink in the same transaction (handler.records.queue).
 - With a `callback_url`, the result is POSTed there when the task ends (`callback_attempts` tries, 1 s, 2 s,
   4 s... apart); the URL must not point at loopback, private, link-local or metadata addresses unless
   `tasks.callback_allow_private` or `network.allow_hosts` allows it; it is checked at submission and at every
@@ -23,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -41,7 +45,7 @@ from tenacity import (
 )
 
 from handler.contract.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
-from handler.errors import Busy, ServiceError, Timeout
+from handler.errors import Busy, NotReady, ServiceError, Timeout
 from handler.records import metering
 from handler.records.db import iso_utc
 from handler.records.ledger import Ledger
@@ -80,6 +84,8 @@ class TaskHost(Protocol):
 
     def img2img(self, req: Img2ImgRequest, consumer: str) -> dict[str, Any]: ...
 
+    def task_progress(self, task_id: str) -> dict[str, Any] | None: ...  # where a task running here is
+
 
 def check_callback_url(url: str, *, allow_private: bool, network: NetworkSettings) -> str:
     """`url` if it is http(s) to a public address (every address its host resolves to) or one that `network`
@@ -92,46 +98,66 @@ def check_callback_url(url: str, *, allow_private: bool, network: NetworkSetting
 
 
 class TaskRunner:
-    """One thread per worker that runs this worker's tasks in submission order, and one that keeps them alive
-    and adopts dead workers' tasks. Started on first use."""
+    """`settings.runners` threads per worker that claim queued tasks from the records database (this instance's
+    or any other's, oldest first) and run them, and one that keeps the claimed ones alive and takes back dead
+    workers' tasks. Started on first use."""
 
     def __init__(self, service: TaskHost, store: TaskStore, settings: TaskSettings) -> None:
         self.service = service
         self.store = store
         self.settings = settings
         self.runner_id = f"{service.instance_id}-{uuid.uuid4().hex[:8]}"[:64]
-        self._queue: queue.Queue[str] = queue.Queue()
+        self._wake = threading.Condition()
+        self._nudges = 0
         self._started = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._running: set[str] = set()
 
     def submit(self, task_id: str) -> None:
+        """A task was queued here: a free runner claims it now rather than at its next poll."""
         self._ensure_started()
-        self._queue.put(task_id)
+        with self._wake:
+            self._nudges += 1
+            self._wake.notify()
 
     def _ensure_started(self) -> None:
         with self._lock:
             if self._started:
                 return
             self._started = True
-        threading.Thread(target=self._run_loop, name="sdfunc-tasks", daemon=True).start()
+        for i in range(self.settings.runners):
+            threading.Thread(target=self._run_loop, name=f"sdfunc-tasks-{i}", daemon=True).start()
         threading.Thread(target=self._keepalive_loop, name="sdfunc-task-heartbeat", daemon=True).start()
 
     def start(self) -> None:
-        """Start now (worker start): dead workers' tasks are adopted without waiting for a submission."""
+        """Start now (worker start): queued tasks, and dead workers' tasks, are taken without a submission."""
         self._ensure_started()
 
     def stop(self) -> None:
+        """Claim nothing more (the instance is stopping); the tasks running here finish."""
         self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+
+    @property
+    def running(self) -> set[str]:
+        """The ids of the tasks this worker runs now."""
+        with self._lock:
+            return set(self._running)
 
     def _keepalive_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             try:
                 self.store.heartbeat(self.runner_id)
-                for task_id in self.store.reap(self.runner_id, stale_seconds=self.settings.stale_seconds,
-                                               max_delivery=self.settings.max_delivery):
-                    log.warning("task %s belonged to a worker that stopped: running it again here", task_id)
-                    self._queue.put(task_id)
+                for task_id in self.running:
+                    self.store.set_progress(task_id, self.runner_id, self.service.task_progress(task_id))
+                taken_back = self.store.reap(stale_seconds=self.settings.stale_seconds,
+                                             max_delivery=self.settings.max_delivery)
+                for task_id in taken_back:
+                    log.warning("task %s belonged to a worker that stopped: queued again", task_id)
+                if taken_back:
+                    self.submit(taken_back[0])
             except ServiceError:
                 pass  # the database is unreachable: try again at the next beat
             except Exception:
@@ -140,18 +166,30 @@ class TaskRunner:
     def _run_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                task_id = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            try:
-                self._run(task_id)
+                task = self.store.claim(self.runner_id)
+            except ServiceError:
+                task = None  # the database is unreachable: try again at the next poll
             except Exception:
-                log.exception("task %s could not be run", task_id)
+                log.exception("claiming a task failed")
+                task = None
+            if task is None:
+                with self._wake:
+                    if not self._nudges and not self._stop.is_set():
+                        self._wake.wait(self.settings.poll_seconds)
+                    self._nudges = max(0, self._nudges - 1)
+                continue
+            with self._lock:
+                self._running.add(task["id"])
+            try:
+                self._run(task)
+            except Exception:
+                log.exception("task %s could not be run", task["id"])
+            finally:
+                with self._lock:
+                    self._running.discard(task["id"])
 
-    def _run(self, task_id: str) -> None:
-        task = self.store.start(task_id, self.runner_id)
-        if task is None:
-            return  # not queued for this runner any more
+    def _run(self, task: dict[str, Any]) -> None:
+        task_id = task["id"]
         service = self.service
         meter = metering.begin(metering.RequestMeter(
             request_id=f"task-{task_id}", instance_id=service.instance_id, method="TASK",
@@ -165,10 +203,13 @@ class TaskRunner:
             generate = service.txt2img if task["mode"] == "txt2img" else service.img2img
             response = self._when_admitted(lambda: generate(body, task["consumer"]))
             meter.status = 200
-            result = {"task_id": task_id, "tag": task["tag"], "status": "succeeded",
-                      "parameters": response["parameters"], "info": response["info"],
-                      "seed": response["parameters"].get("seed"), "image_url": response["parameters"].get("image_url"),
-                      "error_msg": "", "total_time": round(time.perf_counter() - started, 3)}
+            result = {**response, "task_id": task_id, "tag": task["tag"], "status": "succeeded"}
+        except NotReady as exc:
+            if self._stop.is_set() and not isinstance(exc, Timeout):  # this instance is stopping: not its task now
+                self.store.release(task_id, self.runner_id)
+                log.info("task %s given back: this instance is stopping", task_id)
+                return
+            meter.status, meter.error, error = exc.status, exc.code, exc.message
         except ServiceError as exc:
             meter.status, meter.error, error = exc.status, exc.code, exc.message
         except Exception as exc:  # a pipeline error or a bug: the task fails, its message is safe to show
@@ -179,8 +220,8 @@ class TaskRunner:
         finally:
             metering.end()
         if error is not None:
-            result = {"task_id": task_id, "tag": task["tag"], "status": "failed", "parameters": {}, "seed": None,
-                      "image_url": "", "error_msg": error, "total_time": round(time.perf_counter() - started, 3)}
+            result = failed_result(task_id, task["tag"], status=meter.status or 500, error=error,
+                                   seconds=time.perf_counter() - started)
             if service.ledger is not None and not meter.recorded:
                 try:
                     service.ledger.record_failure(meter)
@@ -236,6 +277,14 @@ class TaskRunner:
             pass
 
 
+def failed_result(task_id: str, tag: str | None, *, status: int, error: str, seconds: float) -> dict[str, Any]:
+    """A failed task's result in PAI-EAS's shape: `parameters.status` is the HTTP status the synchronous call
+    would have answered (never 0), `error_msg` says why; no images. sdfunc adds the task's id, tag and status."""
+    return {"images": [], "parameters": {"id_task": task_id, "status": status, "image_url": "", "seed": "",
+                                         "error_msg": error, "total_time": round(seconds, 3)},
+            "info": "", "task_id": task_id, "tag": tag, "status": "failed"}
+
+
 def public_view(task: dict[str, Any]) -> dict[str, Any]:
     """What GET /tasks/<id> shows."""
     view = {"task_id": task["id"], "tag": task.get("tag"), "status": task["status"], "consumer": task["consumer"],
@@ -243,6 +292,9 @@ def public_view(task: dict[str, Any]) -> dict[str, Any]:
             "created_at": iso_utc(task["created_at"]), "started_at": iso_utc(task.get("started_at")),
             "finished_at": iso_utc(task.get("finished_at")), "error_msg": task.get("error") or "",
             "callback_status": task.get("callback_status"), "result": None}
+    if task.get("queue"):
+        view["queue"] = task["queue"]
+        view["tags"] = json.loads(task["tags_json"]) if task.get("tags_json") else {}
     if task.get("result_json"):
         view["result"] = json.loads(task["result_json"])
     return view
