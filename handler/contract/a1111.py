@@ -98,15 +98,17 @@ def _read_number(key: str, text: str, kind: type) -> Any:
 
 def apply_infotext(req: GenerationRequest) -> GenerationRequest:
     """A copy of `req` whose fields the client did not set are taken from `req.infotext` (A1111's `infotext`
-    request field). The result is validated like any request; unreadable values are a 422 naming `infotext`."""
+    request field). The result is validated like any request; unreadable values are a 422 naming `infotext`.
+    Its `model_fields_set` are the fields the client set plus those the infotext gave (so that "sent explicitly"
+    still means what the client sent, e.g. `send_images`)."""
     from pydantic import ValidationError
 
     from pipelines.infotext import parse_infotext
 
     parsed = parse_infotext(req.infotext)
-    values = req.model_dump()
+    values = req.model_dump(exclude_unset=True)
     for key, name, kind in _INFOTEXT_FIELDS:
-        if name in req.model_fields_set or key not in parsed or name not in values:
+        if name in req.model_fields_set or key not in parsed or name not in type(req).model_fields:
             continue
         text = str(parsed[key])
         values[name] = text if kind is str else _read_number(key, text, kind)

@@ -98,7 +98,8 @@ class GenerationRequest(A1111Model):
     comments: dict[str, Any] | None = Field(None)
     script_name: str | None = Field(None, max_length=200, description="Selectable script; none are installed.")
     script_args: list[Any] = Field(default_factory=list)
-    send_images: bool = Field(True, description="false -> images: [].")
+    send_images: bool = Field(True, description="false -> images: []. With PAI-EAS `alwayson_scripts.save_dir` "
+                                                "the images are left out unless this is sent as true.")
     save_images: bool = Field(False, description="Write the images under <data>/outputs.")
     alwayson_scripts: dict[str, Any] = Field(
         default_factory=dict,

@@ -31,6 +31,7 @@ from pipelines.styles import StyleStore
 # override_settings keys whose values are checked before any work (others are taken as A1111 takes them)
 _CHECKED_OVERRIDES = frozenset({"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "n_rows",
                                 "grid_prevent_empty_spots", "grid_only_if_multiple", "hires_fix_refiner_pass"})
+IMAGE_LINK_FIELD = "alwayson_scripts.image_link"
 
 
 @dataclass
@@ -58,8 +59,14 @@ class Plan:
 
 
 def require_init_image(req: Img2ImgRequest) -> None:
-    """img2img needs `init_images` or PAI-EAS `alwayson_scripts.image_link`: 422 naming init_images."""
-    if not req.init_images and not a1111.eas_values(req.alwayson_scripts).get("image_link"):
+    """img2img needs exactly one source of its input image: `init_images` or PAI-EAS `alwayson_scripts.image_link`.
+    Neither is a 422 naming init_images; both (non-empty) a 422 naming alwayson_scripts.image_link, rather than
+    silently dropping one of them."""
+    image_link = a1111.eas_values(req.alwayson_scripts).get("image_link")
+    if req.init_images and image_link:
+        raise InvalidRequest(f"{IMAGE_LINK_FIELD}: give the input image either as init_images or as image_link, "
+                             "not both", field=IMAGE_LINK_FIELD)
+    if not req.init_images and not image_link:
         raise InvalidRequest("init_images: at least one init image (or alwayson_scripts.image_link) is required",
                              field="init_images")
 
@@ -80,8 +87,9 @@ class Planner:
 
     # entry points ---------------------------------------------------------------------------------------
     def img2img_request(self, req: Img2ImgRequest) -> Img2ImgRequest:
-        """The img2img checks made before admission, and the PAI-EAS `image_link` fetched into `init_images`
-        (a slow link must not hold a place in the queue)."""
+        """The img2img checks made before admission (`require_init_image`: one input image source), and the PAI-EAS
+        `image_link` fetched into `init_images` (a slow link must not hold a place in the queue). The request it
+        returns holds the fetched image and still names the link: plan it, never check it again."""
         require_init_image(req)
         if len(req.init_images or []) > req.batch_size:
             raise InvalidRequest(
@@ -101,10 +109,13 @@ class Planner:
         return Plan(mode=mode, sent=sent, req=req, eas=eas, job=job, selection=selection)
 
     def validate(self, req: GenerationRequest, consumer: str) -> None:
-        """The checks a generation makes before any device work (limits, models, sampler, stages, ControlNet
-        units), without decoding its images or detecting its control maps: a task is refused at submission."""
+        """The checks a generation makes before any device work (img2img's input image source, limits, models,
+        sampler, stages, ControlNet units), without fetching or decoding its images or detecting its control maps:
+        a task is refused at submission."""
         from pipelines.samplers import resolve_sampler
 
+        if isinstance(req, Img2ImgRequest):
+            require_init_image(req)
         if req.infotext:
             req = a1111.apply_infotext(req)
         req = self.styled(req)
@@ -333,7 +344,7 @@ class Planner:
     # images by URL --------------------------------------------------------------------------------------
     def _fetch_image_link(self, req: Img2ImgRequest) -> str:
         """PAI-EAS `image_link`: the init image by URL, as base64 for the usual decoding and limits."""
-        return self.fetch_link(a1111.eas_values(req.alwayson_scripts)["image_link"], "alwayson_scripts.image_link")
+        return self.fetch_link(a1111.eas_values(req.alwayson_scripts)["image_link"], IMAGE_LINK_FIELD)
 
     def fetch_link(self, url: str, field: str) -> str:
         """An image by URL (handler.security.netguard: public addresses only unless allow-listed, pinned

@@ -2,7 +2,8 @@
 
 PNGs with their infotexts (A1111's order of keys), optional saving (handler.storage.outputs), the grid, the
 detected ControlNet maps, `parameters` (the request as sent; PAI-EAS `image_url`, `seed`, `status`...) and
-`info`, and one ledger record per image. It runs on the request's thread (no device time) and needs no HTTP:
+`info` (`images: []` for a PAI-EAS `save_dir` request that does not send `send_images: true`), and one ledger
+record per image. It runs on the request's thread (no device time) and needs no HTTP:
 the asynchronous task runner shapes its responses here too.
 """
 
@@ -84,7 +85,6 @@ class Responder:
                                         subseed if req.subseed_strength else None)
             infotexts.append(text)
             pngs.append(png_bytes(image, text))
-        saved, saved_maps = [], []
         # the caller's options, this request's overrides
         options = {**plan.selection.options, **(req.override_settings or {})}
         saving = bool(req.save_images or eas.get("save_dir"))  # PAI-EAS: a save_dir means save there
@@ -95,21 +95,18 @@ class Responder:
         save_grid = saving and outputs.wants_grid(len(pngs), options)
         grid_png = (png_bytes(outputs.image_grid(result.images, options, job.batch_size), infotexts[0])
                     if grid or save_grid else None)
+        written = outputs.Saved()
         if saving:
             written = outputs.save_outputs(
                 self.storage, self.settings.outputs_dir, mode, pngs=pngs, seeds=result.seeds,
                 save_dir=eas.get("save_dir"), grid=grid_png if save_grid else None, maps=map_pngs)
-            saved, saved_maps = written.images, written.maps
+        saved = written.images
         parameters = sent.model_dump(mode="json")
         if isinstance(req, Img2ImgRequest) and not req.include_init_images:
             parameters["init_images"] = None
             parameters["mask"] = None
         if eas:
-            parameters.update(id_task=eas.get("id_task"), status="finished", image_url=",".join(saved),
-                              seed=str(result.seeds[0]) if result.seeds else "", error_msg="",
-                              total_time=round(result.generation_seconds, 3))
-            if saved_maps:
-                parameters["image_mask_url"] = ",".join(saved_maps)
+            parameters.update(eas_parameters(eas, written, result.seeds, result.generation_seconds))
         if grid and grid_png is not None:
             pngs.insert(0, grid_png)
             infotexts.insert(0, infotexts[0])
@@ -120,7 +117,10 @@ class Responder:
         # retry to find the images it paid for, so those are kept too.
         meter = metering.current()
         keep = eas.get("save_to_db", self.settings.save_images_to_db or bool(meter and meter.idempotency_key))
-        encoded: list[Any] = [b64(data) if req.send_images or keep else None for data in pngs]
+        # PAI-EAS answers `images: []` to a request that saves to `save_dir` (the results are read from storage),
+        # unless the request itself sends `send_images: true` (A1111's default is true, so only an explicit one counts).
+        send = req.send_images and (not eas.get("save_dir") or "send_images" in sent.model_fields_set)
+        encoded: list[Any] = [b64(data) if send or keep else None for data in pngs]
         records = [ImageRecord(prompt=req.prompt, negative_prompt=req.negative_prompt, steps=job.steps, seed=seed,
                                sampler=str(params.get("Sampler", "")), cfg_scale=float(job.cfg_scale),
                                size=f"{job.width}x{job.height}", model_hash=params.get("Model hash"),
@@ -128,8 +128,19 @@ class Responder:
                                image_url=saved[i] if i < len(saved) else None)
                    for i, (seed, data) in enumerate(zip(result.seeds, encoded[int(grid):]))]
         response = {
-            "images": [*encoded, *(b64(data) for data in map_pngs)] if req.send_images else [],
+            "images": [*encoded, *(b64(data) for data in map_pngs)] if send else [],
             "parameters": parameters,
             "info": json.dumps(info, ensure_ascii=False),
         }
         return Outcome(response=response, records=records, generation_seconds=result.generation_seconds)
+
+
+def eas_parameters(eas: dict[str, Any], written: outputs.Saved, seeds: list[int],
+                   generation_seconds: float) -> dict[str, Any]:
+    """The keys PAI-EAS puts in a finished generation's `parameters`: `status` 0 (success), `image_url` (the saved
+    grid first when one was saved, then every image), `image_mask_url` (the ControlNet maps; "" when none), `seed`
+    (every image's, in image order), all comma-separated strings; `error_msg` "" and `total_time` in seconds."""
+    urls = [written.grid, *written.images] if written.grid else written.images
+    return {"id_task": eas.get("id_task"), "status": 0, "image_url": ",".join(urls),
+            "image_mask_url": ",".join(written.maps), "seed": ",".join(str(seed) for seed in seeds),
+            "error_msg": "", "total_time": round(generation_seconds, 3)}

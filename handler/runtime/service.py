@@ -250,7 +250,8 @@ class Service:
 
     @staticmethod
     def require_init_image(req: Img2ImgRequest) -> None:
-        """img2img needs `init_images` or PAI-EAS `alwayson_scripts.image_link`: 422 naming init_images."""
+        """img2img needs `init_images` or PAI-EAS `alwayson_scripts.image_link`, not both: 422
+        (handler.runtime.planning.require_init_image)."""
         planning.require_init_image(req)
 
     # asynchronous tasks ---------------------------------------------------------------------------------

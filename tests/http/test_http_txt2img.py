@@ -201,7 +201,7 @@ def test_sdxl_checkpoint_by_eas_alwayson_scripts(client):
     assert info["sd_model_name"] == "demo-sdxl"
     assert "Model: demo-sdxl," in info["infotexts"][0]
     # EAS requests also get the EAS fields in parameters.
-    assert r.json["parameters"]["status"] == "finished"
+    assert r.json["parameters"]["status"] == 0
     # A per-request choice does not change the caller's default.
     assert client.get("/sdapi/v1/options").json["sd_model_checkpoint"].startswith("demo-sd15.safetensors")
 

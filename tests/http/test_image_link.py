@@ -67,13 +67,14 @@ def test_image_link_gives_the_init_image(linked, server):
     assert wrapped.status_code == 200 and wrapped.json["images"][0] == inline.json["images"][0]
 
 
-def test_init_images_win_over_image_link(linked, server):
+def test_init_images_and_image_link_together_are_refused(linked, server):
     fetched = len(server.requests)
     inline = png_b64(Image.new("RGB", (64, 64), "white"))
-    both = img2img(linked, init_images=[inline], alwayson_scripts={"image_link": server.url("/init.png")})
-    assert both.status_code == 200, both.json
-    assert len(server.requests) == fetched  # not fetched at all
-    assert both.json["images"][0] == img2img(linked, init_images=[inline]).json["images"][0]
+    both = {"init_images": [inline], "alwayson_scripts": {"image_link": server.url("/init.png")}}
+    for r in (img2img(linked, **both), linked.post("/sdapi/v1/img2img?async=true", json={**BASE, **both})):
+        assert r.status_code == 422 and r.json["error"]["field"] == FIELD, r.json
+        assert FIELD in r.json["error"]["message"] and r.headers["X-Charge"] == "0"
+    assert len(server.requests) == fetched  # refused before fetching anything
 
 
 def test_image_link_in_an_async_task(linked, server):

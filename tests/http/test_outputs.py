@@ -74,8 +74,9 @@ def today() -> str:
 # Layout and names --------------------------------------------------------------------------------------------
 def test_save_images_layout_and_names(client, root):
     r = txt2img(client, seed=100, batch_size=2, save_images=True, **eas())
-    paths = saved_paths(r)
+    grid, *paths = saved_paths(r)  # PAI-EAS lists the saved grid first
     outputs = (root / "outputs").resolve()
+    assert grid.parent == outputs / "txt2img-grids" / today() and grid.is_file()
     assert [p.parent for p in paths] == [outputs / "txt2img-images" / today()] * 2
     names = [NAME.match(p.name) for p in paths]
     assert all(names) and [int(m["seed"]) for m in names] == [100, 101]
@@ -94,7 +95,7 @@ def test_save_images_layout_and_names(client, root):
 
 def test_repeated_seeds_get_distinct_names(client):
     r = txt2img(client, seed=5, batch_size=3, subseed_strength=0.5, save_images=True, do_not_save_grid=True, **eas())
-    paths = saved_paths(r)
+    _, *paths = saved_paths(r)  # the grid first: the API overwrites do_not_save_grid
     assert len(set(paths)) == 3 and [NAME.match(p.name)["index"] for p in paths] == [None, "1", "2"]
 
 
@@ -111,8 +112,8 @@ def test_img2img_goes_to_img2img_images(client, root):
 def test_send_images_false_lists_the_urls_only(client):
     r = txt2img(client, seed=9, batch_size=2, save_images=True, send_images=False, **eas())
     assert r.json["images"] == []
-    paths = saved_paths(r)
-    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    grid, *paths = saved_paths(r)
+    assert len(paths) == 2 and all(p.is_file() for p in (grid, *paths))
     # The image records point at the files, and read them back.
     rid = r.json["parameters"]["billing"]["request_id"]
     records = client.get(f"/images?request_id={rid}").json["images"]
@@ -127,7 +128,10 @@ def test_save_dir_relative_implies_saving(client, root):
     [path] = saved_paths(r)
     assert path.parent == (root / "outputs" / "team" / "alice" / today()).resolve()
     assert NAME.match(path.name)["seed"] == "11"
-    assert path.read_bytes() == base64.b64decode(r.json["images"][0])
+    assert r.json["images"] == []  # PAI-EAS: a save_dir request reads its results from storage
+    asked = txt2img(client, seed=11, send_images=True, **eas(save_dir="team/alice"))  # unless it asks for them
+    [again] = saved_paths(asked)
+    assert again.read_bytes() == base64.b64decode(asked.json["images"][0])
 
 
 def test_save_dir_in_args_form_and_absolute_inside_the_outputs(client, root):
@@ -240,7 +244,7 @@ def grids(root: Path) -> set[Path]:
 def test_grid_saved_for_several_images(client, root):
     before = grids(root)
     r = txt2img(client, seed=20, batch_size=2, n_iter=2, save_images=True, **eas())
-    paths = saved_paths(r)
+    listed, *paths = saved_paths(r)
     [grid] = grids(root) - before
     stamp, rid = NAME.match(paths[0].name).group("time", "id")
     assert grid.parent == (root / "outputs" / "txt2img-grids" / today()).resolve()
@@ -252,7 +256,7 @@ def test_grid_saved_for_several_images(client, root):
             cell = im.crop((i % 2 * 64, i // 2 * 64, i % 2 * 64 + 64, i // 2 * 64 + 64))
             with Image.open(path) as one:
                 assert cell.convert("RGB").tobytes() == one.convert("RGB").tobytes()
-    assert str(grid) not in r.json["parameters"]["image_url"]  # image_url lists the images only
+    assert listed.resolve() == grid.resolve() and len(paths) == 4  # image_url: the grid first, then the images
 
 
 def test_no_grid_for_one_image_or_grid_save_off(client, root):

@@ -38,10 +38,12 @@ def test_submit_poll_and_fetch(make_app):
     assert view["status"] == "succeeded" and view["deliveries"] == 1 and view["error_msg"] == ""
     result = view["result"]
     params = result["parameters"]
-    assert params["status"] == "finished" and params["id_task"] == r.json["task_id"]
-    paths = params["image_url"].split(",")
-    assert len(paths) == 2 and all(Path(p).is_file() for p in paths) and result["images"] == []
-    assert params["seed"].split(",")[0] == str(json.loads(result["info"])["seed"]) and params["total_time"] > 0
+    assert params["status"] == 0 and params["id_task"] == r.json["task_id"] and result["images"] == []
+    grid, *paths = params["image_url"].split(",")  # the saved grid first, as in PAI-EAS
+    assert "/txt2img-grids/" in grid and len(paths) == 2
+    assert all(Path(p).is_file() for p in (grid, *paths))
+    seeds = json.loads(result["info"])["all_seeds"]
+    assert params["seed"] == ",".join(map(str, seeds)) and params["total_time"] > 0
     assert params["billing"]["request_id"] == "job-1" and params["billing"]["billed_ms"] >= 1
     row = next(x for x in app.extensions["sdfunc"].ledger.ledger_rows() if x["request_id"] == "job-1")
     assert row["status"] == "succeeded" and row["images"] == 2

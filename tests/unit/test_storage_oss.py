@@ -423,15 +423,15 @@ def test_txt2img_saves_to_oss_with_oss_urls(oss_app, fake_oss):
     r = client.post("/sdapi/v1/txt2img", json={**TINY, "seed": 41, "batch_size": 2, "send_images": True,
                                                 "save_images": True, "alwayson_scripts": {"id_task": "t-1"}})
     assert r.status_code == 200, r.json
-    urls = r.json["parameters"]["image_url"].split(",")
-    assert len(urls) == 2
+    grid_url, *urls = r.json["parameters"]["image_url"].split(",")
+    assert len(urls) == 2 and grid_url.startswith(f"oss://{BUCKET}/sd/outputs/txt2img-grids/")
     images = r.json["images"][1:]  # a grid comes first (save_images with two images), as in A1111
     for url, seed, image in zip(urls, (41, 42), images):
         assert url.startswith(f"oss://{BUCKET}/sd/outputs/txt2img-images/") and url.endswith(f"-{seed}.png")
         key = url.removeprefix(f"oss://{BUCKET}/")
         assert fake_oss.objects[(BUCKET, key)] == base64.b64decode(image)
     grids = [k for b, k in fake_oss.objects if k.startswith("sd/outputs/txt2img-grids/")]
-    assert len(grids) == 1  # two images: A1111 saves a grid too
+    assert grids == [grid_url.removeprefix(f"oss://{BUCKET}/")]  # two images: A1111 saves a grid too
     # The image records read the PNG back through the bucket.
     listed = client.get("/images").json["images"]
     one = next(i for i in listed if i["image_url"] == urls[0])
