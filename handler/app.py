@@ -16,6 +16,7 @@ from flask_openapi3 import Info, OpenAPI
 from handler import __version__
 from handler.api import account, downloads, eas_queue, web
 from handler.api import controlnet as controlnet_api
+from handler.api import internal as a1111_internal
 from handler.api import lifecycle as fc
 from handler.api import sdapi as routes
 from handler.errors import (
@@ -34,7 +35,7 @@ from handler.settings import Settings
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-AUTHENTICATED_BLUEPRINTS = ("sdapi", "controlnet", "account", "downloads", "eas_queue")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/security/lifecycle_key.py)
+AUTHENTICATED_BLUEPRINTS = ("sdapi", "internal", "controlnet", "account", "downloads", "eas_queue")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/security/lifecycle_key.py)
 GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 # Answered by gunicorn before the app sees the request (an HTML body): documented so clients expect them.
 GUNICORN_REFUSALS = {
@@ -141,6 +142,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
 
     register_error_handlers(app)
     app.register_api(routes.bp)
+    app.register_api(a1111_internal.bp)
     app.register_api(controlnet_api.bp)
     app.register_api(fc.bp)
     app.register_api(account.bp)

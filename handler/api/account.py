@@ -98,17 +98,15 @@ def _image_bytes(record: dict[str, Any]) -> bytes | None:
 
 @bp.get("/tasks/<task_id>", responses={200: TaskView})
 def get_task(path: TaskPath):
-    """An asynchronous task: its status and, when done, its result. Another consumer's task is a 404."""
-    from handler.runtime.tasks import public_view
-
-    store = _service().tasks
-    if store is None:
+    """An asynchronous task: its status, its `progress` (queue place, step and ETA, completed) and, when done,
+    its result. Another consumer's task is a 404."""
+    if _service().tasks is None:
         raise NotFound("records are turned off (SDFUNC_RECORD_REQUESTS=false)")
     caller = g.caller
-    task = store.get(path.task_id, consumer=None if caller.admin else caller.consumer)
-    if task is None:
+    view = _service().task_view(path.task_id, None if caller.admin else caller.consumer)
+    if view is None:
         raise NotFound(f"no task {path.task_id}")
-    return jsonify(public_view(task))
+    return jsonify(view)
 
 
 @bp.get("/billing/usage", responses={200: UsageResponse})

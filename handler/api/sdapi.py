@@ -258,8 +258,10 @@ def refresh_embeddings():
 
 @bp.get("/progress", responses={200: ProgressResponse})
 def progress(query: ProgressQuery):
-    """The worker's current job; idle is progress 0 and job_count 0."""
-    return jsonify(service().progress.snapshot())
+    """The worker's current job; idle is progress 0 and job_count 0. A consumer sees only a job that serves it
+    (admins: any): another consumer's job reads as idle. A task's own progress: POST /internal/progress."""
+    caller = g.caller
+    return jsonify(service().progress.snapshot(None if caller.admin else caller.consumer))
 
 
 @bp.post("/interrupt", responses={200: {"description": "{}"}})

@@ -12,6 +12,7 @@ from handler import __version__
 from handler.contract.schemas import GenerationRequest
 from handler.errors import InvalidRequest
 
+MAX_TASK_ID = 200  # characters of a task id followed for progress (A1111's force_task_id limit here)
 EAS_KEYS = ("sd_model_checkpoint", "sd_vae", "save_dir", "image_link", "id_task", "uid", "save_to_db")
 SCRIPTS = ("controlnet",)  # always-on scripts sdfunc implements (keys matched case-insensitively, as A1111 does)
 _FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
@@ -74,6 +75,18 @@ def eas_values(scripts: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequest("alwayson_scripts.image_link: an http or https URL of at most 2048 characters "
                              "is required", field="alwayson_scripts.image_link")
     return values
+
+
+def task_ids(req: GenerationRequest) -> list[str]:
+    """The ids a generation request's progress is asked for by (POST /internal/progress, GET /tasks/<id>): PAI-EAS
+    `alwayson_scripts.id_task` (an asynchronous task's id; the task runner sets it) and A1111's `force_task_id`.
+    Never raises: a malformed value is the plan's 422, and no id here; ids over MAX_TASK_ID characters are none."""
+    value = req.alwayson_scripts.get("id_task")
+    if isinstance(value, dict):
+        args = value.get("args")
+        value = args[0] if isinstance(args, list) and args else None
+    ids = [v for v in (value, req.force_task_id) if isinstance(v, str) and 0 < len(v) <= MAX_TASK_ID]
+    return list(dict.fromkeys(ids))
 
 
 # Infotext keys -> request fields and how to read their text (A1111 fills the fields a request did not set).

@@ -109,7 +109,8 @@ class GenerationRequest(A1111Model):
         "resize_mode, processor_res, threshold_a, threshold_b, guidance_start, guidance_end, control_mode, "
         "pixel_perfect, hr_option, save_detected_map, enabled.",
     )
-    force_task_id: str | None = Field(None, max_length=200)
+    force_task_id: str | None = Field(None, max_length=200, description="A1111: the id `POST /internal/progress` "
+                                      "follows this request by (the caller's own ids; admins see any).")
     infotext: str | None = Field(None, max_length=MAX_TEXT, description="An infotext; fields the request does not set are taken from it.")
 
     @field_validator("alwayson_scripts", mode="before")
@@ -261,6 +262,32 @@ class ProgressQuery(BaseModel):
     skip_current_image: bool = False
 
 
+class InternalProgressRequest(A1111Model):
+    """POST /internal/progress (A1111's ProgressRequest)."""
+
+    id_task: str | None = Field(None, max_length=200, description="The task: an asynchronous task's id, or a "
+                                "request's `force_task_id`. Another consumer's task is answered as an unknown one.")
+    id_live_preview: Int = Field(-1, description="The last live preview received (echoed while the task runs).")
+    live_preview: bool = Field(True, description="Accepted for A1111's clients; there are no live previews.")
+
+
+class InternalProgressResponse(BaseModel):
+    """A1111's answer: queued ("In queue: i/n"), active (progress and ETA) or completed; "Waiting..." for an id
+    that is neither running nor queued (an unknown one too)."""
+
+    active: bool = Field(..., description="The task's job is on the device now (its model loading included).")
+    queued: bool = Field(..., description="The task waits for the device or for a worker.")
+    completed: bool = Field(..., description="The task has ended (succeeded or failed).")
+    progress: float | None = Field(..., description="While active: 0..1, job_no / job_count + step / steps / "
+                                   "job_count; else null.")
+    eta: float | None = Field(..., description="While active: seconds left, elapsed / progress - elapsed; null "
+                              "before the first step and when not active.")
+    live_preview: str | None = Field(..., description="Always null: no live previews are made.")
+    id_live_preview: int | None = Field(..., description="While active: the request's id_live_preview; else -1.")
+    textinfo: str | None = Field(..., description='"In queue: i/n" while queued, "Waiting..." when neither '
+                                 "running nor queued, null while active.")
+
+
 class OptionsUpdate(BaseModel):
     """POST /sdapi/v1/options: any subset of the option keys (unknown keys are a 422)."""
 
@@ -349,6 +376,21 @@ def utc_naive(value: Any) -> Any:
     return value
 
 
+class TaskProgress(BaseModel):
+    """Where a task is: queued (its place), running (step and ETA) or completed."""
+
+    active: bool = Field(..., description="Running: its job is on a device (its model loading included).")
+    queued: bool = Field(..., description="Waiting for a device or for a worker.")
+    completed: bool = Field(..., description="Ended (succeeded or failed).")
+    position: int | None = Field(None, description="While queued: its 1-based place, when known.")
+    step: int | None = Field(None, description="While running: the sampling step done (of the current pass).")
+    steps: int | None = Field(None, description="While running: the steps of the current pass.")
+    progress: float = Field(..., description="0 while queued, 0..1 while running (A1111's formula), 1 when completed.")
+    eta: float | None = Field(None, description="While running: seconds left (null before the first step); 0 when "
+                              "completed.")
+    textinfo: str | None = Field(None, description='A1111\'s: "In queue: i/n", "Waiting..." or null while running.')
+
+
 class TaskView(BaseModel):
     """An asynchronous task (202 on submit; GET /tasks/<id>)."""
 
@@ -365,6 +407,7 @@ class TaskView(BaseModel):
     callback_status: str | None
     result: dict[str, Any] | None = Field(None, description="When done: EAS-shaped `parameters` (image_url, seed, "
                                                             "status, error_msg, total_time), `info`, `image_url`")
+    progress: TaskProgress | None = Field(None, description="Where the task is (GET /tasks/<id>; not on submit)")
 
 
 class TaskPath(BaseModel):

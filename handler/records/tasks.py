@@ -133,6 +133,12 @@ class TaskStore:
                     and_(tasks.c.created_at == row.created_at, tasks.c.id < row.id)))).scalar_one()
         return int(ahead) + 1
 
+    def waiting(self) -> int:
+        """How many queued tasks no worker has taken yet (the `n` of a queued task's place `position` of n)."""
+        with self.db.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(tasks).where(
+                tasks.c.status == "queued", tasks.c.runner.is_(None))).scalar_one())
+
     def set_progress(self, task_id: str, runner: str, progress: dict[str, Any] | None) -> None:
         """Keep where a running task is (shown by any instance while it runs); only its runner writes it."""
         with self.db.begin() as conn:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handler.runtime.executor import DeviceExecutor, JobTimeout
+from handler.runtime.progress import TaskEntry
 from handler.settings import BatchSettings
 
 
@@ -27,6 +28,7 @@ class Member:
 
     job: Any  # pipelines.generate.ImageJob
     consumer: str
+    task: TaskEntry | None = None  # its place in the progress registry (active when the group starts)
     submitted: float = field(default_factory=time.perf_counter)
     done: threading.Event = field(default_factory=threading.Event)
     outcome: tuple[Any, Any] | None = None

@@ -16,8 +16,10 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
+from handler.contract.a1111 import task_ids
 from handler.contract.schemas import GenerationRequest
 from handler.errors import Timeout, out_of_memory
 from handler.records import metering
@@ -29,7 +31,7 @@ from handler.runtime.controlnets import ControlNets
 from handler.runtime.engine import Engine
 from handler.runtime.executor import JobTimeout
 from handler.runtime.planning import Planner, Selection
-from handler.runtime.progress import Progress
+from handler.runtime.progress import Progress, TaskEntry
 from handler.runtime.respond import Outcome, Responder
 from handler.settings import Settings
 from pipelines.adapters.embeddings import EmbeddingStore
@@ -81,14 +83,15 @@ class GenerationFlow:
         if meter is not None:
             meter.mode, meter.consumer = mode, consumer or None
         self.admission.wait_for_warmup()
-        with self.admission.admitted(generation=True):
+        with (self.admission.admitted(generation=True),
+              self.progress.tracking(task_ids(req), consumer or None) as task):  # queued until the device starts it
             deadline = time.monotonic() + self.settings.queue.timeout_seconds
             if meter is None:  # no HTTP request: nothing to charge or record
-                return self.run(mode, req, consumer, None, deadline).response
+                return self.run(mode, req, consumer, None, deadline, task=task).response
             claim = (self.ledger.claim(consumer, meter.request_key) if self.ledger is not None
                      else contextlib.nullcontext())
             with claim:
-                outcome = self.run(mode, req, consumer, meter, deadline)
+                outcome = self.run(mode, req, consumer, meter, deadline, task=task)
                 return self._charge(outcome, meter)
 
     def _charge(self, outcome: Outcome, meter: metering.RequestMeter) -> dict[str, Any]:
@@ -104,10 +107,11 @@ class GenerationFlow:
         return outcome.response
 
     def run(self, mode: str, req: GenerationRequest, consumer: str, meter: metering.RequestMeter | None,
-            deadline: float | None = None) -> Outcome:
+            deadline: float | None = None, *, task: TaskEntry | None = None) -> Outcome:
         """Plan, run the job on the device thread, and shape A1111's response. The meter (if any) receives
         what ran and the queue wait, model load, generation and encode seconds. Past `deadline` (monotonic)
-        the job is dropped or stopped and Timeout raised."""
+        the job is dropped or stopped and Timeout raised. `task` (the request's place in the progress registry)
+        becomes active when the device starts its job."""
         timings: dict[str, Any] = {}
         job_id = uuid.uuid4().hex
         self.engine.import_runtime()
@@ -122,8 +126,8 @@ class GenerationFlow:
 
         def run_on_device() -> tuple[Any, Any]:
             timings["queue_wait"] = time.perf_counter() - submitted  # admitted work runs even after pre-stop
-            model, timings["model_load"], result = self.device_generate(selection, job, owner=consumer or None,
-                                                                        job_id=job_id)
+            model, timings["model_load"], result = self.device_generate(
+                selection, job, owner=consumer or None, job_id=job_id, tasks=(task,) if task is not None else ())
             return model, result
 
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -138,7 +142,7 @@ class GenerationFlow:
                 model, result = device.run(run_on_device, timeout=remaining,
                                            on_timeout=lambda: self.progress.stop_job(job_id))
             else:
-                member = self.batcher.run(key, Member(job=job, consumer=consumer), device,
+                member = self.batcher.run(key, Member(job=job, consumer=consumer, task=task), device,
                                           lambda members: self._run_group(selection, members), deadline)
                 timings["queue_wait"], timings["model_load"] = member.queue_wait, member.model_load
                 model, result = member.outcome
@@ -161,16 +165,18 @@ class GenerationFlow:
         return outcome
 
     # device thread --------------------------------------------------------------------------------------
-    def device_generate(self, selection: Selection, job: Any, *, owner: str | None,
-                        job_id: str | None = None) -> tuple[Any, float | None, Any]:
-        """Load (or find warm) the selected model and run `job` on it, with progress, the service-time average
-        and the cold start kept up to date. Device thread only. Returns (model, load seconds or None, result).
-        Out of device memory (loading or generating), the warm cache is trimmed before the error goes on to
-        the caller (a 503 out_of_memory, not charged): `Engine.recover_memory`."""
+    def device_generate(self, selection: Selection, job: Any, *, owner: str | None, job_id: str | None = None,
+                        tasks: Sequence[TaskEntry] = ()) -> tuple[Any, float | None, Any]:
+        """Load (or find warm) the selected model and run `job` on it, with progress (of the job and of the
+        `tasks` it serves: active from the start, model load included, as A1111's start_task), the service-time
+        average and the cold start kept up to date. Device thread only. Returns (model, load seconds or None,
+        result). Out of device memory (loading or generating), the warm cache is trimmed before the error goes
+        on to the caller (a 503 out_of_memory, not charged): `Engine.recover_memory`."""
         from pipelines.generate import generate
 
         engine = self.engine
         model = None
+        self.progress.activate(tasks)
         try:
             model, load = engine.load(selection.checkpoint, selection.vae)
             adapters = self.lora_adapters
@@ -183,7 +189,7 @@ class GenerationFlow:
                 engine.cache.remeasure(model)  # adapters and embedding rows are device memory too
             batches = math.ceil(len(job.seeds) / job.batch_size)
             self.progress.begin(job.mode, job_count=batches * 2 if job.staged else batches,
-                                sampling_steps=job.steps, owner=owner, job_id=job_id)
+                                sampling_steps=job.steps, owner=owner, job_id=job_id, tasks=tasks)
             try:
                 result = generate(model, job, progress=self.progress.step, load_model=self._second_model(job))
             finally:
@@ -192,6 +198,8 @@ class GenerationFlow:
             if out_of_memory(exc):
                 engine.recover_memory(exc, keep=model)
             raise
+        finally:
+            self.progress.deactivate(tasks)  # a load that failed never began the job
         if result.load_seconds:
             load = (load or 0.0) + result.load_seconds
         self.admission.observe_service_time((load or 0.0) + result.generation_seconds)
@@ -231,7 +239,8 @@ class GenerationFlow:
         owners = {m.consumer for m in members}
         # A shared batch can be interrupted by an admin only: no single consumer may stop the others' images.
         owner = owners.pop() if len(owners) == 1 else "<batch>"
-        model, load, result = self.device_generate(selection, merged, owner=owner or None)
+        model, load, result = self.device_generate(selection, merged, owner=owner or None,
+                                                   tasks=[m.task for m in members if m.task is not None])
         made, first = len(result.images), 0
         log.info("batched %d request(s), %d image(s), %.3f s generating", len(members), made,
                  result.generation_seconds)

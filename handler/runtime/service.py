@@ -48,6 +48,7 @@ from handler.runtime.metrics import Metrics
 from handler.runtime.planning import Planner
 from handler.runtime.progress import Progress
 from handler.runtime.respond import Responder
+from handler.runtime.task_progress import TaskProgress
 from handler.runtime.tasks import TaskRunner, check_callback_url, public_view
 from handler.runtime.warming import Warmer
 from handler.security import lifecycle_key as lifecycle
@@ -120,6 +121,7 @@ class Service:
                                     poll_seconds=settings.tasks.watch_poll_seconds,
                                     stopping=lambda: self.admission.stopping)
                        if self.db is not None else None)
+        self.task_progress = TaskProgress(self.progress, self.tasks)
 
     # state (handler.runtime.ports.WorkerStatus) ---------------------------------------------------------
     @property
@@ -283,9 +285,19 @@ class Service:
             view["index"] = int(task["index"])
         return view, created
 
-    def task_progress(self, task_id: str) -> dict[str, Any] | None:
+    def task_snapshot(self, task_id: str) -> dict[str, Any] | None:
         """Where a task running on this worker is (steps, progress, ETA), for other instances to show."""
         return self.progress.task_snapshot(task_id)
+
+    def task_view(self, task_id: str, consumer: str | None) -> dict[str, Any] | None:
+        """GET /tasks/<id>: the task's public view with its `progress` (handler.runtime.task_progress), or None
+        when there is no such task of `consumer` (None: an admin, any consumer's)."""
+        if self.tasks is None:
+            return None
+        task = self.tasks.get(task_id, consumer=consumer)
+        if task is None:
+            return None
+        return {**public_view(task), "progress": self.task_progress.task_view(task)}
 
     def task_request(self, mode: str, data: dict[str, Any], task_id: str) -> GenerationRequest:
         """The stored request of a task, set to save its images to storage and tagged with the task id (which

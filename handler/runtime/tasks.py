@@ -84,7 +84,7 @@ class TaskHost(Protocol):
 
     def img2img(self, req: Img2ImgRequest, consumer: str) -> dict[str, Any]: ...
 
-    def task_progress(self, task_id: str) -> dict[str, Any] | None: ...  # where a task running here is
+    def task_snapshot(self, task_id: str) -> dict[str, Any] | None: ...  # where a task running here is
 
 
 def check_callback_url(url: str, *, allow_private: bool, network: NetworkSettings) -> str:
@@ -151,7 +151,7 @@ class TaskRunner:
             try:
                 self.store.heartbeat(self.runner_id)
                 for task_id in self.running:
-                    self.store.set_progress(task_id, self.runner_id, self.service.task_progress(task_id))
+                    self.store.set_progress(task_id, self.runner_id, self.service.task_snapshot(task_id))
                 taken_back = self.store.reap(stale_seconds=self.settings.stale_seconds,
                                              max_delivery=self.settings.max_delivery)
                 for task_id in taken_back:

@@ -257,7 +257,8 @@ async function onGenerate(event) {
 }
 
 function watchProgress(session) {
-  // Polls the worker's progress (the job running on the device, which may be queued work before ours).
+  // Polls the worker's progress: the job running on the device (for an admin any job, which may be queued
+  // work before ours; for a consumer only its own, another consumer's job reads as 0).
   const bar = $("#progress");
   const fill = bar.querySelector(".fill");
   let running = true;
