@@ -405,9 +405,14 @@ class TaskView(BaseModel):
     finished_at: str | None
     error_msg: str
     callback_status: str | None
-    result: dict[str, Any] | None = Field(None, description="When done: EAS-shaped `parameters` (image_url, seed, "
-                                                            "status, error_msg, total_time), `info`, `image_url`")
+    result: dict[str, Any] | None = Field(
+        None, description="When done, PAI-EAS's response: `images` (empty: the images are in storage), "
+                          "`parameters` (`status` 0, or the HTTP status of a failure; `image_url`: the saved grid, "
+                          "then each image; `seed`: every image's seed; `error_msg`, `total_time`), `info`; sdfunc "
+                          "adds `task_id`, `tag` and the task's `status`")
     progress: TaskProgress | None = Field(None, description="Where the task is (GET /tasks/<id>; not on submit)")
+    queue: str | None = Field(None, description="The PAI-EAS input queue it was put on (`<service>/<path>`)")
+    tags: dict[str, str] | None = Field(None, description="That put's tags (its query parameters and `requestId`)")
 
 
 class TaskPath(BaseModel):

@@ -27,9 +27,12 @@ def _sink_length(client, headers=None) -> int:
 def test_put_get_commit_and_the_task_behind_it(make_app):
     app = make_app(billing={"prices": {"cpu": "0.002"}})
     client = app.test_client()
-    r = client.post(f"{PUT}?task_id=txt2img_0&shop=7", data=json.dumps({**TINY, "n_iter": 2}))
+    r = client.post(f"{PUT}?task_id=txt2img_0&shop=7", data=json.dumps({**TINY, "n_iter": 2}),
+                    headers={"Idempotency-Key": "put-1"})
     assert r.status_code == 200 and r.mimetype == "text/plain" and int(r.get_data(as_text=True)) >= 1
     index, request_id = int(r.get_data(as_text=True)), r.headers["X-Eas-Queueservice-Request-Id"]
+    again = client.post(f"{PUT}?task_id=other", data=json.dumps(TINY), headers={"Idempotency-Key": "put-1"})
+    assert again.get_data(as_text=True) == str(index) and again.headers["X-Eas-Queueservice-Request-Id"] == request_id
     wait_for(lambda: _sink_length(client) == 1, timeout=120, what="the result on the sink")
     got = client.get(f"{SINK}?_index_=0&_length_=5&_auto_delete_=false",
                      headers={"Accept": "application/vnd.google.protobuf"})
