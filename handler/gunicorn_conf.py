@@ -122,12 +122,15 @@ def post_fork(server, worker):
 
 def post_worker_init(worker):
     """Before the worker accepts connections: start the warm-up (`warmup.on_start`) in the background, so that
-    /healthz says STARTING until the warm-up checkpoints are loaded and run; and the task runner."""
+    /healthz says STARTING until the warm-up checkpoints are loaded and run; and the task runner. Sink watchers
+    end when the worker stops."""
     service = worker.wsgi.extensions["sdfunc"]
     if _settings.warmup.on_start:
         service.start_warmup()
     if service.task_runner is not None:
         service.task_runner.start()  # adopt the tasks of a worker that died, without waiting for a submission
+    if service.queues is not None:  # SIGTERM (gunicorn's graceful stop) ends the sink watchers at their next look
+        service.queues.end_watchers_when(lambda: not worker.alive)
 
 
 def child_exit(server, worker):

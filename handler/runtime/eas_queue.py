@@ -187,6 +187,12 @@ class QueueService:
         self.watching = 0
 
     # watchers ---------------------------------------------------------------------------------------------
+    def end_watchers_when(self, condition: Callable[[], bool]) -> None:
+        """Watchers also end when `condition()` holds (the gunicorn worker is shutting down: a watcher must not
+        hold its graceful stop for `graceful_timeout`)."""
+        stopping = self.stopping
+        self.stopping = lambda: stopping() or condition()
+
     def admit_watcher(self) -> None:
         """Take a watcher place (503 when all `tasks.max_watchers` are taken); `release_watcher` gives it back."""
         if self._watchers is None or not self._watchers.acquire(blocking=False):

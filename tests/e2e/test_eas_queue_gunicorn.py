@@ -77,10 +77,15 @@ class Watching:
 
 
 def test_the_documented_samples_on_two_instances_sharing_mariadb(data, mariadb):
+    """PAI-EAS's samples (their payloads at a size this CPU runs fast): ten plain-HTTP puts on instance a, one SDK
+    put on b; an SDK watcher on b gets every tag and commits all but the img2img results; after it closes, a
+    watcher on a gets exactly those again, then what is put later. Both instances took work from the one queue,
+    each request was charged once. On a (one watcher place, one queue place): a second watcher is refused at the
+    handshake, bad watch queries before it, and synchronous generations run while the watcher is connected."""
     db_url = mariadb.create_database("t_eas_queue")
     png = io.BytesIO()
     Image.new("RGB", (96, 96), (200, 40, 40)).save(png, "PNG")
-    a = _serve(data, SDFUNC_DATABASE_URL=db_url)
+    a = _serve(data, SDFUNC_DATABASE_URL=db_url, SDFUNC_TASKS__MAX_WATCHERS="1", SDFUNC_QUEUE__MAX_WAITING="1")
     b = _serve(data, SDFUNC_DATABASE_URL=db_url)
     watchers: list[Watching] = []
     with LoopbackServer({"/boy.png": (200, {"Content-Type": "image/png"}, png.getvalue())}) as images:
@@ -88,7 +93,7 @@ def test_the_documented_samples_on_two_instances_sharing_mariadb(data, mariadb):
             a.wait_state("READY")
             b.wait_state("READY")
             outputs = data / "outputs"
-            # The plain-HTTP sample, unchanged but for the URL, the token and where the mount is.
+            # The plain-HTTP sample, unchanged but for the URL, the token, the size and where the mount is.
             url = f"{a.url}/api/predict/{SERVICE}"
             session = requests.session()
             session.headers.update({"Authorization": TOKEN})
@@ -107,19 +112,19 @@ def test_the_documented_samples_on_two_instances_sharing_mariadb(data, mariadb):
                 response = session.post(url=f"{url}/sdapi/v1/img2img?task_id=img2img_{i}", json=payload)
                 assert response.status_code == 200, response.text
                 indexes.append(int(response.content))
-            assert len(set(indexes)) == 10 and indexes[:5] == sorted(indexes[:5])
+            assert len(set(indexes)) == 10 and indexes == sorted(indexes)
             # The SDK's put, on the other instance.
             put = _client(b, f"{SERVICE}/sdapi/v1/txt2img")
             index, request_id = put.put(json.dumps({**TINY, "prompt": "sdk"}).encode(), tags={"task_id": "sdk_0"})
             assert int(index) > 0 and request_id
-            # The SDK's watcher on instance b commits all but the img2img results; closed, and a new watcher on a
-            # gets exactly those uncommitted ones again, commits them, and then only what is put afterwards.
+            # The SDK's watcher on b commits all but the img2img results.
             sink = _client(b, f"{SERVICE}/sink")
             first = Watching(sink, commit=lambda x: not x.tags["task_id"].startswith("img2img"))
             watchers.append(first)
             expected = {f"txt2img_{i}" for i in range(5)} | {f"img2img_{i}" for i in range(5)} | {"sdk_0"}
             wait_for(lambda: set(first.tags()) == expected, timeout=300,
                      what=lambda: f"every tag on the sink (got {sorted(first.tags())})")
+            assert len(first.frames) == 11 and [x.index for x in first.frames] == sorted(x.index for x in first.frames)
             for x in first.frames:
                 result = json.loads(x.data.decode("utf-8"))
                 params = result["parameters"]
@@ -127,17 +132,43 @@ def test_the_documented_samples_on_two_instances_sharing_mariadb(data, mariadb):
                 for path in params["image_url"].split(","):
                     assert Path(path).is_file() and Path(path).is_relative_to(outputs)
             first.close()
+            # A watcher on a gets the uncommitted ones again.
             sink_a = _client(a, f"{SERVICE}/sink")
             second = Watching(sink_a)
             watchers.append(second)
             wait_for(lambda: sorted(second.tags()) == sorted(f"img2img_{i}" for i in range(5)), timeout=60,
                      what=lambda: f"the uncommitted results again (got {second.tags()})")
+            # It holds a's one watcher place, and neither the device nor the queue place.
+            headers = [f"Authorization: {TOKEN}"]
+            ws_url = f"ws://127.0.0.1:{a.port}/api/predict/{SERVICE}/sink"
+            with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+                websocket.create_connection(f"{ws_url}?_watch_=true&_index_=0&_window_=5", header=headers)
+            assert refused.value.status_code == 503
+            for query in ("_index_=abc", "_window_=0", "_auto_commit_=maybe"):
+                with pytest.raises(websocket.WebSocketBadStatusException) as bad:
+                    websocket.create_connection(f"{ws_url}?_watch_=true&{query}", header=headers)
+                assert bad.value.status_code == 422
+            with pytest.raises(websocket.WebSocketBadStatusException) as unauthorized:
+                websocket.create_connection(f"{ws_url}?_watch_=true", header=["Authorization: wrong"])
+            assert unauthorized.value.status_code == 401
+            assert "sdfunc_queue_watchers 1.0" in requests.get(f"{a.url}/metrics", timeout=5).text
+            codes: list[int] = []
+            sync = [threading.Thread(target=lambda: codes.append(requests.post(
+                f"{a.url}/sdapi/v1/txt2img", json=TINY, timeout=120, headers={"Authorization": TOKEN}).status_code))
+                for _ in range(2)]  # the device and the one queue place
+            for t in sync:
+                t.start()
+            for t in sync:
+                t.join()
+            assert codes == [200, 200]
+            # Only what is put after the commits comes next.
             put.put(json.dumps(TINY).encode(), tags={"task_id": "after"})
             wait_for(lambda: len(second.frames) == 6, timeout=120, what="the result put after the commits")
             assert second.tags()[-1] == "after" and sink_a.attributes()["stream.length"] == "0"
-            # Both instances took work from the one queue, and each result was charged once.
-            instances = _instances_that_ran(db_url)
-            assert len(instances) == 2, instances
+            # Both instances took a's puts from the one queue, and every request was charged once.
+            runners, charged = _records(db_url)
+            assert len(runners) == 2, runners
+            assert charged == 14  # 12 puts and 2 synchronous requests: none charged twice, none lost
         finally:
             for w in watchers:
                 w.close()
@@ -145,67 +176,20 @@ def test_the_documented_samples_on_two_instances_sharing_mariadb(data, mariadb):
             b.stop()
 
 
-def _instances_that_ran(db_url: str) -> dict[str, int]:
-    """Ledger rows per instance (each charged generation is one row)."""
+def _records(db_url: str) -> tuple[set[str], int]:
+    """The workers that ran the ten puts on instance a, and the count of succeeded ledger rows."""
     from sqlalchemy import create_engine, func, select
 
-    from handler.records.db import ledger
+    from handler.records.db import ledger, tasks
 
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(select(ledger.c.instance_id, func.count()).where(ledger.c.status == "succeeded")
-                                .group_by(ledger.c.instance_id)).all()
-            total = conn.execute(select(func.count()).select_from(ledger)).scalar_one()
+            runners = {row.runner for row in conn.execute(select(tasks.c.runner).where(
+                tasks.c.tag.like("txt2img_%") | tasks.c.tag.like("img2img_%")))}
+            charged = conn.execute(select(func.count()).select_from(ledger).where(
+                ledger.c.status == "succeeded")).scalar_one()
+            assert conn.execute(select(func.count()).select_from(ledger)).scalar_one() == charged
     finally:
         engine.dispose()
-    assert total == 12  # one row per queued request: none charged twice, none lost
-    return {row[0]: row[1] for row in rows}
-
-
-def test_a_watcher_holds_no_device_or_queue_place(data):
-    """One watcher place (tasks.max_watchers 1): a second watcher is refused at the handshake with 503; while the
-    first is connected, synchronous generations run as before; bad watch queries are refused before the upgrade."""
-    server = _serve(data, SDFUNC_TASKS__MAX_WATCHERS="1", SDFUNC_QUEUE__MAX_WAITING="1")
-    watching = None
-    try:
-        server.wait_state("READY")
-        sink = _client(server, f"{SERVICE}/sink")
-        watching = Watching(sink)
-        headers = [f"Authorization: {TOKEN}"]
-        ws_url = f"ws://127.0.0.1:{server.port}/api/predict/{SERVICE}/sink"
-
-        def watcher_connected() -> bool:
-            metrics = requests.get(f"{server.url}/metrics", timeout=5).text
-            return "sdfunc_queue_watchers 1.0" in metrics
-
-        wait_for(watcher_connected, timeout=60, what="the watcher to connect")
-        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
-            websocket.create_connection(f"{ws_url}?_watch_=true&_index_=0&_window_=5", header=headers)
-        assert refused.value.status_code == 503
-        for query in ("_index_=abc", "_window_=0", "_auto_commit_=maybe"):
-            with pytest.raises(websocket.WebSocketBadStatusException) as bad:
-                websocket.create_connection(f"{ws_url}?_watch_=true&{query}", header=headers)
-            assert bad.value.status_code == 422
-        with pytest.raises(websocket.WebSocketBadStatusException) as unauthorized:
-            websocket.create_connection(f"{ws_url}?_watch_=true", header=["Authorization: wrong"])
-        assert unauthorized.value.status_code == 401
-        results = []
-
-        def generate() -> None:
-            results.append(requests.post(f"{server.url}/sdapi/v1/txt2img", json=TINY, timeout=120,
-                                         headers={"Authorization": TOKEN}).status_code)
-
-        threads = [threading.Thread(target=generate) for _ in range(2)]  # the device and the one queue place
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert results == [200, 200]
-        put = _client(server, f"{SERVICE}/sdapi/v1/txt2img")
-        put.put(json.dumps(TINY).encode(), tags={"task_id": "while-watching"})
-        wait_for(lambda: watching.tags() == ["while-watching"], timeout=120, what="the watcher's result")
-    finally:
-        if watching is not None:
-            watching.close()
-        server.stop()
+    return runners, charged
