@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 INPUT_PATHS = {"sdapi/v1/txt2img": "txt2img", "sdapi/v1/img2img": "img2img"}
 SINK = "sink"
 SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-MAX_TAGS, MAX_TAG_KEY, MAX_TAG_VALUE = 32, 64, 256
+MAX_TAGS, MAX_TAG_KEY, MAX_TAG_VALUE = 32, 64, 128  # a task's `tag` column holds 128
 MAX_LENGTH = 100  # entries one `get` returns
 MAX_GET_WAIT = 30.0  # seconds a `get` waits for an entry (it holds an HTTP thread meanwhile)
 

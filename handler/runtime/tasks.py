@@ -10,7 +10,7 @@ Contract:
 - A new task belongs to no worker. Each worker's `tasks.runners` runner threads claim the oldest queued task from
   the database (put on any instance), and run it through the normal generation path (bounded queue, batching,
   billing: one ledger row per task, charged like a synchronous request). The worker that accepted a task is woken
-  at once; the others look every `tasks.poll_seconds`.
+  at once; the others look every `tasks.poll_seconds`. A worker that is starting (warm-up) or stopping takes none.
 - While the instance is full of synchronous requests (429 `busy`), a task waits its Retry-After and tries again,
   for at most `queue.timeout_seconds` (the longest a generation request may wait and run); then it fails with
   503 `timeout` and is not charged.
@@ -73,6 +73,9 @@ class TaskHost(Protocol):
     def coldstart(self) -> ColdStartState: ...
 
     @property
+    def state(self) -> str: ...  # STARTING and STOPPING instances take no tasks (handler.runtime.admission)
+
+    @property
     def ledger(self) -> Ledger | None: ...
 
     @property
@@ -95,6 +98,9 @@ def check_callback_url(url: str, *, allow_private: bool, network: NetworkSetting
     except FetchError as exc:
         raise exc.for_field("callback_url") from None
     return url
+
+
+TAKES_NO_TASKS = ("STARTING", "STOPPING")
 
 
 class TaskRunner:
@@ -166,7 +172,8 @@ class TaskRunner:
     def _run_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                task = self.store.claim(self.runner_id)
+                # a starting instance (warm-up) takes no task: one that cannot run it yet would fail it
+                task = self.store.claim(self.runner_id) if self.service.state not in TAKES_NO_TASKS else None
             except ServiceError:
                 task = None  # the database is unreachable: try again at the next poll
             except Exception:
