@@ -54,9 +54,9 @@ class Watching:
     """The SDK's watcher, run on a thread as a user's loop runs it: every frame it yields is kept, and committed
     unless `commit` says no."""
 
-    def __init__(self, sink, commit=lambda frame: True) -> None:
+    def __init__(self, sink, commit=lambda frame: True, window: int = 5) -> None:
         self.sink, self.commit, self.frames = sink, commit, []
-        self.watcher = sink.watch(0, 5, auto_commit=False)
+        self.watcher = sink.watch(0, window, auto_commit=False)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -117,9 +117,9 @@ def test_the_documented_samples_on_two_instances_sharing_mariadb(data, mariadb):
             put = _client(b, f"{SERVICE}/sdapi/v1/txt2img")
             index, request_id = put.put(json.dumps({**TINY, "prompt": "sdk"}).encode(), tags={"task_id": "sdk_0"})
             assert int(index) > 0 and request_id
-            # The SDK's watcher on b commits all but the img2img results.
+            # The SDK's watcher on b commits all but the img2img results (a window of 5 would stop at those 5).
             sink = _client(b, f"{SERVICE}/sink")
-            first = Watching(sink, commit=lambda x: not x.tags["task_id"].startswith("img2img"))
+            first = Watching(sink, commit=lambda x: not x.tags["task_id"].startswith("img2img"), window=16)
             watchers.append(first)
             expected = {f"txt2img_{i}" for i in range(5)} | {f"img2img_{i}" for i in range(5)} | {"sdk_0"}
             wait_for(lambda: set(first.tags()) == expected, timeout=300,

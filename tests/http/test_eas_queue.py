@@ -115,3 +115,42 @@ def test_a_consumer_sees_only_its_own_entries(make_app):
               if f.index != mine.index]
     refused = client.put(f"{SINK}?_indexes_={others[0].index}", headers=basic("b", "2"))
     assert refused.status_code == 404  # b cannot commit a's result
+
+
+def test_a_watcher_keeps_to_its_window_and_a_new_one_gets_the_uncommitted_again(make_app):
+    """QueueService.watch without a socket: results finished straight in the task table (no generation)."""
+    from handler.runtime.eas_queue import WatchParams, queue_name
+
+    service = make_app().extensions["sdfunc"]
+    store, queues = service.tasks, service.queues
+    for i in range(3):
+        store.create(consumer="anonymous", request_id=f"w{i}", mode="txt2img", tag=f"t{i}", request_json="{}",
+                     callback_url=None, queue="svc/sdapi/v1/txt2img", tags={"task_id": f"t{i}"})
+        task = store.claim("runner-x")
+        assert store.finish(task["id"], "runner-x", status="succeeded", result={"n": i}, error=None)
+    sink = queue_name("svc", "sink")
+
+    def watch(window: int, looks: int, commit_first: bool = False) -> list:
+        """One watcher for `looks` looks at the sink; with `commit_first` it commits what it gets at once."""
+        got: list = []
+        left = [looks]
+
+        def wait(_seconds: float) -> bool:
+            left[0] -= 1
+            return left[0] > 0
+
+        def send(frame) -> None:
+            got.append(frame)
+            if commit_first:
+                queues.store.commit(sink.name, None, [frame.index])
+
+        params = WatchParams.parse(sink, {"_window_": str(window)})
+        queues.watch(sink, None, params, send, wait)
+        return got
+
+    held = watch(window=2, looks=3)  # nothing committed: two in flight, the third waits
+    assert [f.tags["task_id"] for f in held] == ["t0", "t1"] and json.loads(held[0].data) == {"n": 0}
+    again = watch(window=5, looks=2)  # a new watcher: every uncommitted result again, in index order
+    assert [f.tags["task_id"] for f in again] == ["t0", "t1", "t2"]
+    assert [f.tags["task_id"] for f in watch(window=1, looks=4, commit_first=True)] == ["t0", "t1", "t2"]
+    assert watch(window=5, looks=2) == []  # all committed: nothing is delivered again
