@@ -52,10 +52,11 @@ def _client(server: ServeProcess, queue: str):
 
 class Watching:
     """The SDK's watcher, run on a thread as a user's loop runs it: every frame it yields is kept, and committed
-    unless `commit` says no."""
+    unless `commit` says no. (The SDK's `close()` does not end `run()`, which reconnects: `close` here also leaves
+    the loop at its next frame, uncommitted, and drops the socket it reconnected.)"""
 
     def __init__(self, sink, commit=lambda frame: True, window: int = 5) -> None:
-        self.sink, self.commit, self.frames = sink, commit, []
+        self.sink, self.commit, self.frames, self.closed = sink, commit, [], False
         self.watcher = sink.watch(0, window, auto_commit=False)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -63,16 +64,21 @@ class Watching:
     def _run(self) -> None:
         try:
             for x in self.watcher.run():
+                if self.closed:
+                    break
                 self.frames.append(x)
                 if self.commit(x):
                     self.sink.commit(x.index)
-        except Exception:  # closed by the test
+        except Exception:  # the socket was dropped by the test
             pass
+        if self.sink.watch_sock is not None:
+            self.sink.watch_sock.abort()
 
     def tags(self) -> list[str]:
         return [x.tags.get("task_id") for x in self.frames]
 
     def close(self) -> None:
+        self.closed = True
         self.watcher.close()
 
 
