@@ -88,9 +88,10 @@ def watch(ws: Any, svc: str, path: str) -> None:
 
     try:
         queues().watch(name, scope(), g.watch, lambda frame: ws.send(encode_frame(frame)), wait)
+        if ws.connected:  # the instance stops (1001: going away); the SDK reconnects, to another instance
+            ws.close(reason=1001, message="the instance is stopping; reconnect")
     except ConnectionClosed:
-        return
-    ws.close(reason=1001, message="the instance is stopping; reconnect")
+        pass
 
 
 @bp.route(ROUTE, methods=["POST"])
@@ -118,9 +119,8 @@ def get(svc: str, path: str) -> Response:
         raise InvalidRequest("_watch_: a watch is a WebSocket (Upgrade: websocket) on the sink", field="_watch_")
     if args.get("_attrs_", "").lower() == "true":
         return jsonify(queues().store.attributes(name.name, scope(), sink=name.is_sink))
-    tasks = service().tasks
     if args.get("_search_", "").lower() == "true":
-        return jsonify(queues().search(name, scope(), args, tasks.position if tasks is not None else lambda _: None))
+        return jsonify(queues().search(name, scope(), args, service().task_position))
     frames = queues().get(name, scope(), args)
     return Response(encode_frame_list(frames), mimetype=PROTOBUF)
 

@@ -13,7 +13,8 @@ Tables:
 - `generated_images`: one row per image, the RDS plugin's columns plus request id, consumer, image_url.
 - `tasks`: asynchronous generations (handler/records/tasks.py; run by handler/runtime/tasks.py): request, status,
   result, and the heartbeat that tells a live worker's task from a dead one's.
-- `queue_inputs`, `queue_sink`: the PAI-EAS queue service's indexes of tasks (handler/records/queue.py).
+- `queue_inputs`, `queue_sink`, `queue_locks`: the PAI-EAS queue service's indexes of tasks and the lock that keeps
+  sink entries in index order (handler/records/queue.py).
 """
 
 from __future__ import annotations
@@ -190,6 +191,15 @@ queue_sink = Table(
     Column("created_at", Timestamp, nullable=False),
     ForeignKeyConstraint(["task_id"], ["tasks.id"], ondelete="CASCADE"),
     Index(None, "queue", "committed", "idx"),
+    **_mysql_opts,
+)
+
+# One row per lock (migration 0003 writes `sink`): a transaction that adds a sink entry first updates the `sink`
+# row, so sink entries become visible in the order of their indexes (the row lock is held until commit).
+queue_locks = Table(
+    "queue_locks", metadata,
+    Column("name", String(32), primary_key=True),
+    Column("taken", BigInteger, nullable=False),
     **_mysql_opts,
 )
 

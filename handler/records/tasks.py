@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from handler.records.db import Database, queue_inputs, queue_sink, tasks, utcnow
+from handler.records.db import Database, queue_inputs, queue_locks, queue_sink, tasks, utcnow
 
 
 class TaskStore:
@@ -110,6 +110,10 @@ class TaskStore:
                 return False
             row = conn.execute(select(tasks.c.queue, tasks.c.consumer).where(tasks.c.id == task_id)).one()
             if row.queue is not None:
+                # sink entries must appear in index order to watchers: serialize their inserts until commit
+                if conn.execute(update(queue_locks).where(queue_locks.c.name == "sink")
+                                .values(taken=queue_locks.c.taken + 1)).rowcount != 1:
+                    conn.execute(insert(queue_locks).values(name="sink", taken=1))
                 conn.execute(insert(queue_sink).values(task_id=task_id, queue=sink_of(row.queue),
                                                        consumer=row.consumer, committed=False, created_at=utcnow()))
         return True

@@ -285,6 +285,10 @@ class Service:
             view["index"] = int(task["index"])
         return view, created
 
+    def task_position(self, task_id: str) -> int | None:
+        """A queued task's place among those no worker has taken yet (1: next), or None."""
+        return self.tasks.position(task_id) if self.tasks is not None else None
+
     def task_snapshot(self, task_id: str) -> dict[str, Any] | None:
         """Where a task running on this worker is (steps, progress, ETA), for other instances to show."""
         return self.progress.task_snapshot(task_id)

@@ -175,6 +175,13 @@ def test_the_documented_samples_on_two_instances_sharing_mariadb(data, mariadb):
             runners, charged = _records(db_url)
             assert len(runners) == 2, runners
             assert charged == 14  # 12 puts and 2 synchronous requests: none charged twice, none lost
+            # Pre-stop ends a's watcher (1001) and refuses new ones; the results stay for another instance.
+            assert requests.get(f"{a.url}/pre-stop", headers={"Authorization": TOKEN}, timeout=120).ok
+            wait_for(lambda: "sdfunc_queue_watchers 0.0" in requests.get(f"{a.url}/metrics", timeout=5).text,
+                     timeout=30, what="the watcher to end at pre-stop")
+            with pytest.raises(websocket.WebSocketBadStatusException) as stopping:
+                websocket.create_connection(f"{ws_url}?_watch_=true", header=headers)
+            assert stopping.value.status_code == 503
         finally:
             for w in watchers:
                 w.close()

@@ -58,9 +58,18 @@ def upgrade() -> None:
         **_opts,
     )
     op.create_index("ix_queue_sink_queue_committed_idx", "queue_sink", ["queue", "committed", "idx"])
+    locks = op.create_table(
+        "queue_locks",
+        sa.Column("name", sa.String(32), nullable=False),
+        sa.Column("taken", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("name", name="pk_queue_locks"),
+        **_opts,
+    )
+    op.bulk_insert(locks, [{"name": "sink", "taken": 0}])
 
 
 def downgrade() -> None:
+    op.drop_table("queue_locks")
     op.drop_table("queue_sink")
     op.drop_table("queue_inputs")
     op.drop_index("ix_tasks_status_runner_created_at", "tasks")
