@@ -170,7 +170,8 @@ def test_the_documented_samples_on_two_instances_sharing_mariadb(data, mariadb):
             # Only what is put after the commits comes next.
             put.put(json.dumps(TINY).encode(), tags={"task_id": "after"})
             wait_for(lambda: len(second.frames) == 6, timeout=120, what="the result put after the commits")
-            assert second.tags()[-1] == "after" and sink_a.attributes()["stream.length"] == "0"
+            assert second.tags()[-1] == "after"
+            wait_for(lambda: sink_a.attributes()["stream.length"] == "0", timeout=30, what="the watcher's commit")
             # Both instances took a's puts from the one queue, and every request was charged once.
             runners, charged = _records(db_url)
             assert len(runners) == 2, runners
