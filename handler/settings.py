@@ -219,7 +219,8 @@ class TaskSettings(BaseModel):
                                     "HTTP thread (never the device or a queue place). More are refused with 503.",
     )
     watch_poll_seconds: float = Field(
-        0.25, gt=0, le=10, description="How often a sink watcher looks for new results.",
+        0.25, gt=0, le=10, description="How often a sink watcher looks for results finished on other instances "
+                                       "(those finished on its own instance are sent at once).",
     )
 
     max_delivery: int = Field(

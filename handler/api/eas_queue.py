@@ -80,10 +80,8 @@ def watch(ws: Any, svc: str, path: str) -> None:
     name: QueueName = queue_name(svc, path)
 
     def wait(seconds: float) -> bool:
-        try:
-            ws.receive(timeout=seconds)  # the client sends nothing but pings (answered by the library)
-        except ConnectionClosed:
-            return False
+        # the client sends nothing but pings, which the library's own thread answers; it also notices the close
+        queues().wait_for_news(seconds)
         return ws.connected
 
     try:

@@ -11,8 +11,9 @@ Contract:
   uncommitted results from its start index on, in index order, never more than its window of uncommitted ones
   at a time; a watcher that reconnects gets the uncommitted ones again. `auto_commit` commits each on delivery.
 - Callers see their own entries only; admins (and the service token) see every consumer's.
-- A watcher runs on its HTTP thread and reads the database: it never holds the device or a queue place. A
-  worker serves at most `tasks.max_watchers` at once (more: 503), and ends them when the instance stops.
+- A watcher runs on its HTTP thread and reads the database: it never holds the device or a queue place. It looks
+  every `tasks.watch_poll_seconds`, and at once when a task of its worker finishes. A worker serves at most
+  `tasks.max_watchers` at once (more: 503), and ends them when the instance stops.
 """
 
 from __future__ import annotations
@@ -183,8 +184,19 @@ class QueueService:
         self.max_watchers = max_watchers
         self._watchers = threading.BoundedSemaphore(max_watchers) if max_watchers else None
         self._lock = threading.Lock()
-        self._idle = threading.Event()  # never set: what a waiting `get` waits on between looks
+        self._news = threading.Condition()  # notified when a task of this worker finishes
         self.watching = 0
+
+    def notify(self) -> None:
+        """A task finished on this worker: its watchers and waiting gets look now instead of at their next poll
+        (results finished on other instances are seen at the next poll)."""
+        with self._news:
+            self._news.notify_all()
+
+    def wait_for_news(self, seconds: float) -> None:
+        """Wait up to `seconds`, less when a task of this worker finishes meanwhile."""
+        with self._news:
+            self._news.wait(seconds)
 
     # watchers ---------------------------------------------------------------------------------------------
     def end_watchers_when(self, condition: Callable[[], bool]) -> None:
@@ -248,7 +260,7 @@ class QueueService:
                            if all(e.tags.get(k) == v for k, v in filters.items())]
             if entries or waited >= timeout or self.stopping():
                 break
-            self._idle.wait(self.poll_seconds)
+            self.wait_for_news(self.poll_seconds)
             waited += self.poll_seconds
         if name.is_sink and auto_delete and entries:
             self.store.commit(name.name, consumer, [e.index for e in entries])

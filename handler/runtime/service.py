@@ -116,11 +116,13 @@ class Service:
         self.warmer = Warmer(settings, store=self.store, options=self.consumer_options, admission=self.admission,
                              engine=self.engine, flow=self.flow, db=self.db)
         self.tasks = TaskStore(self.db) if self.db is not None else None
-        self.task_runner = TaskRunner(self, self.tasks, settings.tasks) if self.tasks is not None else None
         self.queues = (QueueService(QueueStore(self.db), max_watchers=settings.tasks.max_watchers,
                                     poll_seconds=settings.tasks.watch_poll_seconds,
                                     stopping=lambda: self.admission.stopping)
                        if self.db is not None else None)
+        self.task_runner = (TaskRunner(self, self.tasks, settings.tasks,
+                                       on_finished=self.queues.notify if self.queues is not None else None)
+                            if self.tasks is not None else None)
         self.task_progress = TaskProgress(self.progress, self.tasks)
 
     # state (handler.runtime.ports.WorkerStatus) ---------------------------------------------------------

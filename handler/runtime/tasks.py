@@ -108,10 +108,12 @@ class TaskRunner:
     or any other's, oldest first) and run them, and one that keeps the claimed ones alive and takes back dead
     workers' tasks. Started on first use."""
 
-    def __init__(self, service: TaskHost, store: TaskStore, settings: TaskSettings) -> None:
+    def __init__(self, service: TaskHost, store: TaskStore, settings: TaskSettings,
+                 on_finished: Callable[[], None] | None = None) -> None:
         self.service = service
         self.store = store
         self.settings = settings
+        self.on_finished = on_finished  # a task's outcome is stored (the queue's watchers look at once)
         self.runner_id = f"{service.instance_id}-{uuid.uuid4().hex[:8]}"[:64]
         self._wake = threading.Condition()
         self._nudges = 0
@@ -239,6 +241,8 @@ class TaskRunner:
             log.warning("task %s was taken over by another worker before it finished here", task_id)
             return
         log.info("task %s %s in %.2f s", task_id, status, time.perf_counter() - started)
+        if self.on_finished is not None:
+            self.on_finished()
         if task["callback_url"]:
             self._callback(task_id, task["callback_url"], result or {})
 
