@@ -35,9 +35,9 @@ Where a queued request's time goes, from the task row (`GET /tasks/<task_id>`, r
 frame's data carries the server's `task_id`): put = the put's round trip; wait = `created_at` -> `started_at` (until
 a runner claimed it); run = `started_at` -> `finished_at` (waiting for the device behind the other runner's task,
 generation, saving the PNG, the finishing transaction that also puts it on the sink); delivery lag =
-`finished_at` -> the frame's arrival at the watcher (both on this machine's clock). The watcher looks for new
-results every `tasks.watch_poll_seconds`, so a finished result waits up to one poll interval (half on average)
-before it is sent: expect a lag on that order.
+`finished_at` -> the frame's arrival at the watcher (both on this machine's clock). The watcher looks at the sink
+as soon as a task of its own instance finishes (as here: one server), so expect a lag of milliseconds; results
+finished on other instances wait for its next look, every `tasks.watch_poll_seconds`.
 
 Stability: each cell records the share of the CPU that other processes used meanwhile (from /proc). A cell above
 10 %, or sync cells of one c whose rounds differ by more than x1.25, mark the run UNSTABLE: on 2 cores another
@@ -653,8 +653,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Delivery lag (task row `finished_at` -> frame received by the watcher), {lag['frames']} frames: median "
         f"{num(lag['median_ms'], 1)} ms, p90 {num(lag['p90_ms'], 1)} ms, max {num(lag['max_ms'], 1)} ms. The watcher "
-        f"looks for new results every {poll:g} s (`tasks.watch_poll_seconds`), so a result waits up to one interval "
-        f"(half on average, {poll * 500:.0f} ms) before it is sent.",
+        f"looks as soon as a task of its instance finishes (one server here), and every {poll:g} s "
+        f"(`tasks.watch_poll_seconds`) for results finished on other instances.",
         "",
         "Where a queued request's time goes (medians, ms; from the task rows): put = the put's round trip, wait = "
         "created -> claimed by a runner, run = claimed -> finished (the device queue behind the other runner's "
