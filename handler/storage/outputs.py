@@ -3,8 +3,8 @@
 A request saves when it sets `save_images: true` or the PAI-EAS key `alwayson_scripts.save_dir` (which implies
 saving). Keys, relative to the outputs root (`<data>/outputs`, or the OSS prefix that stands for it):
 
-    {txt2img,img2img}-images/YYYY-MM-DD/<HHMMSS>-<id>-<seed>.png    (`<save_dir>/YYYY-MM-DD/...` with save_dir)
-    {txt2img,img2img}-grids/YYYY-MM-DD/grid-<HHMMSS>-<id>.png       (when A1111 would save a grid)
+    {txt2img,img2img}-images/YYYY-MM-DD/<HHMMSS>-<id>-<seed>.png    (under `<save_dir>/` with a save_dir, as PAI-EAS)
+    {txt2img,img2img}-grids/YYYY-MM-DD/grid-<HHMMSS>-<id>.png       (when A1111 would save a grid; likewise)
 
 `<id>` is short and random, one per request; an image whose seed repeats within the request (variation seeds)
 gets its index appended. `save_dir` is checked before anything is generated (`check_request`): a path relative
@@ -151,10 +151,9 @@ def save_outputs(storage: Storage, outputs_root: Path, mode: str, *, pngs: Seque
     folder = check_save_dir(save_dir, storage, outputs_root)
     now = dt.datetime.now()  # local time, as A1111 names its folders and files
     day, stamp, rid = now.strftime("%Y-%m-%d"), now.strftime("%H%M%S"), uuid.uuid4().hex[:8]
-    if folder is None:
-        base = f"{mode}-images/{day}"
-    else:
-        base = f"{folder}/{day}" if folder else day  # save_dir "" / "." is the outputs root itself
+    # PAI-EAS keeps A1111's layout inside a save_dir: <save_dir>/txt2img-images/<day>/..., <save_dir>/txt2img-grids/...
+    prefix = f"{folder}/" if folder else ""  # save_dir "" / "." is the outputs root itself
+    base = f"{prefix}{mode}-images/{day}"
     saved, seen, written = Saved(), set(), []
     try:
         for i, (seed, data) in enumerate(zip(seeds, pngs)):
@@ -163,7 +162,7 @@ def save_outputs(storage: Storage, outputs_root: Path, mode: str, *, pngs: Seque
             written.append(f"{base}/{stamp}-{rid}-{seed}{suffix}.png")
             saved.images.append(storage.put(written[-1], data))
         if grid is not None:
-            written.append(f"{mode}-grids/{day}/grid-{stamp}-{rid}.png")
+            written.append(f"{prefix}{mode}-grids/{day}/grid-{stamp}-{rid}.png")
             saved.grid = storage.put(written[-1], grid)
         for i, data in enumerate(maps):
             written.append(f"{base}/{stamp}-{rid}-controlnet-{i}.png")

@@ -126,7 +126,7 @@ def test_send_images_false_lists_the_urls_only(client):
 def test_save_dir_relative_implies_saving(client, root):
     r = txt2img(client, seed=11, **eas(save_dir="team/alice"))
     [path] = saved_paths(r)
-    assert path.parent == (root / "outputs" / "team" / "alice" / today()).resolve()
+    assert path.parent == (root / "outputs" / "team" / "alice" / "txt2img-images" / today()).resolve()
     assert NAME.match(path.name)["seed"] == "11"
     assert r.json["images"] == []  # PAI-EAS: a save_dir request reads its results from storage
     asked = txt2img(client, seed=11, send_images=True, **eas(save_dir="team/alice"))  # unless it asks for them
@@ -138,10 +138,10 @@ def test_save_dir_in_args_form_and_absolute_inside_the_outputs(client, root):
     inside = root / "outputs" / "abs" / "dir"
     r = txt2img(client, seed=12, alwayson_scripts={"save_dir": {"args": [str(inside)]}, "id_task": "t"})
     [path] = saved_paths(r)
-    assert path.parent == (inside / today()).resolve()
+    assert path.parent == (inside / "txt2img-images" / today()).resolve()
     r = txt2img(client, seed=13, **eas(save_dir=str(root.resolve() / "outputs") + "/"))  # the root itself
     [path] = saved_paths(r)
-    assert path.parent == (root / "outputs" / today()).resolve()
+    assert path.parent == (root / "outputs" / "txt2img-images" / today()).resolve()
 
 
 def test_save_dir_symlink_inside_the_outputs_is_fine(client, root):
@@ -150,7 +150,7 @@ def test_save_dir_symlink_inside_the_outputs_is_fine(client, root):
     if not link.exists():
         link.symlink_to(root / "outputs" / "real")
     [path] = saved_paths(txt2img(client, seed=14, **eas(save_dir="alias")))
-    assert path.parent == (root / "outputs" / "real" / today()).resolve()
+    assert path.parent == (root / "outputs" / "real" / "txt2img-images" / today()).resolve()
 
 
 @pytest.mark.parametrize("save_dir", [
