@@ -19,6 +19,7 @@ from handler.api import controlnet as controlnet_api
 from handler.api import internal as a1111_internal
 from handler.api import lifecycle as fc
 from handler.api import sdapi as routes
+from handler.contract.schemas import MAX_JSON_DEPTH, nested_deeper
 from handler.errors import (
     ErrorModel,
     InvalidRequest,
@@ -29,12 +30,12 @@ from handler.errors import (
 from handler.logs import REQUEST_ID_HEADER, configure_logging, set_request_id
 from handler.records import metering
 from handler.records.billing import decimal_text
+from handler.records.metering import IDEMPOTENCY_HEADER
 from handler.runtime.service import Service
 from handler.settings import Settings
 
 log = logging.getLogger(__name__)
 
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 AUTHENTICATED_BLUEPRINTS = ("sdapi", "internal", "controlnet", "account", "downloads", "eas_queue")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/security/lifecycle_key.py)
 GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 # Answered by gunicorn before the app sees the request (an HTML body): documented so clients expect them.
@@ -42,7 +43,6 @@ GUNICORN_REFUSALS = {
     400: "A malformed request line or header, or headers over gunicorn's limits (gunicorn's answer)",
     414: "A request line (path and query) over 4094 bytes (gunicorn's answer)",
 }
-MAX_JSON_DEPTH = 64  # A1111 bodies nest under 10 deep; pydantic's serializer gives up past ~250 (after generating)
 
 
 def create_app(settings: Settings | None = None) -> OpenAPI:
@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
                 raise PayloadTooLarge(f"request body reaches the limit of {settings.max_body_bytes} bytes")
             try:
                 body = request.get_json(silent=True)  # parsed once here; the routes get Flask's cached result
-                too_deep = _nested_deeper(body, MAX_JSON_DEPTH)
+                too_deep = nested_deeper(body, MAX_JSON_DEPTH)
             except RecursionError:
                 too_deep = True
             if too_deep:
@@ -152,19 +152,6 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     _finish_document(app, settings.auth.mode)
     service.coldstart.app_ready()
     return app
-
-
-def _nested_deeper(value: object, limit: int) -> bool:
-    """True when `value` (parsed JSON) has objects or arrays nested more than `limit` deep (iterative: a deep
-    value must not exhaust the stack here either)."""
-    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return False
 
 
 def _finish_document(app: OpenAPI, mode: str) -> None:

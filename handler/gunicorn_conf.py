@@ -134,6 +134,7 @@ def post_worker_init(worker):
     if _settings.warmup.on_start:
         service.start_warmup()
     if service.task_runner is not None:
+        service.task_runner.stop_when(lambda: not worker.alive)  # SIGTERM: claim nothing more
         service.task_runner.start()  # adopt the tasks of a worker that died, without waiting for a submission
     if service.queues is not None:  # SIGTERM (gunicorn's graceful stop) ends the sink watchers at their next look
         service.queues.end_watchers_when(lambda: not worker.alive)
@@ -156,8 +157,11 @@ def _exit_now(status: object) -> None:
 
 def worker_exit(server, worker):
     """The worker ends here: gunicorn calls this on its way out of the worker process, with the `SystemExit` it
-    is raising in flight (its status is kept)."""
+    is raising in flight (its status is kept). Tasks still running here are given back to the queue first."""
     exc = sys.exc_info()[1]
+    service = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("sdfunc")
+    if service is not None and service.task_runner is not None:
+        service.task_runner.release_running()
     if isinstance(exc, SystemExit):
         _exit_now(exc.code)
 

@@ -16,6 +16,7 @@ This protocol is not part of the OpenAPI document (protobuf bodies, a WebSocket)
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -24,12 +25,23 @@ from simple_websocket import ConnectionClosed
 
 from handler.api.sdapi import charged_consumer, check_inputs
 from handler.contract.eas_queue import PROTOBUF, REQUEST_ID_HEADER, encode_frame, encode_frame_list
-from handler.errors import InvalidRequest, NotReady
+from handler.errors import Conflict, InvalidRequest, NotReady, ServiceError
+from handler.records.metering import IDEMPOTENCY_HEADER
 from handler.runtime.eas_queue import QueueName, QueueService, WatchParams, parse_put, queue_name, tags_of
 from handler.runtime.service import Service
 
+log = logging.getLogger(__name__)
+
 bp = Blueprint("eas_queue", __name__, url_prefix="/api/predict")
+# simple_websocket's options for the watcher: ping a silent peer (a vanished one frees its place), and a client
+# that sends more than a ping's worth is cut off (nothing it sends is read, so nothing may pile up).
+SERVER_OPTIONS = {"ping_interval": 20, "max_message_size": 1024}
 sock = Sock()
+
+
+@bp.record_once
+def _configure(state: Any) -> None:
+    state.app.config.setdefault("SOCK_SERVER_OPTIONS", SERVER_OPTIONS)
 ROUTE = "/<svc>/<path:path>"
 
 
@@ -74,27 +86,40 @@ def _release_watcher(_exc: BaseException | None) -> None:
         queues().release_watcher()
 
 
+class ProtocolViolation(Exception):
+    """A watcher's client sent a data message."""
+
+
 @sock.route(ROUTE, bp=bp)
 def watch(ws: Any, svc: str, path: str) -> None:
     """The sink's results, one DataFrameProto per binary message, until the client leaves or the instance stops."""
     name: QueueName = queue_name(svc, path)
 
     def wait(seconds: float) -> bool:
-        # the client sends nothing but pings, which the library's own thread answers; it also notices the close
+        # The client sends nothing but pings, which the library's own thread answers (it also notices a close and,
+        # with `ping_interval`, a peer that vanished); anything else it sends ends the watch.
         queues().wait_for_news(seconds)
+        if ws.connected and ws.receive(timeout=0) is not None:
+            raise ProtocolViolation
         return ws.connected
 
     try:
         queues().watch(name, scope(), g.watch, lambda frame: ws.send(encode_frame(frame)), wait)
         if ws.connected:  # the instance stops (1001: going away); the SDK reconnects, to another instance
             ws.close(reason=1001, message="the instance is stopping; reconnect")
-    except ConnectionClosed:
-        pass
+    except (ConnectionClosed, OSError):
+        pass  # the client went away
+    except ProtocolViolation:
+        ws.close(reason=1003, message="a watcher sends nothing but pings")
+    except ServiceError as exc:  # the database is unreachable: the client should come back later (1013)
+        log.warning("sink watcher ended: %s", exc.message)
+        ws.close(reason=1013, message=exc.message[:120])
 
 
 @bp.route(ROUTE, methods=["POST"])
 def put(svc: str, path: str) -> Response:
     """Put a request on an input queue: a task (tags: the query parameters), answered with its index."""
+    queues()  # the records database is on
     name = queue_name(svc, path)
     body = parse_put(name, request.get_data(cache=True))
     tags = tags_of(_args())
@@ -104,6 +129,9 @@ def put(svc: str, path: str) -> Response:
     task, _ = service().submit_task(
         name.mode, body, consumer, tag=tags.get("task_id"), callback_url=None, queue=name.name,
         tags={**tags, "requestId": request_id})
+    if task.get("index") is None or task.get("queue") != name.name:  # the Idempotency-Key of another submission
+        raise Conflict(f"Idempotency-Key: already used for task {task['task_id']}, not put on {name.name}",
+                       field=IDEMPOTENCY_HEADER)
     response = Response(str(task["index"]), mimetype="text/plain")
     response.headers[REQUEST_ID_HEADER] = (task.get("tags") or {}).get("requestId", request_id)
     return response

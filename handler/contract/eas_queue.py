@@ -16,12 +16,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 # Query parameters the protocol reserves; every other query parameter of a put is a tag of its entry.
 RESERVED = frozenset({"_index_", "_length_", "_timeout_", "_raw_", "_auto_delete_", "_watch_", "_window_",
                       "_index_only_", "_auto_commit_", "_indexes_", "_trunc_", "_attrs_", "_search_", "requestId"})
 REQUEST_ID_HEADER = "X-Eas-Queueservice-Request-Id"
 PROTOBUF = "application/vnd.google.protobuf"
+
+
+MAX_INDEX = 2**63 - 1  # indexes are BIGINT: larger query values are refused, not sent to the database
+
+
+def failed_result(task_id: str, tag: str | None, *, status: int, error: str, seconds: float) -> dict[str, Any]:
+    """A failed task's result in PAI-EAS's shape: `parameters.status` is the HTTP status the synchronous call
+    would have answered (never 0), `error_msg` says why; no images. sdfunc adds the task's id, tag and status."""
+    return {"images": [], "parameters": {"id_task": task_id, "status": status, "image_url": "", "seed": "",
+                                         "error_msg": error, "total_time": round(seconds, 3)},
+            "info": "", "task_id": task_id, "tag": tag, "status": "failed"}
 
 
 @dataclass

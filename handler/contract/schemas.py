@@ -37,6 +37,22 @@ IntOrBool = Annotated[int, BeforeValidator(_int_or_bool)]
 MAX_TEXT = 100_000  # hard ceiling; the configurable prompt limit is checked in the service
 
 
+
+MAX_JSON_DEPTH = 64  # A1111 bodies nest under 10 deep; pydantic's serializer gives up past ~250 (after generating)
+
+
+def nested_deeper(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when `value` (parsed JSON) has objects or arrays nested more than `limit` deep (iterative: a deep
+    value must not exhaust the stack here either)."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
 class A1111Model(BaseModel):
     """Unknown keys are ignored; a JSON null for a field that has a non-null default means that default
     (A1111's request fields are all Optional, and its processing treats None as "use the default")."""

@@ -22,6 +22,9 @@ request_log = logging.getLogger("sdfunc.request")
 _current: contextvars.ContextVar[RequestMeter | None] = contextvars.ContextVar("sdfunc_meter", default=None)
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # the request id a client sends to make retries safe
+
+
 @dataclass
 class RequestMeter:
     """One request's facts. Timings are seconds; None means the phase did not happen."""

@@ -9,8 +9,9 @@ Contract:
   instance is spread over all of them.
 - Every state change is one conditional UPDATE on (id, runner, status), so a runner that was thought dead and
   whose task was adopted by another cannot overwrite the adopter's outcome.
-- `reap` takes back the claimed tasks whose heartbeat is older than `stale_seconds`: queued again for any worker
-  while they have runs left, failed (not charged) once they have had `max_delivery` runs.
+- `reap` takes back the claimed tasks whose heartbeat is older than `stale_seconds` (a runner marks only the tasks
+  it still holds): queued again for any worker while they have runs left, failed once they have had
+  `max_delivery` runs (a queued one's failed result goes to its sink, so its watcher learns of it).
 - A task put on a PAI-EAS input queue has a `queue_inputs` row (its index); when it finishes, its result gets a
   `queue_sink` row in the same transaction (handler/records/queue.py serves the sink).
 """
@@ -20,12 +21,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from handler.contract.eas_queue import failed_result
 from handler.records.db import Database, queue_inputs, queue_locks, queue_sink, tasks, utcnow
+
+REAPED = ("the worker running this task stopped before it finished; a generation that was not answered is not "
+          "charged")
 
 
 class TaskStore:
@@ -110,12 +117,7 @@ class TaskStore:
                 return False
             row = conn.execute(select(tasks.c.queue, tasks.c.consumer).where(tasks.c.id == task_id)).one()
             if row.queue is not None:
-                # sink entries must appear in index order to watchers: serialize their inserts until commit
-                if conn.execute(update(queue_locks).where(queue_locks.c.name == "sink")
-                                .values(taken=queue_locks.c.taken + 1)).rowcount != 1:
-                    conn.execute(insert(queue_locks).values(name="sink", taken=1))
-                conn.execute(insert(queue_sink).values(task_id=task_id, queue=sink_of(row.queue),
-                                                       consumer=row.consumer, committed=False, created_at=utcnow()))
+                _to_sink(conn, task_id, row.queue, row.consumer)
         return True
 
     def set_callback_status(self, task_id: str, status: str) -> None:
@@ -150,28 +152,50 @@ class TaskStore:
                                              tasks.c.status == "running")
                          .values(progress_json=json.dumps(progress) if progress is not None else None))
 
-    def heartbeat(self, runner: str) -> None:
-        """Mark `runner`'s queued and running tasks alive."""
+    def heartbeat(self, runner: str, task_ids: Iterable[str]) -> None:
+        """Mark the tasks `runner` holds now alive (only those: a task it lost track of goes stale and is reaped)."""
+        ids = list(task_ids)
+        if not ids:
+            return
         with self.db.begin() as conn:
-            conn.execute(update(tasks).where(tasks.c.runner == runner, tasks.c.status.in_(("queued", "running")))
+            conn.execute(update(tasks).where(tasks.c.runner == runner, tasks.c.id.in_(ids),
+                                             tasks.c.status.in_(("queued", "running")))
                          .values(heartbeat_at=utcnow()))
 
     def reap(self, *, stale_seconds: float, max_delivery: int) -> list[str]:
         """Take back the tasks of dead workers (taken, not marked alive for `stale_seconds`): queued again for any
-        worker to claim while they have runs left (returned), failed (not charged) after `max_delivery` runs."""
+        worker to claim while they have runs left (returned), failed after `max_delivery` runs, with a failed
+        result that also goes to its queue's sink."""
         cutoff = utcnow() - dt.timedelta(seconds=stale_seconds)
         stale = and_(tasks.c.status.in_(("queued", "running")), tasks.c.runner.is_not(None),
                      tasks.c.heartbeat_at < cutoff)
         with self.db.begin() as conn:
-            conn.execute(update(tasks).where(stale, tasks.c.status == "running", tasks.c.deliveries >= max_delivery)
-                         .values(status="failed", finished_at=utcnow(), progress_json=None,
-                                 error="the worker running this task stopped; it was not charged"))
+            spent = conn.execute(select(tasks.c.id, tasks.c.tag, tasks.c.queue, tasks.c.consumer, tasks.c.started_at)
+                                 .where(stale, tasks.c.status == "running", tasks.c.deliveries >= max_delivery)).all()
+            now = utcnow()
+            for row in spent:
+                seconds = (now - row.started_at).total_seconds() if row.started_at else 0.0
+                result = failed_result(row.id, row.tag, status=503, error=REAPED, seconds=seconds)
+                if conn.execute(update(tasks).where(tasks.c.id == row.id, stale).values(
+                        status="failed", finished_at=now, progress_json=None, error=REAPED,
+                        result_json=json.dumps(result, ensure_ascii=False))).rowcount == 1 and row.queue is not None:
+                    _to_sink(conn, row.id, row.queue, row.consumer)
             ids = [r.id for r in conn.execute(select(tasks.c.id).where(
                 stale, or_(tasks.c.status == "queued", tasks.c.deliveries < max_delivery)))]
             if ids:
                 conn.execute(update(tasks).where(tasks.c.id.in_(ids), stale).values(
                     status="queued", runner=None, progress_json=None, heartbeat_at=utcnow()))
         return ids
+
+
+def _to_sink(conn: Connection, task_id: str, queue: str, consumer: str) -> None:
+    """Put a finished task on its queue's sink (in the caller's transaction). Sink entries must become visible
+    in index order: the `sink` lock row serializes their inserts until the transaction commits."""
+    if conn.execute(update(queue_locks).where(queue_locks.c.name == "sink")
+                    .values(taken=queue_locks.c.taken + 1)).rowcount != 1:
+        conn.execute(insert(queue_locks).values(name="sink", taken=1))
+    conn.execute(insert(queue_sink).values(task_id=task_id, queue=sink_of(queue), consumer=consumer,
+                                           committed=False, created_at=utcnow()))
 
 
 def sink_of(queue: str) -> str:

@@ -22,12 +22,19 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from handler.contract.eas_queue import RESERVED, Frame
-from handler.contract.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
+from handler.contract.eas_queue import MAX_INDEX, RESERVED, Frame
+from handler.contract.schemas import (
+    MAX_JSON_DEPTH,
+    GenerationRequest,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+    nested_deeper,
+)
 from handler.errors import InvalidRequest, NotFound, NotReady
 from handler.records.queue import Entry, QueueStore
 
@@ -72,7 +79,7 @@ def queue_name(service: str, path: str) -> QueueName:
     return QueueName(service, path)
 
 
-def _integer(args: dict[str, str], key: str, default: int, *, low: int = 0, high: int | None = None) -> int:
+def _integer(args: dict[str, str], key: str, default: int, *, low: int = 0, high: int = MAX_INDEX) -> int:
     raw = args.get(key)
     if raw is None or raw == "":
         return default
@@ -80,9 +87,8 @@ def _integer(args: dict[str, str], key: str, default: int, *, low: int = 0, high
         value = int(raw)
     except ValueError:
         raise InvalidRequest(f"{key}: must be an integer, not {raw[:40]!r}", field=key) from None
-    if value < low or (high is not None and value > high):
-        raise InvalidRequest(f"{key}: must be between {low} and {high}" if high is not None else
-                             f"{key}: must be at least {low}", field=key)
+    if not low <= value <= high:
+        raise InvalidRequest(f"{key}: must be between {low} and {high}", field=key)
     return value
 
 
@@ -116,7 +122,7 @@ def indexes(args: dict[str, str], key: str = "_indexes_") -> list[int]:
         values = [int(part) for part in raw.split(",") if part.strip()]
     except ValueError:
         raise InvalidRequest(f"{key}: comma-separated positive integers", field=key) from None
-    if not values or any(v <= 0 for v in values) or len(values) > 1000:
+    if not values or any(not 0 < v <= MAX_INDEX for v in values) or len(values) > 1000:
         raise InvalidRequest(f"{key}: 1 to 1000 comma-separated positive integers", field=key)
     return values
 
@@ -143,6 +149,10 @@ def parse_put(name: QueueName, data: bytes) -> GenerationRequest:
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("body: the queued request must be JSON (the API path's request body)",
                              field="body") from None
+    except RecursionError:
+        body = None
+    if body is None or nested_deeper(body):
+        raise InvalidRequest(f"body: JSON nested more than {MAX_JSON_DEPTH} deep", field="body")
     if not isinstance(body, dict):
         raise InvalidRequest("body: the request body must be a JSON object", field="body")
     model = Txt2ImgRequest if name.mode == "txt2img" else Img2ImgRequest
@@ -241,9 +251,9 @@ class QueueService:
 
     # the other verbs --------------------------------------------------------------------------------------
     def get(self, name: QueueName, consumer: str | None, args: dict[str, str]) -> list[Frame]:
-        """`get`: up to `_length_` entries from `_index_` on, waiting up to `_timeout_` for the first; on a sink,
-        `_auto_delete_` (default true) commits what it returns. An input queue's entries are only shown (the
-        service's workers take them)."""
+        """`get`: up to `_length_` entries from `_index_` on, waiting up to `_timeout_` for the first (a waiting
+        get takes a watcher place: 503 when none is free); on a sink, `_auto_delete_` (default true) commits what it
+        returns. An input queue's entries are only shown (the service's workers take them)."""
         start = _integer(args, "_index_", 0)
         length = _integer(args, "_length_", 1, low=1, high=MAX_LENGTH)
         timeout = _seconds(args, "_timeout_", 0.0)
@@ -251,17 +261,25 @@ class QueueService:
         filters = tags_of(args)
         if args.get("requestId"):
             filters["requestId"] = args["requestId"]
-        waited = 0.0
-        while True:
-            if name.is_sink:
-                entries = self.store.pending(name.name, consumer, start=start, limit=length, tags=filters)
-            else:
-                entries = [e for e in self.store.inputs(name.name, consumer, start=start, limit=length)
-                           if all(e.tags.get(k) == v for k, v in filters.items())]
-            if entries or waited >= timeout or self.stopping():
-                break
-            self.wait_for_news(self.poll_seconds)
-            waited += self.poll_seconds
+        deadline = time.monotonic() + timeout
+        waiting = False  # a get that waits holds a watcher place meanwhile (it holds an HTTP thread as one does)
+        try:
+            while True:
+                if name.is_sink:
+                    entries = self.store.pending(name.name, consumer, start=start, limit=length, tags=filters)
+                else:
+                    entries = [e for e in self.store.inputs(name.name, consumer, start=start, limit=length)
+                               if all(e.tags.get(k) == v for k, v in filters.items())]
+                left = deadline - time.monotonic()
+                if entries or left <= 0 or self.stopping():
+                    break
+                if not waiting:
+                    self.admit_watcher()
+                    waiting = True
+                self.wait_for_news(min(self.poll_seconds, left))
+        finally:
+            if waiting:
+                self.release_watcher()
         if name.is_sink and auto_delete and entries:
             self.store.commit(name.name, consumer, [e.index for e in entries])
         return [frame(e) for e in entries]

@@ -131,6 +131,11 @@ class Service:
         return self.admission.state
 
     @property
+    def accepts_tasks(self) -> bool:
+        """READY or BUSY, with a free place in the queue: a task runner may claim a task."""
+        return self.state in ("READY", "BUSY") and self.admission.generations <= self.settings.queue.max_waiting
+
+    @property
     def queue_watchers(self) -> int:
         return self.queues.watching if self.queues is not None else 0
 
@@ -291,9 +296,9 @@ class Service:
         """A queued task's place among those no worker has taken yet (1: next), or None."""
         return self.tasks.position(task_id) if self.tasks is not None else None
 
-    def task_snapshot(self, task_id: str) -> dict[str, Any] | None:
-        """Where a task running on this worker is (steps, progress, ETA), for other instances to show."""
-        return self.progress.task_snapshot(task_id)
+    def task_snapshot(self, task_id: str, consumer: str) -> dict[str, Any] | None:
+        """Where `consumer`'s task running on this worker is (steps, progress, ETA), for other instances to show."""
+        return self.progress.task_snapshot(task_id, consumer)
 
     def task_view(self, task_id: str, consumer: str | None) -> dict[str, Any] | None:
         """GET /tasks/<id>: the task's public view with its `progress` (handler.runtime.task_progress), or None

@@ -44,6 +44,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from handler.contract.eas_queue import failed_result
 from handler.contract.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 from handler.errors import Busy, NotReady, ServiceError, Timeout
 from handler.records import metering
@@ -73,7 +74,10 @@ class TaskHost(Protocol):
     def coldstart(self) -> ColdStartState: ...
 
     @property
-    def state(self) -> str: ...  # STARTING and STOPPING instances take no tasks (handler.runtime.admission)
+    def accepts_tasks(self) -> bool: ...  # READY or BUSY with room in its queue: it may claim a task now
+
+    @property
+    def state(self) -> str: ...  # STOPPING: a claimed task not started yet is given back
 
     @property
     def ledger(self) -> Ledger | None: ...
@@ -87,7 +91,7 @@ class TaskHost(Protocol):
 
     def img2img(self, req: Img2ImgRequest, consumer: str) -> dict[str, Any]: ...
 
-    def task_snapshot(self, task_id: str) -> dict[str, Any] | None: ...  # where a task running here is
+    def task_snapshot(self, task_id: str, consumer: str) -> dict[str, Any] | None: ...  # where a task running here is
 
 
 def check_callback_url(url: str, *, allow_private: bool, network: NetworkSettings) -> str:
@@ -98,9 +102,6 @@ def check_callback_url(url: str, *, allow_private: bool, network: NetworkSetting
     except FetchError as exc:
         raise exc.for_field("callback_url") from None
     return url
-
-
-TAKES_NO_TASKS = ("STARTING", "STOPPING")
 
 
 class TaskRunner:
@@ -120,7 +121,8 @@ class TaskRunner:
         self._started = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._running: set[str] = set()
+        self._running: dict[str, str] = {}  # the tasks running here -> their consumers
+        self._stop_condition: Callable[[], bool] = lambda: False
 
     def submit(self, task_id: str) -> None:
         """A task was queued here: a free runner claims it now rather than at its next poll."""
@@ -148,18 +150,37 @@ class TaskRunner:
         with self._wake:
             self._wake.notify_all()
 
+    def stop_when(self, condition: Callable[[], bool]) -> None:
+        """Also claim nothing more once `condition()` holds (the gunicorn worker is shutting down)."""
+        self._stop_condition = condition
+
+    def release_running(self) -> None:
+        """Give back the tasks running here, uncounted, for another worker (this process ends now)."""
+        for task_id in self.running:
+            try:
+                self.store.release(task_id, self.runner_id)
+            except ServiceError:
+                pass  # the database is unreachable: they are reaped after tasks.stale_seconds instead
+
+    def _may_claim(self) -> bool:
+        return self.service.accepts_tasks and not self._stop_condition()
+
     @property
     def running(self) -> set[str]:
         """The ids of the tasks this worker runs now."""
         with self._lock:
             return set(self._running)
 
+    def _running_items(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._running.items())
+
     def _keepalive_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             try:
-                self.store.heartbeat(self.runner_id)
-                for task_id in self.running:
-                    self.store.set_progress(task_id, self.runner_id, self.service.task_snapshot(task_id))
+                self.store.heartbeat(self.runner_id, self.running)
+                for task_id, consumer in self._running_items():
+                    self.store.set_progress(task_id, self.runner_id, self.service.task_snapshot(task_id, consumer))
                 taken_back = self.store.reap(stale_seconds=self.settings.stale_seconds,
                                              max_delivery=self.settings.max_delivery)
                 for task_id in taken_back:
@@ -174,8 +195,8 @@ class TaskRunner:
     def _run_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                # a starting instance (warm-up) takes no task: one that cannot run it yet would fail it
-                task = self.store.claim(self.runner_id) if self.service.state not in TAKES_NO_TASKS else None
+                # an instance that is starting, stopping, failed or full takes no task: others run it sooner
+                task = self.store.claim(self.runner_id) if self._may_claim() else None
             except ServiceError:
                 task = None  # the database is unreachable: try again at the next poll
             except Exception:
@@ -188,14 +209,14 @@ class TaskRunner:
                     self._nudges = max(0, self._nudges - 1)
                 continue
             with self._lock:
-                self._running.add(task["id"])
+                self._running[task["id"]] = task["consumer"]
             try:
                 self._run(task)
             except Exception:
                 log.exception("task %s could not be run", task["id"])
             finally:
                 with self._lock:
-                    self._running.discard(task["id"])
+                    self._running.pop(task["id"], None)
 
     def _run(self, task: dict[str, Any]) -> None:
         task_id = task["id"]
@@ -214,7 +235,7 @@ class TaskRunner:
             meter.status = 200
             result = {**response, "task_id": task_id, "tag": task["tag"], "status": "succeeded"}
         except NotReady as exc:
-            if self._stop.is_set() and not isinstance(exc, Timeout):  # this instance is stopping: not its task now
+            if self.service.state == "STOPPING" and not isinstance(exc, Timeout):  # not this instance's task now
                 self.store.release(task_id, self.runner_id)
                 log.info("task %s given back: this instance is stopping", task_id)
                 return
@@ -237,7 +258,7 @@ class TaskRunner:
                 except Exception:
                     log.exception("could not record the failed task in the ledger")
         status = "failed" if error is not None else "succeeded"
-        if not self.store.finish(task_id, self.runner_id, status=status, result=result, error=error):
+        if not self._finish(task_id, status, result, error):
             log.warning("task %s was taken over by another worker before it finished here", task_id)
             return
         log.info("task %s %s in %.2f s", task_id, status, time.perf_counter() - started)
@@ -245,6 +266,18 @@ class TaskRunner:
             self.on_finished()
         if task["callback_url"]:
             self._callback(task_id, task["callback_url"], result or {})
+
+    def _finish(self, task_id: str, status: str, result: dict[str, Any] | None, error: str | None) -> bool:
+        """Store the outcome, trying again while the database is unreachable (for `tasks.stale_seconds`); False
+        when the task is no longer this runner's. If it never gets through, the task goes stale and is reaped."""
+        try:
+            return Retrying(retry=retry_if_exception_type(ServiceError), reraise=True,
+                            stop=stop_after_delay(self.settings.stale_seconds),
+                            wait=wait_exponential(multiplier=0.2, max=2))(
+                self.store.finish, task_id, self.runner_id, status=status, result=result, error=error)
+        except ServiceError:
+            log.error("task %s: its outcome could not be stored (the database stayed unreachable)", task_id)
+            return False
 
     def _when_admitted(self, generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """`generate()`, tried again while the instance answers Busy (full of synchronous requests: the task
@@ -286,14 +319,6 @@ class TaskRunner:
             self.store.set_callback_status(task_id, outcome)
         except ServiceError:
             pass
-
-
-def failed_result(task_id: str, tag: str | None, *, status: int, error: str, seconds: float) -> dict[str, Any]:
-    """A failed task's result in PAI-EAS's shape: `parameters.status` is the HTTP status the synchronous call
-    would have answered (never 0), `error_msg` says why; no images. sdfunc adds the task's id, tag and status."""
-    return {"images": [], "parameters": {"id_task": task_id, "status": status, "image_url": "", "seed": "",
-                                         "error_msg": error, "total_time": round(seconds, 3)},
-            "info": "", "task_id": task_id, "tag": tag, "status": "failed"}
 
 
 def public_view(task: dict[str, Any]) -> dict[str, Any]:

@@ -154,3 +154,48 @@ def test_a_watcher_keeps_to_its_window_and_a_new_one_gets_the_uncommitted_again(
     assert [f.tags["task_id"] for f in again] == ["t0", "t1", "t2"]
     assert [f.tags["task_id"] for f in watch(window=1, looks=4, commit_first=True)] == ["t0", "t1", "t2"]
     assert watch(window=5, looks=2) == []  # all committed: nothing is delivered again
+
+
+def test_a_dead_workers_queued_task_is_failed_onto_the_sink_and_only_held_tasks_stay_alive(make_app):
+    """A runner marks alive only the tasks it holds; one it lost goes stale and, out of runs, is failed with a
+    PAI-EAS failure result that reaches the sink (its watcher is told, not left waiting)."""
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from handler.records.db import tasks
+
+    service = make_app().extensions["sdfunc"]
+    store = service.tasks
+    ids = []
+    for i in range(2):
+        store.create(consumer="anonymous", request_id=f"d{i}", mode="txt2img", tag=f"d{i}", request_json="{}",
+                     callback_url=None, queue="svc/sdapi/v1/txt2img", tags={"task_id": f"d{i}"})
+        ids.append(store.claim("runner-dead")["id"])
+    with service.db.begin() as conn:
+        conn.execute(update(tasks).values(heartbeat_at=dt.datetime(2000, 1, 1)))
+    store.heartbeat("runner-dead", [ids[0]])  # it still holds the first one only
+    assert store.reap(stale_seconds=60, max_delivery=1) == []
+    held, lost = store.get(ids[0], consumer=None), store.get(ids[1], consumer=None)
+    assert held["status"] == "running" and lost["status"] == "failed" and "stopped" in lost["error"]
+    [entry] = service.queues.store.pending("svc/sink", None, start=0, limit=5)
+    result = json.loads(entry.data)
+    assert entry.task_id == ids[1] and entry.tags == {"task_id": "d1"}
+    assert result["parameters"]["status"] == 503 and result["images"] == [] and result["parameters"]["error_msg"]
+
+
+def test_queue_inputs_are_bounded(make_app):
+    app = make_app()
+    client = app.test_client()
+    deep = json.dumps({**TINY, "styles": [json.loads("[" * 100 + "]" * 100)]})
+    r = client.post(PUT, data=deep)
+    assert r.status_code == 422 and r.json["error"]["field"] == "body"
+    very_deep = b"[" * 5000 + b"]" * 5000
+    assert client.post(PUT, data=very_deep).status_code == 422
+    assert client.get(f"{SINK}?_index_={2**70}").status_code == 422
+    assert client.put(f"{SINK}?_indexes_={2**70}").status_code == 422
+    assert client.get(f"{SINK}?_timeout_=forever").status_code == 422
+    # an Idempotency-Key used for an ?async=true task is not a put's
+    assert client.post("/sdapi/v1/txt2img?async=true", json=TINY, headers={"Idempotency-Key": "k1"}).status_code == 202
+    reused = client.post(PUT, data=json.dumps(TINY), headers={"Idempotency-Key": "k1"})
+    assert reused.status_code == 409 and reused.json["error"]["field"] == "Idempotency-Key"

@@ -125,6 +125,7 @@ def test_a_task_that_finds_the_instance_busy_gives_up_at_the_queue_timeout(tmp_p
             self.settings = Settings(data_dir=tmp_path, queue={"timeout_seconds": 1.0})
             self.instance_id = "busy-host"
             self.state = "READY"
+            self.accepts_tasks = True
             self.coldstart = SimpleNamespace(done=True)
             self.ledger = Ledger(db, "CNY")
             self.tries = 0
