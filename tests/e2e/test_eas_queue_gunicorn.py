@@ -176,6 +176,13 @@ def test_the_documented_samples_on_two_instances_sharing_mariadb(data, mariadb):
             runners, charged = _records(db_url)
             assert len(runners) == 2, runners
             assert charged == 14  # 12 puts and 2 synchronous requests: none charged twice, none lost
+            # A client that sends data on a watch is cut off (1003): nothing it sends is read.
+            chatty = websocket.create_connection(f"ws://127.0.0.1:{b.port}/api/predict/{SERVICE}/sink?_watch_=true",
+                                                 header=headers, timeout=30)
+            chatty.send("hello")
+            opcode, data = chatty.recv_data(control_frame=True)
+            assert opcode == websocket.ABNF.OPCODE_CLOSE and int.from_bytes(data[:2], "big") == 1003
+            chatty.close()
             # Pre-stop ends a's watcher (1001) and refuses new ones; the results stay for another instance.
             assert requests.get(f"{a.url}/pre-stop", headers={"Authorization": TOKEN}, timeout=120).ok
             wait_for(lambda: "sdfunc_queue_watchers 0.0" in requests.get(f"{a.url}/metrics", timeout=5).text,
