@@ -284,7 +284,7 @@ class Service:
                                           request_json=req.model_dump_json(), callback_url=callback_url,
                                           queue=queue, tags=tags)
         if created:
-            self.task_runner.submit(task["id"])
+            self.task_runner.wake()
         if meter is not None:
             meter.recorded = True  # the ledger row is the task's, written when it runs
         view = public_view(task)

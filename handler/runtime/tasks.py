@@ -124,8 +124,9 @@ class TaskRunner:
         self._running: dict[str, str] = {}  # the tasks running here -> their consumers
         self._stop_condition: Callable[[], bool] = lambda: False
 
-    def submit(self, task_id: str) -> None:
-        """A task was queued here: a free runner claims it now rather than at its next poll."""
+    def wake(self) -> None:
+        """A task was queued (here, or taken back from a dead worker): a free runner claims now rather than at its
+        next poll."""
         self._ensure_started()
         with self._wake:
             self._nudges += 1
@@ -186,7 +187,7 @@ class TaskRunner:
                 for task_id in taken_back:
                     log.warning("task %s belonged to a worker that stopped: queued again", task_id)
                 if taken_back:
-                    self.submit(taken_back[0])
+                    self.wake()
             except ServiceError:
                 pass  # the database is unreachable: try again at the next beat
             except Exception:

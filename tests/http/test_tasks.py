@@ -144,7 +144,7 @@ def test_a_task_that_finds_the_instance_busy_gives_up_at_the_queue_timeout(tmp_p
     task, _ = store.create(consumer="anonymous", request_id="busy-1", mode="txt2img", tag=None,
                            request_json=json.dumps(TINY), callback_url=None)
     try:
-        runner.submit(task["id"])
+        runner.wake()
         wait_for(lambda: store.get(task["id"], consumer=None)["status"] in ("succeeded", "failed"), timeout=60,
                  what="the task to end")
     finally:
