@@ -76,6 +76,7 @@ from bench.harness.cli import (
     parse_server_env,
     run_benchmark,
 )
+from bench.harness.load import closed_loop
 from bench.harness.report import env_pairs, finish, machine_line, num, result_header, table
 from bench.harness.server import (
     CFG_SCALE,
@@ -324,33 +325,10 @@ def _queue_request(client: Any, watcher: SinkWatcher, tag: str, body: dict[str, 
                   done_perf=arrival.perf)
 
 
-def closed_loop(clients: list[Any], request: Callable[[Any, int], Answer], total: int) -> tuple[float, list[Answer]]:
-    """`len(clients)` threads send `total` requests (`request(client, i)`), each its next one when its previous
-    one is done. Returns (seconds from the threads' release to the last answer, the answers in order of i)."""
-    lock = threading.Lock()
-    taken = 0
-    answers: list[Answer | None] = [None] * total
-    start = threading.Barrier(len(clients) + 1)
-
-    def loop(client: Any) -> None:
-        nonlocal taken
-        start.wait()
-        while True:
-            with lock:
-                if taken >= total:
-                    return
-                index, taken = taken, taken + 1
-            answers[index] = request(client, index)
-
-    threads = [threading.Thread(target=loop, args=(c,), name=f"bench-client-{i}", daemon=True)
-               for i, c in enumerate(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    done = [a for a in answers if a is not None]
+def run_closed_loop(clients: list[Any], request: Callable[[Any, int], Answer], total: int) -> tuple[float, list[Answer]]:
+    """`bench.harness.load.closed_loop`, timed to the last answer's completion (a queued one's frame arrival, which
+    the watcher stamps before the putter wakes). Returns (seconds, the answers in order of i)."""
+    started, done = closed_loop(clients, request, total)
     last = max((a.done_perf for a in done if a.done_perf is not None), default=time.perf_counter())
     return last - started, done
 
@@ -427,10 +405,10 @@ def run_cell(cfg: BenchConfig, clients: Clients, path: str, c: int, round_index:
     pgid = clients.server.proc.pid if clients.server.proc is not None else None
     before = cpu_snapshot(pgid)  # the server and this process; the rest is other processes
     if path == "sync":
-        wall, answers = closed_loop(clients.sessions[:c], lambda session, i: _sync_request(
+        wall, answers = run_closed_loop(clients.sessions[:c], lambda session, i: _sync_request(
             session, url, {**base, "seed": first_seed + i}, timeout), cfg.requests)
     else:
-        wall, answers = closed_loop(clients.putters[:c], lambda client, i: _queue_request(
+        wall, answers = run_closed_loop(clients.putters[:c], lambda client, i: _queue_request(
             client, clients.watcher, f"{clients.tags}-{label}-c{c}-{i}", {**base, "seed": first_seed + i}, timeout),
             cfg.requests)
     cell = cell_record(path, c, round_index, wall, answers)

@@ -51,7 +51,6 @@ import logging
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -69,6 +68,7 @@ from bench.harness.cli import (
     run_benchmark,
     shapes_valid,
 )
+from bench.harness.load import closed_loop
 from bench.harness.report import env_pairs, finish, machine_line, num, result_header, table
 from bench.harness.server import (
     CFG_SCALE,
@@ -182,36 +182,13 @@ def _post(session, url: str, body: dict[str, Any], timeout: float, keep_images: 
     return answer
 
 
-def closed_loop(sessions: list, url: str, body: dict[str, Any], *, requests_total: int, seeds: list[int],
-                timeout: float, keep_images: bool = False) -> tuple[float, list[Answer]]:
-    """`len(sessions)` client threads send `requests_total` requests (seed i from `seeds`), each thread its next
-    one when its previous answer arrived. Returns (wall seconds from the threads' release to the last answer,
-    answers in order of arrival)."""
-    lock = threading.Lock()
-    taken = 0
-    answers: list[Answer] = []
-    start = threading.Barrier(len(sessions) + 1)
-
-    def client(session) -> None:
-        nonlocal taken
-        start.wait()
-        while True:
-            with lock:
-                if taken >= requests_total:
-                    return
-                index, taken = taken, taken + 1
-            answer = _post(session, url, {**body, "seed": seeds[index]}, timeout, keep_images)
-            with lock:
-                answers.append(answer)
-
-    threads = [threading.Thread(target=client, args=(s,), name=f"bench-client-{i}", daemon=True)
-               for i, s in enumerate(sessions)]
-    for t in threads:
-        t.start()
-    start.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
+def run_closed_loop(sessions: list, url: str, body: dict[str, Any], *, requests_total: int, seeds: list[int],
+                    timeout: float, keep_images: bool = False) -> tuple[float, list[Answer]]:
+    """`bench.harness.load.closed_loop` over txt2img (request i with seed `seeds[i]`). Returns (wall seconds from
+    the threads' release to the last answer, the answers in order of i)."""
+    started, answers = closed_loop(
+        sessions, lambda session, i: _post(session, url, {**body, "seed": seeds[i]}, timeout, keep_images),
+        requests_total)
     return time.perf_counter() - started, answers
 
 
@@ -270,7 +247,7 @@ def pixel_check(cfg: BenchConfig, servers: dict[str, Server], sessions: dict[str
         errors: list[str] = []
         for name in SERVERS:
             _prime(sessions[name][:burst], servers[name])
-            _, answers = closed_loop(sessions[name][:burst], servers[name].url, body, requests_total=burst,
+            _, answers = run_closed_loop(sessions[name][:burst], servers[name].url, body, requests_total=burst,
                                      seeds=seeds, timeout=cfg.request_timeout, keep_images=True)
             images[name] = {a.seed: decode(a.pngs[0]) for a in answers if a.error is None and a.pngs}
             errors += [f"{name}: {a.error}" for a in answers if a.error is not None]
@@ -314,7 +291,7 @@ def run_cells(cfg: BenchConfig, servers: dict[str, Server], sessions: dict[str, 
                     _prime(sessions[name][:c], servers[name])
                     pgid = servers[name].proc.pid if servers[name].proc is not None else None
                     cpu_before = cpu_snapshot(pgid)  # the server under load and this process; the rest is others
-                    wall, answers = closed_loop(sessions[name][:c], servers[name].url, body,
+                    wall, answers = run_closed_loop(sessions[name][:c], servers[name].url, body,
                                                 requests_total=shape.requests, seeds=seeds,
                                                 timeout=cfg.request_timeout)
                     cell = cell_record(name, shape, c, r, wall, answers)

@@ -3,9 +3,7 @@ and the queue path through the `eas_prediction` SDK) and returns a well-formed r
 machine's speed is not a test, and whether the queue path keeps up is the benchmark's question, not the test's."""
 
 import json
-import logging
 import math
-import signal
 
 import pytest
 
@@ -31,17 +29,6 @@ def test_parse_args_and_the_server_environment(tmp_path):
                 ["--rounds", "0"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
-
-
-@pytest.fixture
-def restored_process_state():
-    """`main` installs a SIGTERM handler and the bench's root log handler; give the test process its own back."""
-    root = logging.getLogger()
-    saved = signal.getsignal(signal.SIGTERM), root.handlers[:], root.level
-    yield
-    signal.signal(signal.SIGTERM, saved[0])
-    root.handlers[:] = saved[1]
-    root.setLevel(saved[2])
 
 
 @pytest.mark.e2e  # a real gunicorn server

@@ -3,9 +3,7 @@ on free loopback ports) and returns a well-formed result. No timing is asserted:
 test, and whether batching pays off here is the benchmark's question, not the test's."""
 
 import json
-import logging
 import math
-import signal
 
 import pytest
 
@@ -36,17 +34,6 @@ def test_server_envs_make_an_ab_that_sheds_nothing(tmp_path):
         assert int(env["SDFUNC_QUEUE__MAX_WAITING"]) >= 8 and env["SDFUNC_THREADS"] == "9"
         assert json.loads(env["SDFUNC_WARMUP__SHAPES"]) == ["64x64@4", "256x256@8"]
     assert envs["on"]["SDFUNC_DATABASE_URL"] != envs["off"]["SDFUNC_DATABASE_URL"]
-
-
-@pytest.fixture
-def restored_process_state():
-    """`main` installs a SIGTERM handler and the bench's root log handler; give the test process its own back."""
-    root = logging.getLogger()
-    saved = signal.getsignal(signal.SIGTERM), root.handlers[:], root.level
-    yield
-    signal.signal(signal.SIGTERM, saved[0])
-    root.handlers[:] = saved[1]
-    root.setLevel(saved[2])
 
 
 @pytest.mark.e2e  # two real gunicorn servers
