@@ -35,6 +35,10 @@ class Entry:
     data: bytes
     status: str
 
+    def matches(self, tags: dict[str, str] | None) -> bool:
+        """Whether it carries every tag of `tags` (a watch's or get's filter; none: every entry)."""
+        return not tags or all(self.tags.get(k) == v for k, v in tags.items())
+
 
 class QueueStore:
     """Input queues and sinks. Thread-safe; database failures surface as `DatabaseUnavailable`."""
@@ -65,7 +69,7 @@ class QueueStore:
                 rows = conn.execute(query.limit(limit if not tags else 100).offset(offset)).all()
                 for row in rows:
                     entry = _entry(row.idx, row.id, row.tags_json, (row.result_json or "{}").encode(), row.status)
-                    if not tags or all(entry.tags.get(k) == v for k, v in tags.items()):
+                    if entry.matches(tags):
                         entries.append(entry)
                 if not tags or len(rows) < 100:
                     break
@@ -120,8 +124,10 @@ class QueueStore:
             ).values(status="failed", finished_at=utcnow(), error=DELETED)).rowcount if rows else 0
         return removed, []
 
-    def inputs(self, queue: str, consumer: str | None, *, start: int, limit: int) -> list[Entry]:
-        """Entries of an input queue still waiting for a worker, from index `start` on (their data: the request)."""
+    def inputs(self, queue: str, consumer: str | None, *, start: int, limit: int,
+               tags: dict[str, str] | None = None) -> list[Entry]:
+        """Entries of an input queue still waiting for a worker, from index `start` on (their data: the request):
+        of the first `limit`, those that carry `tags`."""
         where = [*self._input_scope(queue, consumer), queue_inputs.c.idx >= start, tasks.c.status == "queued",
                  tasks.c.runner.is_(None)]
         with self.db.connect() as conn:
@@ -129,7 +135,8 @@ class QueueStore:
                                        tasks.c.status)
                                 .join(tasks, tasks.c.id == queue_inputs.c.task_id).where(*where)
                                 .order_by(queue_inputs.c.idx).limit(limit)).all()
-        return [_entry(r.idx, r.id, r.tags_json, r.request_json.encode(), r.status) for r in rows]
+        entries = [_entry(r.idx, r.id, r.tags_json, r.request_json.encode(), r.status) for r in rows]
+        return [e for e in entries if e.matches(tags)]
 
     # both ---------------------------------------------------------------------------------------------------
     def find(self, queue: str, consumer: str | None, index: int, *, sink: bool) -> dict[str, Any] | None:

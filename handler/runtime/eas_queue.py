@@ -268,8 +268,7 @@ class QueueService:
                 if name.is_sink:
                     entries = self.store.pending(name.name, consumer, start=start, limit=length, tags=filters)
                 else:
-                    entries = [e for e in self.store.inputs(name.name, consumer, start=start, limit=length)
-                               if all(e.tags.get(k) == v for k, v in filters.items())]
+                    entries = self.store.inputs(name.name, consumer, start=start, limit=length, tags=filters)
                 left = deadline - time.monotonic()
                 if entries or left <= 0 or self.stopping():
                     break
