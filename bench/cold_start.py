@@ -84,6 +84,7 @@ from bench.harness.server import (
     TXT2IMG,
     Server,
     ensure_data,
+    lifecycle_headers,
     payload,
     post,
     running_server,
@@ -240,7 +241,8 @@ def measure(cfg: BenchConfig, server: Server, session, way: str) -> dict[str, An
     out: dict[str, Any] = {"health_s": round(health_s, 3), "health_status": status}
     log.info("%s: /health answers after %.2f s (%s)", server.name, health_s, status)
     if way == "initialize_first":
-        init_ms, r = post(session, server.url, "/initialize", None, cfg.request_timeout)
+        init_ms, r = post(session, server.url, "/initialize", None, cfg.request_timeout,
+                         headers=lifecycle_headers(server.port))
         init = r.json()
         out.update(initialize_ms=init_ms, initialize_done_s=round(time.perf_counter() - t0, 3),
                    initialize_cold_flag=_cold_flag(r), initialize_warmed=init.get("warmed"),

@@ -32,12 +32,15 @@ from handler.records import metering
 from handler.records.billing import decimal_text
 from handler.records.metering import IDEMPOTENCY_HEADER
 from handler.runtime.service import Service
+from handler.security.lifecycle_key import HEADER as LIFECYCLE_HEADER
 from handler.settings import Settings
 
 log = logging.getLogger(__name__)
 
 AUTHENTICATED_BLUEPRINTS = ("sdapi", "internal", "controlnet", "account", "downloads", "eas_queue")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/security/lifecycle_key.py)
 GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
+LIFECYCLE_HOOKS = ("/initialize", "/pre-stop")
+LIFECYCLE_SCHEME = "lifecycleKey"
 # Answered by gunicorn before the app sees the request (an HTML body): documented so clients expect them.
 GUNICORN_REFUSALS = {
     400: "A malformed request line or header, or headers over gunicorn's limits (gunicorn's answer)",
@@ -161,10 +164,14 @@ def _finish_document(app: OpenAPI, mode: str) -> None:
     from flask_openapi3.models import Response as DocResponse
 
     guarded: set[str] = set()
+    app.security_schemes = {LIFECYCLE_SCHEME: {
+        "type": "apiKey", "in": "header", "name": LIFECYCLE_HEADER,
+        "description": "The instance's lifecycle key (`sdfunc hook` reads it from a file only the container's user "
+                       "can read): the lifecycle hooks need it in every auth mode, or an admin's credentials."}}
     if mode != "none":
-        app.security_schemes = {mode: {"type": "http", "scheme": "basic"} if mode == "basic" else
-                                {"type": "apiKey", "in": "header", "name": "Authorization",
-                                 "description": "A service token or a consumer's key, bare or after `Bearer `."}}
+        app.security_schemes[mode] = ({"type": "http", "scheme": "basic"} if mode == "basic" else
+                                      {"type": "apiKey", "in": "header", "name": "Authorization",
+                                       "description": "A service token or a consumer's key, bare or after `Bearer `."})
         guarded = {re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule.rule) for rule in app.url_map.iter_rules()
                    if rule.endpoint.split(".")[0] in AUTHENTICATED_BLUEPRINTS}
     for path, shared in app.paths.items():
@@ -177,3 +184,5 @@ def _finish_document(app: OpenAPI, mode: str) -> None:
                 operation.responses.setdefault(str(status), DocResponse(description=description))
             if path in guarded:
                 operation.security = [{mode: []}]
+            elif path in LIFECYCLE_HOOKS:
+                operation.security = [{LIFECYCLE_SCHEME: []}] + ([{mode: []}] if mode != "none" else [])

@@ -9,6 +9,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -191,6 +192,15 @@ def close_apps(apps) -> None:
 
 def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def hook_headers(app_or_client: Any) -> dict[str, str]:
+    """The header that opens the lifecycle hooks (`/initialize`, `/pre-stop`) of an in-process app, as
+    `sdfunc hook` sends it."""
+    from handler.security import lifecycle_key
+
+    app = getattr(app_or_client, "application", app_or_client)
+    return {lifecycle_key.HEADER: app.extensions["sdfunc"].lifecycle_key}
 
 
 TINY = {"prompt": "a red house", "steps": 1, "width": 64, "height": 64, "seed": 7}

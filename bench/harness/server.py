@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,6 +93,23 @@ def max_pixel_diff(a, b) -> int:
         return 255
     pixels_a = np.asarray(a.convert("RGB"), dtype=np.int16)
     return int(np.abs(pixels_a - np.asarray(b.convert("RGB"), dtype=np.int16)).max())
+
+
+# Where an instance keeps its lifecycle key, as handler.security.lifecycle_key writes it (the bench may not import
+# the handler's inside): the worker serving a port writes a random key to <temp dir>/sdfunc-lifecycle-<port>.key
+# (mode 0600), and the lifecycle hooks (`POST /initialize`, `GET /pre-stop`) accept it in this header, in every
+# auth mode. A change there must be made here too; the hooks' end-to-end tests fail when the two disagree.
+LIFECYCLE_HEADER = "X-Sdfunc-Lifecycle-Key"
+
+
+def lifecycle_headers(port: int) -> dict[str, str]:
+    """The lifecycle key of the instance serving `port` in its header, as FC's hooks (`sdfunc hook`) send it;
+    none when no key was written (the server has not started)."""
+    try:
+        key = (Path(tempfile.gettempdir()) / f"sdfunc-lifecycle-{port}.key").read_text().strip()
+    except FileNotFoundError:
+        return {}
+    return {LIFECYCLE_HEADER: key} if key else {}
 
 
 class Server:
@@ -212,10 +230,10 @@ def running_server(data: Path, workdir: Path, *, warmup: bool, threads: int, nam
 
 
 def post(session, url: str, path: str, body: dict[str, Any] | None,
-         timeout: float = REQUEST_TIMEOUT) -> tuple[float, Any]:
+         timeout: float = REQUEST_TIMEOUT, headers: dict[str, str] | None = None) -> tuple[float, Any]:
     """POST and wait for the whole body: (milliseconds, response). Non-200 raises."""
     started = time.perf_counter()
-    r = session.post(url + path, json=body, timeout=timeout)
+    r = session.post(url + path, json=body, timeout=timeout, headers=headers)
     elapsed = time.perf_counter() - started
     if r.status_code != 200:
         raise RuntimeError(f"POST {path} -> {r.status_code}: {r.text[:500]}")

@@ -36,7 +36,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -44,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.harness.server import free_port
+from bench.harness.server import free_port, lifecycle_headers
 from bench.scale.profile import Profile, shape_key
 
 log = logging.getLogger(__name__)
@@ -57,18 +56,6 @@ STARTING, READY, STOPPING, STOPPED, FAILED = "starting", "ready", "stopping", "s
 _TINY_PNG = base64.b64encode(bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
     "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082")).decode()
-
-
-# Where an instance keeps its lifecycle key, as handler.security.lifecycle_key writes it (the bench may not import
-# the handler's inside): the worker serving a port writes a random key to <temp dir>/sdfunc-lifecycle-<port>.key
-# (mode 0600), and the lifecycle hooks accept it in this header. A change there must be made here too; the
-# emulator's tests with auth on (tests/test_bench_scale.py) fail when the two disagree.
-LIFECYCLE_HEADER = "X-Sdfunc-Lifecycle-Key"
-
-
-def lifecycle_key_file(port: int) -> Path:
-    """Where the worker serving `port` keeps its lifecycle key."""
-    return Path(tempfile.gettempdir()) / f"sdfunc-lifecycle-{port}.key"
 
 
 SECRET_WORDS = ("AUTH", "KEY", "TOKEN", "PASSWORD", "SECRET", "USERS", "CREDENTIAL")
@@ -247,13 +234,8 @@ class GunicornInstance(Instance):
         return self.proc is not None and self.proc.poll() is None
 
     def _lifecycle_headers(self) -> dict[str, str]:
-        """The instance's lifecycle key in its header, as FC's hooks (`sdfunc hook`) send it; none when the
-        instance wrote no key (auth off, or not started)."""
-        try:
-            key = lifecycle_key_file(self.port).read_text().strip()
-        except FileNotFoundError:
-            return {}
-        return {LIFECYCLE_HEADER: key} if key else {}
+        """The instance's lifecycle key in its header, as FC's hooks (`sdfunc hook`) send it."""
+        return lifecycle_headers(self.port)
 
     def log_tail(self) -> str:
         try:

@@ -27,14 +27,16 @@ def _service() -> Service:
 
 
 def _hook_caller() -> None:
-    """With auth on, a lifecycle hook needs the instance's lifecycle key (`sdfunc hook`) or an admin: 401
-    without credentials, 403 for a non-admin. Auth mode none: open."""
+    """A lifecycle hook needs the instance's lifecycle key (`sdfunc hook`), in every auth mode, or an admin's
+    credentials where there are credentials: with auth on, 401 without them and 403 for a non-admin; in auth
+    mode `none`, 403 without the key. Nothing is changed by a refused call."""
     service = _service()
-    if service.lifecycle_key is None:
-        return
     given = request.headers.get(lifecycle.HEADER, "")
     if given and hmac.compare_digest(given.encode(), service.lifecycle_key.encode()):
         return
+    if service.settings.auth.mode == "none":
+        raise Forbidden(f"the lifecycle hooks need this instance's lifecycle key in {lifecycle.HEADER} "
+                        "(`sdfunc hook initialize` and `sdfunc hook pre-stop` send it)")
     caller = service.auth.authenticate(request.headers.get("Authorization"))
     if not caller.admin:
         raise Forbidden("only the instance's lifecycle hook (sdfunc hook) or an admin may call this")
@@ -44,7 +46,7 @@ def _hook_caller() -> None:
 def initialize():
     """FC initializer: preload the warm-up checkpoints and run one small generation per warm-up shape.
     Idempotent: later calls wait for the first and load nothing. Answers with the cold-start breakdown.
-    With auth on: the lifecycle key (`sdfunc hook initialize`) or an admin's credentials."""
+    Needs the lifecycle key (`sdfunc hook initialize`) or, with auth on, an admin's credentials."""
     _hook_caller()
     try:
         return jsonify(_service().warmup())
@@ -57,8 +59,8 @@ def initialize():
 @bp.get("/pre-stop", responses={200: PreStopResponse, **_hook_errors})
 def pre_stop():
     """FC pre-stop: refuse new work (503), wait for admitted requests up to the grace period, release the
-    device memory, flush the logs. Idempotent. With auth on: the lifecycle key (`sdfunc hook pre-stop`) or an
-    admin's credentials."""
+    device memory, flush the logs. Idempotent; afterwards `/healthz` answers 503 with status STOPPING. Needs the
+    lifecycle key (`sdfunc hook pre-stop`) or, with auth on, an admin's credentials."""
     _hook_caller()
     return jsonify(_service().stop())
 

@@ -102,9 +102,8 @@ class Service:
         self.ledger = Ledger(self.db, settings.billing.currency) if self.db is not None else None
         self.consumers = Consumers(self.db) if self.db is not None else None
         self.auth = Authenticator(settings.auth, self.consumers)
-        # With auth on, the lifecycle hooks need this key (or an admin): handler/security/lifecycle_key.py.
-        self.lifecycle_key = (lifecycle.create_key(lifecycle.key_file(settings.port))
-                              if settings.auth.mode != "none" else None)
+        # The lifecycle hooks need this key (or an admin), in every auth mode: handler/security/lifecycle_key.py.
+        self.lifecycle_key = lifecycle.create_key(lifecycle.key_file(settings.port))
         self.planner = Planner(settings, store=self.store, loras=self.loras, styles=self.styles,
                                options=self.consumer_options, storage=self.storage, controlnets=self.controlnet_models)
         self.responder = Responder(settings, store=self.store, loras=self.loras, embeddings=self.embeddings,

@@ -1,11 +1,11 @@
-"""Who may call the lifecycle hooks (`POST /initialize`, `GET /pre-stop`) when authentication is on.
+"""Who may call the lifecycle hooks (`POST /initialize`, `GET /pre-stop`).
 
-FC's own lifecycle calls carry no credentials, and on a public HTTP trigger anyone could otherwise stop an
-instance with `GET /pre-stop`. So in s.yaml the hooks are commands run inside the container, `sdfunc hook
-initialize` and `sdfunc hook pre-stop`, which call the routes on 127.0.0.1 with the instance's lifecycle key:
-a random value the worker writes at start to a file only the container's user can read (`key_file(port)`,
-mode 0600). With auth on, the routes accept that key (`X-Sdfunc-Lifecycle-Key`) or an admin's credentials;
-with auth mode `none` (local use) they stay open.
+FC's own lifecycle calls carry no credentials, and anyone who reaches the port could otherwise stop an instance
+with `GET /pre-stop` (the server binds 0.0.0.0). So in s.yaml the hooks are commands run inside the container,
+`sdfunc hook initialize` and `sdfunc hook pre-stop`, which call the routes on 127.0.0.1 with the instance's
+lifecycle key: a random value the worker writes at start to a file only the container's user can read
+(`key_file(port)`, mode 0600). In every auth mode the routes accept that key (`X-Sdfunc-Lifecycle-Key`); with
+auth on, an admin's credentials too. In auth mode `none` there are no credentials, so only the key opens them.
 """
 
 from __future__ import annotations

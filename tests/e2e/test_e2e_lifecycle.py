@@ -92,7 +92,7 @@ def test_warm_start_metrics_request_log_and_pre_stop(models):
 
         # /initialize after the warm-up (twice): nothing loads again.
         for _ in range(2):
-            init = requests.post(f"{server.url}/initialize", timeout=120)
+            init = requests.post(f"{server.url}/initialize", headers=server.hook_headers(), timeout=120)
             assert init.status_code == 200 and init.json()["warmed"] is False
             assert init.json()["cold_start"] == cold
             assert [g["width"] for g in init.json()["checkpoints"][0]["generations"]] == [512]
@@ -149,7 +149,7 @@ def test_warm_start_metrics_request_log_and_pre_stop(models):
             done["slow"] = _txt2img(server, {**SMALL, "width": 512, "height": 512, "steps": 10})
 
         def stop() -> None:
-            done["stop"] = requests.get(f"{server.url}/pre-stop", timeout=180)
+            done["stop"] = requests.get(f"{server.url}/pre-stop", headers=server.hook_headers(), timeout=180)
             # what the server has in flight the moment pre-stop has answered
             in_flight_after_stop.append(requests.get(f"{server.url}/health", timeout=5).json()["in_flight"])
 
@@ -213,7 +213,7 @@ def test_cold_request_without_warm_up_then_initialize_loads_nothing(models, tmp_
         cold = requests.get(f"{server.url}/healthz", timeout=5).json()["cold_start"]
         assert cold["complete"] is True and set(cold["phases"]) == PHASES
         for expected in (True, False):
-            init = requests.post(f"{server.url}/initialize", timeout=120).json()
+            init = requests.post(f"{server.url}/initialize", headers=server.hook_headers(), timeout=120).json()
             assert init["warmed"] is expected and init["cold_start"] == cold
         samples = _scrape(server)
         assert metric(samples, "sdfunc_pipeline_cache_loads_total") == 1

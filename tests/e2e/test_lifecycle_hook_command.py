@@ -1,6 +1,6 @@
-"""`sdfunc hook initialize` and `sdfunc hook pre-stop`, as FC runs them in the container, against a real server
-with authentication on: the hook command gets through with the instance's lifecycle key, the public way does
-not. (The hooks' authorization in process: tests/http/test_lifecycle_auth.py.)"""
+"""`sdfunc hook initialize` and `sdfunc hook pre-stop`, as FC runs them in the container, against a real server:
+the hook command gets through with the instance's lifecycle key, the public way does not. (The hooks'
+authorization in process: tests/http/test_lifecycle_auth.py.)"""
 
 from __future__ import annotations
 
@@ -15,16 +15,18 @@ from tests.support.serving import ServeProcess
 
 
 def test_sdfunc_hook_drives_a_real_server(data_dir, tmp_path):
-    """What FC runs in the container: `sdfunc hook initialize`, then `sdfunc hook pre-stop`."""
+    """What FC runs in the container: `sdfunc hook initialize`, then `sdfunc hook pre-stop`, on a server in the
+    default auth mode `none` (where the hooks' key is the only way in; with auth on an admin may call them too,
+    tests/http/test_lifecycle_auth.py)."""
     root = tmp_path / "data"
     shutil.copytree(data_dir / "models" / "Stable-diffusion", root / "models" / "Stable-diffusion")
-    server = ServeProcess(root, SDFUNC_AUTH__MODE="basic", SDFUNC_AUTH__USERS="alice:pw1",
-                          SDFUNC_WARMUP__ON_START="false", SDFUNC_WARMUP__SHAPES='["sd1:64x64@1"]')
+    server = ServeProcess(root, SDFUNC_WARMUP__ON_START="false", SDFUNC_WARMUP__SHAPES='["sd1:64x64@1"]')
     try:
         server.wait_state("READY")
-        assert requests.get(f"{server.url}/pre-stop", timeout=10).status_code == 401  # the public way is shut
+        for method, path in (("POST", "/initialize"), ("GET", "/pre-stop")):  # the public way is shut
+            assert requests.request(method, f"{server.url}{path}", timeout=10).status_code == 403
+        assert requests.get(f"{server.url}/healthz", timeout=10).json()["status"] == "READY"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SDFUNC_")}
-        env["SDFUNC_AUTH__MODE"] = "basic"
 
         def hook(name: str) -> subprocess.CompletedProcess:
             return subprocess.run([sys.executable, "-m", "handler.cli", "hook", name, "--port", str(server.port),

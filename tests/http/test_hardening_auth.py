@@ -99,23 +99,29 @@ def test_every_route_but_the_open_ones_needs_credentials(make_app, auth):
 @pytest.mark.parametrize("auth", [USERS, TOKENS], ids=["basic", "token"])
 def test_the_document_declares_the_credentials_each_route_needs(make_app, auth):
     """With auth on, the OpenAPI document names the scheme on every route that needs credentials, and on
-    no other; 401 and 429 (too many failures) are documented answers there. With auth off: no scheme."""
+    no other; 401 and 429 (too many failures) are documented answers there. The lifecycle hooks take the
+    lifecycle key or the scheme; with auth off, only the key."""
     app = make_app(auth=auth)
     doc = app.test_client().get("/openapi/openapi.json").json
     mode = auth["mode"]
-    assert set(doc["components"]["securitySchemes"]) == {mode}
-    secured, open_ = set(), set()
+    assert set(doc["components"]["securitySchemes"]) == {mode, "lifecycleKey"}
+    secured, hooks, open_ = set(), set(), set()
     for path, item in doc["paths"].items():
         for method, operation in item.items():
-            (secured if operation.get("security") == [{mode: []}] else open_).add(f"{method.upper()} {path}")
+            security = operation.get("security")
+            group = secured if security == [{mode: []}] else hooks if security == [{"lifecycleKey": []},
+                                                                                   {mode: []}] else open_
+            group.add(f"{method.upper()} {path}")
             if "security" in operation:
                 assert {"401", "429"} <= set(operation["responses"]), (method, path)
     assert {"POST /sdapi/v1/txt2img", "GET /images/{image_id}", "GET /tasks/{task_id}", "GET /billing/usage",
             "POST /models/download", "GET /account"} <= secured
-    assert {"GET /health", "GET /healthz", "GET /metrics", "POST /initialize", "GET /pre-stop"} <= open_
+    assert hooks == {"POST /initialize", "GET /pre-stop"}  # the lifecycle key or an admin
+    assert {"GET /health", "GET /healthz", "GET /metrics"} <= open_
     off = make_app().test_client().get("/openapi/openapi.json").json
-    assert not off.get("components", {}).get("securitySchemes")
-    assert not any("security" in op for item in off["paths"].values() for op in item.values())
+    assert set(off["components"]["securitySchemes"]) == {"lifecycleKey"}  # the hooks need the key even so
+    assert {f"{method.upper()} {path}" for path, item in off["paths"].items() for method, op in item.items()
+            if "security" in op} == {"POST /initialize", "GET /pre-stop"}
 
 
 def test_the_open_routes_reveal_no_consumer_data(make_app):

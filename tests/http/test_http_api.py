@@ -6,7 +6,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from tests.conftest import png_b64
+from tests.conftest import hook_headers, png_b64
 
 
 def test_sd_models_lists_demo_checkpoints_in_a1111_shape(client, service, data_dir):
@@ -140,9 +140,9 @@ def test_progress_idle_and_interrupt(client):
 
 
 def test_fc_initialize_is_idempotent_and_health_reports_ready(client):
-    first = client.post("/initialize")
+    first = client.post("/initialize", headers=hook_headers(client))
     assert first.status_code == 200 and first.json["status"] == "READY"
-    second = client.post("/initialize")
+    second = client.post("/initialize", headers=hook_headers(client))
     assert second.status_code == 200 and second.json["warmed"] is False
     health = client.get("/health").json
     assert health["status"] == "READY"
@@ -155,10 +155,10 @@ def test_fc_pre_stop_refuses_new_work(data_dir):
 
     app = create_app(make_settings(data_dir))
     client = app.test_client()
-    body = client.get("/pre-stop").json
+    body = client.get("/pre-stop", headers=hook_headers(client)).json
     assert body.pop("waited_seconds") >= 0
     assert body == {"status": "stopped", "drained": True, "waited_for": 0, "in_flight": 0, "released_models": 0}
-    assert client.get("/pre-stop").status_code == 200
+    assert client.get("/pre-stop", headers=hook_headers(client)).status_code == 200
     r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
     assert r.json["error"]["code"] == "not_ready"
@@ -207,7 +207,8 @@ def test_pre_stop_waits_for_requests_already_waiting_for_the_device(data_dir):
                                   kwargs={"json": {"steps": 1, "width": 64, "height": 64}})
         caller.start()
         wait_for(lambda: service.device.pending >= 2, what="the request to queue behind the busy job")
-        stopper = threading.Thread(target=call, args=("stop", "get", "/pre-stop"))
+        stopper = threading.Thread(target=call, args=("stop", "get", "/pre-stop"),
+                                   kwargs={"headers": hook_headers(app)})
         stopper.start()
         wait_for(lambda: service.state == "STOPPING", what="pre-stop")
         late = app.test_client().post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64})

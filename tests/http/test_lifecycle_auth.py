@@ -1,7 +1,7 @@
-"""With authentication on, the lifecycle hooks (`POST /initialize`, `GET /pre-stop`) answer only the instance's
-own hook command (`sdfunc hook`, with the lifecycle key it reads from a file only the container's user can
-read) or an admin: a public trigger must not let anyone stop or warm an instance. With auth mode `none` they
-stay open. (`sdfunc hook` against a real server: tests/e2e/test_lifecycle_hook_command.py.)"""
+"""The lifecycle hooks (`POST /initialize`, `GET /pre-stop`) answer only the instance's own hook command
+(`sdfunc hook`, with the lifecycle key it reads from a file only the container's user can read) or, with
+authentication on, an admin: anyone who reaches the port must not stop or warm an instance, in auth mode `none`
+too. (`sdfunc hook` against a real server: tests/e2e/test_lifecycle_hook_command.py.)"""
 
 from __future__ import annotations
 
@@ -50,13 +50,26 @@ def test_hooks_need_the_lifecycle_key_or_an_admin(guarded):
     assert service.state == "STOPPING"
 
 
-def test_hooks_stay_open_without_auth(data_dir, tmp_path):
+def test_hooks_need_the_key_without_auth_too(data_dir, tmp_path):
+    """Auth mode `none` (the default, bound to 0.0.0.0): no credentials exist, so only the key opens the hooks."""
     app = build(data_dir, tmp_path, port=19532)
+    client = app.test_client()
+    service = app.extensions["sdfunc"]
     try:
-        assert app.extensions["sdfunc"].lifecycle_key is None
-        assert not lifecycle.key_file(19532).exists()
-        assert app.test_client().post("/initialize").status_code == 200
-        assert app.test_client().get("/pre-stop").status_code == 200
+        assert lifecycle.read_key(lifecycle.key_file(19532)) == service.lifecycle_key
+        for method, path in (("POST", "/initialize"), ("GET", "/pre-stop")):
+            for headers in ({}, {lifecycle.HEADER: "guess"}, basic("anyone", "pw")):
+                refused = client.open(path, method=method, headers=headers)
+                assert refused.status_code == 403, (path, headers)
+                assert refused.json["error"]["code"] == "forbidden" and lifecycle.HEADER in refused.json["error"][
+                    "message"]
+        assert service.state == "READY" and not service.loaded_models()  # not drained, nothing warmed
+        assert client.get("/healthz").status_code == 200
+        assert client.post("/initialize", headers={lifecycle.HEADER: service.lifecycle_key}).status_code == 200
+        assert service.loaded_models()
+        for _ in range(2):  # draining is idempotent
+            assert client.get("/pre-stop", headers={lifecycle.HEADER: service.lifecycle_key}).status_code == 200
+        drained = client.get("/healthz")
+        assert drained.status_code == 503 and drained.json["status"] == "STOPPING"
     finally:
-        app.extensions["sdfunc"].stop()
-
+        service.stop()

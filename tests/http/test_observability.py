@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import device_held, make_settings
+from tests.conftest import device_held, hook_headers, make_settings
 from tests.support.serving import metric, metric_samples
 from tests.support.waiting import wait_for
 
@@ -60,7 +60,7 @@ def test_warm_up_loads_each_checkpoint_once_and_runs_matching_shapes(data_dir):
     client, service = app.test_client(), app.extensions["sdfunc"]
     assert client.get("/healthz").status_code == 200  # no warm-up pending: ready, though cold
     assert client.get("/healthz").json["cold_start"]["complete"] is False
-    first = client.post("/initialize")
+    first = client.post("/initialize", headers=hook_headers(client))
     assert first.status_code == 200, first.json
     body = first.json
     assert body["warmed"] is True and body["status"] == "READY"
@@ -71,7 +71,7 @@ def test_warm_up_loads_each_checkpoint_once_and_runs_matching_shapes(data_dir):
     assert set(cold["phases"]) == {"process_to_app", "imports", "device_init", "read_weights", "to_device",
                                    "first_generation"}
     assert service.cache.stats.loads == 2
-    second = client.post("/initialize").json
+    second = client.post("/initialize", headers=hook_headers(client)).json
     assert second["warmed"] is False and second["checkpoints"] == body["checkpoints"]
     assert service.cache.stats.loads == 2
     # A request after the warm-up is not a cold one, and the breakdown no longer changes.
@@ -94,14 +94,14 @@ def test_first_request_completes_the_cold_start_without_warm_up(data_dir):
 def test_failed_warm_up_reports_failed_and_can_be_retried(data_dir):
     app = _app(data_dir, warmup={"on_start": False, "checkpoints": ["no-such-model"]})
     client, service = app.test_client(), app.extensions["sdfunc"]
-    r = client.post("/initialize")
+    r = client.post("/initialize", headers=hook_headers(client))
     assert r.status_code == 503 and r.json["error"]["code"] == "not_ready"
     assert "Traceback" not in r.get_data(as_text=True)
     health = client.get("/healthz")
     assert health.status_code == 503 and health.json["status"] == "FAILED"
     assert client.get("/health").status_code == 200  # liveness stays up: the process answers
     service.settings.warmup.checkpoints = ["demo-sd15"]  # the operator fixes the mount; FC retries
-    assert client.post("/initialize").json["warmed"] is True
+    assert client.post("/initialize", headers=hook_headers(client)).json["warmed"] is True
     assert client.get("/healthz").json["status"] == "READY"
 
 
@@ -169,7 +169,7 @@ def test_pre_stop_gives_up_after_its_grace_period(data_dir):
             target=lambda: result.update(r=app.test_client().post("/sdapi/v1/txt2img", json=SMALL)))
         caller.start()
         wait_for(lambda: service.in_flight >= 1, what="the request to be admitted")
-        body = app.test_client().get("/pre-stop").json
+        body = app.test_client().get("/pre-stop", headers=hook_headers(app)).json
         assert body["drained"] is False and body["waited_for"] == body["in_flight"] == 1
         assert body["released_models"] == 0
         assert body["waited_seconds"] >= 0.2

@@ -14,7 +14,7 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.harness.server import free_port, stop_process_group
+from bench.harness.server import free_port, lifecycle_headers, stop_process_group
 from tests.support.waiting import wait_for
 
 
@@ -96,6 +96,10 @@ class ServeProcess:
             except OSError:  # closed while we looked
                 continue
         return False
+
+    def hook_headers(self) -> dict[str, str]:
+        """The header that opens this server's lifecycle hooks, as `sdfunc hook` sends it."""
+        return lifecycle_headers(self.port)
 
     def log_entries(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far."""
