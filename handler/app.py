@@ -14,7 +14,7 @@ from flask import Response, g, request
 from flask_openapi3 import Info, OpenAPI
 
 from handler import __version__
-from handler.api import account, downloads, eas_queue, web
+from handler.api import account, document, downloads, eas_queue, web
 from handler.api import controlnet as controlnet_api
 from handler.api import internal as a1111_internal
 from handler.api import lifecycle as fc
@@ -153,6 +153,13 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.register_api(web.bp)
     app.register_blueprint(eas_queue.bp)  # PAI-EAS's queue protocol: protobuf and a WebSocket, outside the document
     _finish_document(app, settings.auth.mode)
+    generate = app.generate_spec_json
+
+    def _complete_document() -> None:  # on the first GET of the document (sampler names import torch)
+        generate()
+        document.complete(app.spec_json, settings)
+
+    app.generate_spec_json = _complete_document
     service.coldstart.app_ready()
     return app
 

@@ -12,6 +12,7 @@ from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
 from handler.contract.images import b64, read_image
+from handler.contract.schemas import Float
 from handler.errors import ErrorModel
 
 _tag = Tag(name="controlnet", description="sd-webui-controlnet's API: models, preprocessors, detection")
@@ -51,9 +52,9 @@ class DetectRequest(BaseModel):
     controlnet_module: str = Field("none", max_length=200, description="A preprocessor of /controlnet/module_list.")
     controlnet_input_images: list[str] = Field(default_factory=list, max_length=MAX_DETECT_IMAGES,
                                                description="Base64 images or data URLs.")
-    controlnet_processor_res: float = Field(512, description="Outside the preprocessor's range: its default.")
-    controlnet_threshold_a: float = Field(64)
-    controlnet_threshold_b: float = Field(64)
+    controlnet_processor_res: Float = Field(512, description="Outside the preprocessor's range: its default.")
+    controlnet_threshold_a: Float = Field(64)
+    controlnet_threshold_b: Float = Field(64)
 
 
 class DetectResponse(BaseModel):
@@ -102,8 +103,10 @@ def settings():
 def detect(body: DetectRequest):
     """Run one preprocessor on each image at its own size; the detected maps as base64 PNGs."""
     from pipelines.controlnet.detectmap import detect_map
+    from pipelines.controlnet.preprocessors import find_preprocessor
     from pipelines.infotext import png_bytes
 
+    find_preprocessor(body.controlnet_module, "controlnet_module")  # refused with no images too
     limit = current_app.extensions["sdfunc"].settings.max_input_pixels
     images = [read_image(data, field=f"controlnet_input_images.{i}", max_pixels=limit)
               for i, data in enumerate(body.controlnet_input_images)]

@@ -16,10 +16,15 @@ import re
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
+
+from handler.contract.schemas import HOST
 
 ModelType = Literal["CHECKPOINT", "LORA", "VAE", "EMBEDDING", "CONTROLNET", "OTHER"]
 SAFETENSORS_ONLY = ("CHECKPOINT", "LORA", "VAE", "EMBEDDING")  # what the stores load refuse pickles
+# https:// (or http://, with downloads.allow_http) and a host, or oss://bucket/key; printable ASCII after that
+SOURCE = (rf"^(?:[Hh][Tt][Tt][Pp][Ss]?://{HOST}(?::[0-9]{{1,5}})?(?:[/?#][!-~]*)?"
+          rf"|[Oo][Ss][Ss]://[a-z0-9][a-z0-9-]{{1,61}}[a-z0-9]/[!-~]*[^/\s][!-~]*)$")
 
 
 class DownloadRequest(BaseModel):
@@ -27,7 +32,7 @@ class DownloadRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(..., min_length=1, max_length=4096,
+    source: str = Field(..., min_length=1, max_length=4096, pattern=SOURCE,
                         description="https:// URL (http:// with downloads.allow_http) or oss://bucket/key.")
     type: ModelType = Field(..., description="What the file is; it names the folder.")
     folder: str | None = Field(None, max_length=512, validate_default=True,
@@ -35,7 +40,7 @@ class DownloadRequest(BaseModel):
     file_name: str = Field(..., min_length=1, max_length=255,
                            description="Name of the file to write; .safetensors except for CONTROLNET and OTHER.")
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="Expected SHA-256 (hex); checked.")
-    overwrite: bool = Field(False, description="Replace an existing file of that name (else 409).")
+    overwrite: StrictBool = Field(False, description="Replace an existing file of that name (else 409).")
 
     @field_validator("source")
     @classmethod

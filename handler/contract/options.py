@@ -92,11 +92,19 @@ _TYPES["sd_model_checkpoint"] = (str,)
 _TYPES["sd_checkpoint_hash"] = (str,)
 
 
+def option_value(key: str, value: Any) -> Any:
+    """`value` as the option keeps it: an integral float for an integer option becomes that integer."""
+    if _TYPES.get(key) == (int,) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def check_option_value(key: str, value: Any) -> str | None:
     """None when `value` is acceptable for `key`, else the reason (for a 422)."""
     if key not in DEFAULT_OPTIONS:
         return "unknown option"
     kinds = _TYPES[key]
+    value = option_value(key, value)  # 2.0 is a JSON integer too (the document says "integer")
     if isinstance(value, bool) and bool not in kinds:
         return f"must be of type {kinds[0].__name__}"
     if not isinstance(value, kinds):

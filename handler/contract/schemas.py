@@ -3,7 +3,7 @@
 These models are both the validation and the OpenAPI document. Unknown top-level keys are ignored, as
 A1111 does. Numbers are taken as JSON numbers only: a bool or a string for a number is refused (A1111's
 pydantic v1 coerced them; clients we know send proper numbers, and a schema that says "integer" must mean
-it). Integral floats such as `688.0` are accepted for integers. Bounds that depend on settings (largest
+it); a boolean is true or false, never 0, 1 or "yes". Integral floats such as `688.0` are accepted for integers. Bounds that depend on settings (largest
 size, most images) are checked in the service, which names the field the same way.
 """
 
@@ -11,9 +11,19 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 
 def _number_only(value: Any) -> Any:
@@ -34,6 +44,10 @@ Int = Annotated[int, BeforeValidator(_number_only)]
 Float = Annotated[float, BeforeValidator(_number_only)]
 IntOrBool = Annotated[int, BeforeValidator(_int_or_bool)]
 
+# An http(s) URL as clients send it: a host name or IPv4 address, an optional port, then printable ASCII.
+HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+HTTP_URL = rf"^[Hh][Tt][Tt][Pp][Ss]?://{HOST}(?::[0-9]{{1,5}})?(?:[/?#][!-~]*)?$"
+
 MAX_TEXT = 100_000  # hard ceiling; the configurable prompt limit is checked in the service
 
 
@@ -53,11 +67,30 @@ def nested_deeper(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return False
 
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _null_is_default_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """The document says what `A1111Model` accepts: null for every field with a non-null default, and the
+    bounds of optional numbers (which pydantic leaves as `ge`/`le` behind a BeforeValidator) as JSON Schema's."""
+    for prop in schema.get("properties", {}).values():
+        for alternative in prop.get("anyOf", ()):
+            for key, standard in _BOUNDS.items():
+                if key in alternative:
+                    alternative[standard] = alternative.pop(key)
+    for name, prop in schema.get("properties", {}).items():
+        field = model.model_fields.get(name)
+        if field is None or field.is_required() or field.default is None or "anyOf" in prop:
+            continue
+        meta = {key: prop.pop(key) for key in ("title", "description", "default") if key in prop}
+        schema["properties"][name] = {**meta, "anyOf": [prop, {"type": "null"}]}
+
+
 class A1111Model(BaseModel):
     """Unknown keys are ignored; a JSON null for a field that has a non-null default means that default
     (A1111's request fields are all Optional, and its processing treats None as "use the default")."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, json_schema_extra=_null_is_default_schema)
 
     @model_validator(mode="before")
     @classmethod
@@ -89,12 +122,12 @@ class GenerationRequest(A1111Model):
     cfg_scale: Float = Field(7.0, ge=0.0, le=100.0, description="Classifier-free guidance scale.")
     width: Int = Field(512, ge=8, description="Width; floored to a multiple of 8.")
     height: Int = Field(512, ge=8, description="Height; floored to a multiple of 8.")
-    restore_faces: bool | None = Field(None, description="Face restoration is not offered: true is refused.")
-    tiling: bool | None = Field(None, description="Seamless tiling (circular padding) for this request.")
-    do_not_save_samples: bool = Field(False)
-    do_not_save_grid: bool = Field(False)
-    eta: Float | None = Field(None, ge=0.0, description="Noise multiplier; applied by DDIM (see docs/samplers.md).")
-    denoising_strength: Float | None = Field(None, ge=0.0, le=1.0)
+    restore_faces: StrictBool | None = Field(None, description="Face restoration is not offered: true is refused.")
+    tiling: StrictBool | None = Field(None, description="Seamless tiling (circular padding) for this request.")
+    do_not_save_samples: StrictBool = Field(False)
+    do_not_save_grid: StrictBool = Field(False)
+    eta: Annotated[Float, Field(ge=0.0)] | None = Field(None, description="Noise multiplier; applied by DDIM (see docs/samplers.md).")
+    denoising_strength: Annotated[Float, Field(ge=0.0, le=1.0)] | None = Field(None)
     s_min_uncond: Float | None = Field(None)
     s_churn: Float | None = Field(None)
     s_tmax: Float | None = Field(None)
@@ -103,20 +136,20 @@ class GenerationRequest(A1111Model):
     override_settings: dict[str, Any] | None = Field(
         None, description="Per-request option overrides: sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers."
     )
-    override_settings_restore_afterwards: bool = Field(True)
+    override_settings_restore_afterwards: StrictBool = Field(True)
     refiner_checkpoint: str | None = Field(
         None, max_length=1000, description="txt2img: an SDXL checkpoint that finishes the sampling (title, name, hash or "
         "a substring of a title); the base checkpoint must be SDXL too. Not with enable_hr.")
     refiner_switch_at: Float | None = Field(
         None, description="Fraction of the steps after which the refiner takes over (0 < x <= 1; 1 = never).")
-    disable_extra_networks: bool = Field(False)
+    disable_extra_networks: StrictBool = Field(False)
     firstpass_image: str | None = Field(None, description="Ignored: the first pass is always generated.")
     comments: dict[str, Any] | None = Field(None)
     script_name: str | None = Field(None, max_length=200, description="Selectable script; none are installed.")
     script_args: list[Any] = Field(default_factory=list)
-    send_images: bool = Field(True, description="false -> images: []. With PAI-EAS `alwayson_scripts.save_dir` "
+    send_images: StrictBool = Field(True, description="false -> images: []. With PAI-EAS `alwayson_scripts.save_dir` "
                                                 "the images are left out unless this is sent as true.")
-    save_images: bool = Field(False, description="Write the images under <data>/outputs.")
+    save_images: StrictBool = Field(False, description="Write the images under <data>/outputs.")
     alwayson_scripts: dict[str, Any] = Field(
         default_factory=dict,
         description="Always-on scripts, and the PAI-EAS keys sd_model_checkpoint, sd_vae, save_dir, image_link, id_task, "
@@ -143,7 +176,7 @@ class GenerationRequest(A1111Model):
 class Txt2ImgRequest(GenerationRequest):
     """POST /sdapi/v1/txt2img."""
 
-    enable_hr: bool = Field(False, description="Hires fix: upscale the first pass and denoise it again (img2img at "
+    enable_hr: StrictBool = Field(False, description="Hires fix: upscale the first pass and denoise it again (img2img at "
                             "denoising_strength, 0.75 when null).")
     firstphase_width: Int = Field(0, ge=0, description="Legacy: non-zero runs the first pass at this width and makes "
                                   "width x height the hires target.")
@@ -174,15 +207,15 @@ class Img2ImgRequest(GenerationRequest):
     mask: str | None = Field(None, description="Base64 mask; white = repaint.")
     mask_blur_x: Int = Field(4, ge=0, le=256)
     mask_blur_y: Int = Field(4, ge=0, le=256)
-    mask_blur: Int | None = Field(None, ge=0, le=256, description="Sets both mask_blur_x and mask_blur_y.")
-    mask_round: bool = Field(True)
+    mask_blur: Annotated[Int, Field(ge=0, le=256)] | None = Field(None, description="Sets both mask_blur_x and mask_blur_y.")
+    mask_round: StrictBool = Field(True)
     inpainting_fill: Int = Field(0, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing.")
-    inpaint_full_res: bool = Field(True, description="true = only the masked area, at full resolution.")
+    inpaint_full_res: StrictBool = Field(True, description="true = only the masked area, at full resolution.")
     inpaint_full_res_padding: Int = Field(0, ge=0, le=1024)
     inpainting_mask_invert: IntOrBool = Field(0, ge=0, le=1)
-    initial_noise_multiplier: Float | None = Field(None, ge=0.0, le=2.0)
+    initial_noise_multiplier: Annotated[Float, Field(ge=0.0, le=2.0)] | None = Field(None)
     latent_mask: str | None = Field(None)
-    include_init_images: bool = Field(False)
+    include_init_images: StrictBool = Field(False)
 
 
 class GenerationResponse(BaseModel):
@@ -284,7 +317,7 @@ class InternalProgressRequest(A1111Model):
     id_task: str | None = Field(None, max_length=200, description="The task: an asynchronous task's id, or a "
                                 "request's `force_task_id`. Another consumer's task is answered as an unknown one.")
     id_live_preview: Int = Field(-1, description="The last live preview received (echoed while the task runs).")
-    live_preview: bool = Field(True, description="Accepted for A1111's clients; there are no live previews.")
+    live_preview: StrictBool = Field(True, description="Accepted for A1111's clients; there are no live previews.")
 
 
 class InternalProgressResponse(BaseModel):
@@ -442,23 +475,43 @@ class AccountInfo(BaseModel):
     records: bool = Field(..., description="The ledger and image records are kept (GET /images, /billing/usage)")
 
 
+_DATE = r"\d{4}-\d{2}-\d{2}"
+_RFC3339 = re.compile(rf"{_DATE}[Tt]\d{{2}}:\d{{2}}:\d{{2}}(\.\d+)?([Zz]|[+-]\d{{2}}:\d{{2}})")
+
+
+def _moment(value: Any) -> dt.datetime:
+    """An RFC 3339 date-time (its offset required) or a full date (midnight UTC), as naive UTC. Numbers and
+    other ISO 8601 spellings are refused: the document says `date-time` or `date`. A moment beyond the
+    calendar's ends in UTC (year 1 with a positive offset) is the calendar's end."""
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 date-time (2026-12-01T08:00:00Z) or a date (2026-12-01)")
+    try:
+        if re.fullmatch(_DATE, value):
+            return dt.datetime.combine(dt.date.fromisoformat(value), dt.time())
+        if _RFC3339.fullmatch(value):
+            parsed = dt.datetime.fromisoformat(value.upper())
+            try:
+                return utc_naive(parsed)
+            except OverflowError:
+                return dt.datetime.min if parsed.year == dt.MINYEAR else dt.datetime.max
+    except ValueError:
+        raise ValueError("not a valid date") from None
+    raise ValueError("must be an RFC 3339 date-time (2026-12-01T08:00:00Z) or a date (2026-12-01)")
+
+
+Moment = Annotated[dt.datetime, BeforeValidator(_moment), WithJsonSchema(
+    {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "format": "date"}]})]
+
+
 class _TimeRange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    since: dt.datetime | None = Field(None, description="From this time (inclusive); ISO 8601 date or date-time, "
-                                                        "UTC unless it has an offset.")
-    until: dt.datetime | None = Field(None, description="Before this time (exclusive).")
+    since: Moment | None = Field(None, description="From this time (inclusive): an RFC 3339 date-time (with its "
+                                                   "offset, e.g. Z) or a date (midnight UTC).")
+    until: Moment | None = Field(None, description="Before this time (exclusive), as since; at or before since: "
+                                                   "nothing.")
     consumer: str | None = Field(None, max_length=64, description="Another consumer's records (admins only); "
                                                                   "`*` = every consumer.")
-
-    @field_validator("since", "until", mode="after")
-    @classmethod
-    def _utc(cls, value: dt.datetime | None, info: ValidationInfo) -> dt.datetime | None:
-        value = utc_naive(value)
-        since = info.data.get("since") if info.field_name == "until" else None
-        if value is not None and since is not None and value <= since:
-            raise ValueError("must be later than since")
-        return value
 
 
 class GenerationQuery(BaseModel):
@@ -470,7 +523,7 @@ class GenerationQuery(BaseModel):
                                                             "instead of waiting for the images; as the header "
                                                             "`Prefer: respond-async`.")
     task_id: str | None = Field(None, min_length=1, max_length=128, description="Kept as the task's tag.")
-    callback_url: str | None = Field(None, min_length=1, max_length=2048,
+    callback_url: str | None = Field(None, min_length=1, max_length=2048, pattern=HTTP_URL,
                                      description="Receives the task's result by POST when it ends.")
 
 

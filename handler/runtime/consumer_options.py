@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from handler.contract.options import DEFAULT_OPTIONS, OptionsStore, check_option_value
+from handler.contract.options import DEFAULT_OPTIONS, OptionsStore, check_option_value, option_value
 from handler.errors import InvalidRequest, NotReady
 from handler.settings import Settings
 from pipelines.errors import ModelNotFound
@@ -70,5 +70,5 @@ class ConsumerOptions:
                 self.store.find_vae(value)
             elif key == "sd_checkpoint_hash":
                 continue  # derived from sd_model_checkpoint
-            clean[key] = value
+            clean[key] = option_value(key, value)
         self.options_store.update(consumer, clean)

@@ -103,6 +103,7 @@ class Planner:
         """The complete plan of `req` for `consumer`, or the refusal."""
         if req.infotext:
             req = a1111.apply_infotext(req)
+        req = self.deployment_defaults(req)
         sent, req = req, self.styled(req)
         eas = a1111.eas_values(req.alwayson_scripts)
         job, selection = self._build_job(mode, req, consumer, eas)
@@ -118,13 +119,22 @@ class Planner:
             require_init_image(req)
         if req.infotext:
             req = a1111.apply_infotext(req)
-        req = self.styled(req)
+        req = self.styled(self.deployment_defaults(req))
         width, height = self._check_common(req)
         selection = self._select(req, consumer, a1111.eas_values(req.alwayson_scripts))
         sampler = resolve_sampler(req.sampler_name, req.sampler_index, req.scheduler)
         self.loras.resolve(req.prompt, apply=not req.disable_extra_networks)
         hires, refiner = self._stages(req, width, height, sampler, selection)
         self._control_units(req, selection, hires, refiner)
+
+    def deployment_defaults(self, req: GenerationRequest) -> GenerationRequest:
+        """`req` with the A1111 defaults it left out (width, height 512; steps 50) lowered to this deployment's
+        limits, as the served document states them: leaving a field out is never refused."""
+        s = self.settings
+        update = {name: limit for name, limit in (("width", s.max_width), ("height", s.max_height),
+                                                  ("steps", s.max_steps))
+                  if name not in req.model_fields_set and getattr(req, name) > limit}
+        return req.model_copy(update=update) if update else req
 
     def styled(self, req: GenerationRequest) -> GenerationRequest:
         """`req` with its `styles` applied to the prompts (hires prompts too, when given), as A1111 does

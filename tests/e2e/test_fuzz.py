@@ -1,34 +1,35 @@
-"""Fuzzing every route of the OpenAPI document with schemathesis, against a real gunicorn server.
+"""Fuzzing every operation of the served OpenAPI document with schemathesis, against a real gunicorn server.
 
 The server runs on loopback on the tiny demo checkpoints, twice: auth mode `none`, and mode `basic` with a
-user (an admin, so the consumer filters are reachable) whose credentials every fuzzed request carries. Each
-operation gets positive and negative data (examples, coverage and fuzzing phases) and every response must
-pass the checks enabled in tests/schemathesis.toml: not a 5xx, a status code the document lists, a body
-that matches the document's schema for that status.
+user (an admin, so the consumer filters and the lifecycle hooks are reachable) whose credentials every fuzzed
+request carries. schemathesis gets the document as the server serves it (`/openapi/openapi.json`), nothing
+narrowed by hand: the server's small limits (`LIMITS`: a generation is at most 4 images of 128x128 in 2
+steps) are in that document because the server writes its settings into it (handler/api/document.py), so a
+user's run against their deployment sees the same. Every phase runs (examples, coverage, fuzzing, and the
+stateful phase along the document's links) with every check schemathesis has (tests/schemathesis.toml).
 
-What is fuzzed is the served document narrowed to this deployment (`deployment_document`): the server caps
-sizes and steps far below the document's bounds so that a generation costs a fraction of a second on a CPU,
-and it accepts only the samplers, checkpoints and features it lists. Without that, nearly every positive
-generation request would be a 422 for a default (512x512, 50 steps) or an unknown name and the generation
-path would never be reached. Negative data still covers everything outside: values over the caps, unknown
-names, missing fields.
+Each test case's outcome comes from schemathesis' NDJSON events. A failed check fails the test, with one
+exception: a schema-valid request refused with a 422 whose `error.field` is one the operation lists under
+`x-refusals` in the document, the rules JSON Schema cannot state (an image that does not decode, a malformed
+prompt, two fields together over a limit). Those are counted (`refusals`), and docs/security.md lists them.
 
-`GET /pre-stop` drains the instance (generations answer 503 afterwards), so it is fuzzed last.
+`GET /pre-stop` drains the instance when the caller may call it (the admin in mode basic; in mode none the
+fuzzer has no lifecycle key and gets 403), so it is fuzzed last.
 
 This is the bounded run of the test suite (derandomized, a few examples per operation). The long run is
-`scripts/fuzz.sh`, with the same server settings and document (`python -m tests.test_fuzz ...`) and the same
-tests/schemathesis.toml. Both drive the schemathesis CLI in a subprocess: its pytest integration
-(`schemathesis.pytest.from_fixture`, 4.32.5) sets `Node._nodeid`, which pytest 9.2 no longer has.
+`scripts/fuzz.sh`, with the same server settings, checks and verdict (`python -m tests.e2e.test_fuzz ...`).
+Both drive the schemathesis CLI in a subprocess: its pytest integration (`schemathesis.pytest.from_fixture`,
+4.32.5) sets `Node._nodeid`, which pytest 9.2 no longer has.
 """
 
 from __future__ import annotations
 
 import base64
-import copy
-import io
 import json
+import re
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,15 +42,11 @@ pytest.importorskip("schemathesis.cli", reason="the fuzz tests need schemathesis
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "schemathesis.toml"
 USER, PASSWORD = "fuzz", "fuzz-secret"
 AUTH_MODES = ("none", "basic")
-EXAMPLES = 15  # per operation and phase in the bounded run
+EXAMPLES = 8  # per operation and phase in the bounded run
+DOCUMENT = "/openapi/openapi.json"
 
 # Server limits: a fuzzed generation is at most 4 images of 128x128 in 2 steps.
 LIMITS = {"max_width": 128, "max_height": 128, "max_steps": 2, "max_images": 4, "max_prompt_chars": 1000}
-# A loopback URL, which the network guard refuses: the fuzzer must never make the server reach out.
-REFUSED_URL = "https://127.0.0.1:9/fuzz.safetensors"
-REFUSED_CALLBACK = "http://127.0.0.1:9/callback"
-LATENT_UPSCALERS = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
-                    "Latent (nearest)", "Latent (nearest-exact)"]
 GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")  # a full queue answers these 429
 
 
@@ -74,160 +71,77 @@ def server_env(auth: str) -> dict[str, str]:
     return env
 
 
-# The deployment's document ------------------------------------------------------------------------------
-def _png_b64(mode: str, size: tuple[int, int], text: str | None = None) -> str:
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
+# The verdict ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Failure:
+    """One failed check of one test case."""
 
-    info = None
-    if text is not None:
-        info = PngInfo()
-        info.add_text("parameters", text)
-    buf = io.BytesIO()
-    Image.new(mode, size, 128).save(buf, format="PNG", pnginfo=info)
-    return base64.b64encode(buf.getvalue()).decode()
+    operation: str  # "POST /sdapi/v1/txt2img"
+    check: str  # schemathesis' check name
+    status: int | None  # the response's status, None without a response
+    field: str | None  # the 422 body's error.field, to its first `.` or `[`
+    message: str  # schemathesis' failure title and message
+    case: dict[str, Any]  # the test case (method, path, query, body, meta)
 
-
-def _images() -> dict[str, list[str]]:
-    """Small valid inputs: init images (several modes and sizes, a data URL), masks, PNGs for png-info."""
-    rgb = _png_b64("RGB", (64, 64))
-    return {
-        "init": [rgb, _png_b64("RGBA", (96, 64)), _png_b64("L", (64, 128)), _png_b64("P", (8, 8)),
-                 "data:image/png;base64," + rgb],
-        "mask": [_png_b64("L", (64, 64)), _png_b64("1", (64, 64))],
-        "png": [rgb, _png_b64("RGB", (8, 8), "a red house\nSteps: 2, Sampler: Euler, Seed: 7, Size: 64x64")],
-    }
+    def __str__(self) -> str:
+        request = {k: self.case.get(k) for k in ("query", "body") if self.case.get(k) is not None}
+        return (f"{self.operation}: {self.check} -> {self.status} (field {self.field}): "
+                f"{self.message[:600]}\n    {json.dumps(request)[:1500]}")
 
 
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}
+def _error_field(response: dict[str, Any] | None) -> str | None:
+    if not response or response.get("status_code") != 422:
+        return None
+    try:
+        body = json.loads(base64.b64decode(response["content"]["$base64"]))
+        field = body["error"].get("field") or ""
+    except (KeyError, TypeError, ValueError):
+        return None
+    return re.split(r"[.\[]", field, maxsplit=1)[0]
 
 
-def _json_type(value: Any) -> dict[str, Any]:
-    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"), (list, "array"),
-                       (dict, "object")):
-        if isinstance(value, kind):
-            return {"type": name}
-    return {}
+def read_failures(ndjson: Path) -> tuple[list[Failure], int]:
+    """Every failed check in a schemathesis NDJSON event file, and the number of test cases it ran."""
+    failures, cases = [], 0
+    for line in ndjson.read_text().splitlines():
+        event = json.loads(line)
+        recorder = event.get("ScenarioFinished", {}).get("recorder") or {}
+        cases += len(recorder.get("cases", {}))
+        for case_id, checks in recorder.get("checks", {}).items():
+            for check in checks:
+                if check["status"] == "success":
+                    continue
+                case = recorder["cases"][case_id]["value"]
+                response = (recorder.get("interactions", {}).get(case_id) or {}).get("response")
+                info = (check.get("failure_info") or {}).get("failure") or {}
+                failures.append(Failure(
+                    operation=f"{case['method'].upper()} {case['path']}", check=check["name"],
+                    status=response.get("status_code") if response else None, field=_error_field(response),
+                    message=f"{info.get('title', '')}: {info.get('message', '')}", case=case))
+    return failures, cases
 
 
-def deployment_document(url: str, auth: tuple[str, str] | None = None) -> dict[str, Any]:
-    """The server's OpenAPI document, narrowed to what this deployment accepts (see the module docstring).
-
-    Names come from the server's own listings (samplers, schedulers, checkpoints, options)."""
-    with requests.Session() as http:
-        http.auth = auth
-
-        def get(path: str) -> Any:
-            response = http.get(url + path, timeout=60)
-            response.raise_for_status()
-            return response.json()
-
-        doc = copy.deepcopy(get("/openapi/openapi.json"))
-        samplers = get("/sdapi/v1/samplers")
-        schedulers = get("/sdapi/v1/schedulers")
-        checkpoints = get("/sdapi/v1/sd-models")
-        options = get("/sdapi/v1/options")
-
-    sampler_names = sorted({s["name"] for s in samplers} | {a for s in samplers for a in s["aliases"] or []})
-    scheduler_names = sorted({s["name"] for s in schedulers} | {s["label"] for s in schedulers}
-                             | {a for s in schedulers for a in s["aliases"] or []})
-    checkpoint_names = sorted({c["title"] for c in checkpoints} | {c["model_name"] for c in checkpoints})
-    images = _images()
-    schemas = doc["components"]["schemas"]
-
-    narrow_text = {"maxLength": LIMITS["max_prompt_chars"]}
-    settings = {  # the per-request overrides this deployment acts on
-        "sd_model_checkpoint": {"enum": checkpoint_names},
-        # within the demo text encoders' depth: a larger value set through /options would turn every later
-        # generation of that consumer into a 422
-        "CLIP_stop_at_last_layers": {"type": "integer", "minimum": 1, "maximum": 2},
-        "n_rows": {"type": "integer", "minimum": -1, "maximum": 16},
-        "grid_prevent_empty_spots": {"type": "boolean"},
-        "grid_only_if_multiple": {"type": "boolean"},
-    }
-    generation = {
-        "required": ["width", "height", "steps"],  # their defaults (512, 512, 50) exceed the limits
-        "properties": {
-            "width": {"maximum": LIMITS["max_width"]},
-            "height": {"maximum": LIMITS["max_height"]},
-            "steps": {"maximum": LIMITS["max_steps"]},
-            "batch_size": {"maximum": 2},
-            "n_iter": {"maximum": 2},  # at most 4 images: the product is max_images
-            "prompt": narrow_text,
-            "negative_prompt": narrow_text,
-            "sampler_name": _nullable({"enum": sampler_names}),
-            "sampler_index": {"enum": sampler_names},
-            "scheduler": _nullable({"enum": scheduler_names}),
-            # hires fix and refiner: within the size and step caps, on the listed names
-            "hr_scale": {"type": "number", "minimum": 1, "maximum": 2},
-            "hr_resize_x": {"type": "integer", "minimum": 0, "maximum": LIMITS["max_width"]},
-            "hr_resize_y": {"type": "integer", "minimum": 0, "maximum": LIMITS["max_height"]},
-            "firstphase_width": {"type": "integer", "minimum": 0, "maximum": LIMITS["max_width"]},
-            "firstphase_height": {"type": "integer", "minimum": 0, "maximum": LIMITS["max_height"]},
-            "hr_second_pass_steps": {"type": "integer", "minimum": 0, "maximum": LIMITS["max_steps"]},
-            "hr_upscaler": _nullable({"enum": [*LATENT_UPSCALERS, "None", "Lanczos", "Nearest"]}),
-            "hr_checkpoint_name": _nullable({"enum": checkpoint_names}),
-            "hr_sampler_name": _nullable({"enum": sampler_names}),
-            "hr_scheduler": _nullable({"enum": scheduler_names}),
-            "refiner_checkpoint": _nullable({"enum": ["", *checkpoint_names]}),
-            "refiner_switch_at": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
-            "restore_faces": {"enum": [False, None]},  # face restoration, scripts, seed resize: not offered
-            "script_name": {"enum": [None, ""]},
-            "seed_resize_from_w": {"enum": [-1, 0]},
-            "seed_resize_from_h": {"enum": [-1, 0]},
-            "override_settings": _nullable({"type": "object", "properties": settings, "additionalProperties": False}),
-            "alwayson_scripts": {
-                "type": "object",
-                "properties": {
-                    "sd_model_checkpoint": {"enum": checkpoint_names},
-                    "save_dir": {"type": "string", "maxLength": 64},
-                    "save_to_db": {"type": "boolean"},
-                },
-                "additionalProperties": False,
-            },
-        },
-    }
-    img2img = {
-        "required": ["init_images"],
-        "properties": {
-            "init_images": {"type": "array", "items": {"enum": images["init"]}, "minItems": 1, "maxItems": 1},
-            "mask": _nullable({"enum": images["mask"]}),
-            "latent_mask": _nullable({"enum": images["mask"]}),
-        },
-    }
-    for name, extra in (("Txt2ImgRequest", None), ("Img2ImgRequest", img2img)):
-        for patch in (generation, extra or {}):
-            target = schemas[name]
-            target["required"] = sorted(set(target.get("required", [])) | set(patch.get("required", [])))
-            for prop, narrowed in patch.get("properties", {}).items():
-                if prop not in target["properties"]:
-                    continue  # txt2img's hires fix fields
-                if "enum" in narrowed or "anyOf" in narrowed or "type" in narrowed:
-                    target["properties"][prop] = {"description": target["properties"][prop].get("description", ""),
-                                                  **narrowed}
-                else:
-                    target["properties"][prop].update(narrowed)
-    for route in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"):  # a callback never leaves loopback (refused: 422)
-        for parameter in doc["paths"][route]["post"].get("parameters", []):
-            if parameter["name"] == "callback_url":
-                parameter["schema"] = _nullable({"enum": [REFUSED_CALLBACK]})
-    schemas["PngInfoRequest"]["properties"]["image"] = {"enum": images["png"]}
-    schemas["DownloadRequest"]["properties"]["source"] = {"enum": [REFUSED_URL]}
-    schemas["OptionsUpdate"] = {
-        "type": "object", "additionalProperties": False,
-        "properties": {key: ({"enum": checkpoint_names} if key == "sd_model_checkpoint"
-                             else settings.get(key, _json_type(value)))
-                       for key, value in options.items() if key != "sd_checkpoint_hash"},
-    }
-    return doc
+def verdict(failures: list[Failure], document: dict[str, Any]) -> tuple[Counter, list[Failure]]:
+    """(the documented refusals by (operation, field), every other failure). A documented refusal is a
+    schema-valid request answered 422 for a field its operation lists under `x-refusals`."""
+    refusals: Counter = Counter()
+    unexpected = []
+    for failure in failures:
+        method, path = failure.operation.split(" ", 1)
+        listed = document["paths"].get(path, {}).get(method.lower(), {}).get("x-refusals", {})
+        if failure.check == "positive_data_acceptance" and failure.status == 422 and failure.field in listed:
+            refusals[(failure.operation, failure.field)] += 1
+        else:
+            unexpected.append(failure)
+    return refusals, unexpected
 
 
 # The bounded run ----------------------------------------------------------------------------------------
-def schemathesis_command(document: Path, url: str, auth: str, report_dir: Path, *args: str) -> list[str]:
-    """`schemathesis run` on a narrowed document against the server at `url`, with its credentials."""
+def schemathesis_command(url: str, auth: str, report_dir: Path, *args: str) -> list[str]:
+    """`schemathesis run` on the server's own document at `url`, with its credentials, every check on."""
     command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG_FILE), "--no-color", "run",
-               str(document), "--url", url, "--report", "junit,json", "--report-dir", str(report_dir)]
+               url + DOCUMENT, "--url", url, "--continue-on-failure", "--report", "junit,json,ndjson",
+               "--report-dir", str(report_dir)]
     if auth == "basic":
         command += ["--auth", f"{USER}:{PASSWORD}"]
     return command + list(args)
@@ -236,8 +150,10 @@ def schemathesis_command(document: Path, url: str, auth: str, report_dir: Path, 
 @dataclass
 class FuzzRun:
     server: Any  # tests.support.serving.ServeProcess, stopped (its log stays)
-    document: dict[str, Any]
-    reports: list[dict[str, Any]]  # schemathesis' JSON reports: every route but /pre-stop, then /pre-stop
+    document: dict[str, Any]  # as the server served it
+    failures: list[Failure]  # every failed check: every route but /pre-stop, then /pre-stop
+    cases: int
+    reports: list[dict[str, Any]]  # schemathesis' JSON reports, in the same order
     outputs: list[str]  # its console output, in the same order
 
 
@@ -254,20 +170,22 @@ def fuzz_run(request, data_dir, tmp_path_factory) -> FuzzRun:
     try:
         server.wait_state("READY", timeout=240)
         server.auth = auth
-        document = deployment_document(server.url, (USER, PASSWORD) if auth == "basic" else None)
-        (root / "openapi.json").write_text(json.dumps(document))
-        reports, outputs = [], []
+        document = requests.get(server.url + DOCUMENT, timeout=60).json()
+        failures, cases, reports, outputs = [], 0, [], []
         for name, selection in (("routes", "--exclude-path"), ("pre-stop", "--include-path")):
-            command = schemathesis_command(root / "openapi.json", server.url, auth, root / name, selection,
-                                           "/pre-stop", "--max-examples", str(EXAMPLES), "--generation-deterministic")
+            command = schemathesis_command(server.url, auth, root / name, selection, "/pre-stop",
+                                           "--max-examples", str(EXAMPLES), "--generation-deterministic")
             done = subprocess.run(command, check=False, cwd=root, capture_output=True, text=True, timeout=900)
             outputs.append(done.stdout + done.stderr)
             found = sorted((root / name).glob("json-*.json"))
             assert found, f"schemathesis wrote no report (exit {done.returncode}):\n{outputs[-1][-4000:]}"
             reports.append(json.loads(found[-1].read_text()))
+            more, ran = read_failures(sorted((root / name).glob("ndjson-*.ndjson"))[-1])
+            failures += more
+            cases += ran
     finally:
         server.stop()
-    return FuzzRun(server, document, reports, outputs)
+    return FuzzRun(server, document, failures, cases, reports, outputs)
 
 
 def _failures_section(output: str) -> str:
@@ -281,10 +199,21 @@ def _failures_section(output: str) -> str:
 
 
 def test_no_check_failed(fuzz_run):
-    """No 5xx, no status the document does not list, no body off its schema (tests/schemathesis.toml)."""
+    """Every check passed for every test case, but for the refusals the document lists (`x-refusals`)."""
+    refusals, unexpected = verdict(fuzz_run.failures, fuzz_run.document)
+    assert not unexpected, f"{len(unexpected)} failed checks:\n" + "\n".join(map(str, unexpected[:40]))
     for report, output in zip(fuzz_run.reports, fuzz_run.outputs, strict=True):
-        assert report["exit_code"] == 0 and not report["failures"] and not report["errors"], \
-            _failures_section(output)[:30000]
+        assert not report["errors"], _failures_section(output)[:30000]
+    assert fuzz_run.cases > 1000
+
+
+def test_the_listed_refusals_are_each_a_rule_of_the_server(fuzz_run):
+    """Not vacuous: the refusals let through are ones the run met, and each names its reason in the document."""
+    refusals, _ = verdict(fuzz_run.failures, fuzz_run.document)
+    assert refusals, "no documented refusal met: the run never reached the generation routes' own checks"
+    for (operation, field), _count in refusals.items():
+        method, path = operation.split(" ", 1)
+        assert fuzz_run.document["paths"][path][method.lower()]["x-refusals"][field]
 
 
 def _operations(document: dict[str, Any]) -> set[str]:
@@ -298,7 +227,7 @@ def test_every_route_was_fuzzed(fuzz_run):
 
 
 def test_fuzzing_reached_generation(fuzz_run):
-    """The narrowed document lets positive data through: both generation routes answered 200 (with auth on,
+    """The served document lets positive data through: both generation routes answered 200 (with auth on,
     so the credentials reached the server), and with auth on the fuzzer also tried them without credentials."""
     logged = [e for e in fuzz_run.server.log_entries() if e.get("logger") == "sdfunc.request"]
     generated = {e["route"] for e in logged
@@ -322,8 +251,9 @@ def test_server_logged_no_error(fuzz_run):
 
 # The long run (scripts/fuzz.sh) -------------------------------------------------------------------------
 def _main(argv: list[str]) -> int:
-    """`env AUTH`: the server's settings as shell exports. `document URL AUTH FILE`: the narrowed document.
-    `credentials`: the fuzzing user's `user:password` (auth mode basic)."""
+    """`env AUTH`: the server's settings as shell exports. `credentials`: the fuzzing user's `user:password`
+    (auth mode basic). `verdict DOCUMENT NDJSON...`: the documented refusals counted, every other failure
+    printed; exit 1 when there is any."""
     import shlex
 
     if argv[:1] == ["env"] and len(argv) == 2:
@@ -333,11 +263,24 @@ def _main(argv: list[str]) -> int:
     if argv == ["credentials"]:
         print(f"{USER}:{PASSWORD}")
         return 0
-    if argv[:1] == ["document"] and len(argv) == 4:
-        credentials = (USER, PASSWORD) if argv[2] == "basic" else None
-        Path(argv[3]).write_text(json.dumps(deployment_document(argv[1], credentials), indent=1))
-        return 0
-    print(f"usage: python -m tests.test_fuzz env AUTH | document URL AUTH FILE | credentials   (AUTH: "
+    if argv[:1] == ["verdict"] and len(argv) >= 3:
+        document = json.loads(Path(argv[1]).read_text())
+        failures, cases = [], 0
+        for path in argv[2:]:
+            more, ran = read_failures(Path(path))
+            failures += more
+            cases += ran
+        refusals, unexpected = verdict(failures, document)
+        print(f"{cases} test cases; {sum(refusals.values())} documented refusals (x-refusals), "
+              f"{len(unexpected)} other failed checks")
+        for (operation, field), count in sorted(refusals.items()):
+            print(f"  refusal  {count:6d}  {operation}  {field}")
+        for check, count in sorted(Counter((f.operation, f.check, f.status) for f in unexpected).items()):
+            print(f"  FAILED   {count:6d}  {check}")
+        for failure in unexpected[:20]:
+            print(f"  {failure}")
+        return 1 if unexpected else 0
+    print(f"usage: python -m tests.e2e.test_fuzz env AUTH | credentials | verdict DOCUMENT NDJSON...   (AUTH: "
           f"{'|'.join(AUTH_MODES)})", file=sys.stderr)
     return 2
 

@@ -173,7 +173,10 @@ def test_openapi_document_and_docs_page(client):
                  "/sdapi/v1/sd-models", "/initialize", "/pre-stop"):
         assert path in paths, path
     schema = spec["components"]["schemas"]["Txt2ImgRequest"]["properties"]
-    assert schema["steps"]["maximum"] == 150 and schema["sampler_index"]["default"] == "Euler"
+    limit = client.application.extensions["sdfunc"].settings.max_steps
+    assert schema["steps"]["anyOf"] == [{"minimum": 1.0, "maximum": min(150, limit), "type": "integer"},
+                                        {"type": "null"}]  # null: the default, as A1111 takes it
+    assert schema["sampler_index"]["default"] == "Euler"
     err = paths["/sdapi/v1/txt2img"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
     assert err["$ref"].endswith("/ErrorModel")
     page = client.get("/openapi/swagger")

@@ -164,8 +164,12 @@ def test_usage_time_range_and_validation(make_app):
     assert client.get(f"/billing/usage?since={day}").json["totals"]["requests"] == 1
     assert client.get(f"/billing/usage?until={day}").json["totals"]["requests"] == 0
     assert client.get("/billing/usage?since=2000-01-01T00:00:00%2B08:00&until=2000-01-02").json["rows"] == []
-    for query, field in (("group=week", "group"), ("since=yesterday", "since"), ("since=2026-01-02&until=2026-01-01", "until"),
-                         ("colour=red", "colour")):
+    # the document's formats, exactly: an RFC 3339 date-time (with its offset) or a date; an empty range is empty
+    assert client.get(f"/billing/usage?since={day}&until=2000-01-01").json["totals"]["requests"] == 0
+    assert client.get("/billing/usage?since=0001-01-01T00:00:00%2B05:00").json["totals"]["requests"] == 1
+    for query, field in (("group=week", "group"), ("since=yesterday", "since"), ("until=0.5", "until"),
+                         ("since=1700000000", "since"), ("since=2026-01-02T10:00", "since"),
+                         ("since=2026-02-30", "since"), ("colour=red", "colour")):
         r = client.get(f"/billing/usage?{query}")
         assert r.status_code == 422, query
         assert r.json["error"]["field"] == field, r.json
