@@ -1,7 +1,7 @@
 """The web page end to end in headless Chromium (Debian's /usr/bin/chromium driven by Playwright), against a real
 gunicorn server on the demo models: log in, generate, see the image and its seed, find it in Images, reuse its
 parameters, download it (PNG text chunk), read the usage chart; the same page at phone width (no horizontal
-scroll, every form control labelled); the LoRA picker.
+scroll, every form control labelled); the LoRA picker; the page's notes against what the server lists.
 
 Screenshots (and each test's browser console) are saved under `<repo>/test-artifacts/web/` (the folder
 `test-artifacts` can be moved with SDFUNC_TEST_ARTIFACTS) as `<test name>-<step>.png`, and a `-failure.png`
@@ -428,4 +428,98 @@ def test_lora_picker_adds_lora_to_prompt_and_logout(desktop: Page, server: Serve
     assert page.locator("li.image-item").count() == 0
     expect(page.locator("#images-page")).to_have_text("")
     shot(page, "2-logged-out")
+    no_page_errors(page)
+
+
+# What the server reports, feature by feature: (feature, listing, how a note names it, how many the listing holds).
+# A note may say a feature is missing, or not done, only while its listing is empty.
+FEATURES = (
+    ("LoRA", "/sdapi/v1/loras", r"\blora", len),
+    ("checkpoint", "/sdapi/v1/sd-models", r"\bcheckpoint", len),
+    ("sampler", "/sdapi/v1/samplers", r"\bsampler", len),
+    ("VAE", "/sdapi/v1/sd-vae", r"\bvae\b", len),
+    ("embedding", "/sdapi/v1/embeddings", r"\bembedding|textual inversion",
+     lambda b: len(b["loaded"]) + len(b["skipped"])),
+    ("style", "/sdapi/v1/prompt-styles", r"\bstyles?\b", len),
+    ("upscaler / hires fix", "/sdapi/v1/upscalers", r"upscal|\bhires\b|high.res",
+     lambda b: sum(u["name"] != "None" for u in b)),
+    ("ControlNet", "/sdapi/v1/scripts", r"controlnet(?!\s+models?)", lambda b: int("controlnet" in b["txt2img"])),
+    ("ControlNet model", "/controlnet/model_list", r"controlnet\s+models?", lambda b: len(b["model_list"])),
+)
+DENIAL = re.compile(r"\b(?:not|no|none|never|yet|unsupported|unavailable|cannot|without)\b|n't\b", re.IGNORECASE)
+
+
+def listed(server: ServeProcess, path: str):
+    r = requests.get(server.url + path, auth=(USER, PASSWORD), timeout=30)
+    assert r.status_code == 200, (path, r.text)
+    return r.json()
+
+
+def page_notes(page: Page) -> dict[str, str]:
+    """The text of every `.note` on the page, by id (filled in by then: the LoRA note comes from the listing)."""
+    expect(page.locator("#lora-note")).to_have_text(re.compile(r"\S"))
+    notes = page.locator(".note").evaluate_all("els => els.map(el => [el.id || el.className, el.textContent.trim()])")
+    assert notes, "the page has no .note"
+    return dict(notes)
+
+
+def false_denials(notes: dict[str, str], server: ServeProcess) -> list[str]:
+    """Each sentence of a note that says a feature is missing or not done while the server lists it (a sentence,
+    not a clause: "LoRA tags are written into the prompt; this server does not apply them yet." denies LoRA)."""
+    problems = []
+    for feature, path, mention, count in FEATURES:
+        n = count(listed(server, path))
+        for note, text in notes.items():
+            for sentence in re.split(r"(?<=[.!?])\s+", text):
+                if n and re.search(mention, sentence, re.IGNORECASE) and DENIAL.search(sentence):
+                    problems.append(f"#{note} says {sentence!r}, but {path} lists {n} {feature}(s)")
+    return problems
+
+
+def lora_count_in(note: str) -> int | None:
+    found = re.search(r"\b(\d+|no) LoRAs?\b", note, re.IGNORECASE)
+    return None if found is None else (0 if found[1].lower() == "no" else int(found[1]))
+
+
+def test_notes_say_what_the_server_lists(desktop: Page, server: ServeProcess):
+    page, shot = desktop, desktop.shots
+    logged_in(page)
+    show_tab(page, "generate")
+    loras = listed(server, "/sdapi/v1/loras")
+    assert [lora["name"] for lora in loras] == [LORA], loras
+
+    # The LoRA note counts what /sdapi/v1/loras lists and says the server applies the tags (it does: test_lora.py);
+    # no note denies a feature the server lists.
+    notes = page_notes(page)
+    shot(page, "1-notes")
+    denials = false_denials(notes, server)
+    assert not denials, "\n".join(denials)
+    lora_note = notes["lora-note"]
+    assert lora_count_in(lora_note) == len(loras), (lora_note, loras)
+    assert re.search(r"\bappl(?:y|ies|ied)\b", lora_note, re.IGNORECASE), lora_note
+
+    # With the LoRA folder emptied and rescanned, the note says none are installed, where the server looks for them
+    # (the folder its listing named) and how to rescan; the picker is off. Put back whatever happens.
+    lora_file = Path(loras[0]["path"])
+    folder = lora_file.parent.relative_to(server.data).as_posix()
+    parked = server.data / lora_file.name
+    lora_file.rename(parked)
+    try:
+        rescan = requests.post(f"{server.url}/sdapi/v1/refresh-loras", auth=(USER, PASSWORD), timeout=30)
+        assert rescan.status_code == 200, rescan.text
+        assert listed(server, "/sdapi/v1/loras") == []
+        page.reload()  # the session's credentials are kept: the page logs in again and reads the listings afresh
+        expect(page.locator("#app")).to_be_visible()
+        notes = page_notes(page)
+        shot(page, "2-no-loras")
+        lora_note = notes["lora-note"]
+        assert lora_count_in(lora_note) == 0, lora_note
+        assert folder in lora_note and "/sdapi/v1/refresh-loras" in lora_note, (folder, lora_note)
+        expect(page.locator("#lora-add")).to_be_disabled()
+        denials = false_denials(notes, server)
+        assert not denials, "\n".join(denials)
+    finally:
+        parked.rename(lora_file)
+        requests.post(f"{server.url}/sdapi/v1/refresh-loras", auth=(USER, PASSWORD), timeout=30)
+    assert [lora["name"] for lora in listed(server, "/sdapi/v1/loras")] == [LORA]
     no_page_errors(page)

@@ -28,3 +28,12 @@ def test_every_form_control_has_a_label():
     labelled = set(re.findall(r'<label for="([^"]+)"', html)) | set(re.findall(r'id="([^"]+)"[^>]*aria-label', html))
     controls = re.findall(r"<(?:input|select|textarea)\b[^>]*\bid=\"([^\"]+)\"", html)
     assert controls and set(controls) <= labelled, set(controls) - labelled
+
+
+def test_notes_carry_no_text_of_their_own():
+    """A note says what the server does or has installed, so app.js fills it from the server's listings (checked
+    in a browser by test_notes_say_what_the_server_lists); text written into index.html went stale once (it said
+    LoRAs were not applied after the server had begun applying them)."""
+    html = (STATIC / "index.html").read_text()
+    notes = re.findall(r'<p class="note"[^>]*>(.*?)</p>', html, re.DOTALL)
+    assert notes and all(not text.strip() for text in notes), notes

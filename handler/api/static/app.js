@@ -201,9 +201,21 @@ async function loadChoices() {
   $("#sampler").replaceChildren(...samplers.map((s) => option(s.name, s.name)));
   if (samplers.some((s) => s.name === "Euler a")) $("#sampler").value = "Euler a";
   const lora = $("#lora");
-  lora.replaceChildren(...(loras.length ? loras.map((l) => option(l.name, l.name)) : [option("", "(none found)")]));
+  lora.replaceChildren(...(loras.length ? loras.map((l) => option(l.name, l.name)) : [option("", "(none installed)")]));
   lora.disabled = loras.length === 0;
   $("#lora-add").disabled = loras.length === 0;
+  $("#lora-note").textContent = loraNote(loras.length);
+}
+
+function loraNote(count) {
+  // Filled from the server's listing, not written into index.html: a note there went stale once (it said LoRAs
+  // were not applied after the server began applying them), and what is installed changes with the mount.
+  if (count === 0) {
+    return "No LoRAs are installed. To add some, put LoRA .safetensors files in models/Lora on the function's "
+      + "data mount and rescan (POST /sdapi/v1/refresh-loras); an admin's POST /models/download does both.";
+  }
+  return `${count} LoRA${count === 1 ? "" : "s"} installed. The server applies each <lora:name:weight> tag in `
+    + "the prompt; \"Add to prompt\" writes weight 1.";
 }
 
 function addLora() {
