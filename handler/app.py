@@ -123,11 +123,15 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         return response
 
     def _bill(meter: metering.RequestMeter, response: Response) -> None:
-        """The charge headers of a generation; a failed one is recorded in the ledger with a zero charge."""
+        """The charge headers of a generation ("unknown" when its charge's commit could not be confirmed: 503
+        `charge_unknown`); a failed one is recorded in the ledger with a zero charge."""
         charge = meter.charge if meter.succeeded else None
         response.headers["X-Billed-Duration-Ms"] = str(charge.billed_ms if charge else 0)
         response.headers["X-Charge"] = decimal_text(charge.amount) if charge else "0"
         response.headers["X-Charge-Currency"] = settings.billing.currency
+        if meter.charge_unknown:  # the ledger may hold its charge: nothing is written, the retry settles it
+            response.headers["X-Billed-Duration-Ms"] = response.headers["X-Charge"] = "unknown"
+            return
         if meter.succeeded or meter.recorded or meter.consumer is None or service.ledger is None:
             return
         if response.status_code == 409 and meter.error == "duplicate_request":

@@ -89,9 +89,27 @@ class Timeout(NotReady):
 
 
 class DatabaseUnavailable(NotReady):
-    """The records database cannot be reached: the request is not charged (handler.records.db)."""
+    """The records database cannot be reached (handler.records.db). Raised as such, nothing of the request was
+    committed, so it is not charged; a write whose COMMIT was sent but not acknowledged is `CommitUnacknowledged`
+    instead, and a generation's charge whose outcome could not be read back is `ChargeUnknown`."""
 
     code = "database_unavailable"
+
+
+class CommitUnacknowledged(DatabaseUnavailable):
+    """The connection was lost during a COMMIT (handler.records.db): the transaction may have landed or not. The
+    ledger reads its outcome back (handler.records.ledger); any other write answers 503 `database_unavailable` with
+    a message that does not claim nothing was written."""
+
+
+class ChargeUnknown(NotReady):
+    """A generation's charge was committed without an acknowledgement and the records database stayed unreachable,
+    so whether it landed is unknown (handler.records.ledger). A retry with the same Idempotency-Key resolves it: 409
+    with the charge (and where its images are) if it was charged, a fresh generation if not. `result` holds the
+    response the generation made, for a caller that can wait for the database to tell (handler.runtime.tasks)."""
+
+    code = "charge_unknown"
+    result: dict[str, Any] | None = None
 
 
 class StorageUnavailable(NotReady):

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The long fuzz run: schemathesis against the real server (gunicorn on 127.0.0.1, the tiny demo checkpoints),
 # with many more examples than the bounded run of the test suite (tests/e2e/test_fuzz.py, which documents what is
-# fuzzed and why the document is narrowed to the deployment first). For each auth mode: build a data folder,
-# start `sdfunc serve`, fuzz every route but GET /pre-stop, then GET /pre-stop (it drains the instance), stop
-# the server. Needs schemathesis in ./.venv (pip install schemathesis==4.32.5).
+# fuzzed and how failures are judged). For each auth mode: build a data folder, start `sdfunc serve` with the
+# small limits the server writes into its document, fuzz every operation of the document as served
+# (/openapi/openapi.json) with every check, GET /pre-stop last (it drains the instance for the admin), stop the
+# server, and judge the NDJSON events (`python -m tests.e2e.test_fuzz verdict`): every failed check counts,
+# except schema-valid requests refused for a rule the operation lists in `x-refusals` (counted and printed).
+# Needs schemathesis in ./.venv (pip install schemathesis==4.32.5).
 #
 #   scripts/fuzz.sh [none|basic|all] [extra `schemathesis run` options, e.g. --max-time 1800 --phases fuzzing]
 #
@@ -65,7 +68,8 @@ while time.monotonic() < deadline:
     time.sleep(0.5)
 sys.exit(f"the server did not become READY; see {log}")
 EOF
-  "$PY" -m tests.e2e.test_fuzz document "$url" "$auth" "$dir/openapi.json"
+  "$PY" -c 'import sys, requests; open(sys.argv[2], "w").write(requests.get(sys.argv[1], timeout=60).text)' \
+    "$url/openapi/openapi.json" "$dir/openapi.json"  # what was fuzzed, for the verdict and the record
   auth_args=()
   [ "$auth" = basic ] && auth_args=(--auth "$("$PY" -m tests.e2e.test_fuzz credentials)")
   for part in routes pre-stop; do
@@ -73,9 +77,14 @@ EOF
     [ "$part" = pre-stop ] && select=(--include-path /pre-stop)
     # from $dir: schemathesis keeps its crash cache there (.schemathesis/), so `st replay` works from that folder
     (cd "$dir" && "$ROOT/$PY" -m schemathesis.cli --config-file "$ROOT/tests/schemathesis.toml" --no-color \
-      run "$dir/openapi.json" --url "$url" "${auth_args[@]}" "${select[@]}" --max-examples "$EXAMPLES" \
-      --seed "$SEED" --report junit,json,har --report-dir "$dir/$part" "$@") || status=1
+      run "$url/openapi/openapi.json" --url "$url" "${auth_args[@]}" "${select[@]}" --max-examples "$EXAMPLES" \
+      --seed "$SEED" --continue-on-failure --report junit,json,ndjson,har --report-dir "$dir/$part" "$@" \
+      >"$dir/$part.txt" 2>&1) || true  # judged below: a listed refusal fails schemathesis' own exit status
+    tail -n 30 "$dir/$part.txt"
   done
+  echo "== auth $auth: verdict"
+  "$PY" -m tests.e2e.test_fuzz verdict "$dir/openapi.json" "$dir"/routes/ndjson-*.ndjson "$dir"/pre-stop/ndjson-*.ndjson \
+    | tee "$dir/verdict.txt" || status=1
   stop_server
   if grep -q '"level": "\(ERROR\|CRITICAL\)"' "$dir/server.log"; then
     echo "the server logged errors (background work): grep '\"level\": \"ERROR\"' $dir/server.log"
@@ -84,6 +93,7 @@ EOF
 done
 
 echo
-echo "seed $SEED, $EXAMPLES examples per operation; reports (JUnit, JSON, HAR with every request) and server logs:"
-for auth in "${MODES[@]}"; do echo "  $OUT/$auth/{routes,pre-stop}/  $OUT/$auth/server.log"; done
+echo "seed $SEED, $EXAMPLES examples per operation; verdicts, reports (JUnit, JSON, NDJSON, HAR with every request)"
+echo "and server logs:"
+for auth in "${MODES[@]}"; do echo "  $OUT/$auth/verdict.txt  $OUT/$auth/{routes,pre-stop}/  $OUT/$auth/server.log"; done
 exit $status

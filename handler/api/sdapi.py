@@ -109,7 +109,9 @@ def submit(mode: str, body: GenerationRequest, query: GenerationQuery):
 @bp.post("/txt2img", responses={200: GenerationResponse, 202: TaskView})
 def txt2img(body: Txt2ImgRequest, query: GenerationQuery):
     """Text to image. Charged for device generation time: headers `X-Billed-Duration-Ms`, `X-Charge` and
-    `parameters.billing`; `Server-Timing` splits the server's time (queue, load, gen, encode, total); an `Idempotency-Key` header makes retries safe (a charged id answers 409). With
+    `parameters.billing`; `Server-Timing` splits the server's time (queue, load, gen, encode, total); an
+    `Idempotency-Key` header makes retries safe (a charged id answers 409; after a 503 `charge_unknown`, with
+    `X-Charge: unknown`, the retry with the same key tells: 409 if it was charged). With
     `?async=true` or `Prefer: respond-async`: 202 and a task (`GET /tasks/<id>`);
     query `task_id` is kept as the task's tag, `callback_url` receives the result by POST."""
     return submit("txt2img", body, query)

@@ -4,12 +4,15 @@ SQLAlchemy 2 Core. The embedded default is an SQLite file under the data root (W
 keys on); production uses MySQL / MariaDB (RDS, PyMySQL) or PostgreSQL by URL. The schema is created and
 upgraded by the Alembic migrations in handler/records/migrations, once per process, on first use (`ready()`), under a
 database lock on MySQL and PostgreSQL so that instances starting together do not race. Any failure to reach
-the database surfaces as `DatabaseUnavailable` (503): the caller is not charged.
+the database surfaces as `DatabaseUnavailable` (503): nothing was committed, so the caller is not charged; except
+a connection lost during a COMMIT, which may have landed: `CommitUnacknowledged` (the ledger reads back whether it
+did, handler.records.ledger).
 
 Tables:
 - `consumers`: who may call (API keys stored as SHA-256 hashes), admin and disabled flags.
 - `ledger`: one row per (consumer, request id): what ran, billed time, price, amount (integer nano-units),
-  status succeeded | failed, timestamps. Unique, so a retried request id is never charged twice.
+  status succeeded | failed, timestamps. Unique, so a retried request id is never charged twice. `attempt_id` is
+  unique to the attempt that wrote the row: it tells this attempt's commit from another's for the same id.
 - `generated_images`: one row per image, the RDS plugin's columns plus request id, consumer, image_url.
 - `tasks`: asynchronous generations (handler/records/tasks.py; run by handler/runtime/tasks.py): request, status,
   result, and the heartbeat that tells a live worker's task from a dead one's.
@@ -49,7 +52,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError
 
-from handler.errors import DatabaseUnavailable
+from handler.errors import CommitUnacknowledged, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,7 @@ ledger = Table(
     Column("attempts", Integer, nullable=False, default=1),
     Column("started_at", Timestamp, nullable=False),
     Column("finished_at", Timestamp, nullable=False),
+    Column("attempt_id", String(32), nullable=True),  # the writing attempt's own id (RequestMeter.attempt_id)
     UniqueConstraint("consumer", "request_id"),
     Index(None, "finished_at"),
     **_mysql_opts,
@@ -221,7 +225,8 @@ def redact(url: str) -> str:
 
 class Database:
     """One engine per process. `ready()` migrates the schema once; `begin()` is a transaction that commits on
-    exit; connection failures inside either become `DatabaseUnavailable`."""
+    exit; connection failures inside either become `DatabaseUnavailable` (nothing was committed), or
+    `CommitUnacknowledged` when the connection was lost during `begin()`'s COMMIT (it may have landed)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -255,10 +260,23 @@ class Database:
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:
-        """A transaction on a pooled connection: committed when the block ends, rolled back if it raises."""
+        """A transaction on a pooled connection: committed when the block ends, rolled back if it raises. The
+        database unavailable before the COMMIT: `DatabaseUnavailable`; during it: `CommitUnacknowledged`."""
         self.ready()
-        with self._errors("write"), self.engine.begin() as conn:
-            yield conn
+        committing = False
+        try:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+                committing = True  # the block is done: leaving `conn.begin()` sends the COMMIT
+        except DBAPIError as exc:
+            if not is_unavailable(exc):
+                raise
+            self._log_unavailable(exc, "commit" if committing else "write")
+            if committing:
+                raise CommitUnacknowledged(
+                    "the records database went away while committing, so whether this was saved is unknown; retry "
+                    "shortly", headers={"Retry-After": "5"}) from exc
+            raise unavailable() from exc
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[Connection]:
@@ -274,16 +292,23 @@ class Database:
         except DBAPIError as exc:
             if not is_unavailable(exc):
                 raise
-            log.error("records database %s unavailable during %s: %s", redact(self.url), what,
-                      str(exc.orig or exc)[:200])
-            # A commit whose acknowledgement was lost may have landed: the retry with the same id is safe.
-            raise DatabaseUnavailable("the records database is unavailable, so this request was not charged; "
-                                      "retry shortly (with the same Idempotency-Key it is never charged twice)",
-                                      headers={"Retry-After": "5"}) from exc
+            self._log_unavailable(exc, what)
+            raise unavailable() from exc
+
+    def _log_unavailable(self, exc: DBAPIError, what: str) -> None:
+        log.error("records database %s unavailable during %s: %s", redact(self.url), what,
+                  str(exc.orig or exc)[:200])
 
     def dispose(self) -> None:
         """Close pooled connections (pre-stop)."""
         self.engine.dispose()
+
+
+def unavailable() -> DatabaseUnavailable:
+    """The 503 of a request the database failed before anything of it was committed: it is not charged."""
+    return DatabaseUnavailable("the records database is unavailable, so this request was not charged; retry "
+                               "shortly (with the same Idempotency-Key it is never charged twice)",
+                               headers={"Retry-After": "5"})
 
 
 # MySQL / MariaDB error numbers that mean "not now": a closed connection (PyMySQL's 0), cannot connect (2002, 2003), connection lost (2006, 2013,

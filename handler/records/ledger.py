@@ -7,6 +7,10 @@ Contract:
   in this process, is refused before any work (`Conflict`, 409). Two instances racing on one id both
   generate, and the second to commit gets the 409: it is never charged twice. A failed row is replaced by the
   retry's outcome.
+- The connection lost during `record_success`'s COMMIT (it may have landed or not): the ledger is read again, on a
+  new connection, for the row of this very attempt (its `attempt_id`, unique to the attempt, tells it from another
+  instance's row for the same id): there, the request is the success it was; not there, `DatabaseUnavailable` (it
+  was not charged); the database unreachable for `ACK_READ_TRIES` reads, `ChargeUnknown` (503 `charge_unknown`).
 - `record_failure` writes (or refreshes) a failed row with a zero charge; it never overwrites a success.
 - Usage totals are sums of ledger rows computed by the database, amounts in integer nano-units (exact).
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,11 +27,19 @@ from typing import Any
 
 from sqlalchemy import case, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
 
-from handler.errors import Conflict
+from handler.errors import ChargeUnknown, CommitUnacknowledged, Conflict, DatabaseUnavailable
 from handler.records.billing import Charge, decimal_text, from_nanos
-from handler.records.db import Database, generated_images, iso_utc, ledger, utcnow
+from handler.records.db import Database, generated_images, iso_utc, ledger, unavailable, utcnow
 from handler.records.metering import RequestMeter
+
+log = logging.getLogger(__name__)
+
+# A charge committed without an acknowledgement is read back this many times at most, 0.5 s, 1 s, 2 s... apart,
+# and for no longer than ACK_READ_SECONDS (a connect may take its whole timeout), before it is called unknown.
+ACK_READ_TRIES = 4
+ACK_READ_SECONDS = 10.0
 
 
 @dataclass
@@ -66,7 +79,7 @@ def _row_values(meter: RequestMeter, status: str, charge: Charge | None, currenc
         "price_per_second": decimal_text(charge.price_per_second) if charge else "0",
         "currency": charge.currency if charge else currency,
         "amount_nanos": charge.amount_nanos if charge else 0,
-        "started_at": started, "finished_at": now,
+        "started_at": started, "finished_at": now, "attempt_id": meter.attempt_id,
     }
 
 
@@ -120,8 +133,10 @@ class Ledger:
                         f"{where}", details=details)
 
     def record_success(self, meter: RequestMeter, charge: Charge, images: list[ImageRecord]) -> None:
-        """Commit the charged ledger row and its image rows together (raises Conflict when another attempt
-        with the same id committed first, DatabaseUnavailable when the database cannot be reached)."""
+        """Commit the charged ledger row and its image rows together; when this returns, the request is charged.
+        Raises Conflict when another attempt with the same id committed first, DatabaseUnavailable when nothing
+        was committed, ChargeUnknown when the COMMIT lost its acknowledgement and the database stayed unreachable
+        (then `landed` tells, once it is back)."""
         consumer, request_id = meter.consumer or "", meter.request_key
         values = _row_values(meter, "succeeded", charge, self.currency)
         rows = [{"request_id": request_id, "consumer": consumer, "created_at": values["finished_at"],
@@ -134,19 +149,57 @@ class Ledger:
             return
         except IntegrityError:
             pass  # a row with this id exists: a failed attempt (replace it) or a success (refuse)
-        with self.db.begin() as conn:
-            # Write first, read never: the UPDATE takes the row (or SQLite's write lock) before deciding.
-            done = conn.execute(update(ledger).where(
-                ledger.c.consumer == consumer, ledger.c.request_id == request_id, ledger.c.status == "failed",
-            ).values(attempts=ledger.c.attempts + 1, **values)).rowcount
-            if done == 1:
-                if rows:
-                    conn.execute(insert(generated_images), rows)
-                return
+        except CommitUnacknowledged:
+            self._read_back(meter)
+            return
+        try:
+            with self.db.begin() as conn:
+                # Write first, read never: the UPDATE takes the row (or SQLite's write lock) before deciding.
+                done = conn.execute(update(ledger).where(
+                    ledger.c.consumer == consumer, ledger.c.request_id == request_id, ledger.c.status == "failed",
+                ).values(attempts=ledger.c.attempts + 1, **values)).rowcount
+                if done == 1:
+                    if rows:
+                        conn.execute(insert(generated_images), rows)
+                    return
+        except CommitUnacknowledged:
+            self._read_back(meter)
+            return
         with self.db.connect() as conn:
             row = conn.execute(select(ledger.c.billed_ms, ledger.c.amount_nanos, ledger.c.currency).where(
                 ledger.c.consumer == consumer, ledger.c.request_id == request_id)).one()
         raise self._duplicate(consumer, request_id, row)
+
+    def landed(self, meter: RequestMeter) -> bool:
+        """Whether the ledger holds the charged row that `meter`'s own attempt wrote (one read; DatabaseUnavailable
+        when it cannot be read)."""
+        with self.db.connect() as conn:
+            row = conn.execute(select(ledger.c.id).where(
+                ledger.c.consumer == (meter.consumer or ""), ledger.c.request_id == meter.request_key,
+                ledger.c.status == "succeeded", ledger.c.attempt_id == meter.attempt_id)).first()
+        return row is not None
+
+    def _read_back(self, meter: RequestMeter) -> None:
+        """After `record_success`'s COMMIT lost its acknowledgement: return when this attempt's row landed (it is
+        charged), raise DatabaseUnavailable when it did not, ChargeUnknown when the ledger cannot be read."""
+        try:
+            landed = Retrying(retry=retry_if_exception_type(DatabaseUnavailable), reraise=True,
+                              stop=stop_after_attempt(ACK_READ_TRIES) | stop_after_delay(ACK_READ_SECONDS),
+                              wait=wait_exponential(multiplier=0.5, max=2))(self.landed, meter)
+        except DatabaseUnavailable:
+            log.error("request %s: its charge was committed without an acknowledgement and the records database "
+                      "stayed unreachable: whether it was charged is unknown", meter.request_key)
+            raise ChargeUnknown(
+                "the records database went away while this request's charge was being committed and has not come "
+                "back, so whether it was charged is unknown; retry with the header Idempotency-Key: "
+                f"{meter.request_key} once it is back: 409 with the charge (and where its images are) if it was "
+                "charged, a new generation if not", headers={"Retry-After": "5"}) from None
+        if not landed:
+            log.warning("request %s: its charge's commit lost its acknowledgement and did not land: not charged",
+                        meter.request_key)
+            raise unavailable()
+        log.warning("request %s: its charge's commit lost its acknowledgement but landed: answered as charged",
+                    meter.request_key)
 
     def record_failure(self, meter: RequestMeter) -> None:
         """Record a failed request with a zero charge; a retry's earlier failure is refreshed, a success is

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import Any
 
+from handler.errors import ChargeUnknown
 from handler.records.billing import Charge, decimal_text
 
 request_log = logging.getLogger("sdfunc.request")
@@ -54,6 +56,7 @@ class RequestMeter:
     idempotency_key: str | None = None  # the client's Idempotency-Key header, when sent
     charge: Charge | None = None  # set when a generation succeeded
     recorded: bool = False  # the ledger has this request's outcome (or must not get one: a duplicate)
+    attempt_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # this attempt's own id, in its ledger row
 
     @property
     def request_key(self) -> str:
@@ -68,6 +71,11 @@ class RequestMeter:
         return self.status is not None and self.status < 400
 
     @property
+    def charge_unknown(self) -> bool:
+        """The charge was committed without an acknowledgement and could not be read back (`ChargeUnknown`)."""
+        return self.error == ChargeUnknown.code
+
+    @property
     def billed_ms(self) -> int:
         """The billed time of a successful generation (handler.records.billing); 0 otherwise."""
         if not self.succeeded or self.charge is None:
@@ -75,14 +83,18 @@ class RequestMeter:
         return self.charge.billed_ms
 
     def fields(self, *, with_prompts: bool) -> dict[str, Any]:
-        """The request log's fields (prompts only `with_prompts`)."""
+        """The request log's fields (prompts only `with_prompts`). A charge that is unknown is `charged` "unknown",
+        `billed_ms` null."""
         out = {f.name: getattr(self, f.name) for f in dataclass_fields(self)
-               if f.name not in ("started", "charge", "recorded", "idempotency_key")}
+               if f.name not in ("started", "charge", "recorded", "idempotency_key", "attempt_id")}
         if not with_prompts:
             out.pop("prompt")
             out.pop("negative_prompt")
-        out["billed_ms"] = self.billed_ms
-        out["charged"] = decimal_text(self.charge.amount) if self.charge is not None and self.succeeded else "0"
+        if self.charge_unknown:
+            out["billed_ms"], out["charged"] = None, "unknown"
+        else:
+            out["billed_ms"] = self.billed_ms
+            out["charged"] = decimal_text(self.charge.amount) if self.charge is not None and self.succeeded else "0"
         if self.idempotency_key is not None:
             out["idempotency_key"] = self.idempotency_key
         for key, value in out.items():

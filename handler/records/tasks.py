@@ -11,7 +11,9 @@ Contract:
   whose task was adopted by another cannot overwrite the adopter's outcome.
 - `reap` takes back the claimed tasks whose heartbeat is older than `stale_seconds` (a runner marks only the tasks
   it still holds): queued again for any worker while they have runs left, failed once they have had
-  `max_delivery` runs (a queued one's failed result goes to its sink, so its watcher learns of it).
+  `max_delivery` runs (a queued one's failed result goes to its sink, so its watcher learns of it); that failure
+  says whether its request id was charged (the ledger has its row: the worker stopped, or lost the database, after
+  the charge's COMMIT).
 - A task put on a PAI-EAS input queue has a `queue_inputs` row (its index); when it finishes, its result gets a
   `queue_sink` row in the same transaction (handler/records/queue.py serves the sink).
 """
@@ -29,10 +31,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from handler.contract.eas_queue import failed_result
-from handler.records.db import Database, queue_inputs, queue_locks, queue_sink, tasks, utcnow
+from handler.records.db import Database, ledger, queue_inputs, queue_locks, queue_sink, tasks, utcnow
 
 REAPED = ("the worker running this task stopped before it finished; a generation that was not answered is not "
           "charged")
+REAPED_CHARGED = ("the worker running this task stopped after its generation was charged, before it stored the "
+                  "result; its images: GET /images?request_id={request_id}")
 
 
 class TaskStore:
@@ -169,15 +173,20 @@ class TaskStore:
         cutoff = utcnow() - dt.timedelta(seconds=stale_seconds)
         stale = and_(tasks.c.status.in_(("queued", "running")), tasks.c.runner.is_not(None),
                      tasks.c.heartbeat_at < cutoff)
+        charged = and_(ledger.c.consumer == tasks.c.consumer, ledger.c.request_id == tasks.c.request_id,
+                       ledger.c.status == "succeeded")
         with self.db.begin() as conn:
-            spent = conn.execute(select(tasks.c.id, tasks.c.tag, tasks.c.queue, tasks.c.consumer, tasks.c.started_at)
+            spent = conn.execute(select(tasks.c.id, tasks.c.tag, tasks.c.queue, tasks.c.consumer, tasks.c.started_at,
+                                        tasks.c.request_id, ledger.c.id.label("charge"))
+                                 .outerjoin(ledger, charged)
                                  .where(stale, tasks.c.status == "running", tasks.c.deliveries >= max_delivery)).all()
             now = utcnow()
             for row in spent:
                 seconds = (now - row.started_at).total_seconds() if row.started_at else 0.0
-                result = failed_result(row.id, row.tag, status=503, error=REAPED, seconds=seconds)
+                error = REAPED if row.charge is None else REAPED_CHARGED.format(request_id=row.request_id)
+                result = failed_result(row.id, row.tag, status=503, error=error, seconds=seconds)
                 if conn.execute(update(tasks).where(tasks.c.id == row.id, stale).values(
-                        status="failed", finished_at=now, progress_json=None, error=REAPED,
+                        status="failed", finished_at=now, progress_json=None, error=error,
                         result_json=json.dumps(result, ensure_ascii=False))).rowcount == 1 and row.queue is not None:
                     _to_sink(conn, row.id, row.queue, row.consumer)
             ids = [r.id for r in conn.execute(select(tasks.c.id).where(

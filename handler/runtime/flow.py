@@ -21,7 +21,7 @@ from typing import Any
 
 from handler.contract.a1111 import task_ids
 from handler.contract.schemas import GenerationRequest
-from handler.errors import Timeout, out_of_memory
+from handler.errors import ChargeUnknown, Timeout, out_of_memory
 from handler.records import metering
 from handler.records.billing import Pricing
 from handler.records.ledger import Ledger
@@ -96,13 +96,18 @@ class GenerationFlow:
 
     def _charge(self, outcome: Outcome, meter: metering.RequestMeter) -> dict[str, Any]:
         """Price the generation, put the charge in `parameters.billing`, and commit the ledger row with its
-        image records before the response goes out (handler.records.ledger)."""
+        image records before the response goes out (handler.records.ledger). A charge whose outcome is unknown
+        raises ChargeUnknown carrying the response (`result`)."""
         charge = self.pricing.charge(outcome.generation_seconds, len(outcome.records), self.engine.device_type())
         meter.charge = charge
         outcome.response["parameters"]["billing"] = {"request_id": meter.request_key, "consumer": meter.consumer,
                                                      **charge.as_dict()}
         if self.ledger is not None:
-            self.ledger.record_success(meter, charge, outcome.records)
+            try:
+                self.ledger.record_success(meter, charge, outcome.records)
+            except ChargeUnknown as exc:
+                exc.result = outcome.response  # a task waits for the database to tell (handler.runtime.tasks)
+                raise
             meter.recorded = True
         return outcome.response
 

@@ -17,6 +17,10 @@ Contract:
 - Every `heartbeat_seconds` a worker marks its running tasks alive and stores where each is (its progress). Any
   instance finds tasks not marked for `stale_seconds` (their worker died) and queues them again until they have
   had `max_delivery` runs, then marks them failed. So no task stays "running" forever.
+- A task whose charge was committed without an acknowledgement and could not be read back (`ChargeUnknown`) asks
+  the ledger again while the database is unreachable (for `stale_seconds`): charged, it succeeded with its result;
+  not charged, it failed (503 `database_unavailable`). Still unknown, it is left to be taken back as a dead worker's
+  task (its failure then says whether it was charged; a re-run of a charged id fails 409 with the charge).
 - A finished task that was put on a queue goes to its service's sink in the same transaction (handler.records.queue).
 - With a `callback_url`, the result is POSTed there when the task ends (`callback_attempts` tries, 1 s, 2 s,
   4 s... apart); the URL must not point at loopback, private, link-local or metadata addresses unless
@@ -46,9 +50,9 @@ from tenacity import (
 
 from handler.contract.eas_queue import failed_result
 from handler.contract.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
-from handler.errors import Busy, NotReady, ServiceError, Timeout
+from handler.errors import Busy, ChargeUnknown, NotReady, ServiceError, Timeout
 from handler.records import metering
-from handler.records.db import iso_utc
+from handler.records.db import iso_utc, unavailable
 from handler.records.ledger import Ledger
 from handler.records.tasks import TaskStore
 from handler.security.netguard import FetchError, Guard
@@ -229,12 +233,22 @@ class TaskRunner:
         started = time.perf_counter()
         result: dict[str, Any] | None = None
         error: str | None = None
+        response: dict[str, Any] | None = None
         try:
             body = service.task_request(task["mode"], json.loads(task["request_json"]), task_id)
             generate = service.txt2img if task["mode"] == "txt2img" else service.img2img
             response = self._when_admitted(lambda: generate(body, task["consumer"]))
-            meter.status = 200
-            result = {**response, "task_id": task_id, "tag": task["tag"], "status": "succeeded"}
+        except ChargeUnknown as exc:  # generated, and maybe charged: the ledger tells once it can be read
+            charged = self._charged(meter)
+            if charged is None:
+                log.error("task %s: whether its charge landed is unknown (the records database stayed unreachable); "
+                          "it is left to be taken back as a dead worker's task", task_id)
+                return
+            if charged:
+                response = exc.result or {}
+            else:
+                lost = unavailable()
+                meter.status, meter.error, error = lost.status, lost.code, lost.message
         except NotReady as exc:
             if self.service.state == "STOPPING" and not isinstance(exc, Timeout):  # not this instance's task now
                 self.store.release(task_id, self.runner_id)
@@ -250,6 +264,9 @@ class TaskRunner:
                 log.exception("task %s failed", task_id)
         finally:
             metering.end()
+        if response is not None:
+            meter.status = 200
+            result = {**response, "task_id": task_id, "tag": task["tag"], "status": "succeeded"}
         if error is not None:
             result = failed_result(task_id, task["tag"], status=meter.status or 500, error=error,
                                    seconds=time.perf_counter() - started)
@@ -279,6 +296,19 @@ class TaskRunner:
         except ServiceError:
             log.error("task %s: its outcome could not be stored (the database stayed unreachable)", task_id)
             return False
+
+    def _charged(self, meter: metering.RequestMeter) -> bool | None:
+        """Whether the charge of `meter`'s attempt landed (its COMMIT lost its acknowledgement), asking the ledger
+        again while the database is unreachable, for `tasks.stale_seconds`; None when it never answered."""
+        ledger = self.service.ledger
+        if ledger is None:
+            return None
+        try:
+            return Retrying(retry=retry_if_exception_type(ServiceError), reraise=True,
+                            stop=stop_after_delay(self.settings.stale_seconds),
+                            wait=wait_exponential(multiplier=0.2, max=2))(ledger.landed, meter)
+        except ServiceError:
+            return None
 
     def _when_admitted(self, generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """`generate()`, tried again while the instance answers Busy (full of synchronous requests: the task

@@ -53,7 +53,7 @@ def test_consumers_usage_and_db_commands(make_app, db_url, tmp_path):
         assert "Traceback" not in proc.stderr, proc.stderr
         return proc
 
-    assert cli("db", "upgrade").stdout.split("\t")[1].strip() == "0003"
+    assert cli("db", "upgrade").stdout.split("\t")[1].strip() == "0004"
     added = cli("consumers", "add", "shop-1")
     assert added.returncode == 0 and "shown once" in added.stderr
     key = added.stdout.strip()

@@ -235,7 +235,7 @@ def test_schema_comes_from_the_migrations(make_app, db_url):
     engine = app.extensions["sdfunc"].db.engine
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
-        assert current_revision(conn) == "0003"
+        assert current_revision(conn) == "0004"
     migrate(engine)  # again: a no-op that keeps every row
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(ledger)).scalar_one() == 1
@@ -371,7 +371,7 @@ def test_an_upgrade_keeps_the_rows_written_before_it(db_url):
                                                attempts=1, started_at=now, finished_at=now))
         db.ready()  # what a newer instance does on first use
         with db.engine.connect() as conn:
-            assert current_revision(conn) == "0003"
+            assert current_revision(conn) == "0004"
             assert conn.execute(select(ledger.c.amount_nanos).where(ledger.c.request_id == "old")).scalar_one() == 5000000
     finally:
         db.dispose()
