@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import current_app, jsonify
 from flask_openapi3 import APIBlueprint, Tag
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from handler.contract.images import b64, read_image
 from handler.contract.schemas import Float
@@ -24,10 +24,14 @@ MAX_DETECT_IMAGES = 4
 
 
 class ModelListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown query parameter is a 422, as the document says
+
     update: bool = Field(True, description="Rescan <data>/models/ControlNet first.")
 
 
 class ModuleListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     alias_names: bool = Field(False, description="UI labels instead of API names.")
 
 

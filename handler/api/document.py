@@ -154,7 +154,8 @@ def _closed_sets(schemas: dict[str, Any]) -> None:
             _replace(schema, field, {"type": "integer", "enum": [-1, 0]})
     labels = sorted({n for p in PREPROCESSORS.values() for n in (p.name, p.label)})
     module = schemas["DetectRequest"]["properties"]["controlnet_module"]
-    module["pattern"] = r"^\s*(?:" + "|".join(_any_case(n) for n in labels) + r")?\s*$"
+    space = "[" + "".join(f"\\u{ord(c):04x}" for c in map(chr, range(0x3001)) if c.isspace()) + "]*"  # str.strip()'s
+    module["pattern"] = f"^{space}(?:" + "|".join(_any_case(n) for n in labels) + f")?{space}$"
     module.pop("maxLength", None)
 
 

@@ -308,6 +308,8 @@ class ProgressResponse(BaseModel):
 
 
 class ProgressQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown query parameter is a 422, as the document says
+
     skip_current_image: bool = False
 
 
