@@ -354,6 +354,20 @@ def _lookup_scheduler(value: str | None) -> Scheduler:
     return _SCHEDULER_BY_KEY.get(str(value), AUTOMATIC)
 
 
+def split_sampler_name(name: str) -> tuple[Sampler | None, Scheduler | None, str]:
+    """(the sampler, the schedule type of a suffix, the name without its suffixes) of a sampler string, as A1111
+    v1.10.1 reads it: it walks every scheduler in order and strips a matching `" <label, name or alias>"` suffix
+    (at most one per scheduler); the sampler is None when the rest is no sampler's name or alias."""
+    found = None
+    for sched in SCHEDULERS:
+        for option in (sched.label, sched.name, *(sched.aliases or ())):
+            if name.endswith(" " + option):
+                found = sched
+                name = name[: -(len(option) + 1)]
+                break
+    return _SAMPLER_BY_NAME.get(name) or _SAMPLER_BY_ALIAS.get(name), found, name
+
+
 def resolve_sampler(sampler_name: str | None, sampler_index: str | None = None,
                     scheduler: str | None = None) -> ResolvedSampler:
     """Resolve a request's `sampler_name` / `sampler_index` / `scheduler` as A1111 v1.10.1 does, plus aliases.
@@ -363,19 +377,9 @@ def resolve_sampler(sampler_name: str | None, sampler_index: str | None = None,
     and becomes the scheduler ("DPM++ 2M Karras"). The rest must be an exact, case-sensitive sampler name
     or alias (`k_euler_a`), else `UnknownSampler` (field `sampler_name`) is raised.
     """
-    name = sampler_name or sampler_index or DEFAULT_SAMPLER
-    name = str(name)
-    found = _lookup_scheduler(scheduler)
-
-    # A1111 walks every scheduler in order and strips a matching suffix (at most one per scheduler).
-    for sched in SCHEDULERS:
-        for option in (sched.label, sched.name, *(sched.aliases or ())):
-            if name.endswith(" " + option):
-                found = sched
-                name = name[: -(len(option) + 1)]
-                break
-
-    sampler = _SAMPLER_BY_NAME.get(name) or _SAMPLER_BY_ALIAS.get(name)
+    name = str(sampler_name or sampler_index or DEFAULT_SAMPLER)
+    sampler, suffix, name = split_sampler_name(name)
+    found = suffix or _lookup_scheduler(scheduler)
     if sampler is None:
         shown = name if len(name) <= 64 else name[:61] + "..."
         raise UnknownSampler(

@@ -37,6 +37,17 @@ _GENERATION_REFUSALS = {
     "n_iter": "batch_size x n_iter over the deployment's most images",
     "sampler_name": "an unknown sampler_index when sampler_name is empty (sampler_index is only read then)",
     "styles": "a style name <data>/styles.csv does not have",
+    "refiner_checkpoint": "a refiner that is not SDXL, with enable_hr, or on img2img",
+    "refiner_switch_at": "outside 0 < x <= 1 when a refiner is named",
+    "override_settings": "an override the checkpoint cannot take (clip skip deeper than its text encoder) or of "
+                         "the wrong type",
+    "alwayson_scripts": "a ControlNet unit, PAI-EAS key or save_dir the server cannot use (each named)",
+    "infotext": "an infotext whose fields are out of range",
+    "callback_url": "a host that does not resolve or is not public",
+    "body": "JSON nested deeper than 64",
+}
+_TXT2IMG_REFUSALS = {
+    **_GENERATION_REFUSALS,
     "hr_upscaler": "with enable_hr: an upscaler that is not offered",
     "hr_scale": "with enable_hr and no hr_resize_x/y: outside 1..8, or a hires size over the limits",
     "hr_resize_x": "with enable_hr: a hires size over the deployment's limits",
@@ -47,22 +58,17 @@ _GENERATION_REFUSALS = {
     "firstphase_height": "with enable_hr: a first pass under 8 or over the limits",
     "width": "a first pass (firstphase_width) over the limits",
     "height": "a first pass (firstphase_height) over the limits",
-    "refiner_checkpoint": "a refiner that is not SDXL, with enable_hr, or on img2img",
-    "refiner_switch_at": "outside 0 < x <= 1 when a refiner is named",
-    "override_settings": "an override the checkpoint cannot take (clip skip deeper than its text encoder) or of "
-                         "the wrong type",
-    "alwayson_scripts": "a ControlNet unit, PAI-EAS key or save_dir the server cannot use (each named)",
+}
+_IMG2IMG_REFUSALS = {
+    **_GENERATION_REFUSALS,
     "init_images": "an image that does not decode, is over the pixel limit, more images than batch_size, or "
                    "none while alwayson_scripts.image_link is not given either",
     "mask": "a mask that does not decode or is over the pixel limit",
     "latent_mask": "as mask",
-    "infotext": "an infotext whose fields are out of range",
-    "callback_url": "a host that does not resolve or is not public",
-    "body": "JSON nested deeper than 64",
 }
 REFUSALS: dict[str, dict[str, str]] = {
-    "POST /sdapi/v1/txt2img": _GENERATION_REFUSALS,
-    "POST /sdapi/v1/img2img": _GENERATION_REFUSALS,
+    "POST /sdapi/v1/txt2img": _TXT2IMG_REFUSALS,
+    "POST /sdapi/v1/img2img": _IMG2IMG_REFUSALS,
     "POST /sdapi/v1/png-info": {"image": "an image that does not decode or is over the pixel limit"},
     "POST /controlnet/detect": {"controlnet_input_images": "an image that does not decode or is over the pixel "
                                                            "limit",
@@ -128,11 +134,16 @@ def _limits(schemas: dict[str, Any], s: Settings) -> None:
 
 
 def _sampler_names() -> list[str]:
-    from pipelines.samplers import SAMPLERS, SCHEDULERS
+    """Every name and alias, alone and with one schedule-type suffix, that `resolve_sampler` takes (A1111 cuts
+    suffixes in its schedulers' order, so "DPM++ 2M SGM Uniform" loses " Uniform" first and is refused)."""
+    from pipelines.samplers import SAMPLERS, SCHEDULERS, split_sampler_name
 
     names = [n for sampler in SAMPLERS for n in (sampler.name, *sampler.aliases)]
-    suffixes = [o for sched in SCHEDULERS for o in (sched.label, sched.name, *(sched.aliases or ()))]
-    return ["", *names, *(f"{name} {suffix}" for name in names for suffix in dict.fromkeys(suffixes))]
+    suffixes = dict.fromkeys(o for sched in SCHEDULERS for o in (sched.label, sched.name, *(sched.aliases or ())))
+    taken = ["", *names]
+    taken += [candidate for candidate in (f"{name} {suffix}" for name in names for suffix in suffixes)
+              if split_sampler_name(candidate)[0] is not None]
+    return taken
 
 
 def _any_case(text: str) -> str:
