@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 
 from flask import Response, g, request
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 AUTHENTICATED_BLUEPRINTS = ("sdapi", "internal", "controlnet", "account", "downloads", "eas_queue")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/security/lifecycle_key.py)
 GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 LIFECYCLE_HOOKS = ("/initialize", "/pre-stop")
+UNDOCUMENTED_BLUEPRINTS = ("eas_queue",)  # PAI-EAS's queue protocol: its query parameters are tags
 LIFECYCLE_SCHEME = "lifecycleKey"
 # Answered by gunicorn before the app sees the request (an HTML body): documented so clients expect them.
 GUNICORN_REFUSALS = {
@@ -81,6 +83,10 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         length = request.content_length
         if length is not None and length > settings.max_body_bytes:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds {settings.max_body_bytes}")
+        if request.blueprint not in UNDOCUMENTED_BLUEPRINTS:
+            repeated = next((name for name, values in request.args.lists() if len(values) > 1), None)
+            if repeated is not None:  # every documented query parameter takes one value: none is silently dropped
+                raise InvalidRequest(f"{repeated}: given more than once", field=repeated)
         key = request.headers.get(IDEMPOTENCY_HEADER)
         if key is not None:
             if not 0 < len(key) <= 128 or not key.isascii() or not key.isprintable():
@@ -157,11 +163,18 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.register_api(web.bp)
     app.register_blueprint(eas_queue.bp)  # PAI-EAS's queue protocol: protobuf and a WebSocket, outside the document
     _finish_document(app, settings.auth.mode)
-    generate = app.generate_spec_json
+    generate, generating = app.generate_spec_json, threading.Lock()
 
-    def _complete_document() -> None:  # on the first GET of the document (sampler names import torch)
-        generate()
-        document.complete(app.spec_json, settings)
+    def _complete_document() -> None:
+        """On the first GET of the document (its sampler names import torch): built aside and completed, then
+        published at once (flask-openapi3 serves `spec_json` as soon as it is set); a failure publishes nothing."""
+        with generating:
+            if app.spec_json:
+                return
+            generate()
+            built, app.spec_json = app.spec_json, {}
+            document.complete(built, settings)
+            app.spec_json = built
 
     app.generate_spec_json = _complete_document
     service.coldstart.app_ready()

@@ -112,23 +112,25 @@ def cmd_hook(args: argparse.Namespace) -> int:
     url = f"http://127.0.0.1:{settings.port}{route}"
     deadline = time.monotonic() + args.wait
     while True:
-        headers = {}
+        # The worker writes its key when it starts, after gunicorn listens: no key (or one an earlier server left)
+        # is "not started yet" until the deadline.
         key = lifecycle.read_key(lifecycle.key_file(settings.port))
-        if key:
-            headers[lifecycle.HEADER] = key
-        req = urllib.request.Request(url, method=method, headers=headers)
+        req = urllib.request.Request(url, method=method, headers={lifecycle.HEADER: key} if key else {})
         try:
             with urllib.request.urlopen(req, timeout=settings.timeout) as response:
                 status, body = response.status, response.read()
             break
         except urllib.error.HTTPError as exc:
             status, body = exc.code, exc.read()
-            break
+            if status not in (401, 403) or time.monotonic() >= deadline:
+                break
+            reason = "refused (no lifecycle key yet, or an old one)"
         except (urllib.error.URLError, ConnectionError) as exc:
-            if time.monotonic() >= deadline:
-                log.error("%s %s: the server does not answer (%s)", method, url, exc)
-                return 1
-            time.sleep(0.5)
+            reason = f"the server does not answer ({exc})"
+        if time.monotonic() >= deadline:
+            log.error("%s %s: %s", method, url, reason)
+            return 1
+        time.sleep(0.5)
     log.info("%s %s -> %d", method, url, status)
     sys.stdout.write(body.decode("utf-8", "replace") + "\n")
     return 0 if 200 <= status < 300 else 1

@@ -83,8 +83,8 @@ EOF
     tail -n 30 "$dir/$part.txt"
   done
   echo "== auth $auth: verdict"
-  "$PY" -m tests.e2e.test_fuzz verdict "$dir/openapi.json" "$dir"/routes/ndjson-*.ndjson "$dir"/pre-stop/ndjson-*.ndjson \
-    | tee "$dir/verdict.txt" || status=1
+  "$PY" -m tests.e2e.test_fuzz verdict "$dir/openapi.json" "$dir/routes" "$dir/pre-stop" | tee "$dir/verdict.txt" \
+    || status=1
   stop_server
   if grep -q '"level": "\(ERROR\|CRITICAL\)"' "$dir/server.log"; then
     echo "the server logged errors (background work): grep '\"level\": \"ERROR\"' $dir/server.log"

@@ -63,11 +63,24 @@ def linked_data_root(data_dir: Path, root: Path) -> Path:
     return root
 
 
+# In-process apps write their lifecycle key file for their port (handler.security.lifecycle_key): one port per
+# test process, never a real server's 9000; the file is removed when the session ends (lifecycle_key_file).
+TEST_PORT = 20000 + os.getpid() % 40000
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lifecycle_key_file():
+    from handler.security.lifecycle_key import key_file
+
+    yield
+    key_file(TEST_PORT).unlink(missing_ok=True)
+
+
 def make_settings(data_dir: Path, **overrides):
     from handler.settings import Settings
 
     values = dict(data_dir=data_dir, warmup={"on_start": False}, log_json=False, max_images=8, max_width=1024,
-                  max_height=1024)
+                  max_height=1024, port=TEST_PORT)
     values.update(overrides)
     return Settings(**values)
 

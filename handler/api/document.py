@@ -43,6 +43,7 @@ _GENERATION_REFUSALS = {
                          "the wrong type",
     "alwayson_scripts": "a ControlNet unit, PAI-EAS key or save_dir the server cannot use (each named)",
     "infotext": "an infotext whose fields are out of range",
+    "steps": "steps taken from the infotext over the deployment's most steps",
     "callback_url": "a host that does not resolve or is not public",
     "body": "JSON nested deeper than 64",
 }
@@ -56,8 +57,8 @@ _TXT2IMG_REFUSALS = {
     "hr_negative_prompt": "with enable_hr: as prompt",
     "firstphase_width": "with enable_hr: a first pass under 8 or over the limits",
     "firstphase_height": "with enable_hr: a first pass under 8 or over the limits",
-    "width": "a first pass (firstphase_width) over the limits",
-    "height": "a first pass (firstphase_height) over the limits",
+    "hr_sampler_name": "with enable_hr: a sampler that is not offered (without it, anything is ignored)",
+    "hr_checkpoint_name": "with enable_hr: a checkpoint that does not load for the second pass",
 }
 _IMG2IMG_REFUSALS = {
     **_GENERATION_REFUSALS,
@@ -121,11 +122,13 @@ def _replace(schema: dict[str, Any], name: str, inner: dict[str, Any]) -> None:
 
 
 def _limits(schemas: dict[str, Any], s: Settings) -> None:
-    limits = {"width": s.max_width, "height": s.max_height, "steps": min(150, s.max_steps)}
+    # sizes are floored to a multiple of 8 before the limit applies: 263 is 256
+    limits = {"width": (s.max_width, s.max_width // 8 * 8 + 7), "height": (s.max_height, s.max_height // 8 * 8 + 7),
+              "steps": (min(150, s.max_steps),) * 2}
     for name in GENERATIONS:
         schema = schemas[name]
-        for field, limit in limits.items():
-            _inner(schema, field)["maximum"] = limit
+        for field, (limit, maximum) in limits.items():
+            _inner(schema, field)["maximum"] = maximum
             schema["properties"][field]["default"] = min(A1111_DEFAULTS[field], limit)
         for field in ("batch_size", "n_iter"):
             _inner(schema, field)["maximum"] = min(64, s.max_images)
@@ -159,7 +162,7 @@ def _closed_sets(schemas: dict[str, Any]) -> None:
     for name in GENERATIONS:
         schema = schemas[name]
         _replace(schema, "sampler_name", {"$ref": "#/components/schemas/SamplerName"})
-        _replace(schema, "restore_faces", {"const": False})
+        _replace(schema, "restore_faces", {"enum": [False, 0]})
         _replace(schema, "script_name", {"const": ""})
         for field in ("seed_resize_from_w", "seed_resize_from_h"):
             _replace(schema, field, {"type": "integer", "enum": [-1, 0]})
@@ -167,7 +170,6 @@ def _closed_sets(schemas: dict[str, Any]) -> None:
     module = schemas["DetectRequest"]["properties"]["controlnet_module"]
     space = "[" + "".join(f"\\u{ord(c):04x}" for c in map(chr, range(0x3001)) if c.isspace()) + "]*"  # str.strip()'s
     module["pattern"] = f"^{space}(?:" + "|".join(_any_case(n) for n in labels) + f")?{space}$"
-    module.pop("maxLength", None)
 
 
 def _options(schemas: dict[str, Any]) -> None:
@@ -184,9 +186,11 @@ def _options(schemas: dict[str, Any]) -> None:
 
 
 def _formats(schemas: dict[str, Any], s: Settings) -> None:
+    source = schemas["DownloadRequest"]["properties"]["source"]
     if not s.downloads.allow_http:  # http:// sources are refused (downloads.allow_http)
-        source = schemas["DownloadRequest"]["properties"]["source"]
         source["pattern"] = source["pattern"].replace("[Hh][Tt][Tt][Pp][Ss]?://", "[Hh][Tt][Tt][Pp][Ss]://")
+    if not (s.downloads.oss_endpoint or s.storage.oss.endpoint):  # oss:// sources need an endpoint
+        source["pattern"] = source["pattern"].split("|[Oo][Ss][Ss]://", 1)[0] + ")$"
     schemas["PngInfoRequest"]["properties"]["image"]["minLength"] = 1
     for name in GENERATIONS:
         if "init_images" in schemas[name]["properties"]:

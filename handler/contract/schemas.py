@@ -3,7 +3,7 @@
 These models are both the validation and the OpenAPI document. Unknown top-level keys are ignored, as
 A1111 does. Numbers are taken as JSON numbers only: a bool or a string for a number is refused (A1111's
 pydantic v1 coerced them; clients we know send proper numbers, and a schema that says "integer" must mean
-it); a boolean is true or false, never 0, 1 or "yes". Integral floats such as `688.0` are accepted for integers. Bounds that depend on settings (largest
+it); a flag is true or false, or 1 or 0, never a string such as "yes". Integral floats such as `688.0` are accepted for integers. Bounds that depend on settings (largest
 size, most images) are checked in the service, which names the field the same way.
 """
 
@@ -19,7 +19,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    StrictBool,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -42,7 +41,18 @@ def _int_or_bool(value: Any) -> Any:
 
 Int = Annotated[int, BeforeValidator(_number_only)]
 Float = Annotated[float, BeforeValidator(_number_only)]
-IntOrBool = Annotated[int, BeforeValidator(_int_or_bool)]
+def _bool_or_bit(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)  # A1111's clients have sent 1 and 0 for flags (its pydantic v1 took them)
+    raise ValueError("must be true or false (or 1 or 0)")
+
+
+# A request flag: true or false, or 1 or 0; never a string (pydantic's lax mode would take "yes" and "on").
+Bool = Annotated[bool, BeforeValidator(_bool_or_bit), WithJsonSchema(
+    {"oneOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]}]})]
+IntOrBool = Annotated[int, BeforeValidator(_int_or_bool)]  # its document: oneOf integer (with the field's bounds), boolean
 
 # An http(s) URL as clients send it: a host name or IPv4 address, an optional port, then printable ASCII.
 HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
@@ -122,10 +132,10 @@ class GenerationRequest(A1111Model):
     cfg_scale: Float = Field(7.0, ge=0.0, le=100.0, description="Classifier-free guidance scale.")
     width: Int = Field(512, ge=8, description="Width; floored to a multiple of 8.")
     height: Int = Field(512, ge=8, description="Height; floored to a multiple of 8.")
-    restore_faces: StrictBool | None = Field(None, description="Face restoration is not offered: true is refused.")
-    tiling: StrictBool | None = Field(None, description="Seamless tiling (circular padding) for this request.")
-    do_not_save_samples: StrictBool = Field(False)
-    do_not_save_grid: StrictBool = Field(False)
+    restore_faces: Bool | None = Field(None, description="Face restoration is not offered: true is refused.")
+    tiling: Bool | None = Field(None, description="Seamless tiling (circular padding) for this request.")
+    do_not_save_samples: Bool = Field(False)
+    do_not_save_grid: Bool = Field(False)
     eta: Annotated[Float, Field(ge=0.0)] | None = Field(None, description="Noise multiplier; applied by DDIM (see docs/samplers.md).")
     denoising_strength: Annotated[Float, Field(ge=0.0, le=1.0)] | None = Field(None)
     s_min_uncond: Float | None = Field(None)
@@ -136,20 +146,20 @@ class GenerationRequest(A1111Model):
     override_settings: dict[str, Any] | None = Field(
         None, description="Per-request option overrides: sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers."
     )
-    override_settings_restore_afterwards: StrictBool = Field(True)
+    override_settings_restore_afterwards: Bool = Field(True)
     refiner_checkpoint: str | None = Field(
         None, max_length=1000, description="txt2img: an SDXL checkpoint that finishes the sampling (title, name, hash or "
         "a substring of a title); the base checkpoint must be SDXL too. Not with enable_hr.")
     refiner_switch_at: Float | None = Field(
         None, description="Fraction of the steps after which the refiner takes over (0 < x <= 1; 1 = never).")
-    disable_extra_networks: StrictBool = Field(False)
+    disable_extra_networks: Bool = Field(False)
     firstpass_image: str | None = Field(None, description="Ignored: the first pass is always generated.")
     comments: dict[str, Any] | None = Field(None)
     script_name: str | None = Field(None, max_length=200, description="Selectable script; none are installed.")
     script_args: list[Any] = Field(default_factory=list)
-    send_images: StrictBool = Field(True, description="false -> images: []. With PAI-EAS `alwayson_scripts.save_dir` "
+    send_images: Bool = Field(True, description="false -> images: []. With PAI-EAS `alwayson_scripts.save_dir` "
                                                 "the images are left out unless this is sent as true.")
-    save_images: StrictBool = Field(False, description="Write the images under <data>/outputs.")
+    save_images: Bool = Field(False, description="Write the images under <data>/outputs.")
     alwayson_scripts: dict[str, Any] = Field(
         default_factory=dict,
         description="Always-on scripts, and the PAI-EAS keys sd_model_checkpoint, sd_vae, save_dir, image_link, id_task, "
@@ -176,7 +186,7 @@ class GenerationRequest(A1111Model):
 class Txt2ImgRequest(GenerationRequest):
     """POST /sdapi/v1/txt2img."""
 
-    enable_hr: StrictBool = Field(False, description="Hires fix: upscale the first pass and denoise it again (img2img at "
+    enable_hr: Bool = Field(False, description="Hires fix: upscale the first pass and denoise it again (img2img at "
                             "denoising_strength, 0.75 when null).")
     firstphase_width: Int = Field(0, ge=0, description="Legacy: non-zero runs the first pass at this width and makes "
                                   "width x height the hires target.")
@@ -208,14 +218,16 @@ class Img2ImgRequest(GenerationRequest):
     mask_blur_x: Int = Field(4, ge=0, le=256)
     mask_blur_y: Int = Field(4, ge=0, le=256)
     mask_blur: Annotated[Int, Field(ge=0, le=256)] | None = Field(None, description="Sets both mask_blur_x and mask_blur_y.")
-    mask_round: StrictBool = Field(True)
+    mask_round: Bool = Field(True)
     inpainting_fill: Int = Field(0, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing.")
-    inpaint_full_res: StrictBool = Field(True, description="true = only the masked area, at full resolution.")
+    inpaint_full_res: Bool = Field(True, description="true = only the masked area, at full resolution.")
     inpaint_full_res_padding: Int = Field(0, ge=0, le=1024)
-    inpainting_mask_invert: IntOrBool = Field(0, ge=0, le=1)
+    inpainting_mask_invert: Annotated[IntOrBool, WithJsonSchema(
+        {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 1}, {"type": "boolean"}]})] = Field(
+        0, ge=0, le=1, description="1 or true: repaint what the mask leaves black.")
     initial_noise_multiplier: Annotated[Float, Field(ge=0.0, le=2.0)] | None = Field(None)
     latent_mask: str | None = Field(None)
-    include_init_images: StrictBool = Field(False)
+    include_init_images: Bool = Field(False)
 
 
 class GenerationResponse(BaseModel):
@@ -319,7 +331,7 @@ class InternalProgressRequest(A1111Model):
     id_task: str | None = Field(None, max_length=200, description="The task: an asynchronous task's id, or a "
                                 "request's `force_task_id`. Another consumer's task is answered as an unknown one.")
     id_live_preview: Int = Field(-1, description="The last live preview received (echoed while the task runs).")
-    live_preview: StrictBool = Field(True, description="Accepted for A1111's clients; there are no live previews.")
+    live_preview: Bool = Field(True, description="Accepted for A1111's clients; there are no live previews.")
 
 
 class InternalProgressResponse(BaseModel):
@@ -517,9 +529,10 @@ class _TimeRange(BaseModel):
 
 
 class GenerationQuery(BaseModel):
-    """The query of txt2img and img2img: asynchronous submission (PAI-EAS style)."""
+    """The query of txt2img and img2img: asynchronous submission (PAI-EAS style). Other parameters are a 422, as
+    the document says (PAI-EAS sends `task_id` only; its queue service's tags go to /api/predict/...)."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
     async_: bool = Field(False, alias="async", description="true: answer 202 with a task (`GET /tasks/<id>`) "
                                                             "instead of waiting for the images; as the header "

@@ -172,12 +172,13 @@ class Ledger:
 
     def landed(self, meter: RequestMeter) -> bool:
         """Whether the ledger holds the charged row that `meter`'s own attempt wrote (one read; DatabaseUnavailable
-        when it cannot be read)."""
-        with self.db.connect() as conn:
-            row = conn.execute(select(ledger.c.id).where(
-                ledger.c.consumer == (meter.consumer or ""), ledger.c.request_id == meter.request_key,
-                ledger.c.status == "succeeded", ledger.c.attempt_id == meter.attempt_id)).first()
-        return row is not None
+        when it cannot be read). A locking read on the (consumer, request id) key: it waits for a COMMIT of that
+        row the server is still carrying out (a dropped client does not stop it), and goes to the primary."""
+        with self.db.begin() as conn:
+            row = conn.execute(select(ledger.c.attempt_id, ledger.c.status).where(
+                ledger.c.consumer == (meter.consumer or ""),
+                ledger.c.request_id == meter.request_key).with_for_update()).first()
+        return row is not None and row.status == "succeeded" and row.attempt_id == meter.attempt_id
 
     def _read_back(self, meter: RequestMeter) -> None:
         """After `record_success`'s COMMIT lost its acknowledgement: return when this attempt's row landed (it is

@@ -190,10 +190,13 @@ class Planner:
                 raise InvalidRequest(f"{name}: at least 8", field=name)
         if isinstance(req, Txt2ImgRequest) and req.enable_hr and req.hr_second_pass_steps > s.max_steps:
             raise InvalidRequest(f"hr_second_pass_steps: at most {s.max_steps}", field="hr_second_pass_steps")
-        if width > s.max_width:
-            raise InvalidRequest(f"width: at most {s.max_width}", field="width")
-        if height > s.max_height:
-            raise InvalidRequest(f"height: at most {s.max_height}", field="height")
+        for name, sent, size, limit in (("width", req.width, width, s.max_width),
+                                        ("height", req.height, height, s.max_height)):
+            if sent // 8 * 8 > limit:  # floored, as it is used; the document's maximum is limit // 8 * 8 + 7
+                raise InvalidRequest(f"{name}: at most {limit}", field=name)
+            if size > limit:  # a legacy first pass (firstphase_width / _height) over the limit
+                raise InvalidRequest(f"firstphase_{name}: the first pass is at most {limit}",
+                                     field=f"firstphase_{name}")
         if req.batch_size * req.n_iter > s.max_images:
             field = "batch_size" if req.batch_size > s.max_images else "n_iter"  # the one that tipped it over
             raise InvalidRequest(

@@ -280,8 +280,10 @@ class Service:
         self.planner.validate(req, consumer)  # a bad request is a 422 now, not a failed task later
         request_id = meter.request_key if meter is not None else uuid.uuid4().hex
         task, created = self.tasks.create(consumer=consumer, request_id=request_id, mode=mode, tag=tag,
-                                          request_json=req.model_dump_json(), callback_url=callback_url,
-                                          queue=queue, tags=tags)
+                                          # what the client sent: the run applies defaults and infotext as a
+                                          # synchronous request does (Planner.deployment_defaults)
+                                          request_json=req.model_dump_json(exclude_unset=True),
+                                          callback_url=callback_url, queue=queue, tags=tags)
         if created:
             self.task_runner.wake()
         if meter is not None:

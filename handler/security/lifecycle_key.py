@@ -26,8 +26,7 @@ def key_file(port: int) -> Path:
 def create_key(path: Path) -> str:
     """A new random key, written to `path` readable by this user only (replacing any older one atomically)."""
     key = secrets.token_urlsafe(32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600, a name of its own
     with os.fdopen(fd, "w") as fh:
         fh.write(key)
     os.replace(tmp, path)

@@ -83,6 +83,18 @@ class Failure:
     field: str | None  # the 422 body's error.field, to its first `.` or `[`
     message: str  # schemathesis' failure title and message
     case: dict[str, Any]  # the test case (method, path, query, body, meta)
+    sent_authorization: bool  # the request that was sent carried an Authorization header
+
+    def only_credentials_removed(self) -> bool:
+        """A negative case whose one invalid part is the missing Authorization header, while the request sent
+        had it: schemathesis' `--auth` puts the credentials back on every request, so the server saw a valid one."""
+        meta = self.case.get("meta") or {}
+        negative = {location for location, part in (meta.get("components") or {}).items()
+                    if part.get("mode") == "negative"}
+        data = (meta.get("phase") or {}).get("data") or {}
+        mutations = data.get("mutations") or [data]
+        headers = {m.get("parameter") for m in mutations if m.get("parameter_location") == "header"}
+        return negative == {"header"} and headers == {"Authorization"} and self.sent_authorization
 
     def __str__(self) -> str:
         request = {k: self.case.get(k) for k in ("query", "body") if self.case.get(k) is not None}
@@ -113,18 +125,23 @@ def read_failures(ndjson: Path) -> tuple[list[Failure], int]:
                 if check["status"] == "success":
                     continue
                 case = recorder["cases"][case_id]["value"]
-                response = (recorder.get("interactions", {}).get(case_id) or {}).get("response")
+                interaction = recorder.get("interactions", {}).get(case_id) or {}
+                response = interaction.get("response")
+                sent = (interaction.get("request") or {}).get("headers") or {}
                 info = (check.get("failure_info") or {}).get("failure") or {}
                 failures.append(Failure(
                     operation=f"{case['method'].upper()} {case['path']}", check=check["name"],
                     status=response.get("status_code") if response else None, field=_error_field(response),
-                    message=f"{info.get('title', '')}: {info.get('message', '')}", case=case))
+                    message=f"{info.get('title', '')}: {info.get('message', '')}", case=case,
+                    sent_authorization=any(name.lower() == "authorization" for name in sent)))
     return failures, cases
 
 
 def verdict(failures: list[Failure], document: dict[str, Any]) -> tuple[Counter, list[Failure]]:
     """(the documented refusals by (operation, field), every other failure). A documented refusal is a
-    schema-valid request answered 422 for a field its operation lists under `x-refusals`."""
+    schema-valid request answered 422 for a field its operation lists under `x-refusals`. A negative case that
+    only lacked the credentials schemathesis put back (`Failure.only_credentials_removed`) is no failure: the
+    server got a valid request; it is counted as (operation, "credentials put back")."""
     refusals: Counter = Counter()
     unexpected = []
     for failure in failures:
@@ -132,6 +149,8 @@ def verdict(failures: list[Failure], document: dict[str, Any]) -> tuple[Counter,
         listed = document["paths"].get(path, {}).get(method.lower(), {}).get("x-refusals", {})
         if failure.check == "positive_data_acceptance" and failure.status == 422 and failure.field in listed:
             refusals[(failure.operation, failure.field)] += 1
+        elif failure.check == "negative_data_rejection" and failure.only_credentials_removed():
+            refusals[(failure.operation, "credentials put back")] += 1
         else:
             unexpected.append(failure)
     return refusals, unexpected
@@ -215,6 +234,9 @@ def test_the_listed_refusals_are_each_a_rule_of_the_server(fuzz_run):
     assert refusals, "no documented refusal met: the run never reached the generation routes' own checks"
     for (operation, field), _count in refusals.items():
         method, path = operation.split(" ", 1)
+        if field == "credentials put back":
+            assert fuzz_run.server.auth == "basic", operation
+            continue
         assert fuzz_run.document["paths"][path][method.lower()]["x-refusals"][field]
 
 
@@ -254,8 +276,8 @@ def test_server_logged_no_error(fuzz_run):
 # The long run (scripts/fuzz.sh) -------------------------------------------------------------------------
 def _main(argv: list[str]) -> int:
     """`env AUTH`: the server's settings as shell exports. `credentials`: the fuzzing user's `user:password`
-    (auth mode basic). `verdict DOCUMENT NDJSON...`: the documented refusals counted, every other failure
-    printed; exit 1 when there is any."""
+    (auth mode basic). `verdict DOCUMENT REPORT_DIR...`: the documented refusals counted, every other failure
+    and every schemathesis error printed; exit 1 when there is any."""
     import shlex
 
     if argv[:1] == ["env"] and len(argv) == 2:
@@ -267,22 +289,25 @@ def _main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["verdict"] and len(argv) >= 3:
         document = json.loads(Path(argv[1]).read_text())
-        failures, cases = [], 0
-        for path in argv[2:]:
-            more, ran = read_failures(Path(path))
+        failures, cases, errors = [], 0, []
+        for folder in map(Path, argv[2:]):  # each a --report-dir of `schemathesis run` (NDJSON and JSON)
+            more, ran = read_failures(sorted(folder.glob("ndjson-*.ndjson"))[-1])
             failures += more
             cases += ran
+            errors += json.loads(sorted(folder.glob("json-*.json"))[-1].read_text())["errors"]
         refusals, unexpected = verdict(failures, document)
         print(f"{cases} test cases; {sum(refusals.values())} documented refusals (x-refusals), "
-              f"{len(unexpected)} other failed checks")
+              f"{len(unexpected)} other failed checks, {len(errors)} errors")
         for (operation, field), count in sorted(refusals.items()):
             print(f"  refusal  {count:6d}  {operation}  {field}")
         for check, count in sorted(Counter((f.operation, f.check, f.status) for f in unexpected).items()):
             print(f"  FAILED   {count:6d}  {check}")
         for failure in unexpected[:20]:
             print(f"  {failure}")
-        return 1 if unexpected else 0
-    print(f"usage: python -m tests.e2e.test_fuzz env AUTH | credentials | verdict DOCUMENT NDJSON...   (AUTH: "
+        for error in errors:
+            print(f"  ERROR    {json.dumps(error)[:300]}")
+        return 1 if unexpected or errors else 0
+    print(f"usage: python -m tests.e2e.test_fuzz env AUTH | credentials | verdict DOCUMENT REPORT_DIR...   (AUTH: "
           f"{'|'.join(AUTH_MODES)})", file=sys.stderr)
     return 2
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from handler.contract.options import DEFAULT_OPTIONS
 from tests.conftest import png_b64
+from tests.support.waiting import wait_for
 
 SMALL = {"max_width": 64, "max_height": 64, "max_steps": 1, "max_images": 2, "max_prompt_chars": 300}
 
@@ -37,8 +38,8 @@ def test_the_document_states_the_deployments_limits_and_defaults(small):
     app, doc, client = small
     for name in ("Txt2ImgRequest", "Img2ImgRequest"):
         props = doc["components"]["schemas"][name]["properties"]
-        assert _inner(props["width"])["maximum"] == 64 and props["width"]["default"] == 64
-        assert _inner(props["height"])["maximum"] == 64 and props["height"]["default"] == 64
+        assert _inner(props["width"])["maximum"] == 71 and props["width"]["default"] == 64  # floored to 64
+        assert _inner(props["height"])["maximum"] == 71 and props["height"]["default"] == 64
         assert _inner(props["steps"])["maximum"] == 1 and props["steps"]["default"] == 1
         assert _inner(props["batch_size"])["maximum"] == _inner(props["n_iter"])["maximum"] == 2
         assert _inner(props["prompt"])["maxLength"] == 300
@@ -49,6 +50,10 @@ def test_the_document_states_the_deployments_limits_and_defaults(small):
     assert (info["width"], info["height"], info["steps"]) == (64, 64, 1)
     # What it sends is still held to them.
     r = client.post("/sdapi/v1/txt2img", json={"width": 72, "steps": 1})
+    assert r.status_code == 422 and r.json["error"]["field"] == "width"
+    assert client.post("/sdapi/v1/txt2img", json={"width": 71, "steps": 1}).status_code == 200  # 64, floored
+    # the legacy first pass: its target (width) is held to the limit too
+    r = client.post("/sdapi/v1/txt2img", json={"width": 200, "enable_hr": True, "firstphase_width": 32, "steps": 1})
     assert r.status_code == 422 and r.json["error"]["field"] == "width"
 
 
@@ -89,11 +94,12 @@ def test_options_take_the_documented_keys_only(small):
 
 
 @pytest.mark.parametrize(("path", "body", "field"), [
-    ("/sdapi/v1/txt2img", {"steps": 1, "tiling": 1}, "tiling"),  # a boolean is true or false
-    ("/sdapi/v1/txt2img", {"steps": 1, "restore_faces": True}, "restore_faces"),  # only false is documented
+    ("/sdapi/v1/txt2img", {"steps": 1, "tiling": "yes"}, "tiling"),  # a flag is true, false, 1 or 0
+    ("/sdapi/v1/txt2img", {"steps": 1, "tiling": 2}, "tiling"),
+    ("/sdapi/v1/txt2img", {"steps": 1, "restore_faces": True}, "restore_faces"),  # only false (0) is documented
     ("/sdapi/v1/txt2img", {"steps": 1, "seed_resize_from_w": 64}, "seed_resize_from_w"),
     ("/sdapi/v1/img2img", {"steps": 1, "init_images": ["x"], "mask_blur": 300}, "mask_blur"),
-    ("/internal/progress", {"live_preview": 0}, "live_preview"),
+    ("/internal/progress", {"live_preview": "false"}, "live_preview"),
     ("/controlnet/detect", {"controlnet_module": "no-such-module"}, "controlnet_module"),  # with no images too
     ("/controlnet/detect", {"controlnet_threshold_b": False}, "controlnet_threshold_b"),
     ("/models/download", {"source": "0", "type": "VAE", "file_name": "v.safetensors"}, "source"),
@@ -114,7 +120,10 @@ def test_unknown_query_parameters_of_the_listings_are_refused(small):
 def test_urls_the_server_uses_have_their_pattern(small):
     app, doc, client = small
     source = doc["components"]["schemas"]["DownloadRequest"]["properties"]["source"]["pattern"]
-    assert source.startswith("^(?:[Hh][Tt][Tt][Pp][Ss]://")  # downloads.allow_http is off: https and oss only
+    assert source.startswith("^(?:[Hh][Tt][Tt][Pp][Ss]://")  # downloads.allow_http is off: https only,
+    assert "[Oo][Ss][Ss]" not in source  # and no OSS endpoint is set: no oss:// either
+    r = client.post("/models/download", json={"source": "oss://bucket/key", "type": "VAE", "file_name": "v.safetensors"})
+    assert r.status_code == 422 and r.json["error"]["field"] == "source"
     callback = next(p for p in doc["paths"]["/sdapi/v1/txt2img"]["post"]["parameters"] if p["name"] == "callback_url")
     assert _inner(callback["schema"])["pattern"].startswith("^[Hh][Tt][Tt][Pp][Ss]?://")
     r = client.post("/sdapi/v1/txt2img?callback_url=not-a-url", json={"steps": 1})
@@ -133,9 +142,13 @@ def test_links_lead_from_each_answer_to_its_resource(small):
     assert download["parameters"] == {"download_id": "$response.body#/id"}
     image = paths["/images"]["get"]["responses"]["200"]["links"]["GetImage"]
     assert image["parameters"] == {"image_id": "$response.body#/images/0/id"}
-    # The links' expressions hold on real answers: an async task's body has task_id, a listing images[0].id.
-    task = client.post("/sdapi/v1/txt2img?async=true", json={"steps": 1, "seed": 1})
-    assert task.status_code == 202 and client.get(f"/tasks/{task.json['task_id']}").status_code == 200
+    # The links' expressions hold on real answers: an async task's body has task_id, a listing images[0].id. The
+    # task runs with the defaults the document shows, as a synchronous request does (64 x 64, not 512 x 512).
+    task = client.post("/sdapi/v1/txt2img?async=true", json={"seed": 1})
+    assert task.status_code == 202
+    done = wait_for(lambda: (lambda t: t if t["status"] in ("succeeded", "failed") else None)(
+        client.get(f"/tasks/{task.json['task_id']}").json), timeout=120, what="the task to end")
+    assert done["status"] == "succeeded", done["error_msg"]
     listing = client.get("/images").json
     assert listing["images"] and client.get(f"/images/{listing['images'][0]['id']}").status_code in (200, 404)
 
