@@ -42,6 +42,9 @@ _GENERATION_REFUSALS = {
     "override_settings": "an override the checkpoint cannot take (clip skip deeper than its text encoder) or of "
                          "the wrong type",
     "alwayson_scripts": "a ControlNet unit, PAI-EAS key or save_dir the server cannot use (each named)",
+    "width": "a size too small for the checkpoint's deepest layers (one latent value per group: 8-16 pixels "
+             "without CFG on a small model)",
+    "height": "as width",
     "infotext": "an infotext whose fields are out of range",
     "steps": "steps taken from the infotext over the deployment's most steps",
     "callback_url": "a host that does not resolve or is not public",
@@ -158,7 +161,8 @@ def _closed_sets(schemas: dict[str, Any]) -> None:
 
     schemas["SamplerName"] = {"type": "string", "enum": _sampler_names(), "description": (
         "A sampler's name or alias (GET /sdapi/v1/samplers), optionally followed by a space and a schedule "
-        "type's label, name or alias (GET /sdapi/v1/schedulers); empty: sampler_index.")}
+        "type's label, name or alias (GET /sdapi/v1/schedulers); empty: sampler_index. As A1111, the server also "
+        "takes several suffixes, cut one schedule type at a time in its list's order (not listed here).")}
     for name in GENERATIONS:
         schema = schemas[name]
         _replace(schema, "sampler_name", {"$ref": "#/components/schemas/SamplerName"})
