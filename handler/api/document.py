@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from handler.contract.images import b64
 from handler.contract.options import DEFAULT_OPTIONS, HIRES_REFINER_PASSES
 from handler.contract.schemas import MAX_TEXT
 from handler.settings import Settings
@@ -204,14 +205,13 @@ def _formats(schemas: dict[str, Any], s: Settings) -> None:
 
 def _tiny_png() -> str:
     """A 16x16 grey PNG, base64: an input image every image field of the examples can take."""
-    import base64
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), (128, 128, 128)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return b64(buffer.getvalue())
 
 
 def _examples(doc: dict[str, Any], s: Settings) -> None:

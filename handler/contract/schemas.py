@@ -83,12 +83,11 @@ _BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "ex
 def _null_is_default_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
     """The document says what `A1111Model` accepts: null for every field with a non-null default, and the
     bounds of optional numbers (which pydantic leaves as `ge`/`le` behind a BeforeValidator) as JSON Schema's."""
-    for prop in schema.get("properties", {}).values():
+    for name, prop in schema.get("properties", {}).items():
         for alternative in prop.get("anyOf", ()):
             for key, standard in _BOUNDS.items():
                 if key in alternative:
                     alternative[standard] = alternative.pop(key)
-    for name, prop in schema.get("properties", {}).items():
         field = model.model_fields.get(name)
         if field is None or field.is_required() or field.default is None or "anyOf" in prop:
             continue

@@ -101,9 +101,7 @@ class Planner:
 
     def plan(self, mode: str, req: GenerationRequest, consumer: str) -> Plan:
         """The complete plan of `req` for `consumer`, or the refusal."""
-        if req.infotext:
-            req = a1111.apply_infotext(req)
-        req = self.deployment_defaults(req)
+        req = self._completed(req)
         sent, req = req, self.styled(req)
         eas = a1111.eas_values(req.alwayson_scripts)
         job, selection = self._build_job(mode, req, consumer, eas)
@@ -117,15 +115,17 @@ class Planner:
 
         if isinstance(req, Img2ImgRequest):
             require_init_image(req)
-        if req.infotext:
-            req = a1111.apply_infotext(req)
-        req = self.styled(self.deployment_defaults(req))
+        req = self.styled(self._completed(req))
         width, height = self._check_common(req)
         selection = self._select(req, consumer, a1111.eas_values(req.alwayson_scripts))
         sampler = resolve_sampler(req.sampler_name, req.sampler_index, req.scheduler)
         self.loras.resolve(req.prompt, apply=not req.disable_extra_networks)
         hires, refiner = self._stages(req, width, height, sampler, selection)
         self._control_units(req, selection, hires, refiner)
+
+    def _completed(self, req: GenerationRequest) -> GenerationRequest:
+        """`req` as it runs: the fields its infotext gives, then the deployment's defaults for what is left out."""
+        return self.deployment_defaults(a1111.apply_infotext(req) if req.infotext else req)
 
     def deployment_defaults(self, req: GenerationRequest) -> GenerationRequest:
         """`req` with the A1111 defaults it left out (width, height 512; steps 50) lowered to this deployment's

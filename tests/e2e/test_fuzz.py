@@ -148,6 +148,13 @@ def read_failures(ndjson: Path) -> tuple[list[Failure], int]:
     return failures, cases
 
 
+def read_report_dir(folder: Path) -> tuple[list[Failure], int, dict[str, Any]]:
+    """What one `schemathesis run --report-dir folder` wrote: the failed checks and the number of test cases
+    (its NDJSON events), and its JSON report (`errors`, `operations`, `complete`)."""
+    failures, cases = read_failures(sorted(folder.glob("ndjson-*.ndjson"))[-1])
+    return failures, cases, json.loads(sorted(folder.glob("json-*.json"))[-1].read_text())
+
+
 def verdict(failures: list[Failure], document: dict[str, Any]) -> tuple[Counter, list[Failure]]:
     """(the documented refusals by (operation, field), every other failure). A documented refusal is a
     schema-valid request answered 422 for a field its operation lists under `x-refusals`. A negative case whose
@@ -211,12 +218,12 @@ def fuzz_run(request, data_dir, tmp_path_factory) -> FuzzRun:
                                            "--max-examples", str(EXAMPLES), "--generation-deterministic")
             done = subprocess.run(command, check=False, cwd=root, capture_output=True, text=True, timeout=900)
             outputs.append(done.stdout + done.stderr)
-            found = sorted((root / name).glob("json-*.json"))
-            assert found, f"schemathesis wrote no report (exit {done.returncode}):\n{outputs[-1][-4000:]}"
-            reports.append(json.loads(found[-1].read_text()))
-            more, ran = read_failures(sorted((root / name).glob("ndjson-*.ndjson"))[-1])
+            assert any((root / name).glob("json-*.json")), \
+                f"schemathesis wrote no report (exit {done.returncode}):\n{outputs[-1][-4000:]}"
+            more, ran, report = read_report_dir(root / name)
             failures += more
             cases += ran
+            reports.append(report)
     finally:
         server.stop()
     return FuzzRun(server, document, failures, cases, reports, outputs)
@@ -303,11 +310,11 @@ def _main(argv: list[str]) -> int:
     if argv[:1] == ["verdict"] and len(argv) >= 3:
         document = json.loads(Path(argv[1]).read_text())
         failures, cases, errors = [], 0, []
-        for folder in map(Path, argv[2:]):  # each a --report-dir of `schemathesis run` (NDJSON and JSON)
-            more, ran = read_failures(sorted(folder.glob("ndjson-*.ndjson"))[-1])
+        for folder in map(Path, argv[2:]):  # each a --report-dir of `schemathesis run`
+            more, ran, report = read_report_dir(folder)
             failures += more
             cases += ran
-            errors += json.loads(sorted(folder.glob("json-*.json"))[-1].read_text())["errors"]
+            errors += report["errors"]
         refusals, unexpected = verdict(failures, document)
         print(f"{cases} test cases; {sum(refusals.values())} documented refusals (x-refusals), "
               f"{len(unexpected)} other failed checks, {len(errors)} errors")
