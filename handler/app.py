@@ -39,7 +39,8 @@ from handler.settings import Settings
 log = logging.getLogger(__name__)
 
 AUTHENTICATED_BLUEPRINTS = ("sdapi", "internal", "controlnet", "account", "downloads", "eas_queue")  # health, metrics, docs stay open; the lifecycle hooks check their own key (handler/security/lifecycle_key.py)
-GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
+GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
+                     "/sdapi/v1/extra-batch-images")
 LIFECYCLE_HOOKS = ("/initialize", "/pre-stop")
 UNDOCUMENTED_BLUEPRINTS = ("eas_queue",)  # PAI-EAS's queue protocol: its query parameters are tags
 LIFECYCLE_SCHEME = "lifecycleKey"

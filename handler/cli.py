@@ -52,6 +52,7 @@ def ensure_models(settings, *, force: bool = False) -> list[Path]:
         log.info("building the tiny demo checkpoints in %s (random weights, no download)", settings.checkpoints_dir)
         paths = write_demo_models(settings.checkpoints_dir, force=force)
     paths += _demo_controlnets(settings, force=force)
+    paths += _demo_upscalers(settings, force=force)
     for path in paths:
         log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return paths
@@ -67,6 +68,21 @@ def _demo_controlnets(settings, *, force: bool) -> list[Path]:
     from pipelines.builders.demo import write_demo_controlnets
 
     return write_demo_controlnets(folder, force=force)
+
+
+def _demo_upscalers(settings, *, force: bool) -> list[Path]:
+    """The tiny demo upscalers and face restorer, for the demo checkpoints, when none of their folders holds a
+    model."""
+    from pipelines.upscalers.store import FOLDERS
+
+    if not (settings.checkpoints_dir / "demo-sd15.safetensors").is_file():
+        return []
+    folders = [settings.models_dir / name for name in (*FOLDERS, "GFPGAN")]
+    if not force and any(p.suffix in (".safetensors", ".pth") for f in folders if f.is_dir() for p in f.iterdir()):
+        return []
+    from pipelines.builders.demo import write_demo_upscalers
+
+    return write_demo_upscalers(settings.models_dir, force=force)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -22,6 +22,10 @@ A single-file checkpoint's header is checked (readable, every tensor inside the 
 evicted for it: a corrupt or truncated file is a `CheckpointError` naming it, and the warm pipelines stay.
 After an out-of-memory error the caller calls `trim` to free the device for the retry.
 
+Models that are not pipelines (upscalers, face restorers: `component`) live in the same LRU, tiers and byte
+budget: an upscaler used by every request stays warm, and one not used for a while leaves before a pipeline in
+use does. They do not count against `capacity` (a number of checkpoints).
+
 Loads are serialised by one lock, so two requests for a cold checkpoint load it once. Counters (`loads`,
 `hits`, `host_hits`, `misses`, `evictions`, `host_evictions`, `trims`) are exact and are what tests use to
 prove warmth.
@@ -51,6 +55,7 @@ _HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sdfunc-hash")
 
 Key = tuple[str, str | None, str]  # (checkpoint path, VAE path or None, dtype name)
 DEVICE, HOST = "device", "host"
+COMPONENT = "<component>"  # a key's second part for a model that is not a pipeline (an upscaler, a face restorer)
 CPU_FALLBACK_BYTES = 8 * 1024**3  # device budget on CPU when the machine's memory cannot be read
 
 
@@ -253,12 +258,17 @@ class PipelineCache:
     def loaded(self) -> list[LoadedModel]:
         """Pipelines on the device (ready to run), least recently used first."""
         with self._lock:
-            return [m for k, m in self._items.items() if self._tier[k] == DEVICE]
+            return [m for k, m in self._items.items() if self._tier[k] == DEVICE and k[1] != COMPONENT]
 
     def parked(self) -> list[LoadedModel]:
         """Pipelines kept in host RAM, least recently used first."""
         with self._lock:
-            return [m for k, m in self._items.items() if self._tier[k] == HOST]
+            return [m for k, m in self._items.items() if self._tier[k] == HOST and k[1] != COMPONENT]
+
+    def components(self) -> list[LoadedModel]:
+        """The cached models that are not pipelines, either tier, least recently used first."""
+        with self._lock:
+            return [m for k, m in self._items.items() if k[1] == COMPONENT]
 
     def nbytes(self) -> int:
         """Bytes of model tensors on the device; components shared between pipelines count once."""
@@ -277,8 +287,9 @@ class PipelineCache:
             return {
                 "device_bytes": sum(self._tier_modules(DEVICE).values()), "device_budget": self.device_budget,
                 "host_bytes": sum(self._host_only().values()), "host_budget": self.host_budget,
-                "device_models": sum(1 for t in self._tier.values() if t == DEVICE),
-                "host_models": sum(1 for t in self._tier.values() if t == HOST),
+                "device_models": sum(1 for k, t in self._tier.items() if t == DEVICE and k[1] != COMPONENT),
+                "host_models": sum(1 for k, t in self._tier.items() if t == HOST and k[1] != COMPONENT),
+                "device_components": sum(1 for k, t in self._tier.items() if t == DEVICE and k[1] == COMPONENT),
                 "hits": s.hits, "host_hits": s.host_hits, "misses": s.misses, "loads": s.loads,
                 "evictions": s.evictions, "host_evictions": s.host_evictions, "trims": s.trims,
             }
@@ -317,6 +328,37 @@ class PipelineCache:
                 self._tier[key] = DEVICE
             self._make_room(key, 0)
             return model
+
+    def component(self, path: Path, build: Callable[[], Any], *, name: str) -> Any:
+        """The warm model of the file `path` that is not a pipeline: from the device, moved back from host RAM, or
+        `build()` (device thread), which returns an object whose `components` dict holds its torch modules, on the
+        device already. Kept with the pipelines (see the module docstring); `name` is what logs call it."""
+        key: Key = (str(path), COMPONENT, self.dtype)
+        with self._lock:
+            if self._tier.get(key) == DEVICE:
+                return self._hit_locked(key).pipe
+        with self._load_lock:
+            with self._lock:
+                tier = self._tier.get(key)
+                if tier == DEVICE:
+                    return self._hit_locked(key).pipe
+            if tier == HOST:
+                return self._restore(key).pipe
+            with self._lock:
+                self.stats.misses += 1
+            started = time.perf_counter()
+            held = build()
+            seconds = time.perf_counter() - started
+            model = LoadedModel(entry=CheckpointEntry(name, Path(path), False), sha256=None, arch=COMPONENT,
+                                pipe=held, load_seconds=seconds, component_bytes=module_bytes(held.components))
+            with self._lock:
+                self.stats.loads += 1
+                self.stats.load_seconds.append(seconds)
+                self._items[key] = model
+                self._tier[key] = DEVICE
+            self._make_room(key, 0)
+            log.info("loaded %s in %.2f s", name, seconds)
+            return held
 
     def forget(self, path: Path) -> int:
         """Drop every cached pipeline of the checkpoint file `path` (it was replaced on disk); a job running on
@@ -406,14 +448,14 @@ class PipelineCache:
             with self._lock:
                 device_keys = [k for k in self._items if self._tier[k] == DEVICE]
                 used = sum(self._tier_modules(DEVICE).values())
-                checkpoints = {k[0] for k in device_keys} | {keep[0]}
+                checkpoints = {k[0] for k in [*device_keys, keep] if k[1] != COMPONENT}
                 over_count = self.capacity is not None and len(checkpoints) > self.capacity
                 over_bytes = used + incoming > self.device_budget
                 victims = [k for k in device_keys if k != keep]
+                if over_count and not over_bytes:  # only checkpoints other than keep's reduce the count
+                    victims = [k for k in victims if k[0] != keep[0] and k[1] != COMPONENT]
                 if not (over_count or over_bytes) or not victims:
                     break
-                if over_count and not over_bytes:  # only checkpoints other than keep's reduce the count
-                    victims = [k for k in victims if k[0] != keep[0]]
                 victim = victims[0]
             self._evict(victim)
         if over_bytes:

@@ -64,6 +64,13 @@ class ImageJob:
     init_images: list[Image.Image] = field(default_factory=list)
     denoising_strength: float = 0.75
     resize_mode: int = 0
+    # img2img: A1111's `upscaler_for_img2img`: (image, upscaler name, scale) -> image, called on the device thread
+    # to enlarge an init image before its resize; with its name
+    init_upscale: Callable[[Image.Image, str, float], Image.Image] | None = None
+    init_upscaler: str | None = None
+    # A1111's `restore_faces`: each final image -> the same with its faces restored (device thread), with the name
+    restore_faces: Callable[[Image.Image], Image.Image] | None = None
+    face_restorer: str | None = None
     mask: Image.Image | None = None
     mask_blur_x: int = 4
     mask_blur_y: int = 4
@@ -774,7 +781,15 @@ def _image_inputs(pipe: Any, job: ImageJob, first: int, seeds: list[int], args: 
 
 
 def _resize(pipe: Any, image: Image.Image, job: ImageJob, field: str) -> Image.Image:
-    """`image` at the output size by A1111's resize mode; an image too thin to resize that way is a 422."""
+    """`image` at the output size by A1111's resize mode; an image too thin to resize that way is a 422. With
+    `init_upscale` (A1111's `upscaler_for_img2img`), an init image that must grow is first enlarged by that
+    upscaler (by the factor its resize mode needs: to cover for 0 and 1, to fit for 2), as A1111's `resize_image`
+    does."""
+    if job.init_upscale is not None and job.init_upscaler and field == "init_images" and job.resize_mode != 3:
+        cover = max(job.width / image.width, job.height / image.height)
+        scale = min(job.width / image.width, job.height / image.height) if job.resize_mode == 2 else cover
+        if scale > 1.0:
+            image = job.init_upscale(image, job.init_upscaler, scale)
     try:
         return pipe.image_processor.resize(image, job.height, job.width, resize_mode=_RESIZE_MODES[job.resize_mode])
     except ValueError:  # "resize and fill" scales a side down to 0 pixels

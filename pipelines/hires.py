@@ -3,8 +3,9 @@
 Hires fix (A1111 `StableDiffusionProcessingTxt2Img`): the first pass runs at `width` x `height`; its result is
 upscaled to the target size, either in latent space (`hr_upscaler` "Latent ...": `torch.nn.functional.interpolate`
 with A1111's mode and antialias) or as decoded images (a plain resize: "None" and "Lanczos" use Lanczos,
-"Nearest" nearest neighbour; A1111's model upscalers such as ESRGAN need weights and are not offered), and then
-denoised again as img2img at `denoising_strength`. The target is `hr_scale` times the first pass, or
+"Nearest" nearest neighbour; a model upscaler such as ESRGAN runs through `HiresPlan.model_upscale`, then a Lanczos
+resize to the exact size, as A1111's `resize_image` does), and then denoised again as img2img at
+`denoising_strength`. The target is `hr_scale` times the first pass, or
 `hr_resize_x/y` (one of them 0: the other follows the aspect ratio; both set: the image is scaled to cover the
 box and the latent cropped to it, as A1111 does).
 
@@ -26,6 +27,7 @@ the infotext, as A1111 never switched to it).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,13 +65,15 @@ class HiresPlan:
     upscale_height: int
     width: int  # the final size: the upscaled size less A1111's crop (`truncate_x/y`)
     height: int
-    upscaler: str  # a LATENT_MODES or IMAGE_UPSCALERS name
+    upscaler: str  # a LATENT_MODES or IMAGE_UPSCALERS name, or a model upscaler's (with `model_upscale`)
     steps: int  # steps the second pass runs
     denoising_strength: float
     sampler: ResolvedSampler
     prompt: str
     negative_prompt: str
     checkpoint: Any = None  # pipelines.store.CheckpointEntry of `hr_checkpoint_name`, None for the same model
+    # a model upscaler's (image, upscaler name, scale) -> image, called on the device thread; None for the others
+    model_upscale: Callable[[Image.Image, str, float], Image.Image] | None = None
 
     @property
     def latent(self) -> bool:
@@ -127,9 +131,16 @@ def upscale_latents(latents: torch.Tensor, plan: HiresPlan) -> torch.Tensor:
 
 
 def upscale_image(image: Image.Image, plan: HiresPlan) -> Image.Image:
-    """A decoded first-pass image at the hires size (A1111 `resize_image(0, ...)` with a weightless upscaler),
-    then cropped to the final size."""
-    scaled = image.resize((plan.upscale_width, plan.upscale_height), resample=IMAGE_UPSCALERS[plan.upscaler])
+    """A decoded first-pass image at the hires size (A1111 `resize_image(0, ...)`: a weightless upscaler's resize,
+    or the model upscaler when the image grows, then Lanczos to the exact size), then cropped to the final size."""
+    size = (plan.upscale_width, plan.upscale_height)
+    if plan.upscaler in IMAGE_UPSCALERS or plan.model_upscale is None:
+        scaled = image.resize(size, resample=IMAGE_UPSCALERS.get(plan.upscaler, Image.Resampling.LANCZOS))
+    else:
+        scale = max(size[0] / image.width, size[1] / image.height)
+        scaled = plan.model_upscale(image, plan.upscaler, scale) if scale > 1.0 else image
+        if scaled.size != size:
+            scaled = scaled.resize(size, resample=Image.Resampling.LANCZOS)
     left = (plan.upscale_width - plan.width) // LATENT_FACTOR // 2 * LATENT_FACTOR
     top = (plan.upscale_height - plan.height) // LATENT_FACTOR // 2 * LATENT_FACTOR
     return scaled.crop((left, top, left + plan.width, top + plan.height))

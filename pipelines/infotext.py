@@ -424,3 +424,19 @@ def png_bytes(image: Image.Image, infotext: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def png_with_chunks(image: Image.Image, chunks: Mapping[str, str]) -> bytes:
+    """PNG bytes of `image` with one text chunk per item of `chunks`, in order (tEXt when Latin-1 encodable, else
+    iTXt), as A1111's API writes an extras result (the input's chunks, then `postprocessing`)."""
+    info = PngInfo()
+    for key, text in chunks.items():
+        try:
+            text.encode("latin-1")
+        except UnicodeEncodeError:
+            info.add_itxt(key, text)
+        else:
+            info.add_text(key, text)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

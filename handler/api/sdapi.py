@@ -10,6 +10,12 @@ from flask_openapi3 import APIBlueprint, Tag
 from handler.contract.images import read_image
 from handler.contract.schemas import (
     EmbeddingsList,
+    ExtrasBatchImagesRequest,
+    ExtrasBatchImagesResponse,
+    ExtrasRequest,
+    ExtrasSingleImageRequest,
+    ExtrasSingleImageResponse,
+    FaceRestorerItem,
     GenerationQuery,
     GenerationRequest,
     GenerationResponse,
@@ -21,6 +27,7 @@ from handler.contract.schemas import (
     ProgressQuery,
     ProgressResponse,
     PromptStyleItem,
+    RealesrganItem,
     SamplerItem,
     SchedulerItem,
     ScriptsList,
@@ -173,9 +180,47 @@ def schedulers():
 @bp.get("/upscalers", responses={200: {"content": {"application/json": {"schema": {
     "type": "array", "items": UpscalerItem.model_json_schema()}}}, "description": "Upscalers"}})
 def upscalers():
-    """The built-in upscalers."""
-    return jsonify([{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
-                       for n in ("None", "Lanczos", "Nearest")])
+    """None, Lanczos and Nearest, then the upscaler models under models/{ESRGAN,RealESRGAN,SwinIR,DAT,HAT}
+    (A1111's built-in names such as `R-ESRGAN 4x+` for the files that provide them; `scale` read from the file)."""
+    return jsonify(service().upscaling.listing())
+
+
+@bp.get("/realesrgan-models", responses={200: {"content": {"application/json": {"schema": {
+    "type": "array", "items": RealesrganItem.model_json_schema()}}}, "description": "Real-ESRGAN models"}})
+def realesrgan_models():
+    """The Real-ESRGAN models found (A1111's built-in names for its published files)."""
+    return jsonify(service().upscaling.realesrgan_listing())
+
+
+@bp.get("/face-restorers", responses={200: {"content": {"application/json": {"schema": {
+    "type": "array", "items": FaceRestorerItem.model_json_schema()}}}, "description": "Face restorers"}})
+def face_restorers():
+    """GFPGAN, when its weights are in models/GFPGAN (CodeFormer is not offered: non-commercial licence)."""
+    return jsonify(service().upscaling.face_restorers())
+
+
+def run_extras(body: ExtrasRequest, images: list[tuple[str, str]], *, single: bool):
+    from handler.contract.a1111 import eas_values
+
+    name = service().auth.consumer_for(g.caller, eas_values(body.alwayson_scripts).get("uid"))
+    g.meter.consumer = name
+    return jsonify(service().extras.run(body, images, name, single=single))
+
+
+@bp.post("/extra-single-image", responses={200: ExtrasSingleImageResponse})
+def extra_single_image(body: ExtrasSingleImageRequest):
+    """Upscale and restore faces in one image, as A1111's extras tab: upscaler_1 (and upscaler_2 blended in) by
+    `upscaling_resize` or to `upscaling_resize_w` x `upscaling_resize_h`, then GFPGAN at `gfpgan_visibility`.
+    Charged for device time like a generation (`X-Billed-Duration-Ms`, `X-Charge`); `Server-Timing`. The PNG
+    keeps the input's text chunks and adds `postprocessing`."""
+    return run_extras(body, [(body.image, "image")], single=True)
+
+
+@bp.post("/extra-batch-images", responses={200: ExtrasBatchImagesResponse})
+def extra_batch_images(body: ExtrasBatchImagesRequest):
+    """The extras of extra-single-image for each image of `imageList`, in one charged job."""
+    return run_extras(body, [(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)],
+                      single=False)
 
 
 @bp.get("/latent-upscale-modes", responses={200: {"content": {"application/json": {"schema": {
@@ -232,8 +277,9 @@ def set_options(body: OptionsUpdate):
 
 @bp.post("/refresh-checkpoints", responses={200: _null})
 def refresh_checkpoints():
-    """Rescan models/Stable-diffusion."""
+    """Rescan models/Stable-diffusion, and the upscaler and face-restoration folders."""
     service().store.refresh()
+    service().upscaling.refresh()
     return jsonify(None)
 
 

@@ -61,7 +61,13 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "return_mask_composite": False,
     "do_not_show_images": False,
     "face_restoration": False,
-    "face_restoration_model": "CodeFormer",
+    "face_restoration_model": "GFPGAN",  # A1111's default is CodeFormer, which is not offered (licence)
+    "code_former_weight": 0.5,
+    "upscaler_for_img2img": "None",  # A1111's default is null: no upscaler
+    "ESRGAN_tile": 192,
+    "ESRGAN_tile_overlap": 8,
+    "SWIN_tile": 192,
+    "SWIN_tile_overlap": 8,
     "tiling": False,
     "img2img_background_color": "#ffffff",
     "initial_noise_multiplier": 1.0,
@@ -117,6 +123,12 @@ def check_option_value(key: str, value: Any) -> str | None:
         return "must be between -1 and 16"
     if key == "hires_fix_refiner_pass" and value not in HIRES_REFINER_PASSES:
         return "must be one of " + ", ".join(f"'{choice}'" for choice in HIRES_REFINER_PASSES)
+    if key in ("ESRGAN_tile", "SWIN_tile") and not 0 <= value <= 2048:
+        return "must be between 0 and 2048 (0 = no tiling)"
+    if key in ("ESRGAN_tile_overlap", "SWIN_tile_overlap") and not 0 <= value <= 256:
+        return "must be between 0 and 256"
+    if key == "code_former_weight" and not 0 <= value <= 1:
+        return "must be between 0 and 1"
     if key == "img2img_background_color":
         try:
             ImageColor.getrgb(value)

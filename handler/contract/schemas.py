@@ -131,7 +131,8 @@ class GenerationRequest(A1111Model):
     cfg_scale: Float = Field(7.0, ge=0.0, le=100.0, description="Classifier-free guidance scale.")
     width: Int = Field(512, ge=8, description="Width; floored to a multiple of 8.")
     height: Int = Field(512, ge=8, description="Height; floored to a multiple of 8.")
-    restore_faces: Bool | None = Field(None, description="Face restoration is not offered: true is refused.")
+    restore_faces: Bool | None = Field(None, description="Restore faces with GFPGAN (weights in models/GFPGAN); null = "
+                                       "the face_restoration option.")
     tiling: Bool | None = Field(None, description="Seamless tiling (circular padding) for this request.")
     do_not_save_samples: Bool = Field(False)
     do_not_save_grid: Bool = Field(False)
@@ -192,7 +193,8 @@ class Txt2ImgRequest(GenerationRequest):
     firstphase_height: Int = Field(0, ge=0, description="Legacy, as firstphase_width.")
     hr_scale: Float = Field(2.0, description="Hires target = first pass x hr_scale (1..8) unless hr_resize_x/y is set.")
     hr_upscaler: str | None = Field(None, max_length=200, description="A latent upscale mode (GET /latent-upscale-modes) "
-                                    "or None, Lanczos, Nearest; null = the latent_upscale_default_mode option.")
+                                    "or an upscaler (GET /upscalers: None, Lanczos, Nearest and the models found); "
+                                    "null = the latent_upscale_default_mode option.")
     hr_second_pass_steps: Int = Field(0, ge=0, description="Steps the second pass runs; 0 = steps.")
     hr_resize_x: Int = Field(0, ge=0, description="Hires target width; 0 = from hr_resize_y's aspect ratio or hr_scale.")
     hr_resize_y: Int = Field(0, ge=0, description="Hires target height; both set: cover the box, then crop.")
@@ -235,6 +237,74 @@ class GenerationResponse(BaseModel):
     images: list[str]
     parameters: dict[str, Any]
     info: str
+
+
+class ExtrasRequest(A1111Model):
+    """A1111 v1.10.1 `ExtrasBaseRequest`: the extras tab's upscale and face restoration, with its defaults."""
+
+    resize_mode: Int = Field(0, ge=0, le=1, description="0 upscale by upscaling_resize, 1 upscale to "
+                                       "upscaling_resize_w x upscaling_resize_h.")
+    show_extras_results: Bool = Field(True, description="Accepted (A1111's API always returns the images).")
+    gfpgan_visibility: Float = Field(0, ge=0, le=1, description="GFPGAN face restoration blended in at this visibility.")
+    codeformer_visibility: Float = Field(0, ge=0, le=1, description="CodeFormer is not offered (non-commercial "
+                                         "licence): above 0 is refused.")
+    codeformer_weight: Float = Field(0, ge=0, le=1, description="CodeFormer's weight (unused: CodeFormer is not offered).")
+    upscaling_resize: Float = Field(2, gt=0, description="Upscale factor (resize_mode 0).")
+    upscaling_resize_w: Int = Field(512, ge=1, description="Target width (resize_mode 1).")
+    upscaling_resize_h: Int = Field(512, ge=1, description="Target height (resize_mode 1).")
+    upscaling_crop: Bool = Field(True, description="resize_mode 1: crop to exactly the target size.")
+    upscaler_1: str = Field("None", max_length=200, description="Main upscaler (GET /upscalers).")
+    upscaler_2: str = Field("None", max_length=200, description="Secondary upscaler (GET /upscalers).")
+    extras_upscaler_2_visibility: Float = Field(0, ge=0, le=1, description="Visibility of the secondary upscaler.")
+    upscale_first: Bool = Field(False, description="Accepted; as in A1111 1.10, the upscale always runs first.")
+    alwayson_scripts: dict[str, Any] = Field(
+        default_factory=dict, description="PAI-EAS keys: save_dir (save the results there; `image_url` in "
+        "`parameters`), id_task, uid (the consumer charged, where allowed).")
+
+    @field_validator("alwayson_scripts", mode="before")
+    @classmethod
+    def _null_scripts(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+class ExtrasSingleImageRequest(ExtrasRequest):
+    """POST /sdapi/v1/extra-single-image."""
+
+    image: str = Field("", description="Base64 image or data: URL.")
+
+
+class FileData(BaseModel):
+    data: str = Field(..., description="Base64 image or data: URL.")
+    name: str = Field(..., max_length=1000, description="File name.")
+
+
+class ExtrasBatchImagesRequest(ExtrasRequest):
+    """POST /sdapi/v1/extra-batch-images."""
+
+    imageList: list[FileData] = Field(..., description="The images to work on.")
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str
+    image: str | None
+    parameters: dict[str, Any] | None = Field(None, description="PAI-EAS requests only: status, image_url...")
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str
+    images: list[str]
+    parameters: dict[str, Any] | None = Field(None, description="PAI-EAS requests only: status, image_url...")
+
+
+class FaceRestorerItem(BaseModel):
+    name: str
+    cmd_dir: str | None
+
+
+class RealesrganItem(BaseModel):
+    name: str
+    path: str | None
+    scale: int | None
 
 
 class PngInfoRequest(A1111Model):

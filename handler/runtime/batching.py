@@ -61,7 +61,7 @@ class Batcher:
     def key(self, job: Any, checkpoint: Any, vae: Any) -> tuple[Any, ...] | None:
         """The compatibility key of `job`, or None when it runs alone."""
         if (not self.enabled or job.mode != "txt2img" or job.subseed_strength or len(job.seeds) != job.batch_size
-                or job.batch_size >= self.settings.max_size or job.staged or job.controls):
+                or job.batch_size >= self.settings.max_size or job.staged or job.controls or job.restore_faces):
             return None
         sampler = job.sampler
         return (str(checkpoint.path), str(vae.path) if vae is not None else None, job.width, job.height, job.steps,

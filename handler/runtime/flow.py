@@ -197,6 +197,10 @@ class GenerationFlow:
                                 sampling_steps=job.steps, owner=owner, job_id=job_id, tasks=tasks)
             try:
                 result = generate(model, job, progress=self.progress.step, load_model=self._second_model(job))
+                if job.restore_faces is not None:  # A1111 restores each final image's faces; billed as generating
+                    started = time.perf_counter()
+                    result.images = [job.restore_faces(image) for image in result.images]
+                    result.generation_seconds += time.perf_counter() - started
             finally:
                 self.progress.end()
         except Exception as exc:

@@ -10,6 +10,7 @@ fixed order so that the same field is named when several are wrong. Input images
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from handler.errors import InvalidRequest
 from handler.runtime import stages
 from handler.runtime.consumer_options import ConsumerOptions
 from handler.runtime.controlnets import ControlNets
+from handler.runtime.upscaling import Upscaling
 from handler.settings import Settings
 from handler.storage import outputs
 from handler.storage.backends import Storage
@@ -76,7 +78,7 @@ class Planner:
     settings (limits) at call time; never touches the device."""
 
     def __init__(self, settings: Settings, *, store: ModelStore, loras: LoraStore, styles: StyleStore,
-                 options: ConsumerOptions, storage: Storage, controlnets: ControlNets) -> None:
+                 options: ConsumerOptions, storage: Storage, controlnets: ControlNets, upscaling: Upscaling) -> None:
         self.settings = settings
         self.store = store
         self.loras = loras
@@ -84,6 +86,7 @@ class Planner:
         self.options = options
         self.storage = storage
         self.controlnets = controlnets
+        self.upscaling = upscaling
 
     # entry points ---------------------------------------------------------------------------------------
     def img2img_request(self, req: Img2ImgRequest) -> Img2ImgRequest:
@@ -154,8 +157,6 @@ class Planner:
     def _check_common(self, req: GenerationRequest) -> tuple[int, int]:
         """The limits and refusals every generation shares; the first pass's size, floored to multiples of 8."""
         s = self.settings
-        if req.restore_faces:
-            raise InvalidRequest("restore_faces: face restoration is not offered", field="restore_faces")
         if req.script_name:
             raise InvalidRequest(f"script_name: script '{req.script_name}' is not installed", field="script_name")
         if not isinstance(req, Txt2ImgRequest) and stages.other_checkpoint(self.store, req.refiner_checkpoint,
@@ -247,11 +248,47 @@ class Planner:
         )
         if isinstance(req, Img2ImgRequest):
             self._img2img_inputs(req, job, selection.options)
+            self._img2img_upscaler(req, job, selection.options)
+        self._face_restoration(req, job, selection.options)
         job.hires, job.refiner = self._stages(req, width, height, sampler, selection)
         if job.hires is not None:
             job.denoising_strength = job.hires.denoising_strength
         job.controls = self._controls(req, job, selection)
         return job, selection
+
+    def _option(self, req: GenerationRequest, options: dict[str, Any], key: str) -> tuple[Any, str]:
+        """An option's value for this request (override_settings, then the caller's options) and the field that
+        names it in a 422."""
+        overrides = req.override_settings or {}
+        if key in overrides:
+            return overrides[key], f"override_settings.{key}"
+        return options.get(key), key
+
+    def _img2img_upscaler(self, req: Img2ImgRequest, job: Any, options: dict[str, Any]) -> None:
+        """A1111's `upscaler_for_img2img` option: the upscaler that enlarges init images (checked: 404 / 422)."""
+        name, field = self._option(req, options, "upscaler_for_img2img")
+        if name in (None, "", "None"):
+            return
+        job.init_upscaler = self.upscaling.check(str(name), field)
+        if job.init_upscaler != "None":
+            job.init_upscale = functools.partial(self.upscaling.upscale, options=options)
+
+    def _face_restoration(self, req: GenerationRequest, job: Any, options: dict[str, Any]) -> None:
+        """`restore_faces` (null: the `face_restoration` option) with the `face_restoration_model` option: a 422
+        naming the field when no restorer is installed or CodeFormer is asked for."""
+        restore = req.restore_faces
+        if restore is None:
+            value, _ = self._option(req, options, "face_restoration")
+            restore = bool(value)
+        if not restore:
+            return
+        name, field = self._option(req, options, "face_restoration_model")
+        if self.upscaling.faces.restorer is None:
+            field = "restore_faces"  # what to install is the answer, whichever model is named
+        job.face_restorer = self.upscaling.check_restorer(str(name or "GFPGAN"), field)
+        weight, _ = self._option(req, options, "code_former_weight")
+        job.restore_faces = functools.partial(self.upscaling.restore, name=job.face_restorer,
+                                              weight=float(weight if weight is not None else 0.5))
 
     def _stages(self, req: GenerationRequest, width: int, height: int, sampler: Any,
                 selection: Selection) -> tuple[Any, Any]:
@@ -264,7 +301,7 @@ class Planner:
         if req.enable_hr:
             hr_prompt, _ = self.loras.resolve(req.hr_prompt or req.prompt, apply=False)
             hires = stages.hires_plan(req, width, height, sampler, self.store, selection.options,
-                                      self.settings.max_width, self.settings.max_height, hr_prompt)
+                                      self.settings.max_width, self.settings.max_height, hr_prompt, self.upscaling)
         hires_pass = (req.override_settings or {}).get("hires_fix_refiner_pass",
                                                       selection.options.get("hires_fix_refiner_pass", "second pass"))
         return hires, stages.refiner_plan(req, self.store, selection.checkpoint, hires, str(hires_pass))

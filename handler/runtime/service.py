@@ -8,6 +8,8 @@ and the CLI call. The work is in the runtime room's modules, each with one job:
 - handler.runtime.flow: admit, plan, run the plan on the device thread (alone or batched), charge;
 - handler.runtime.engine: the one device thread, the warm pipeline cache, model loading, memory release;
 - handler.runtime.respond: the A1111 / PAI-EAS response body and the image records;
+- handler.runtime.extras: the extras routes (upscale, face restoration) as metered, charged requests;
+- handler.runtime.upscaling: the upscaler and face-restoration models;
 - handler.runtime.warming: the initializer; handler.runtime.controlnets: the ControlNet models;
 - handler.runtime.consumer_options: each consumer's A1111 options.
 
@@ -43,6 +45,7 @@ from handler.runtime.controlnets import ControlNets
 from handler.runtime.eas_queue import QueueService
 from handler.runtime.engine import Engine
 from handler.runtime.executor import DeviceExecutor
+from handler.runtime.extras import ExtrasFlow
 from handler.runtime.flow import Collaborators, GenerationFlow
 from handler.runtime.metrics import Metrics
 from handler.runtime.planning import Planner
@@ -50,6 +53,7 @@ from handler.runtime.progress import Progress
 from handler.runtime.respond import Responder
 from handler.runtime.task_progress import TaskProgress
 from handler.runtime.tasks import TaskRunner, check_callback_url, public_view
+from handler.runtime.upscaling import Upscaling
 from handler.runtime.warming import Warmer
 from handler.security import lifecycle_key as lifecycle
 from handler.security.auth import Authenticator
@@ -104,14 +108,19 @@ class Service:
         self.auth = Authenticator(settings.auth, self.consumers)
         # The lifecycle hooks need this key (or an admin), in every auth mode: handler/security/lifecycle_key.py.
         self.lifecycle_key = lifecycle.create_key(lifecycle.key_file(settings.port))
+        self.upscaling = Upscaling(settings, self.engine)
         self.planner = Planner(settings, store=self.store, loras=self.loras, styles=self.styles,
-                               options=self.consumer_options, storage=self.storage, controlnets=self.controlnet_models)
+                               options=self.consumer_options, storage=self.storage, controlnets=self.controlnet_models,
+                               upscaling=self.upscaling)
         self.responder = Responder(settings, store=self.store, loras=self.loras, embeddings=self.embeddings,
                                    storage=self.storage)
         self.flow = GenerationFlow(settings, Collaborators(
             admission=self.admission, engine=self.engine, planner=self.planner, responder=self.responder,
             batcher=self.batcher, progress=self.progress, lora_adapters=self.lora_adapters,
             embeddings=self.embeddings, controlnets=self.controlnet_models, pricing=self.pricing, ledger=self.ledger))
+        self.extras = ExtrasFlow(settings, admission=self.admission, engine=self.engine, progress=self.progress,
+                                 upscaling=self.upscaling, options=self.consumer_options, pricing=self.pricing,
+                                 ledger=self.ledger, storage=self.storage)
         self.warmer = Warmer(settings, store=self.store, options=self.consumer_options, admission=self.admission,
                              engine=self.engine, flow=self.flow, db=self.db)
         self.tasks = TaskStore(self.db) if self.db is not None else None

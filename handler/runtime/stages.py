@@ -19,6 +19,7 @@ from pipelines.hires import IMAGE_UPSCALERS, LATENT_MODES, HiresPlan, RefinerPla
 from pipelines.store import CheckpointEntry, ModelStore
 
 if TYPE_CHECKING:
+    from handler.runtime.upscaling import Upscaling
     from pipelines.samplers import ResolvedSampler
 
 DEFAULT_HR_DENOISING = 0.75  # txt2img's own default (A1111's API model leaves it null, which fails there)
@@ -34,14 +35,16 @@ def first_pass_size(req: Txt2ImgRequest) -> tuple[int, int]:
 
 
 def hires_plan(req: Txt2ImgRequest, width: int, height: int, sampler: ResolvedSampler, store: ModelStore,
-               options: dict[str, Any], max_width: int, max_height: int, prompt: str) -> HiresPlan:
+               options: dict[str, Any], max_width: int, max_height: int, prompt: str,
+               upscaling: Upscaling) -> HiresPlan:
     """The hires pass of `req` for a first pass of width x height (already floored to multiples of 8).
-    `prompt` is the hires prompt without its LoRA tags (those of the first pass stay active)."""
+    `prompt` is the hires prompt without its LoRA tags (those of the first pass stay active). `hr_upscaler` is a
+    latent mode or any listed upscaler (404 naming it when there is no such upscaler)."""
     upscaler = req.hr_upscaler if req.hr_upscaler is not None else str(options.get("latent_upscale_default_mode", "Latent"))
+    model_upscale = None
     if upscaler not in LATENT_MODES and upscaler not in IMAGE_UPSCALERS:
-        offered = ", ".join([*LATENT_MODES, *IMAGE_UPSCALERS])
-        raise InvalidRequest(f"hr_upscaler: '{upscaler}' is not offered (offered: {offered}; model upscalers such as "
-                             "ESRGAN need weights that are not installed)", field="hr_upscaler")
+        upscaler = upscaling.check(upscaler, "hr_upscaler")
+        model_upscale = functools.partial(upscaling.upscale, options=options)
     if not req.hr_resize_x and not req.hr_resize_y and not 1.0 <= req.hr_scale <= 8.0:
         raise InvalidRequest("hr_scale: must be between 1 and 8", field="hr_scale")
     up_w, up_h, final_w, final_h = target_size(width, height, req.hr_scale, req.hr_resize_x, req.hr_resize_y)
@@ -62,7 +65,8 @@ def hires_plan(req: Txt2ImgRequest, width: int, height: int, sampler: ResolvedSa
     return HiresPlan(
         upscale_width=up_w, upscale_height=up_h, width=final_w, height=final_h, upscaler=upscaler,
         steps=req.hr_second_pass_steps or req.steps, denoising_strength=strength, sampler=hr_sampler,
-        prompt=prompt, negative_prompt=req.hr_negative_prompt or req.negative_prompt, checkpoint=checkpoint)
+        prompt=prompt, negative_prompt=req.hr_negative_prompt or req.negative_prompt, checkpoint=checkpoint,
+        model_upscale=model_upscale)
 
 
 def refiner_plan(req: Txt2ImgRequest, store: ModelStore, base: CheckpointEntry, hires: HiresPlan | None,

@@ -306,3 +306,59 @@ def write_demo_refiner(models_dir: Path, *, force: bool = False) -> Path:
     tensors = {**unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config), **vae_to_ldm(pipe.vae.state_dict()),
                **openclip_text_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.0.model.")}
     return write_safetensors(path, [layout_of(tensors, FILE_DTYPE)], [tensors], {METADATA_CONFIG_KEY: DEMO_REFINER})
+
+
+# Tiny upscaler and face-restoration models in A1111's folders (random weights, float32): what `sdfunc serve` puts
+# beside the demo checkpoints, so that the extras routes and hires fix with a model upscaler work out of the box.
+# None of them is named as a published model (`R-ESRGAN 4x+` and the like name only the real files).
+DEMO_UPSCALERS: dict[str, str] = {  # file under <models> -> what it is
+    "ESRGAN/demo-esrgan-4x.safetensors": "ESRGAN (RRDBNet) x4",
+    "RealESRGAN/demo-srvgg-2x.safetensors": "Real-ESRGAN compact (SRVGG) x2",
+    "SwinIR/demo-swinir-2x.safetensors": "SwinIR (pixelshuffle) x2",
+    "GFPGAN/demo-gfpgan.safetensors": "GFPGAN v1 clean, 64 x 64 faces",
+}
+
+
+def build_demo_upscaler(name: str, seed: int = DEMO_SEED) -> torch.nn.Module:
+    """The tiny network of `DEMO_UPSCALERS[name]`, random weights drawn with `seed` (small: its output stays
+    close to a plain resize where the architecture adds its input back)."""
+    from pipelines.faces.gfpgan import GFPGANv1Clean
+    from pipelines.upscalers.arch import RRDBNet, SRVGGNetCompact
+    from pipelines.upscalers.swinir import SwinIR
+
+    torch.manual_seed(seed)
+    builders = {
+        "ESRGAN/demo-esrgan-4x.safetensors": lambda: RRDBNet(num_feat=8, num_grow_ch=4, num_block=1),
+        "RealESRGAN/demo-srvgg-2x.safetensors": lambda: SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2),
+        "SwinIR/demo-swinir-2x.safetensors": lambda: SwinIR(
+            embed_dim=12, depths=[2], num_heads=[2], window_size=4, img_size=8, mlp_ratio=2.0, num_feat=8,
+            upscale=2, upsampler="pixelshuffle"),
+        "GFPGAN/demo-gfpgan.safetensors": lambda: GFPGANv1Clean(
+            out_size=64, num_style_feat=16, channel_multiplier=2, num_mlp=2, different_w=True, narrow=1 / 32,
+            sft_half=True),
+    }
+    net = builders[name]()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.normal_(0.0, 0.02)
+    return net.eval()
+
+
+def write_demo_upscalers(models_dir: Path, *, force: bool = False) -> list[Path]:
+    """Write every `DEMO_UPSCALERS` file under `models_dir` (<data>/models), kept if present unless `force`;
+    atomic (temp + rename), the same bytes on every run."""
+    from safetensors.torch import save_file
+
+    paths = []
+    for i, (name, what) in enumerate(DEMO_UPSCALERS.items()):
+        path = Path(models_dir) / name
+        paths.append(path)
+        if path.exists() and not force:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        net = build_demo_upscaler(name, DEMO_SEED + 20 + i)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+        tmp.replace(path)
+        logger.info("wrote demo %s %s (%d bytes)", what, path.name, path.stat().st_size)
+    return paths

@@ -17,6 +17,7 @@ from torch import nn
 
 from pipelines.errors import InvalidParameter
 from pipelines.upscalers.arch import RRDBNet, SRVGGNetCompact
+from pipelines.upscalers.swinir import SwinIR, is_swinir, swinir_params
 
 StateDict = dict[str, torch.Tensor]
 SUFFIXES = (".safetensors", ".pth")
@@ -27,8 +28,13 @@ class UpscalerNet:
     """A loaded upscaler: its network (eval mode, on the CPU until moved), architecture name and scale."""
 
     net: nn.Module
-    arch: str  # "ESRGAN", "RealESRGAN" (pixel-unshuffle variants) or "SRVGG"
+    arch: str  # "ESRGAN", "RealESRGAN" (pixel-unshuffle variants), "SRVGG" or "SwinIR"
     scale: int
+
+    @property
+    def components(self) -> dict[str, nn.Module]:
+        """Its torch modules, as a pipeline's `components` (pipelines.cache keeps it warm with the pipelines)."""
+        return {"net": self.net}
 
     @property
     def multiple(self) -> int:
@@ -36,21 +42,26 @@ class UpscalerNet:
         return getattr(self.net, "unshuffle", 1)
 
 
-def read_state_dict(path: Path) -> StateDict:
-    """The tensors of `path`; InvalidParameter (field = the file name) for a file that is not one."""
+def read_state_dict(path: Path, *, mmap: bool = False) -> StateDict:
+    """The tensors of `path`; InvalidParameter (field = the file name) for a file that is not one. `mmap` maps a
+    `.pth` file's storages instead of reading them (a file saved in torch's old format is read)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             data = load_file(str(path), device="cpu")
         elif path.suffix == ".pth":
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
+            data = _torch_load(path, mmap)
         else:
             raise InvalidParameter(f"{path.name}: not a .safetensors or .pth file", field=path.name)
     except InvalidParameter:
         raise
     except Exception as exc:  # a pickle with code in it, a truncated or corrupt file
-        raise InvalidParameter(f"{path.name}: not a loadable upscaler file ({type(exc).__name__})",
+        if "unsupported global" in str(exc).lower():
+            raise InvalidParameter(f"{path.name}: a pickle that names code or objects other than tensors; refused "
+                                   "by weights-only unpickling, never run (save it as .safetensors)",
+                                   field=path.name) from None
+        raise InvalidParameter(f"{path.name}: not a loadable weights file ({type(exc).__name__})",
                                field=path.name) from None
     for wrapper in ("params_ema", "params", "state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
@@ -58,6 +69,17 @@ def read_state_dict(path: Path) -> StateDict:
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise InvalidParameter(f"{path.name}: holds no state dict of tensors", field=path.name)
     return data
+
+
+def _torch_load(path: Path, mmap: bool) -> object:
+    """`torch.load` weights-only: a pickle naming anything but tensors and containers raises before it runs."""
+    if mmap:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "zipfile" not in str(exc):  # only torch's old format cannot be mapped
+                raise
+    return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def _old_esrgan_to_new(sd: StateDict) -> StateDict:
@@ -87,10 +109,13 @@ def from_state_dict(sd: StateDict, name: str = "upscaler") -> UpscalerNet:
     try:
         if "model.0.weight" in sd and any(k.startswith("model.1.sub.") for k in sd):
             sd = _old_esrgan_to_new(sd)
-        if "conv_first.weight" in sd:
+        if is_swinir(sd):  # first: SwinIR has a conv_first too
+            net: nn.Module = SwinIR(**swinir_params(sd))
+            arch = "SwinIR"
+        elif "conv_first.weight" in sd:
             first = sd["conv_first.weight"]
             unshuffle = math.isqrt(first.shape[1] // 3)
-            net: nn.Module = RRDBNet(
+            net = RRDBNet(
                 in_ch=first.shape[1] // (unshuffle * unshuffle), out_ch=sd["conv_last.weight"].shape[0],
                 num_feat=first.shape[0], num_grow_ch=sd["body.0.rdb1.conv1.weight"].shape[0],
                 num_block=sum(1 for k in sd if re.match(r"body\.\d+\.rdb1\.conv1\.weight$", k)),
@@ -105,7 +130,7 @@ def from_state_dict(sd: StateDict, name: str = "upscaler") -> UpscalerNet:
                                   prelu="body.1.weight" in sd)
             arch = "SRVGG"
         else:
-            raise InvalidParameter(f"{name}: not an ESRGAN, Real-ESRGAN or SRVGG state dict", field=name)
+            raise InvalidParameter(f"{name}: not an ESRGAN, Real-ESRGAN, SRVGG or SwinIR state dict", field=name)
         net.load_state_dict(sd, strict=True)
     except InvalidParameter:
         raise

@@ -231,7 +231,6 @@ def test_checkpoint_by_override_settings_and_hash(client, service):
         ({"alwayson_scripts": {"controlnet": {"args": [{"enabled": True}]}}}, "alwayson_scripts.controlnet.args.0.model"),
         ({"alwayson_scripts": {"regional prompter": {"args": [1]}}}, "alwayson_scripts.regional prompter"),
         ({"cfg_scale": -1}, "cfg_scale"),
-        ({"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, "hr_upscaler"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, "override_settings.CLIP_stop_at_last_layers"),
     ],
 )

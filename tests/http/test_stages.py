@@ -160,7 +160,7 @@ def test_hires_second_pass_on_another_checkpoint(client, app):
 
 
 @pytest.mark.parametrize("fields,status,field", [
-    ({"hr_upscaler": "R-ESRGAN 4x+"}, 422, "hr_upscaler"),
+    ({"hr_upscaler": "R-ESRGAN 4x+"}, 404, "hr_upscaler"),  # no such file on the mount
     ({"hr_scale": 16}, 422, "hr_scale"),
     ({"hr_scale": 0.5}, 422, "hr_scale"),
     ({"width": 640, "height": 64}, 422, "hr_scale"),  # 1280 > the 1024 limit of the test settings
