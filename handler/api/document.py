@@ -40,8 +40,10 @@ _GENERATION_REFUSALS = {
     "styles": "a style name <data>/styles.csv does not have",
     "refiner_checkpoint": "a refiner that is not SDXL, with enable_hr, or on img2img",
     "refiner_switch_at": "outside 0 < x <= 1 when a refiner is named",
-    "override_settings": "an override the checkpoint cannot take (clip skip deeper than its text encoder) or of "
-                         "the wrong type",
+    "override_settings": "an override the checkpoint cannot take (clip skip deeper than its text encoder), of "
+                         "the wrong type, or an upscaler_for_img2img / face_restoration_model that is refused",
+    "restore_faces": "true (or the face_restoration option) while no GFPGAN weights are in models/GFPGAN, or "
+                     "the caller's face_restoration_model option names CodeFormer (not offered)",
     "alwayson_scripts": "a ControlNet unit, PAI-EAS key or save_dir the server cannot use (each named)",
     "width": "a size too small for the checkpoint's deepest layers (one latent value per group: 8-16 pixels "
              "without CFG on a small model)",
@@ -53,7 +55,7 @@ _GENERATION_REFUSALS = {
 }
 _TXT2IMG_REFUSALS = {
     **_GENERATION_REFUSALS,
-    "hr_upscaler": "with enable_hr: an upscaler that is not offered",
+    "hr_upscaler": "with enable_hr: an upscaler whose file is refused (404 for a name no upscaler has)",
     "hr_scale": "with enable_hr and no hr_resize_x/y: outside 1..8, or a hires size over the limits",
     "hr_resize_x": "with enable_hr: a hires size over the deployment's limits",
     "hr_second_pass_steps": "with enable_hr: more than the deployment's most steps",
@@ -71,7 +73,22 @@ _IMG2IMG_REFUSALS = {
     "mask": "a mask that does not decode or is over the pixel limit",
     "latent_mask": "as mask",
 }
+_EXTRAS_REFUSALS = {
+    "upscaler_1": "an upscaler whose file is on the mount but refused: a pickle that names code, a corrupt file, "
+                  "an architecture not built here (404 for a name no upscaler has)",
+    "upscaler_2": "as upscaler_1",
+    "upscaling_resize": "a factor whose result, or an upscaler pass on the way to it, is over the pixel limit",
+    "upscaling_resize_w": "resize_mode 1: a target whose result, or a pass on the way, is over the pixel limit",
+    "gfpgan_visibility": "above 0 while no GFPGAN weights are in models/GFPGAN",
+    "codeformer_visibility": "above 0: CodeFormer is not offered (non-commercial licence)",
+    "alwayson_scripts": "a PAI-EAS save_dir or uid the server cannot use",
+    "body": "JSON nested deeper than 64",
+}
 REFUSALS: dict[str, dict[str, str]] = {
+    "POST /sdapi/v1/extra-single-image": {**_EXTRAS_REFUSALS, "image": "an image that does not decode (an "
+                                          "empty one included) or is over the pixel limit"},
+    "POST /sdapi/v1/extra-batch-images": {**_EXTRAS_REFUSALS, "imageList": "no image, more than 64, or one that "
+                                          "does not decode or is over the pixel limit (imageList.<i>.data)"},
     "POST /sdapi/v1/txt2img": _TXT2IMG_REFUSALS,
     "POST /sdapi/v1/img2img": _IMG2IMG_REFUSALS,
     "POST /sdapi/v1/png-info": {"image": "an image that does not decode or is over the pixel limit"},
@@ -226,6 +243,9 @@ def _examples(doc: dict[str, Any], s: Settings) -> None:
         "/sdapi/v1/img2img": {**txt2img, "init_images": [png], "denoising_strength": 0.6},
         "/sdapi/v1/png-info": {"image": png},
         "/controlnet/detect": {"controlnet_module": "canny", "controlnet_input_images": [png]},
+        "/sdapi/v1/extra-single-image": {"image": png, "upscaler_1": "Lanczos", "upscaling_resize": 2},
+        "/sdapi/v1/extra-batch-images": {"imageList": [{"data": png, "name": "a.png"}], "upscaler_1": "Lanczos",
+                                         "upscaling_resize": 2},
     }
     for path, example in examples.items():
         content = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]

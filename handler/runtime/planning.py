@@ -283,8 +283,8 @@ class Planner:
         if not restore:
             return
         name, field = self._option(req, options, "face_restoration_model")
-        if self.upscaling.faces.restorer is None:
-            field = "restore_faces"  # what to install is the answer, whichever model is named
+        if self.upscaling.faces.restorer is None or not field.startswith("override_settings."):
+            field = "restore_faces"  # the request's field (an option is not one); or what to install is the answer
         job.face_restorer = self.upscaling.check_restorer(str(name or "GFPGAN"), field)
         weight, _ = self._option(req, options, "code_former_weight")
         job.restore_faces = functools.partial(self.upscaling.restore, name=job.face_restorer,

@@ -63,7 +63,8 @@ def test_every_example_in_the_document_is_served(small):
     examples = {path: item["post"]["requestBody"]["content"]["application/json"]["example"]
                 for path, item in doc["paths"].items()
                 if "example" in item.get("post", {}).get("requestBody", {}).get("content", {}).get("application/json", {})}
-    assert set(examples) == {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/png-info", "/controlnet/detect"}
+    assert set(examples) == {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/png-info", "/controlnet/detect",
+                             "/sdapi/v1/extra-single-image", "/sdapi/v1/extra-batch-images"}
     for path, example in examples.items():
         r = client.post(path, json=example)
         assert r.status_code == 200, (path, r.json)
