@@ -42,8 +42,8 @@ _GENERATION_REFUSALS = {
     "refiner_switch_at": "outside 0 < x <= 1 when a refiner is named",
     "override_settings": "an override the checkpoint cannot take (clip skip deeper than its text encoder), of "
                          "the wrong type, or an upscaler_for_img2img / face_restoration_model that is refused",
-    "restore_faces": "true (or the face_restoration option) while no GFPGAN weights are in models/GFPGAN, or "
-                     "the caller's face_restoration_model option names CodeFormer (not offered)",
+    "restore_faces": "true (or the face_restoration option) while the restorer the face_restoration_model option "
+                     "names has no weights on the mount",
     "alwayson_scripts": "a ControlNet unit, PAI-EAS key or save_dir the server cannot use (each named)",
     "width": "a size too small for the checkpoint's deepest layers (one latent value per group: 8-16 pixels "
              "without CFG on a small model)",
@@ -80,7 +80,8 @@ _EXTRAS_REFUSALS = {
     "upscaling_resize": "a factor whose result, or an upscaler pass on the way to it, is over the pixel limit",
     "upscaling_resize_w": "resize_mode 1: a target whose result, or a pass on the way, is over the pixel limit",
     "gfpgan_visibility": "above 0 while no GFPGAN weights are in models/GFPGAN",
-    "codeformer_visibility": "above 0: CodeFormer is not offered (non-commercial licence)",
+    "codeformer_visibility": "above 0 while no CodeFormer weights are in models/Codeformer (they are the user's "
+                             "own: non-commercial licence)",
     "alwayson_scripts": "a PAI-EAS save_dir or uid the server cannot use",
     "body": "JSON nested deeper than 64",
 }

@@ -246,9 +246,10 @@ class ExtrasRequest(A1111Model):
                                        "upscaling_resize_w x upscaling_resize_h.")
     show_extras_results: Bool = Field(True, description="Accepted (A1111's API always returns the images).")
     gfpgan_visibility: Float = Field(0, ge=0, le=1, description="GFPGAN face restoration blended in at this visibility.")
-    codeformer_visibility: Float = Field(0, ge=0, le=1, description="CodeFormer is not offered (non-commercial "
-                                         "licence): above 0 is refused.")
-    codeformer_weight: Float = Field(0, ge=0, le=1, description="CodeFormer's weight (unused: CodeFormer is not offered).")
+    codeformer_visibility: Float = Field(0, ge=0, le=1, description="CodeFormer face restoration blended in at this "
+                                         "visibility; needs your own weights in models/Codeformer (non-commercial "
+                                         "licence).")
+    codeformer_weight: Float = Field(0, ge=0, le=1, description="CodeFormer's weight: 0 = maximum effect, 1 = minimum.")
     upscaling_resize: Float = Field(2, gt=0, description="Upscale factor (resize_mode 0).")
     upscaling_resize_w: Int = Field(512, ge=1, description="Target width (resize_mode 1).")
     upscaling_resize_h: Int = Field(512, ge=1, description="Target height (resize_mode 1).")

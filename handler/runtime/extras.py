@@ -34,7 +34,7 @@ from handler.runtime.consumer_options import ConsumerOptions
 from handler.runtime.engine import Engine
 from handler.runtime.executor import JobTimeout
 from handler.runtime.progress import Progress
-from handler.runtime.upscaling import CODEFORMER_REFUSED, WEIGHTLESS, Upscaling
+from handler.runtime.upscaling import WEIGHTLESS, Upscaling
 from handler.settings import Settings
 from handler.storage import outputs
 from handler.storage.backends import Storage
@@ -84,7 +84,7 @@ class ExtrasFlow:
         limit = self.settings.max_input_pixels
         decoded = [read_image(data, field=field, max_pixels=limit) for data, field in images]
         if req.codeformer_visibility > 0:
-            raise InvalidRequest(f"codeformer_visibility: {CODEFORMER_REFUSED}", field="codeformer_visibility")
+            self.upscaling.check_restorer("CodeFormer", "codeformer_visibility")
         upscaler_1 = self.upscaling.check(req.upscaler_1, "upscaler_1")
         upscaler_2 = self.upscaling.check(req.upscaler_2, "upscaler_2")
         if req.gfpgan_visibility > 0:
@@ -95,7 +95,7 @@ class ExtrasFlow:
             upscaler_1=None if upscaler_1 == "None" else upscaler_1,
             upscaler_2=None if upscaler_2 == "None" else upscaler_2,
             upscaler_2_visibility=req.extras_upscaler_2_visibility, gfpgan_visibility=req.gfpgan_visibility,
-            codeformer_visibility=0.0, codeformer_weight=req.codeformer_weight)
+            codeformer_visibility=req.codeformer_visibility, codeformer_weight=req.codeformer_weight)
         field = "upscaling_resize_w" if req.resize_mode == 1 else "upscaling_resize"
         for image, (_data, image_field) in zip(decoded, images):
             largest = self._largest(image, plan)
@@ -244,7 +244,8 @@ class ExtrasFlow:
         encoded = [b64(data) for data in pngs]
         records = [ImageRecord(prompt="", negative_prompt="", steps=0, seed=-1, sampler="", cfg_scale=0.0,
                                size=f"{result.width}x{result.height}", model_hash=None,
-                               model=job.plan.upscaler_1 or ("GFPGAN" if job.plan.gfpgan_visibility else None),
+                               model=job.plan.upscaler_1 or ("GFPGAN" if job.plan.gfpgan_visibility else
+                                                             "CodeFormer" if job.plan.codeformer_visibility else None),
                                image_base64=data if keep else None,
                                image_url=written.images[i] if i < len(written.images) else None)
                    for i, (result, data) in enumerate(zip(results, encoded))]

@@ -1,8 +1,8 @@
 """The upscaler and face-restoration models of a worker: their folders, their names, and running them.
 
 Upscalers (pipelines.upscalers.store): `<models>/{ESRGAN,RealESRGAN,SwinIR,DAT,HAT}`, plus A1111's weightless "None",
-"Lanczos" and "Nearest". Face restoration (pipelines.faces): GFPGAN weights in `<models>/GFPGAN`, faces found by
-OpenCV's Haar cascade (shipped with OpenCV) or by a YuNet file in that folder. The folders are scanned on first use
+"Lanczos" and "Nearest". Face restoration (pipelines.faces): GFPGAN weights in `<models>/GFPGAN` (CodeFormer's in `<models>/Codeformer`,
+the user's own), faces found by OpenCV's Haar cascade (shipped with OpenCV) or by a YuNet file in the GFPGAN folder. The folders are scanned on first use
 (the scan imports torch, which health checks and app start never import) and again on a refresh.
 
 Running a model belongs to the device thread, like every torch call: the loaded networks are cached components of
@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 
 WEIGHTLESS = ("None", "Lanczos", "Nearest")
 HALF_ARCHS = frozenset({"ESRGAN", "RealESRGAN", "SRVGG"})  # float16 on a GPU (spandrel's choice too)
-FACE_FOLDER = "GFPGAN"
-CODEFORMER_REFUSED = ("CodeFormer is not offered: its code and weights are licensed for non-commercial use only "
-                      "(S-Lab License 1.0); use GFPGAN (GFPGANv1.4.pth in models/GFPGAN)")
+CODEFORMER_MISSING = ("CodeFormer runs only with weights you supply: its weights are licensed for non-commercial use "
+                      "only (S-Lab License 1.0), so none ship; put codeformer-v0.1.0.pth in models/Codeformer, or use "
+                      "GFPGAN (GFPGANv1.4.pth in models/GFPGAN)")
 
 
 class Upscaling:
@@ -63,7 +63,7 @@ class Upscaling:
             if self._faces is None:
                 from pipelines.faces.store import FaceStore
 
-                self._faces = FaceStore(self.settings.models_dir / FACE_FOLDER)
+                self._faces = FaceStore(self.settings.models_dir)
             return self._faces
 
     def refresh(self) -> None:
@@ -88,9 +88,8 @@ class Upscaling:
                 if e.folder == "RealESRGAN" or e.name.startswith("R-ESRGAN")]
 
     def face_restorers(self) -> list[dict[str, Any]]:
-        """GET /sdapi/v1/face-restorers: GFPGAN when its weights are on the mount (A1111's `{name, cmd_dir}`)."""
-        entry = self.faces.restorer
-        return [] if entry is None else [{"name": "GFPGAN", "cmd_dir": str(entry.path.parent)}]
+        """GET /sdapi/v1/face-restorers: those whose weights are on the mount (A1111's `{name, cmd_dir}`)."""
+        return [{"name": name, "cmd_dir": str(entry.path.parent)} for name, entry in self.faces.restorers.items()]
 
     def check(self, name: str | None, field: str) -> str:
         """The upscaler `name` names, as listed ("None" for None or ""); ModelNotFound (404) naming it when there
@@ -101,18 +100,20 @@ class Upscaling:
         return self.store.find(wanted, field=field).name
 
     def check_restorer(self, name: str, field: str) -> str:
-        """The face restorer `name` names ("GFPGAN"); a 422 naming `field` that says what to install where when it
-        is not on the mount, or is CodeFormer."""
+        """The face restorer `name` names ("GFPGAN" or "CodeFormer", any case); a 422 naming `field` that says what
+        to install where when it is not on the mount."""
         wanted = (name or "").strip()
-        if wanted.lower() == "codeformer":
-            raise InvalidParameter(f"{field}: {CODEFORMER_REFUSED}", field=field)
-        if wanted.lower() != "gfpgan":
-            raise InvalidParameter(f"{field}: face restorer '{wanted}' is not offered; GFPGAN is", field=field)
-        if self.faces.restorer is None:
+        canonical = {"gfpgan": "GFPGAN", "codeformer": "CodeFormer"}.get(wanted.lower())
+        if canonical is None:
+            raise InvalidParameter(f"{field}: face restorer '{wanted}' is not offered (GFPGAN, CodeFormer)",
+                                   field=field)
+        if canonical not in self.faces.restorers:
+            if canonical == "CodeFormer":
+                raise InvalidParameter(f"{field}: {CODEFORMER_MISSING}", field=field)
             raise InvalidParameter(
                 f"{field}: face restoration needs GFPGAN weights on the mount: put GFPGANv1.4.pth (or GFPGANv1.3.pth) "
-                f"in {self.settings.models_dir / FACE_FOLDER} and refresh", field=field)
-        return "GFPGAN"
+                f"in {self.settings.models_dir / 'GFPGAN'} and refresh", field=field)
+        return canonical
 
     # the device thread ---------------------------------------------------------------------------------
     def upscale(self, image: Image.Image, name: str, scale: float, options: dict[str, Any]) -> Image.Image:
@@ -135,15 +136,17 @@ class Upscaling:
         return upscale_by(image, scale, step)
 
     def restore(self, image: Image.Image, name: str, weight: float = 0.5) -> Image.Image:
-        """`image` (RGB) with each face found restored by `name` ("GFPGAN"; checked already) and pasted back."""
+        """`image` (RGB) with each face found restored by `name` ("GFPGAN" or "CodeFormer", checked already; `weight`
+        is CodeFormer's fidelity) and pasted back."""
         from pipelines.faces.restore import restore_faces
 
-        entry = self.faces.restorer
+        entry = self.faces.restorers.get(name)
         if entry is None:  # removed from the mount since the request was checked
-            raise ModelNotFound("the GFPGAN weights are no longer on the mount; refresh", field="restore_faces")
-        model = self._model(entry.path, "face restorer GFPGAN", _load_restorer)
+            raise ModelNotFound(f"the {name} weights are no longer on the mount; refresh", field="restore_faces")
+        model = self._model(entry.path, f"face restorer {name}", _load_restorer)
         param = next(model.net.parameters())
-        return restore_faces(image, model, self._face_detector(), device=param.device, dtype=param.dtype)
+        return restore_faces(image, model, self._face_detector(), device=param.device, dtype=param.dtype,
+                             **({"weight": weight} if model.arch == "CodeFormer" else {}))
 
     def _face_detector(self) -> Any:
         """The face detector: YuNet when its file is in the GFPGAN folder, else OpenCV's Haar cascade (made once)."""

@@ -84,3 +84,20 @@ def test_webuiapi_client(server):
     assert [s["name"] for s in api.get_samplers()][:2] == ["DPM++ 2M", "DPM++ SDE"]
     assert api.interrupt() == {}
     api.util_set_model("demo-sd15")
+
+
+def test_webuiapi_extras_on_the_demo_upscalers(server):
+    """`sdfunc serve` puts tiny demo upscalers beside the demo checkpoints: webuiapi's extras calls work unchanged."""
+    import webuiapi
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server["port"])
+    names = [u["name"] for u in api.get_upscalers()]
+    assert names[:3] == ["None", "Lanczos", "Nearest"] and "demo-esrgan-4x" in names
+    image = Image.new("RGB", (48, 32), (120, 60, 30))
+    single = api.extra_single_image(image=image, upscaler_1="demo-esrgan-4x", upscaling_resize=2)
+    assert single.image.size == (96, 64)
+    assert single.info == "<p>Postprocess upscale by: 2.0, Postprocess upscaler: demo-esrgan-4x</p>"  # html_info
+    batch = api.extra_batch_images(images=[image, image], upscaler_1="demo-srvgg-2x", upscaling_resize=2,
+                                   gfpgan_visibility=0.5)
+    assert [im.size for im in batch.images] == [(96, 64), (96, 64)]
+    assert batch.info.endswith(", GFPGAN visibility: 0.5</p>")
