@@ -356,7 +356,9 @@ class PipelineCache:
                 self.stats.load_seconds.append(seconds)
                 self._items[key] = model
                 self._tier[key] = DEVICE
-            self._make_room(key, 0)
+            # Only other components make room for it: it is loaded while a job runs (a hires pass, restore_faces),
+            # whose pipeline must stay where it is. A pipeline's next load makes room for both.
+            self._make_room(key, 0, components_only=True)
             log.info("loaded %s in %.2f s", name, seconds)
             return held
 
@@ -419,7 +421,7 @@ class PipelineCache:
             incoming = [i for i in model.component_bytes if i not in on_device]
             self._tier[key] = DEVICE
             self._items.move_to_end(key)
-        self._make_room(key, 0)
+        self._make_room(key, 0, components_only=key[1] == COMPONENT)
         modules = _modules(model)
         for module_id in incoming:
             self.mover(modules[module_id], self.device)
@@ -441,12 +443,14 @@ class PipelineCache:
         on_device = self._tier_modules(DEVICE)
         return {i: b for i, b in self._tier_modules(HOST).items() if i not in on_device}
 
-    def _make_room(self, keep: Key, incoming: int) -> None:
-        """Evict least recently used device-tier pipelines (never `keep`) until `incoming` more bytes fit and
-        the checkpoint count is within `capacity`; a pipeline that alone exceeds the budget is warned about."""
+    def _make_room(self, keep: Key, incoming: int, *, components_only: bool = False) -> None:
+        """Evict least recently used device-tier pipelines and components (never `keep`; only components when
+        `components_only`) until `incoming` more bytes fit and the checkpoint count is within `capacity`; a
+        pipeline that alone exceeds the budget is warned about."""
         while True:
             with self._lock:
-                device_keys = [k for k in self._items if self._tier[k] == DEVICE]
+                device_keys = [k for k in self._items if self._tier[k] == DEVICE
+                               and (not components_only or k[1] == COMPONENT)]
                 used = sum(self._tier_modules(DEVICE).values())
                 checkpoints = {k[0] for k in [*device_keys, keep] if k[1] != COMPONENT}
                 over_count = self.capacity is not None and len(checkpoints) > self.capacity
@@ -458,7 +462,11 @@ class PipelineCache:
                     break
                 victim = victims[0]
             self._evict(victim)
-        if over_bytes:
+        if over_bytes and keep[1] == COMPONENT:
+            log.warning("the device cache holds %.2f GiB, over its budget of %.2f GiB, until the next pipeline load "
+                        "makes room (%s was added while a job ran)", used / 2**30, self.device_budget / 2**30,
+                        Path(keep[0]).name)
+        elif over_bytes:
             log.warning("pipeline %s needs %.2f GiB, more than the device cache budget of %.2f GiB: it is "
                         "loaded alone", Path(keep[0]).name, (used + incoming) / 2**30, self.device_budget / 2**30)
 

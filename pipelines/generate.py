@@ -59,6 +59,9 @@ class ImageJob:
     height: int
     sampler: ResolvedSampler
     clip_skip: int = 1
+    # the request field that set clip_skip (a 422 names it when the text encoder is shallower); None: the caller's
+    # option, which applies to every checkpoint and is taken as deep as this one goes
+    clip_skip_field: str | None = None
     tiling: bool = False
     eta: float | None = None
     init_images: list[Image.Image] = field(default_factory=list)
@@ -330,9 +333,13 @@ def generate(model: LoadedModel, job: ImageJob, progress: ProgressFn | None = No
     pipe = _request_pipeline(model, job, inpaint)
     depth = min(enc.config.num_hidden_layers for enc in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
                 if enc is not None)
+    if job.clip_skip > depth and job.clip_skip_field is not None:
+        raise InvalidParameter(f"{job.clip_skip_field}: {job.clip_skip} exceeds the {depth} layers of this "
+                               "checkpoint's text encoder", field=job.clip_skip_field)
     if job.clip_skip > depth:
-        raise InvalidParameter(f"CLIP_stop_at_last_layers: {job.clip_skip} exceeds the {depth} layers of this "
-                               "checkpoint's text encoder", field="CLIP_stop_at_last_layers")
+        log.info("clip skip %d (the caller's option) is taken as %d, the depth of this checkpoint's text encoder",
+                    job.clip_skip, depth)
+        job.clip_skip = depth
     latent_channels = pipe.unet.config.in_channels  # txt2img only: img2img's latents come from the image
     scale = pipe.vae_scale_factor
     call: dict[str, Any] = {

@@ -204,6 +204,11 @@ def _options(schemas: dict[str, Any]) -> None:
         properties[key] = {"type": kind}
     properties["CLIP_stop_at_last_layers"].update(minimum=1, maximum=12)
     properties["n_rows"].update(minimum=-1, maximum=16)
+    for key in ("ESRGAN_tile", "SWIN_tile"):
+        properties[key].update(minimum=0, maximum=2048)
+    for key in ("ESRGAN_tile_overlap", "SWIN_tile_overlap"):
+        properties[key].update(minimum=0, maximum=256)
+    properties["code_former_weight"].update(minimum=0, maximum=1)
     properties["hires_fix_refiner_pass"]["enum"] = list(HIRES_REFINER_PASSES)
     schemas["OptionsUpdate"].update(type="object", properties=properties, additionalProperties=False)
 

@@ -243,6 +243,8 @@ class Planner:
             mode=mode, prompt=prompt, negative_prompt=req.negative_prompt, seeds=seeds, subseeds=subseeds,
             subseed_strength=req.subseed_strength, batch_size=req.batch_size, steps=req.steps,
             cfg_scale=req.cfg_scale, width=width, height=height, sampler=sampler, clip_skip=selection.clip_skip,
+            clip_skip_field=("override_settings.CLIP_stop_at_last_layers"
+                             if "CLIP_stop_at_last_layers" in (req.override_settings or {}) else None),
             tiling=bool(req.tiling if req.tiling is not None else selection.options.get("tiling")),
             eta=req.eta if sampler.sampler.name in a1111.ETA_KEYS else None, loras=loras,
         )

@@ -403,7 +403,10 @@ def test_save_images_writes_png_under_outputs(client, data_dir):
 def test_clip_skip_deeper_than_the_text_encoder_is_422(client):
     r = post(client, override_settings={"CLIP_stop_at_last_layers": 12})
     assert r.status_code == 422, r.json
-    assert r.json["error"]["field"] == "CLIP_stop_at_last_layers" and "layers" in r.json["error"]["message"]
+    assert r.json["error"]["field"] == "override_settings.CLIP_stop_at_last_layers" and "layers" in r.json["error"]["message"]
+    assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 12}).status_code == 200
+    r = post(client)  # the caller's option applies to every checkpoint: as deep as this one goes
+    assert r.status_code == 200 and "Clip skip: " in decode_png(r.json["images"][0]).info["parameters"]
 
 
 @pytest.mark.parametrize("raw", ['{"steps": 2, "hr_scale": NaN}', '{"steps": 2, "eta": 1e999}',

@@ -116,3 +116,23 @@ def test_extras_chain_order_and_infotext():
     assert seen == ["A", "B", "GFPGAN"] and out.size == (32, 32) and out.getpixel((0, 0)) == (150, 150, 150)
     assert list(info.items()) == [("Postprocess upscale by", 2), ("Postprocess upscaler", "A"),
                                   ("Postprocess upscaler 2", "B"), ("GFPGAN visibility", 0.5)]
+
+
+def test_an_upscaler_loaded_during_a_job_never_evicts_its_pipeline(tmp_path):
+    from pipelines.cache import COMPONENT
+
+    cache = PipelineCache(None, device="cpu", dtype="float32", device_bytes=1000)
+    held = _Held(200)  # stands for the pipeline the job runs on: 800 bytes, most recently used
+    cache._items[(str(tmp_path / "ckpt"), None, "float32")] = cache_model = _as_loaded(tmp_path / "ckpt", held)
+    cache._tier[(str(tmp_path / "ckpt"), None, "float32")] = "device"
+    cache.component(tmp_path / "up", lambda: _Held(100), name="upscaler up")  # 400 more: over the budget
+    assert cache.stats.evictions == 0 and cache.loaded() == [cache_model]
+    assert cache.report()["device_components"] == 1 and (str(tmp_path / "up"), COMPONENT, "float32") in cache._items
+
+
+def _as_loaded(path, held):
+    from pipelines.cache import LoadedModel, module_bytes
+    from pipelines.store import CheckpointEntry
+
+    return LoadedModel(entry=CheckpointEntry(path.name, path, False), sha256=None, arch="sd1", pipe=held,
+                       component_bytes=module_bytes(held.components))
