@@ -146,7 +146,7 @@ class Upscaling:
         model = self._model(entry.path, f"face restorer {name}", _load_restorer)
         param = next(model.net.parameters())
         return restore_faces(image, model, self._face_detector(), device=param.device, dtype=param.dtype,
-                             **({"weight": weight} if model.arch == "CodeFormer" else {}))
+                             weight=weight)
 
     def _face_detector(self) -> Any:
         """The face detector: YuNet when its file is in the GFPGAN folder, else OpenCV's Haar cascade (made once)."""

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipelines.errors import InvalidParameter
+from pipelines.faces.codeformer import codeformer_from_state_dict, is_codeformer
 from pipelines.upscalers.load import StateDict, read_state_dict
 
 _BASE_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}
@@ -302,8 +303,8 @@ class FaceRestorer:
     """A loaded face restorer: its network (eval mode, on the CPU until moved), architecture and face size (the
     aligned crop's side, the network's input and output size)."""
 
-    net: GFPGANv1Clean
-    arch: str  # "GFPGAN"
+    net: nn.Module  # GFPGANv1Clean or CodeFormer
+    arch: str  # "GFPGAN" or "CodeFormer"
     size: int
 
     @property
@@ -313,9 +314,17 @@ class FaceRestorer:
 
 
 def load_face_restorer(path: Path) -> FaceRestorer:
-    """The GFPGAN in `path` (`.safetensors`, or `.pth` read weights-only, `params_ema` unwrapped); InvalidParameter
-    (field = the file name) for any file that is not a GFPGANv1Clean state dict."""
+    """The GFPGAN or CodeFormer in `path` (`.safetensors`, or `.pth` read weights-only, `params_ema` unwrapped), told
+    apart by its keys; InvalidParameter (field = the file name) for any file that is neither a GFPGANv1Clean nor a
+    CodeFormer state dict."""
     sd = read_state_dict(path)
+    if is_codeformer(sd):
+        try:
+            cf = codeformer_from_state_dict(sd)
+        except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as exc:
+            raise InvalidParameter(f"{path.name}: not a CodeFormer state dict ({type(exc).__name__})",
+                                   field=path.name) from None
+        return FaceRestorer(cf, "CodeFormer", cf.img_size)
     try:
         net = gfpgan_from_state_dict(sd)
     except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as exc:

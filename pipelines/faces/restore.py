@@ -28,10 +28,14 @@ _BORDER_RGB = (132, 133, 135)  # facexlib's BGR (135, 133, 132): this module wor
 
 
 def _restore_crop(restorer: FaceRestorer, crop: np.ndarray, device: torch.device | str, dtype: torch.dtype,
-                  generator: torch.Generator | None) -> np.ndarray:
+                  generator: torch.Generator | None, weight: float) -> np.ndarray:
     """The network on one aligned RGB uint8 crop, back to RGB uint8 (clamped to [-1, 1], truncated as A1111)."""
     x = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).sub(0.5).div(0.5)
-    out = restorer.net(x.to(device=device, dtype=dtype), generator=generator)
+    x = x.to(device=device, dtype=dtype)
+    if restorer.arch == "CodeFormer":
+        out = restorer.net(x, w=weight, adain=True)
+    else:
+        out = restorer.net(x, generator=generator)
     rgb01 = ((out[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
     return (rgb01 * 255.0).astype(np.uint8)
 
@@ -53,10 +57,12 @@ def _paste(canvas: np.ndarray, face: np.ndarray, inverse: np.ndarray) -> np.ndar
 @torch.inference_mode()
 def restore_faces(image: Image.Image, restorer: FaceRestorer, detector: FaceDetector, *,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  generator: torch.Generator | None = None) -> Image.Image:
+                  generator: torch.Generator | None = None, weight: float = 0.5) -> Image.Image:
     """`image` (as RGB) with each detected face restored; the same pixels when no face is found. `restorer.net`
     must already be on `device` in `dtype`. GFPGAN draws fresh noise for each face, from `generator` when given
-    (reproducible), else from torch's global generator (as A1111)."""
+    (reproducible), else from torch's global generator (as A1111); it ignores `weight`. CodeFormer is
+    deterministic and takes `weight` as its fidelity `w` (A1111's `code_former_weight` / `codeformer_weight`: 0 the
+    most restored, 1 the closest to the input), with AdaIN as A1111 runs it."""
     rgb = np.asarray(image.convert("RGB"))
     template = FFHQ_TEMPLATE * (restorer.size / 512.0)
     canvas: np.ndarray | None = None
@@ -66,7 +72,7 @@ def restore_faces(image: Image.Image, restorer: FaceRestorer, detector: FaceDete
             continue
         crop = cv2.warpAffine(rgb, affine, (restorer.size, restorer.size), borderMode=cv2.BORDER_CONSTANT,
                               borderValue=_BORDER_RGB)
-        face = _restore_crop(restorer, crop, device, dtype, generator)
+        face = _restore_crop(restorer, crop, device, dtype, generator, weight)
         canvas = _paste(rgb.astype(np.float32) if canvas is None else canvas, face,
                         cv2.invertAffineTransform(affine))
     if canvas is None:

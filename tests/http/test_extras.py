@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
+from pipelines.faces.codeformer import CodeFormer
 from tests.conftest import decode_png, linked_data_root, make_settings
 
 MARKER = "/tmp/sdfunc-extras-pickle-ran"
@@ -24,7 +25,7 @@ class _Evil:
 
 
 @pytest.fixture(scope="module")
-def app(data_dir, tmp_path_factory):
+def xapp(data_dir, tmp_path_factory):
     from handler.app import create_app
     from pipelines.builders.demo import write_demo_upscalers
     from pipelines.upscalers.arch import RRDBNet
@@ -36,14 +37,19 @@ def app(data_dir, tmp_path_factory):
     torch.save({"params_ema": x2.state_dict()}, root / "models" / "RealESRGAN" / "RealESRGAN_x2plus.pth")
     torch.save({"params_ema": _Evil()}, root / "models" / "ESRGAN" / "evil.pth")
     (root / "models" / "ESRGAN" / "broken.pth").write_bytes(b"PK\x03\x04 not really a zip")
+    torch.manual_seed(2)  # the user's own CodeFormer (its licence is non-commercial: never shipped, never fetched)
+    codeformer = CodeFormer(img_size=64, nf=8, ch_mult=(1, 2, 2), res_blocks=2, attn_resolutions=(16,), emb_dim=8,
+                            codebook_size=16, dim_embd=16, n_head=8, n_layers=1, dim_mlp=32, connect_list=(32, 64))
+    (root / "models" / "Codeformer").mkdir()
+    torch.save({"params_ema": codeformer.state_dict()}, root / "models" / "Codeformer" / "codeformer-v0.1.0.pth")
     app = create_app(make_settings(root, default_checkpoint="demo-sd15", max_input_pixels=300 * 300))
     yield app
     app.extensions["sdfunc"].stop()
 
 
 @pytest.fixture(scope="module")
-def client(app):
-    return app.test_client()
+def xclient(xapp):
+    return xapp.test_client()
 
 
 def _png(image: Image.Image, parameters: str | None = None) -> str:
@@ -64,8 +70,8 @@ def _single(client, **fields):
     return client.post("/sdapi/v1/extra-single-image", json={"image": _png(_image()), **fields})
 
 
-def test_listings_in_a1111_shapes(client):
-    items = client.get("/sdapi/v1/upscalers").json
+def test_listings_in_a1111_shapes(xclient):
+    items = xclient.get("/sdapi/v1/upscalers").json
     assert [i["name"] for i in items[:3]] == ["None", "Lanczos", "Nearest"]
     by_name = {i["name"]: i for i in items}
     assert set(by_name) == {"None", "Lanczos", "Nearest", "demo-esrgan-4x", "demo-srvgg-2x", "demo-swinir-2x",
@@ -75,10 +81,10 @@ def test_listings_in_a1111_shapes(client):
     assert esrgan["model_name"] == "ESRGAN_4x" and esrgan["scale"] == 4.0 and esrgan["model_url"] is None
     assert esrgan["model_path"].endswith("models/ESRGAN/demo-esrgan-4x.safetensors")
     assert by_name["R-ESRGAN 2x+"]["scale"] == 2.0 and by_name["demo-swinir-2x"]["scale"] == 2.0
-    realesrgan = client.get("/sdapi/v1/realesrgan-models").json
+    realesrgan = xclient.get("/sdapi/v1/realesrgan-models").json
     assert {r["name"]: r["scale"] for r in realesrgan} == {"R-ESRGAN 2x+": 2, "demo-srvgg-2x": 2}
-    faces = client.get("/sdapi/v1/face-restorers").json
-    assert [f["name"] for f in faces] == ["GFPGAN"] and faces[0]["cmd_dir"].endswith("models/GFPGAN")
+    faces = {f["name"]: f["cmd_dir"] for f in xclient.get("/sdapi/v1/face-restorers").json}
+    assert faces.keys() == {"GFPGAN", "CodeFormer"} and faces["CodeFormer"].endswith("models/Codeformer")
     assert not os.path.exists(MARKER)
 
 
@@ -88,8 +94,8 @@ def test_listings_in_a1111_shapes(client):
     ("demo-swinir-2x", (80, 56)),
     ("Lanczos", (80, 56)),
 ])
-def test_single_image_upscaled_by_each_architecture(client, upscaler, size):
-    r = _single(client, upscaler_1=upscaler, upscaling_resize=2)
+def test_single_image_upscaled_by_each_architecture(xclient, upscaler, size):
+    r = _single(xclient, upscaler_1=upscaler, upscaling_resize=2)
     assert r.status_code == 200, r.json
     assert set(r.json) == {"html_info", "image"}
     assert decode_png(r.json["image"]).size == size
@@ -97,14 +103,14 @@ def test_single_image_upscaled_by_each_architecture(client, upscaler, size):
     assert r.json["html_info"] == f"<p>Postprocess upscale by: 2.0, Postprocess upscaler: {upscaler}</p>"
 
 
-def test_a1111_defaults_and_png_chunks_kept(client):
+def test_a1111_defaults_and_png_chunks_kept(xclient):
     image = _png(_image(), parameters="a cat\nSteps: 2, Seed: 7")
-    r = client.post("/sdapi/v1/extra-single-image", json={"image": image})  # every field at A1111's default
+    r = xclient.post("/sdapi/v1/extra-single-image", json={"image": image})  # every field at A1111's default
     assert r.status_code == 200, r.json
     out = decode_png(r.json["image"])
     assert out.size == (40, 28) and r.json["html_info"] == "<p></p>"  # upscaler_1 "None": nothing ran
     assert out.info["parameters"] == "a cat\nSteps: 2, Seed: 7" and out.info["postprocessing"] == ""
-    r = client.post("/sdapi/v1/extra-single-image", json={
+    r = xclient.post("/sdapi/v1/extra-single-image", json={
         "image": image, "resize_mode": 1, "upscaling_resize_w": 64, "upscaling_resize_h": 64,
         "upscaler_1": "demo-srvgg-2x", "upscaler_2": "Nearest", "extras_upscaler_2_visibility": 0.5})
     assert r.status_code == 200, r.json
@@ -116,17 +122,17 @@ def test_a1111_defaults_and_png_chunks_kept(client):
     assert out.info["parameters"] == "a cat\nSteps: 2, Seed: 7"
 
 
-def test_batch_is_charged_timed_and_cached(client, app):
-    cache = app.extensions["sdfunc"].cache
+def test_batch_is_charged_timed_and_cached(xclient, xapp):
+    cache = xapp.extensions["sdfunc"].cache
     body = {"imageList": [{"data": _png(_image(seed=i)), "name": f"im{i}.png"} for i in range(3)],
             "upscaler_1": "demo-esrgan-4x", "upscaling_resize": 1.5}
-    r = client.post("/sdapi/v1/extra-batch-images", json=body)
+    r = xclient.post("/sdapi/v1/extra-batch-images", json=body)
     assert r.status_code == 200, r.json
     assert [decode_png(b).size for b in r.json["images"]] == [(56, 40)] * 3
     assert int(r.headers["X-Billed-Duration-Ms"]) > 0 and r.headers["X-Charge-Currency"]
     assert "gen;dur=" in r.headers["Server-Timing"] and "queue;dur=" in r.headers["Server-Timing"]
     loads = cache.stats.loads
-    again = client.post("/sdapi/v1/extra-batch-images", json=body)
+    again = xclient.post("/sdapi/v1/extra-batch-images", json=body)
     assert again.status_code == 200 and cache.stats.loads == loads  # the network stayed warm: no load
     assert again.json["images"] == r.json["images"]  # and the same input gives the same output
     assert any(m.entry.name == "upscaler demo-esrgan-4x" for m in cache.components())
@@ -142,32 +148,31 @@ def test_batch_is_charged_timed_and_cached(client, app):
     ({"upscaler_1": "demo-esrgan-4x", "upscaling_resize": 2.5, "image": _png(_image(100, 80))}, 422,
      "upscaling_resize", "400x320"),
     ({"resize_mode": 1, "upscaler_1": "Lanczos", "upscaling_resize_w": 4000}, 422, "upscaling_resize_w", "limit"),
-    ({"codeformer_visibility": 0.5}, 422, "codeformer_visibility", "non-commercial"),
     ({"image": "not base64!"}, 422, "image", "base64"),
     ({"image": _png(_image(400, 300))}, 422, "image", "exceeds"),
     ({"upscaling_resize": 0}, 422, "upscaling_resize", ""),
 ])
-def test_hostile_extras_are_refused_naming_the_field(client, fields, status, field, words):
-    r = _single(client, **fields)
+def test_hostile_extras_are_refused_naming_the_field(xclient, fields, status, field, words):
+    r = _single(xclient, **fields)
     assert r.status_code == status, r.json
     assert r.json["error"]["field"] == field and words in r.json["error"]["message"]
     assert r.headers["X-Charge"] == "0"
     assert not os.path.exists(MARKER)
-    assert _single(client, upscaler_1="demo-srvgg-2x").status_code == 200  # the other models keep working
+    assert _single(xclient, upscaler_1="demo-srvgg-2x").status_code == 200  # the other models keep working
 
 
-def test_batch_names_the_image_that_fails(client):
+def test_batch_names_the_image_that_fails(xclient):
     body = {"imageList": [{"data": _png(_image()), "name": "a"}, {"data": "@@", "name": "b"}]}
-    r = client.post("/sdapi/v1/extra-batch-images", json=body)
+    r = xclient.post("/sdapi/v1/extra-batch-images", json=body)
     assert r.status_code == 422 and r.json["error"]["field"] == "imageList.1.data"
 
 
-def test_gfpgan_restores_a_real_face_in_extras(client):
+def test_gfpgan_restores_a_real_face_in_extras(xclient):
     import matplotlib.cbook
 
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
         photo = Image.open(f).convert("RGB").resize((240, 282))
-    r = client.post("/sdapi/v1/extra-single-image", json={"image": _png(photo), "gfpgan_visibility": 1})
+    r = xclient.post("/sdapi/v1/extra-single-image", json={"image": _png(photo), "gfpgan_visibility": 1})
     assert r.status_code == 200, r.json
     out = np.asarray(decode_png(r.json["image"]), dtype=np.int16)
     diff = np.abs(out - np.asarray(photo, dtype=np.int16)).sum(axis=2)
@@ -175,36 +180,63 @@ def test_gfpgan_restores_a_real_face_in_extras(client):
     assert r.json["html_info"] == "<p>GFPGAN visibility: 1.0</p>"  # A1111 rounds the float 1.0
 
 
-def test_hires_fix_with_a_model_upscaler(client):
+def test_hires_fix_with_a_model_upscaler(xclient):
     base = {"prompt": "a red house", "steps": 2, "width": 64, "height": 64, "seed": 3, "enable_hr": True,
             "hr_scale": 1.5, "hr_second_pass_steps": 1, "denoising_strength": 0.5}
-    r = client.post("/sdapi/v1/txt2img", json={**base, "hr_upscaler": "R-ESRGAN 2x+"})
+    r = xclient.post("/sdapi/v1/txt2img", json={**base, "hr_upscaler": "R-ESRGAN 2x+"})
     assert r.status_code == 200, r.json
     image = decode_png(r.json["images"][0])
     assert image.size == (96, 96) and "Hires upscaler: R-ESRGAN 2x+" in image.info["parameters"]
-    latent = client.post("/sdapi/v1/txt2img", json={**base, "hr_upscaler": "Latent"})
+    latent = xclient.post("/sdapi/v1/txt2img", json={**base, "hr_upscaler": "Latent"})
     assert latent.json["images"][0] != r.json["images"][0]
-    r = client.post("/sdapi/v1/txt2img", json={**base, "hr_upscaler": "4x_NMKD-Siax_200k"})
+    r = xclient.post("/sdapi/v1/txt2img", json={**base, "hr_upscaler": "4x_NMKD-Siax_200k"})
     assert r.status_code == 404 and r.json["error"]["field"] == "hr_upscaler"
 
 
-def test_img2img_upscaler_option(client):
+def test_img2img_upscaler_option(xclient):
     body = {"init_images": [_png(_image(32, 32))], "prompt": "x", "steps": 2, "width": 64, "height": 64, "seed": 1,
             "denoising_strength": 0.3}
-    plain = client.post("/sdapi/v1/img2img", json=body)
-    model = client.post("/sdapi/v1/img2img", json={**body, "override_settings": {
+    plain = xclient.post("/sdapi/v1/img2img", json=body)
+    model = xclient.post("/sdapi/v1/img2img", json={**body, "override_settings": {
         "upscaler_for_img2img": "demo-esrgan-4x"}})
     assert plain.status_code == model.status_code == 200, model.json
     assert plain.json["images"][0] != model.json["images"][0]
-    r = client.post("/sdapi/v1/img2img", json={**body, "override_settings": {"upscaler_for_img2img": "nope"}})
+    r = xclient.post("/sdapi/v1/img2img", json={**body, "override_settings": {"upscaler_for_img2img": "nope"}})
     assert r.status_code == 404 and r.json["error"]["field"] == "override_settings.upscaler_for_img2img"
 
 
-def test_restore_faces_in_generation(client):
+def test_restore_faces_in_generation(xclient):
     body = {"prompt": "a portrait", "steps": 2, "width": 64, "height": 64, "seed": 5}
-    r = client.post("/sdapi/v1/txt2img", json={**body, "restore_faces": True})
+    r = xclient.post("/sdapi/v1/txt2img", json={**body, "restore_faces": True})
     assert r.status_code == 200, r.json
     assert "Seed: 5, Face restoration: GFPGAN, Size: 64x64" in decode_png(r.json["images"][0]).info["parameters"]
-    r = client.post("/sdapi/v1/txt2img", json={**body, "restore_faces": True,
-                                               "override_settings": {"face_restoration_model": "CodeFormer"}})
+    r = xclient.post("/sdapi/v1/txt2img", json={**body, "restore_faces": True, "override_settings": {
+        "face_restoration_model": "CodeFormer", "code_former_weight": 0.3}})
+    assert r.status_code == 200, r.json
+    assert "Face restoration: CodeFormer" in decode_png(r.json["images"][0]).info["parameters"]
+    r = xclient.post("/sdapi/v1/txt2img", json={**body, "restore_faces": True,
+                                                "override_settings": {"face_restoration_model": "RestoreFormer"}})
     assert r.status_code == 422 and r.json["error"]["field"] == "override_settings.face_restoration_model"
+
+
+def test_codeformer_from_the_users_own_weights_in_extras(xclient):
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        photo = _png(Image.open(f).convert("RGB").resize((240, 282)))
+    low, high = (xclient.post("/sdapi/v1/extra-single-image", json={
+        "image": photo, "codeformer_visibility": 1, "codeformer_weight": w}) for w in (0.0, 1.0))
+    assert low.status_code == high.status_code == 200, low.json
+    assert low.json["image"] != high.json["image"]  # the weight reaches the network
+    assert low.json["html_info"] == "<p>CodeFormer visibility: 1.0, CodeFormer weight: 0.0</p>"
+
+
+@pytest.mark.parametrize("fields,field,words", [
+    ({"codeformer_visibility": 0.5}, "codeformer_visibility", "non-commercial"),
+    ({"gfpgan_visibility": 0.5}, "gfpgan_visibility", "GFPGANv1.4.pth"),
+    ({"upscaler_1": "R-ESRGAN 4x+"}, "upscaler_1", "R-ESRGAN 4x+"),
+])
+def test_without_models_on_the_mount_the_answer_says_what_to_install(client, fields, field, words):
+    r = _single(client, **fields)
+    assert r.status_code in (404, 422) and r.json["error"]["field"] == field and words in r.json["error"]["message"]
+    assert client.get("/sdapi/v1/face-restorers").json == []
