@@ -329,11 +329,12 @@ class PipelineCache:
             self._make_room(key, 0)
             return model
 
-    def component(self, path: Path, build: Callable[[], Any], *, name: str) -> Any:
+    def component(self, path: Path, build: Callable[[], Any], *, name: str, version: str = "") -> Any:
         """The warm model of the file `path` that is not a pipeline: from the device, moved back from host RAM, or
         `build()` (device thread), which returns an object whose `components` dict holds its torch modules, on the
-        device already. Kept with the pipelines (see the module docstring); `name` is what logs call it."""
-        key: Key = (str(path), COMPONENT, self.dtype)
+        device already. Kept with the pipelines (see the module docstring); `name` is what logs call it; another
+        `version` of the file (its size and time) is another model."""
+        key: Key = (f"{path}#{version}" if version else str(path), COMPONENT, self.dtype)
         with self._lock:
             if self._tier.get(key) == DEVICE:
                 return self._hit_locked(key).pipe
@@ -366,7 +367,7 @@ class PipelineCache:
         """Drop every cached pipeline of the checkpoint file `path` (it was replaced on disk); a job running on
         one keeps it until it ends. Returns how many were dropped."""
         with self._lock:
-            keys = [k for k in self._items if k[0] == str(path)]
+            keys = [k for k in self._items if k[0] == str(path) or k[0].startswith(f"{path}#")]
             for key in keys:
                 del self._items[key], self._tier[key]
         if keys:

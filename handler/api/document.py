@@ -55,7 +55,8 @@ _GENERATION_REFUSALS = {
 }
 _TXT2IMG_REFUSALS = {
     **_GENERATION_REFUSALS,
-    "hr_upscaler": "with enable_hr: an upscaler whose file is refused (404 for a name no upscaler has)",
+    "hr_upscaler": "with enable_hr: an upscaler whose file is refused, or whose passes make an image over the pixel "
+                   "limit (404 for a name no upscaler has)",
     "hr_scale": "with enable_hr and no hr_resize_x/y: outside 1..8, or a hires size over the limits",
     "hr_resize_x": "with enable_hr: a hires size over the deployment's limits",
     "hr_second_pass_steps": "with enable_hr: more than the deployment's most steps",
@@ -68,8 +69,9 @@ _TXT2IMG_REFUSALS = {
 }
 _IMG2IMG_REFUSALS = {
     **_GENERATION_REFUSALS,
-    "init_images": "an image that does not decode, is over the pixel limit, more images than batch_size, or "
-                   "none while alwayson_scripts.image_link is not given either",
+    "init_images": "an image that does not decode, is over the pixel limit (or would be, upscaled by "
+                   "upscaler_for_img2img), more images than batch_size, or none while alwayson_scripts.image_link "
+                   "is not given either",
     "mask": "a mask that does not decode or is over the pixel limit",
     "latent_mask": "as mask",
 }
@@ -204,8 +206,9 @@ def _options(schemas: dict[str, Any]) -> None:
         properties[key] = {"type": kind}
     properties["CLIP_stop_at_last_layers"].update(minimum=1, maximum=12)
     properties["n_rows"].update(minimum=-1, maximum=16)
-    for key in ("ESRGAN_tile", "SWIN_tile"):
-        properties[key].update(minimum=0, maximum=2048)
+    for key in ("ESRGAN_tile", "SWIN_tile"):  # 0 (no tiling) or 16..2048
+        properties[key] = {"anyOf": [{"type": "integer", "enum": [0]}, {"type": "integer", "minimum": 16,
+                                                                       "maximum": 2048}]}
     for key in ("ESRGAN_tile_overlap", "SWIN_tile_overlap"):
         properties[key].update(minimum=0, maximum=256)
     properties["code_former_weight"].update(minimum=0, maximum=1)

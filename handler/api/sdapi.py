@@ -195,7 +195,8 @@ def realesrgan_models():
 @bp.get("/face-restorers", responses={200: {"content": {"application/json": {"schema": {
     "type": "array", "items": FaceRestorerItem.model_json_schema()}}}, "description": "Face restorers"}})
 def face_restorers():
-    """GFPGAN, when its weights are in models/GFPGAN (CodeFormer is not offered: non-commercial licence)."""
+    """The face restorers whose weights are on the mount: GFPGAN (models/GFPGAN), CodeFormer (models/Codeformer,
+    the user's own: non-commercial licence)."""
     return jsonify(service().upscaling.face_restorers())
 
 

@@ -123,8 +123,8 @@ def check_option_value(key: str, value: Any) -> str | None:
         return "must be between -1 and 16"
     if key == "hires_fix_refiner_pass" and value not in HIRES_REFINER_PASSES:
         return "must be one of " + ", ".join(f"'{choice}'" for choice in HIRES_REFINER_PASSES)
-    if key in ("ESRGAN_tile", "SWIN_tile") and not 0 <= value <= 2048:
-        return "must be between 0 and 2048 (0 = no tiling)"
+    if key in ("ESRGAN_tile", "SWIN_tile") and not (value == 0 or 16 <= value <= 2048):
+        return "must be 0 (no tiling) or between 16 and 2048"
     if key in ("ESRGAN_tile_overlap", "SWIN_tile_overlap") and not 0 <= value <= 256:
         return "must be between 0 and 256"
     if key == "code_former_weight" and not 0 <= value <= 1:

@@ -14,6 +14,7 @@ saves them (`<save_dir>/extras-images/<day>/...`) and answers with `parameters.i
 from __future__ import annotations
 
 import contextlib
+import functools
 import html
 import logging
 import time
@@ -34,15 +35,17 @@ from handler.runtime.consumer_options import ConsumerOptions
 from handler.runtime.engine import Engine
 from handler.runtime.executor import JobTimeout
 from handler.runtime.progress import Progress
-from handler.runtime.upscaling import WEIGHTLESS, Upscaling
+from handler.runtime.upscaling import Upscaling
 from handler.settings import Settings
 from handler.storage import outputs
 from handler.storage.backends import Storage
-from pipelines.postprocess import ExtrasPlan, run_extras, target_size
+from pipelines.postprocess import ExtrasPlan, run_extras
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 64  # images in one extra-batch-images request
+BATCH_PIXELS = 4  # the images of one request hold at most this many times `max_input_pixels` together
+MAX_KEPT_TEXT = 64 * 1024  # characters of the input's text chunks a result PNG keeps (A1111 infotexts are < 10 kB)
 
 
 @dataclass
@@ -82,7 +85,13 @@ class ExtrasFlow:
         if len(images) > MAX_BATCH:
             raise InvalidRequest(f"imageList: at most {MAX_BATCH} images per request", field="imageList")
         limit = self.settings.max_input_pixels
-        decoded = [read_image(data, field=field, max_pixels=limit) for data, field in images]
+        decoded, total = [], 0
+        for data, field in images:
+            decoded.append(read_image(data, field=field, max_pixels=limit))
+            total += decoded[-1].width * decoded[-1].height
+            if total > BATCH_PIXELS * limit:
+                raise InvalidRequest(f"imageList: the images hold more than {BATCH_PIXELS * limit} pixels together; "
+                                     "send them in several requests", field="imageList")
         if req.codeformer_visibility > 0:
             self.upscaling.check_restorer("CodeFormer", "codeformer_visibility")
         upscaler_1 = self.upscaling.check(req.upscaler_1, "upscaler_1")
@@ -97,41 +106,16 @@ class ExtrasFlow:
             upscaler_2_visibility=req.extras_upscaler_2_visibility, gfpgan_visibility=req.gfpgan_visibility,
             codeformer_visibility=req.codeformer_visibility, codeformer_weight=req.codeformer_weight)
         field = "upscaling_resize_w" if req.resize_mode == 1 else "upscaling_resize"
+        upscalers = [name for name, on in ((plan.upscaler_1, True), (plan.upscaler_2, plan.upscaler_2_visibility > 0))
+                     if name is not None and on]
         for image, (_data, image_field) in zip(decoded, images):
-            largest = self._largest(image, plan)
-            if largest[0] < 1 or largest[1] < 1:
-                raise InvalidRequest(f"{field}: the result of {image_field} would be empty", field=field)
-            if largest[0] * largest[1] > limit:
-                raise InvalidRequest(f"{field}: upscaling {image_field} ({image.width}x{image.height}) makes a "
-                                     f"{largest[0]}x{largest[1]} image, over the limit of {limit} pixels",
-                                     field=field)
+            for name in upscalers:
+                self.upscaling.check_size(image.width, image.height, plan.scale_for(image), name, field, image_field)
         from handler.contract.a1111 import eas_values
 
         eas = eas_values(req.alwayson_scripts)
         outputs.check_save_dir(eas.get("save_dir"), self.storage, self.settings.outputs_dir)
         return ExtrasJob(images=decoded, single=single, plan=plan, options=self.options.options(consumer), eas=eas)
-
-    def _largest(self, image: Image.Image, plan: ExtrasPlan) -> tuple[int, int]:
-        """The largest image the chain makes from `image`: a model's passes until it covers the target, then the
-        result (A1111's `Upscaler.upscale`)."""
-        width, height = plan.output_size(image.width, image.height)
-        biggest = (width, height)
-        if plan.upscaler_1 is None:
-            return biggest
-        scale = plan.scale_for(image)
-        dest = target_size(image.width, image.height, scale)
-        for name in filter(None, (plan.upscaler_1, plan.upscaler_2)):
-            factor = scale if name in WEIGHTLESS else self.upscaling.store.find(name, field="upscaler_1").scale
-            w, h = image.width, image.height
-            for i in range(3):
-                if w >= dest[0] and h >= dest[1] and (i > 0 or scale != 1):
-                    break
-                w, h = int(w * factor), int(h * factor)
-                if w * h > biggest[0] * biggest[1]:
-                    biggest = (w, h)
-                if factor <= 1:
-                    break
-        return biggest
 
     # running -----------------------------------------------------------------------------------------
     def run(self, req: ExtrasRequest, images: list[tuple[str, str]], consumer: str, *, single: bool) -> dict[str, Any]:
@@ -199,15 +183,22 @@ class ExtrasFlow:
         self.progress.activate(tasks)
         self.progress.begin("extras", job_count=len(job.images), sampling_steps=1, owner=owner, job_id=job_id,
                             tasks=tasks)
+        from pipelines.upscalers.tiling import Interrupted
+
         results: list[Image.Image] = []
         info: dict[str, Any] = {}
         try:
             for i, image in enumerate(job.images):
                 source = image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
-                out, info = run_extras(
-                    source, job.plan,
-                    upscale=lambda im, name, scale: self.upscaling.upscale(im, name, scale, job.options),
-                    restore=lambda im, name, weight: self.upscaling.restore(im, name, weight))
+                keep_going = functools.partial(self.progress.step, 0, 1, i + 1)  # interrupted or out of time?
+                try:
+                    out, info = run_extras(
+                        source, job.plan,
+                        upscale=lambda im, name, scale: self.upscaling.upscale(im, name, scale, job.options,
+                                                                               keep_going=keep_going),
+                        restore=lambda im, name, weight: self.upscaling.restore(im, name, weight))
+                except Interrupted:  # between two tiles: the images made so far are the answer
+                    break
                 results.append(out)
                 if not self.progress.step(1, 1, i + 1):
                     break
@@ -232,6 +223,7 @@ class ExtrasFlow:
             chunks = {k: v for k, v in items.items() if isinstance(k, str) and isinstance(v, str)}
             if parameters:
                 chunks["parameters"] = parameters
+            chunks = _bounded(chunks, MAX_KEPT_TEXT)
             chunks["postprocessing"] = infotext
             pngs.append(png_with_chunks(result, chunks))
         eas = job.eas
@@ -259,6 +251,20 @@ class ExtrasFlow:
                                       "error_msg": "", "total_time": round(seconds, 3)}
         log.info("extras: %d image(s), %s, %.3f s on the device", len(results), infotext or "nothing to do", seconds)
         return response, records
+
+
+def _bounded(chunks: dict[str, str], budget: int) -> dict[str, str]:
+    """The chunks a result keeps: `parameters` first, then the others in order, while they fit in `budget`
+    characters (an input may carry megabytes of compressed text; a result never inflates them)."""
+    kept: dict[str, str] = {}
+    for key in sorted(chunks, key=lambda k: k != "parameters"):
+        if len(key) + len(chunks[key]) <= budget:
+            kept[key] = chunks[key]
+            budget -= len(key) + len(chunks[key])
+    if len(kept) < len(chunks):
+        log.info("extras: %d text chunk(s) of the input are not kept (over %d characters)",
+                 len(chunks) - len(kept), MAX_KEPT_TEXT)
+    return {key: kept[key] for key in chunks if key in kept}  # in the input's order, parameters where it was
 
 
 def plaintext_to_html(text: str) -> str:

@@ -272,8 +272,17 @@ class Planner:
         if name in (None, "", "None"):
             return
         job.init_upscaler = self.upscaling.check(str(name), field)
-        if job.init_upscaler != "None":
-            job.init_upscale = functools.partial(self.upscaling.upscale, options=options)
+        if job.init_upscaler == "None":
+            return
+        job.init_upscale = functools.partial(self.upscaling.upscale, options=options)
+        if job.resize_mode == 3:  # latent upscale: A1111 does not resize the init images
+            return
+        for i, image in enumerate(job.init_images):  # the model's passes stay within the pixel limit
+            ratios = (job.width / image.width, job.height / image.height)
+            scale = min(ratios) if job.resize_mode == 2 else max(ratios)
+            if scale > 1.0:
+                self.upscaling.check_size(image.width, image.height, scale, job.init_upscaler, "init_images",
+                                          f"init image {i}")
 
     def _face_restoration(self, req: GenerationRequest, job: Any, options: dict[str, Any]) -> None:
         """`restore_faces` (null: the `face_restoration` option) with the `face_restoration_model` option: a 422

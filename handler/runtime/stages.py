@@ -59,6 +59,8 @@ def hires_plan(req: Txt2ImgRequest, width: int, height: int, sampler: ResolvedSa
     if req.hr_sampler_name or req.hr_scheduler:
         hr_sampler = _resolve(req.hr_sampler_name or req.sampler_name, req.sampler_index,
                               req.hr_scheduler or req.scheduler, "hr_sampler_name" if req.hr_sampler_name else "hr_scheduler")
+    if model_upscale is not None and max(up_w / width, up_h / height) > 1.0:  # A1111 runs the model only to grow
+        upscaling.check_size(width, height, max(up_w / width, up_h / height), upscaler, "hr_upscaler", "the first pass")
     checkpoint = other_checkpoint(store, req.hr_checkpoint_name, "hr_checkpoint_name")
     if checkpoint is not None:
         checkpoint_arch(checkpoint, "hr_checkpoint_name")  # a file no pipeline loads is refused now, not after pass 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +116,44 @@ class Upscaling:
                 f"in {self.settings.models_dir / 'GFPGAN'} and refresh", field=field)
         return canonical
 
+    def largest(self, width: int, height: int, scale: float, name: str, field: str) -> tuple[int, int]:
+        """The largest image an upscale of a width x height image by `scale` with `name` makes (A1111's passes of
+        the model until the image covers the target, or its result), to hold against the pixel limit."""
+        from pipelines.postprocess import target_size
+
+        dest = target_size(width, height, scale)
+        biggest = dest
+        factor = scale if name in WEIGHTLESS else self.store.find(name, field=field).scale
+        w, h = width, height
+        for i in range(3):
+            if (w >= dest[0] and h >= dest[1] and (i > 0 or scale != 1)) or factor <= 1:
+                break
+            w, h = int(w * factor), int(h * factor)
+            if w * h > biggest[0] * biggest[1]:
+                biggest = (w, h)
+        return biggest
+
+    def check_size(self, width: int, height: int, scale: float, name: str, field: str, what: str) -> None:
+        """A 422 naming `field` when upscaling `what` (width x height) by `scale` with `name` makes an empty image or
+        one over the pixel limit (`max_input_pixels`), the model's passes on the way included."""
+        from pipelines.postprocess import target_size
+
+        limit = self.settings.max_input_pixels
+        dest = target_size(width, height, scale)
+        if dest[0] < 1 or dest[1] < 1:
+            raise InvalidParameter(f"{field}: upscaling {what} ({width}x{height}) by {scale:g} makes an empty image "
+                                   f"({dest[0]}x{dest[1]}: sides are floored to multiples of 8)", field=field)
+        big = self.largest(width, height, scale, name, field)
+        if big[0] * big[1] > limit:
+            raise InvalidParameter(f"{field}: upscaling {what} ({width}x{height}) with {name} makes a "
+                                   f"{big[0]}x{big[1]} image, over the limit of {limit} pixels", field=field)
+
     # the device thread ---------------------------------------------------------------------------------
-    def upscale(self, image: Image.Image, name: str, scale: float, options: dict[str, Any]) -> Image.Image:
+    def upscale(self, image: Image.Image, name: str, scale: float, options: dict[str, Any],
+                keep_going: Callable[[], bool] | None = None) -> Image.Image:
         """`image` upscaled by `scale` with the upscaler `name` (checked already), A1111's way
-        (pipelines.postprocess.upscale_by); the model runs tiled with the caller's tile options."""
+        (pipelines.postprocess.upscale_by); the model runs tiled with the caller's tile options, `keep_going`
+        asked before each tile (pipelines.upscalers.tiling.Interrupted when it says no)."""
         if name in WEIGHTLESS:
             return upscale_by(image, scale, weightless_step(name, scale))
         from pipelines.upscalers.tiling import upscale
@@ -131,7 +166,8 @@ class Upscaling:
         param = next(model.net.parameters())
 
         def step(im: Image.Image) -> Image.Image:
-            return upscale(model, im, tile=tile, overlap=overlap, device=param.device, dtype=param.dtype)
+            return upscale(model, im, tile=tile, overlap=overlap, device=param.device, dtype=param.dtype,
+                           keep_going=keep_going)
 
         return upscale_by(image, scale, step)
 
@@ -149,14 +185,21 @@ class Upscaling:
                              weight=weight)
 
     def _face_detector(self) -> Any:
-        """The face detector: YuNet when its file is in the GFPGAN folder, else OpenCV's Haar cascade (made once)."""
+        """The face detector: YuNet when its file is in the GFPGAN folder (and loads), else OpenCV's Haar cascade
+        (made once per file)."""
         yunet = self.faces.detector_file
         key = str(yunet) if yunet is not None else "haar"
         if self._detector is None or self._detector[0] != key:
             from pipelines.faces.detect import FaceDetector
 
-            self._detector = (key, FaceDetector(yunet))
-            log.info("face detector: %s", self._detector[1].name)
+            try:
+                detector = FaceDetector(yunet)
+            except Exception as exc:  # noqa: BLE001 - cv2.error: a corrupt or foreign ONNX file
+                log.warning("the YuNet file %s does not load (%s); faces are found by OpenCV's Haar cascade",
+                            yunet, exc)
+                detector = FaceDetector(None)
+            self._detector = (key, detector)
+            log.info("face detector: %s", detector.name)
         return self._detector[1]
 
     def _model(self, path: Path, name: str, load: Any) -> Any:
@@ -172,7 +215,12 @@ class Upscaling:
             model.net.to(device=cache.device, dtype=getattr(torch, cache.dtype) if half else torch.float32)
             return model
 
-        return cache.component(path, build, name=name)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise ModelNotFound(f"{path.name} is no longer on the mount; refresh", field=path.name) from None
+        # a file replaced on the mount is a new component (the old one leaves the cache in its turn)
+        return cache.component(path, build, name=name, version=f"{stat.st_size}-{stat.st_mtime_ns}")
 
 
 def _load_upscaler(path: Path) -> Any:

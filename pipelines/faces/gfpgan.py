@@ -317,17 +317,21 @@ def load_face_restorer(path: Path) -> FaceRestorer:
     """The GFPGAN or CodeFormer in `path` (`.safetensors`, or `.pth` read weights-only, `params_ema` unwrapped), told
     apart by its keys; InvalidParameter (field = the file name) for any file that is neither a GFPGANv1Clean nor a
     CodeFormer state dict."""
-    sd = read_state_dict(path)
+    return face_restorer_from_state_dict(read_state_dict(path), path.name)
+
+
+def face_restorer_from_state_dict(sd: dict[str, torch.Tensor], name: str) -> FaceRestorer:
+    """The restorer `sd` describes (its tensors may be on the meta device: the scan checks files that way);
+    InvalidParameter (field `name`) when it is neither layout or does not fit."""
     if is_codeformer(sd):
         try:
             cf = codeformer_from_state_dict(sd)
-        except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as exc:
-            raise InvalidParameter(f"{path.name}: not a CodeFormer state dict ({type(exc).__name__})",
-                                   field=path.name) from None
+        except Exception as exc:  # noqa: BLE001 - any shape the layout does not expect
+            raise InvalidParameter(f"{name}: not a CodeFormer state dict ({type(exc).__name__})", field=name) from None
         return FaceRestorer(cf, "CodeFormer", cf.img_size)
     try:
         net = gfpgan_from_state_dict(sd)
-    except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as exc:
-        raise InvalidParameter(f"{path.name}: not a GFPGAN (v1.2-1.4, clean) state dict ({type(exc).__name__})",
-                               field=path.name) from None
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidParameter(f"{name}: not a GFPGAN (v1.2-1.4, clean) state dict ({type(exc).__name__})",
+                               field=name) from None
     return FaceRestorer(net, "GFPGAN", net.out_size)

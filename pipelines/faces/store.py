@@ -4,9 +4,10 @@ in `<models>/GFPGAN` (where A1111 keeps GFPGAN and its face helper's weights), C
 
 A weights file is offered when it is a `.safetensors` file, or a `.pth` file that unpickles weights-only (a pickle
 that would run code is refused, never executed), whose tensors are GFPGAN's ("clean" v1.3 / v1.4 layout) or
-CodeFormer's: checked by its keys at the scan. With several of a kind, the last by name is used (`GFPGANv1.4`
-before `GFPGANv1.3`). The detector is a `face_detection_yunet*.onnx` file in the GFPGAN folder, when one is;
-without it OpenCV's Haar cascade is used.
+CodeFormer's: the network is built from them on the meta device at the scan (shapes only), so a file that would not
+load is not offered. With several of a kind, the published files come first (`GFPGANv1.4`, then `GFPGANv1.3`;
+`codeformer-v0.1.0`), then others by name, the tiny demo files last. The detector is a `face_detection_yunet*.onnx`
+file in the GFPGAN folder, when one is; without it OpenCV's Haar cascade is used.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from pipelines.store import leads_outside
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".safetensors", ".pth")
-GFPGAN_KEY = "stylegan_decoder.style_conv1.modulated_conv.weight"  # present in every clean GFPGAN state dict
-CODEFORMER_KEYS = ("position_emb", "quantize.embedding.weight")
 FOLDERS = {"GFPGAN": "GFPGAN", "CodeFormer": "Codeformer"}  # restorer -> its folder under <models>
 
 
@@ -33,18 +32,40 @@ class FaceEntry:
     path: Path
 
 
-def _keys(path: Path) -> list[str]:
-    """The tensor names of a weights file (the header alone for `.safetensors`; `.pth` memory-mapped, weights-only)."""
+PREFERRED = ("GFPGANv1.4", "GFPGANv1.3", "codeformer-v0.1.0")  # the published files, best first
+
+
+def _rank(entry: FaceEntry) -> tuple[int, str]:
+    """Sort key: the published files first, the tiny demo files last, else by name."""
+    stem = entry.path.stem
+    for i, name in enumerate(PREFERRED):
+        if stem.startswith(name):
+            return i, stem
+    return (len(PREFERRED) + 1 if stem.startswith("demo-") else len(PREFERRED)), stem
+
+
+def describe(path: Path) -> str:
+    """"GFPGAN" or "CodeFormer": the restorer the file `path` holds, checked by building its network from the
+    tensors' shapes on the meta device (nothing but the header or the pickle is read); InvalidParameter (field =
+    the file name) otherwise."""
+    import torch
+
+    from pipelines.faces.gfpgan import face_restorer_from_state_dict
+
     if path.suffix == ".safetensors":
         from pipelines import safetensors_header
 
         try:
-            return list(safetensors_header.read_header(path, check_offsets=True).tensors)
+            shapes = safetensors_header.read_header(path, check_offsets=True).shapes()
         except (safetensors_header.HeaderError, OSError) as exc:
             raise InvalidParameter(f"{path.name}: not a loadable weights file ({exc})", field=path.name) from None
-    from pipelines.upscalers.load import read_state_dict
+        meta = {k: torch.empty(shape, device="meta") for k, (_dtype, shape) in shapes.items()}
+    else:
+        from pipelines.upscalers.load import read_state_dict
 
-    return list(read_state_dict(path, mmap=True))
+        meta = {k: torch.empty(v.shape, device="meta") for k, v in read_state_dict(path, mmap=True).items()}
+    with torch.device("meta"):
+        return face_restorer_from_state_dict(meta, path.name).arch
 
 
 class FaceStore:
@@ -73,14 +94,16 @@ class FaceStore:
                     detector = path
                 elif path.suffix in SUFFIXES:
                     try:
-                        keys = set(_keys(path))
-                    except InvalidParameter as exc:
-                        log.warning("face model %s is not offered: %s", path.name, exc)
+                        arch = describe(path)
+                    except Exception as exc:  # noqa: BLE001 - one odd file never hides the others
+                        log.warning("face model %s/%s is not offered: %s", folder, path.name, exc)
                         continue
-                    if (GFPGAN_KEY in keys) if name == "GFPGAN" else all(k in keys for k in CODEFORMER_KEYS):
-                        restorers[name] = FaceEntry(path.stem, path)  # the last by name wins
-                    else:
-                        log.warning("face model %s/%s is not a %s state dict; not offered", folder, path.name, name)
+                    entry = FaceEntry(path.stem, path)
+                    if arch != name:
+                        log.warning("face model %s/%s is a %s model, not %s; not offered", folder, path.name, arch,
+                                    name)
+                    elif name not in restorers or _rank(entry) < _rank(restorers[name]):
+                        restorers[name] = entry
         with self._lock:
             self._restorers, self._detector = restorers, detector
         for name, entry in restorers.items():

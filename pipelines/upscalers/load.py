@@ -115,6 +115,9 @@ def from_state_dict(sd: StateDict, name: str = "upscaler") -> UpscalerNet:
         elif "conv_first.weight" in sd:
             first = sd["conv_first.weight"]
             unshuffle = math.isqrt(first.shape[1] // 3)
+            if unshuffle == 0 or 3 * unshuffle * unshuffle != first.shape[1]:  # 1 grey channel, 4 with alpha...
+                raise InvalidParameter(f"{name}: a model for {first.shape[1]} input channels; only RGB models "
+                                       "(3 channels) are offered", field=name)
             net = RRDBNet(
                 in_ch=first.shape[1] // (unshuffle * unshuffle), out_ch=sd["conv_last.weight"].shape[0],
                 num_feat=first.shape[0], num_grow_ch=sd["body.0.rdb1.conv1.weight"].shape[0],
@@ -131,10 +134,14 @@ def from_state_dict(sd: StateDict, name: str = "upscaler") -> UpscalerNet:
             arch = "SRVGG"
         else:
             raise InvalidParameter(f"{name}: not an ESRGAN, Real-ESRGAN, SRVGG or SwinIR state dict", field=name)
+        first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+        if first.in_channels // getattr(net, "unshuffle", 1) ** 2 != 3:
+            raise InvalidParameter(f"{name}: a model for {first.in_channels} input channels; only RGB models "
+                                   "(3 channels) are offered", field=name)
         net.load_state_dict(sd, strict=True)
     except InvalidParameter:
         raise
-    except (KeyError, RuntimeError, ValueError, IndexError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any shape the layout does not expect (a zero channel count...)
         raise InvalidParameter(f"{name}: the state dict does not fit its architecture ({type(exc).__name__})",
                                field=name) from None
     scale = net.scale

@@ -84,6 +84,14 @@ def describe(path: Path) -> tuple[str, int]:
         meta = {k: torch.empty(v.shape, device="meta") for k, v in read_state_dict(path, mmap=True).items()}
     with torch.device("meta"):
         model = from_state_dict(meta, path.name)
+    probe = torch.empty((1, 3, 8 * model.multiple, 8 * model.multiple), device="meta")
+    try:
+        out = model.net(probe)  # shapes only: an RGB model gives 3 channels at `scale` times the size
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidParameter(f"{path.name}: the network does not run ({type(exc).__name__})", field=path.name) from None
+    if out.shape[1] != 3 or out.shape[-1] != probe.shape[-1] * model.scale:
+        raise InvalidParameter(f"{path.name}: gives {out.shape[1]} channels at {out.shape[-1] / probe.shape[-1]:g}x; "
+                               "only RGB upscalers are offered", field=path.name)
     return model.arch, model.scale
 
 
@@ -99,7 +107,7 @@ class UpscalerStore:
         self.refresh()
 
     def refresh(self) -> None:
-        """Rescan the folders (POST /sdapi/v1/refresh-upscalers and the other refresh routes)."""
+        """Rescan the folders (POST /sdapi/v1/refresh-checkpoints)."""
         found: list[UpscalerEntry] = []
         refused: dict[str, str] = {}
         seen: dict[Path, tuple[int, int, tuple[str, int] | str]] = {}
@@ -122,6 +130,9 @@ class UpscalerStore:
                         result = describe(path)
                     except InvalidParameter as exc:
                         result = str(exc)
+                    except Exception as exc:  # noqa: BLE001 - one odd file never hides the others
+                        result = f"{path.name}: not a loadable upscaler file ({type(exc).__name__})"
+                    if isinstance(result, str):
                         log.warning("upscaler %s/%s is not offered: %s", folder, rel.as_posix(), result)
                 seen[path] = (stat.st_size, stat.st_mtime_ns, result)
                 if isinstance(result, str):

@@ -151,6 +151,7 @@ def test_batch_is_charged_timed_and_cached(xclient, xapp):
     ({"image": "not base64!"}, 422, "image", "base64"),
     ({"image": _png(_image(400, 300))}, 422, "image", "exceeds"),
     ({"upscaling_resize": 0}, 422, "upscaling_resize", ""),
+    ({"upscaler_1": "Lanczos", "image": _png(_image(3, 100))}, 422, "upscaling_resize", "empty"),  # 0 x 200
 ])
 def test_hostile_extras_are_refused_naming_the_field(xclient, fields, status, field, words):
     r = _single(xclient, **fields)
@@ -159,6 +160,42 @@ def test_hostile_extras_are_refused_naming_the_field(xclient, fields, status, fi
     assert r.headers["X-Charge"] == "0"
     assert not os.path.exists(MARKER)
     assert _single(xclient, upscaler_1="demo-srvgg-2x").status_code == 200  # the other models keep working
+
+
+def test_a_result_keeps_bounded_text_chunks(xclient):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 2")
+    info.add_text("huge", "x" * 100_000, zip=True)  # a few hundred compressed bytes, 100 kB of text
+    info.add_text("note", "kept")
+    buf = io.BytesIO()
+    _image().save(buf, format="PNG", pnginfo=info)
+    r = xclient.post("/sdapi/v1/extra-single-image", json={"image": base64.b64encode(buf.getvalue()).decode()})
+    out = decode_png(r.json["image"])
+    assert out.info.get("huge") is None and out.info["note"] == "kept" and out.info["parameters"] == "a cat\nSteps: 2"
+
+
+def test_a_replaced_model_file_is_a_new_network(xapp, xclient, tmp_path):
+    from pipelines.upscalers.arch import SRVGGNetCompact
+
+    path = xapp.extensions["sdfunc"].settings.models_dir / "RealESRGAN" / "swap-2x.pth"
+    outs = []
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        torch.save({"params": SRVGGNetCompact(num_feat=8, num_conv=1, upscale=2).state_dict()}, path)
+        os.utime(path, ns=(seed, seed))
+        assert xclient.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+        r = _single(xclient, upscaler_1="swap-2x")
+        assert r.status_code == 200, r.json
+        outs.append(r.json["image"])
+    path.unlink()
+    xclient.post("/sdapi/v1/refresh-checkpoints")
+    assert outs[0] != outs[1]
+
+
+def test_upscaler_2_at_visibility_0_neither_runs_nor_counts(xclient):
+    r = _single(xclient, upscaler_1="Lanczos", upscaler_2="demo-esrgan-4x", extras_upscaler_2_visibility=0,
+                upscaling_resize=6)  # the 4x model would pass through 640 x 448, over the limit
+    assert r.status_code == 200 and "upscaler 2" not in r.json["html_info"]
 
 
 def test_batch_names_the_image_that_fails(xclient):
@@ -187,8 +224,10 @@ def test_hires_fix_with_a_model_upscaler(xclient):
     assert r.status_code == 200, r.json
     image = decode_png(r.json["images"][0])
     assert image.size == (96, 96) and "Hires upscaler: R-ESRGAN 2x+" in image.info["parameters"]
-    latent = xclient.post("/sdapi/v1/txt2img", json={**base, "hr_upscaler": "Latent"})
-    assert latent.json["images"][0] != r.json["images"][0]
+    lanczos = xclient.post("/sdapi/v1/txt2img", json={**base, "hr_upscaler": "Lanczos"})
+    assert lanczos.json["images"][0] != r.json["images"][0]  # the model made the difference
+    big = xclient.post("/sdapi/v1/txt2img", json={**base, "width": 128, "height": 128, "hr_upscaler": "demo-esrgan-4x"})
+    assert big.status_code == 422 and big.json["error"]["field"] == "hr_upscaler"  # its 4x pass: 512 x 512
     r = xclient.post("/sdapi/v1/txt2img", json={**base, "hr_upscaler": "4x_NMKD-Siax_200k"})
     assert r.status_code == 404 and r.json["error"]["field"] == "hr_upscaler"
 
@@ -203,6 +242,10 @@ def test_img2img_upscaler_option(xclient):
     assert plain.json["images"][0] != model.json["images"][0]
     r = xclient.post("/sdapi/v1/img2img", json={**body, "override_settings": {"upscaler_for_img2img": "nope"}})
     assert r.status_code == 404 and r.json["error"]["field"] == "override_settings.upscaler_for_img2img"
+    r = xclient.post("/sdapi/v1/img2img", json={**body, "init_images": [_png(_image(100, 100))], "width": 256,
+                                                "height": 256, "override_settings": {
+                                                    "upscaler_for_img2img": "demo-esrgan-4x"}})
+    assert r.status_code == 422 and r.json["error"]["field"] == "init_images"  # its 4x pass: 400 x 400
 
 
 def test_restore_faces_in_generation(xclient):
@@ -210,6 +253,8 @@ def test_restore_faces_in_generation(xclient):
     r = xclient.post("/sdapi/v1/txt2img", json={**body, "restore_faces": True})
     assert r.status_code == 200, r.json
     assert "Seed: 5, Face restoration: GFPGAN, Size: 64x64" in decode_png(r.json["images"][0]).info["parameters"]
+    cache = xclient.application.extensions["sdfunc"].cache
+    assert any(m.entry.name == "face restorer GFPGAN" for m in cache.components())  # it ran on the device
     r = xclient.post("/sdapi/v1/txt2img", json={**body, "restore_faces": True, "override_settings": {
         "face_restoration_model": "CodeFormer", "code_former_weight": 0.3}})
     assert r.status_code == 200, r.json

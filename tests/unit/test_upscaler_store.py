@@ -136,3 +136,22 @@ def _as_loaded(path, held):
 
     return LoadedModel(entry=CheckpointEntry(path.name, path, False), sha256=None, arch="sd1", pipe=held,
                        component_bytes=module_bytes(held.components))
+
+
+def test_a_model_that_is_not_rgb_is_refused_and_hides_nothing(models):
+    _save(models / "ESRGAN" / "gray.safetensors", RRDBNet(in_ch=1, out_ch=1, num_feat=8, num_grow_ch=4, num_block=1))
+    store = UpscalerStore(models)
+    assert "4x-UltraSharp" in [e.name for e in store.entries]
+    with pytest.raises(InvalidParameter, match="RGB"):
+        store.find("gray", field="upscaler_1")
+
+
+def test_tiling_stops_between_tiles_when_told(models):
+    from pipelines.upscalers.load import load_upscaler
+    from pipelines.upscalers.tiling import Interrupted, upscale
+
+    model = load_upscaler(models / "ESRGAN" / "2x-compact.pth")
+    asked = []
+    with pytest.raises(Interrupted):
+        upscale(model, Image.new("RGB", (64, 64)), tile=16, keep_going=lambda: asked.append(1) or len(asked) < 3)
+    assert len(asked) == 3  # two tiles ran, the third was not started
