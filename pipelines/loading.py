@@ -26,8 +26,9 @@ import enum
 import functools
 import json
 import logging
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,22 @@ _CLASS_TO_ARCH: dict[str, Arch] = {v: k for k, v in _PIPELINE_CLASS.items()}
 REFINER_CLASS = "StableDiffusionXLImg2ImgPipeline"
 REFINER_CONFIG = "sdxl-refiner"
 _CLASS_TO_ARCH[REFINER_CLASS] = Arch.SDXL
+
+
+# diffusers loads under accelerate's `init_empty_weights`, which patches torch.nn.Module's parameter registration
+# for the whole process while it runs: a module built on another thread meanwhile gets meta parameters ("Cannot copy
+# out of meta tensor"). Loads hold this lock, and so does code that builds modules off the device thread (the demo
+# builders). Serving builds its modules on the device thread only, so there it is never contended.
+MODULE_BUILD_LOCK = threading.RLock()
+
+
+def building_modules(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` runs holding MODULE_BUILD_LOCK."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with MODULE_BUILD_LOCK:
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -250,6 +267,7 @@ def load_error(path: Path, what: str, e: BaseException) -> CheckpointError:
     return CheckpointError(f"{path.name}: cannot load {what}: {type(e).__name__}: {detail}"[:500])
 
 
+@building_modules
 def load_pipeline(
     path: Path,
     *,
@@ -348,6 +366,7 @@ def _vae_prefix(keys: Iterable[str]) -> str | None:
     return None
 
 
+@building_modules
 def load_vae(
     path: Path,
     *,

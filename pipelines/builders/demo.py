@@ -28,7 +28,14 @@ from pipelines.builders.ldm_layout import (
     vae_to_ldm,
     write_safetensors,
 )
-from pipelines.loading import CONFIG_ROOT, METADATA_CONFIG_KEY, Arch, shipped_configs, tokenizers_for
+from pipelines.loading import (
+    CONFIG_ROOT,
+    METADATA_CONFIG_KEY,
+    Arch,
+    building_modules,
+    shipped_configs,
+    tokenizers_for,
+)
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DiffusionPipeline
@@ -73,6 +80,7 @@ def _build_text_encoder(folder: Path, sub: str) -> torch.nn.Module:
     return cls(config)
 
 
+@building_modules
 def build_demo_pipeline(kind: str) -> DiffusionPipeline:
     """A tiny random-weight StableDiffusionPipeline ("demo-sd15") or StableDiffusionXLPipeline ("demo-sdxl").
 
@@ -143,6 +151,7 @@ def write_demo_models(
     return paths
 
 
+@building_modules
 def build_demo_vae() -> AutoencoderKL:
     """The demo external VAE: demo-sd15's VAE shape with other weights (seed DEMO_VAE_SEED)."""
     return _build_vae(CONFIG_ROOT / DEMO_VAE_CONFIG, DEMO_VAE_SEED)
@@ -211,6 +220,7 @@ DEMO_CONTROLNET_STEM: dict[str, str] = {"demo-sd15": "demo-controlnet-sd15", "de
 _CONTROLNET_OWN = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
 
 
+@building_modules
 def build_demo_controlnet(kind: str = "demo-sd15", seed: int = 0) -> torch.nn.Module:
     """A tiny ControlNetModel for the demo model `kind`, shaped by `configs/controlnet-demo-*`.
 
@@ -271,6 +281,7 @@ def write_demo_controlnets(controlnet_dir: Path, *, kinds: Iterable[str] = ("dem
 DEMO_REFINER = "demo-sdxl-refiner"  # the config folder, and the file's stem
 
 
+@building_modules
 def build_demo_refiner(seed: int = DEMO_SEED + 7) -> DiffusionPipeline:
     """A tiny random-weight SDXL refiner (StableDiffusionXLImg2ImgPipeline in the refiner's layout: no first
     text encoder, OpenCLIP only, a UNet conditioned on an aesthetic score), deterministic per seed."""
@@ -319,6 +330,7 @@ DEMO_UPSCALERS: dict[str, str] = {  # file under <models> -> what it is
 }
 
 
+@building_modules
 def build_demo_upscaler(name: str, seed: int = DEMO_SEED) -> torch.nn.Module:
     """The tiny network of `DEMO_UPSCALERS[name]`, random weights drawn with `seed` (small: its output stays
     close to a plain resize where the architecture adds its input back)."""

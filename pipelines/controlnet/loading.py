@@ -35,6 +35,7 @@ from pipelines.loading import (
     LOAD_ERRORS,
     METADATA_CONFIG_KEY,
     Arch,
+    building_modules,
     check_no_meta,
     is_oom,
     load_error,
@@ -158,6 +159,7 @@ def check_compatible(spec: ControlNetSpec, checkpoint_arch: Arch | str, field: s
                                field=field)
 
 
+@building_modules
 def load_controlnet(entry: ControlNetEntry | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                     disable_mmap: bool = False, spec: ControlNetSpec | None = None,
                     field: str | None = None) -> ControlNetModel:

@@ -285,3 +285,21 @@ def test_without_models_on_the_mount_the_answer_says_what_to_install(client, fie
     r = _single(client, **fields)
     assert r.status_code in (404, 422) and r.json["error"]["field"] == field and words in r.json["error"]["message"]
     assert client.get("/sdapi/v1/face-restorers").json == []
+
+
+def test_pai_eas_save_dir_charge_and_image_records(xclient):
+    body = {"imageList": [{"data": _png(_image()), "name": "a.png"}], "upscaler_1": "Lanczos",
+            "alwayson_scripts": {"save_dir": "eas-extras", "id_task": "t-27"}}
+    r = xclient.post("/sdapi/v1/extra-batch-images", json=body, headers={"Idempotency-Key": "extras-records-27"})
+    assert r.status_code == 200, r.json
+    params = r.json["parameters"]
+    assert params["status"] == 0 and params["id_task"] == "t-27" and params["error_msg"] == ""
+    saved = params["image_url"].split(",")
+    assert len(saved) == 1 and "/eas-extras/extras-images/" in saved[0]
+    assert open(saved[0], "rb").read() == base64.b64decode(r.json["images"][0])
+    records = xclient.get("/images", query_string={"request_id": "extras-records-27"}).json["images"]
+    assert [(i["size"], i["model"], i["image_url"]) for i in records] == [("80x56", "Lanczos", saved[0])]
+    again = xclient.post("/sdapi/v1/extra-batch-images", json=body, headers={"Idempotency-Key": "extras-records-27"})
+    assert again.status_code == 409  # charged once
+    bad = xclient.post("/sdapi/v1/extra-batch-images", json={**body, "alwayson_scripts": {"save_dir": "../up"}})
+    assert bad.status_code == 422 and bad.json["error"]["field"] == "alwayson_scripts.save_dir"
