@@ -17,7 +17,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.errors import InvalidParameter
 from pipelines.store import leads_outside
 
 log = logging.getLogger(__name__)
@@ -51,19 +50,9 @@ def describe(path: Path) -> str:
     import torch
 
     from pipelines.faces.gfpgan import face_restorer_from_state_dict
+    from pipelines.upscalers.load import meta_state_dict
 
-    if path.suffix == ".safetensors":
-        from pipelines import safetensors_header
-
-        try:
-            shapes = safetensors_header.read_header(path, check_offsets=True).shapes()
-        except (safetensors_header.HeaderError, OSError) as exc:
-            raise InvalidParameter(f"{path.name}: not a loadable weights file ({exc})", field=path.name) from None
-        meta = {k: torch.empty(shape, device="meta") for k, (_dtype, shape) in shapes.items()}
-    else:
-        from pipelines.upscalers.load import read_state_dict
-
-        meta = {k: torch.empty(v.shape, device="meta") for k, v in read_state_dict(path, mmap=True).items()}
+    meta = meta_state_dict(path)
     with torch.device("meta"):
         return face_restorer_from_state_dict(meta, path.name).arch
 

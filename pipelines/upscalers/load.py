@@ -71,6 +71,21 @@ def read_state_dict(path: Path, *, mmap: bool = False) -> StateDict:
     return data
 
 
+def meta_state_dict(path: Path) -> StateDict:
+    """The tensors of `path` as meta tensors of their shapes, for checking a file without reading its weights: the
+    `.safetensors` header alone, or the `.pth` pickle unpickled weights-only with its storages memory-mapped;
+    InvalidParameter (field = the file name) for a file that is not one."""
+    if path.suffix == ".safetensors":
+        from pipelines import safetensors_header
+
+        try:
+            shapes = safetensors_header.read_header(path, check_offsets=True).shapes()
+        except (safetensors_header.HeaderError, OSError) as exc:
+            raise InvalidParameter(f"{path.name}: not a loadable weights file ({exc})", field=path.name) from None
+        return {k: torch.empty(shape, device="meta") for k, (_dtype, shape) in shapes.items()}
+    return {k: torch.empty(v.shape, device="meta") for k, v in read_state_dict(path, mmap=True).items()}
+
+
 def _torch_load(path: Path, mmap: bool) -> object:
     """`torch.load` weights-only: a pickle naming anything but tensors and containers raises before it runs."""
     if mmap:

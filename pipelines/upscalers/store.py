@@ -70,18 +70,9 @@ def describe(path: Path) -> tuple[str, int]:
     is not a file `load_upscaler` loads."""
     import torch
 
-    from pipelines.upscalers.load import from_state_dict, read_state_dict
+    from pipelines.upscalers.load import from_state_dict, meta_state_dict
 
-    if path.suffix == ".safetensors":
-        from pipelines import safetensors_header
-
-        try:
-            shapes = safetensors_header.read_header(path, check_offsets=True).shapes()
-        except (safetensors_header.HeaderError, OSError) as exc:
-            raise InvalidParameter(f"{path.name}: not a loadable upscaler file ({exc})", field=path.name) from None
-        meta = {k: torch.empty(shape, device="meta") for k, (_dtype, shape) in shapes.items()}
-    else:
-        meta = {k: torch.empty(v.shape, device="meta") for k, v in read_state_dict(path, mmap=True).items()}
+    meta = meta_state_dict(path)
     with torch.device("meta"):
         model = from_state_dict(meta, path.name)
     probe = torch.empty((1, 3, 8 * model.multiple, 8 * model.multiple), device="meta")
