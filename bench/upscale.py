@@ -53,7 +53,6 @@ import io
 import json
 import logging
 import math
-import re
 import statistics
 import sys
 import tempfile
@@ -74,6 +73,7 @@ from bench.harness.cli import (
 from bench.harness.report import env_pairs, finish, machine_line, num, result_header, table
 from bench.harness.server import MODEL, REQUEST_TIMEOUT, TXT2IMG, ensure_data, max_pixel_diff, payload, running_server
 from bench.harness.stats import DISTURBED_SPREAD, spread
+from bench.scale.load import parse_server_timing
 
 log = logging.getLogger("bench.upscale")
 
@@ -201,19 +201,6 @@ def peak_above(pid: int | None, base_kib: int | None) -> float | None:
 
 # ---------------------------------------------------------------------------------------------------------
 # requests
-
-
-_TIMING = re.compile(r"\s*([A-Za-z0-9_-]+)\s*(?:;[^,]*?dur=([0-9.]+))?[^,]*")
-
-
-def parse_server_timing(value: str | None) -> dict[str, float]:
-    """`queue;dur=1.0, gen;dur=523.2` -> {"queue": 1.0, "gen": 523.2}; entries without dur are left out."""
-    out: dict[str, float] = {}
-    for part in (value or "").split(","):
-        m = _TIMING.match(part)
-        if m and m.group(2):
-            out[m.group(1)] = float(m.group(2))
-    return out
 
 
 class Client:

@@ -16,7 +16,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 
-from handler.errors import Busy, NotReady
+from handler.errors import Busy, NotReady, Timeout
 from handler.settings import Settings
 
 
@@ -137,6 +137,13 @@ class Admission:
         """Feed the moving average of one generation job's device time (Retry-After's estimate)."""
         previous = self._service_seconds
         self._service_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
+    def timed_out(self, what: str, started: bool) -> Timeout:
+        """The 503 for a job that waited (or, `started`, ran and was stopped) past `queue.timeout_seconds`."""
+        limit = self.settings.queue.timeout_seconds
+        return Timeout(f"the {what} {'was stopped after running' if started else 'waited'} past the {limit:g} s "
+                       "limit (queue.timeout_seconds) and is not charged; retry later",
+                       headers={"Retry-After": str(self.retry_after())})
 
     def retry_after(self) -> int:
         """Seconds until the device is likely to take one more request: the admitted generations times the

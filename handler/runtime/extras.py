@@ -26,7 +26,7 @@ from PIL import Image
 
 from handler.contract.images import b64, read_image
 from handler.contract.schemas import ExtrasRequest
-from handler.errors import InvalidRequest, Timeout
+from handler.errors import InvalidRequest
 from handler.records import metering
 from handler.records.billing import Pricing
 from handler.records.ledger import ImageRecord, Ledger
@@ -144,14 +144,11 @@ class ExtrasFlow:
             timings["queue_wait"] = time.perf_counter() - submitted
             return self._device_run(job, owner=consumer or None, job_id=job_id, task=task)
 
-        deadline = self.settings.queue.timeout_seconds
         try:
-            results, info, seconds = self.engine.device.run(on_device, timeout=deadline,
+            results, info, seconds = self.engine.device.run(on_device, timeout=self.settings.queue.timeout_seconds,
                                                             on_timeout=lambda: self.progress.stop_job(job_id))
         except JobTimeout as exc:
-            raise Timeout(f"the extras job {'was stopped after running' if exc.started else 'waited'} past the "
-                          f"{deadline:g} s limit (queue.timeout_seconds) and is not charged; retry later",
-                          headers={"Retry-After": str(self.admission.retry_after())}) from None
+            raise self.admission.timed_out("extras job", exc.started) from None
         finally:
             if meter is not None:
                 meter.queue_wait_seconds = timings.get("queue_wait")

@@ -21,7 +21,7 @@ from typing import Any
 
 from handler.contract.a1111 import task_ids
 from handler.contract.schemas import GenerationRequest
-from handler.errors import ChargeUnknown, Timeout, out_of_memory
+from handler.errors import ChargeUnknown, out_of_memory
 from handler.records import metering
 from handler.records.billing import Pricing
 from handler.records.ledger import Ledger
@@ -152,10 +152,7 @@ class GenerationFlow:
                 timings["queue_wait"], timings["model_load"] = member.queue_wait, member.model_load
                 model, result = member.outcome
         except JobTimeout as exc:
-            limit = self.settings.queue.timeout_seconds
-            raise Timeout(f"the generation {'was stopped after running' if exc.started else 'waited'} past the "
-                          f"{limit:g} s limit (queue.timeout_seconds) and is not charged; retry later",
-                          headers={"Retry-After": str(self.admission.retry_after())}) from None
+            raise self.admission.timed_out("generation", exc.started) from None
         finally:
             if meter is not None:
                 meter.queue_wait_seconds = timings.get("queue_wait")
