@@ -7,15 +7,18 @@ from typing import Any
 from flask import current_app, g, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 
-from handler.contract.images import read_image
-from handler.contract.schemas import (
-    EmbeddingsList,
+from handler.contract.extras import (
     ExtrasBatchImagesRequest,
     ExtrasBatchImagesResponse,
     ExtrasRequest,
     ExtrasSingleImageRequest,
     ExtrasSingleImageResponse,
     FaceRestorerItem,
+    RealesrganItem,
+)
+from handler.contract.images import read_image
+from handler.contract.schemas import (
+    EmbeddingsList,
     GenerationQuery,
     GenerationRequest,
     GenerationResponse,
@@ -27,7 +30,6 @@ from handler.contract.schemas import (
     ProgressQuery,
     ProgressResponse,
     PromptStyleItem,
-    RealesrganItem,
     SamplerItem,
     SchedulerItem,
     ScriptsList,

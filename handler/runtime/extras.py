@@ -24,8 +24,8 @@ from typing import Any
 
 from PIL import Image
 
+from handler.contract.extras import ExtrasRequest
 from handler.contract.images import b64, read_image
-from handler.contract.schemas import ExtrasRequest
 from handler.errors import InvalidRequest
 from handler.records import metering
 from handler.records.billing import Pricing
